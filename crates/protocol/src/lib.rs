@@ -1,0 +1,1 @@
+//! chorus-protocol: sans-IO reliable multicast.

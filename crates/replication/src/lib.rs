@@ -1,0 +1,1 @@
+//! chorus-replication: sans-IO replicated key-value store.

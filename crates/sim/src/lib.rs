@@ -1,0 +1,1 @@
+//! chorus-sim: deterministic simulated network.

@@ -1,0 +1,1 @@
+//! Chorus: reliable-multicast state replication.
