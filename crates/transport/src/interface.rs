@@ -47,6 +47,7 @@ impl Interface {
                 name: "default".to_owned(),
                 index: 0,
                 ipv4: None,
+                up: true,
             });
         }
         let all = list_interfaces()?;
@@ -70,6 +71,7 @@ impl Interface {
             name: info.name,
             index: info.index,
             ipv4,
+            up: info.up,
         })
     }
 }
@@ -120,6 +122,8 @@ pub struct ResolvedInterface {
     pub index: u32,
     /// The IPv4 address multicast is sent from, if it has one.
     pub ipv4: Option<Ipv4Addr>,
+    /// Whether it is administratively up (always true for [`Interface::Default`]).
+    pub up: bool,
 }
 
 /// One interface of this host and its state; see [`list_interfaces`].

@@ -635,6 +635,15 @@ fn join_or_leave(
     } else {
         "leaving a multicast group"
     };
+    if join && !iface.up {
+        // Joining by index succeeds on a down interface, and then nothing
+        // arrives; report what the kernel reports for a join by address.
+        return Err(TransportError::from_io(
+            op,
+            &iface.name,
+            io::Error::from_raw_os_error(libc::ENODEV),
+        ));
+    }
     let result = match group {
         IpAddr::V4(group) => {
             #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
