@@ -1,2 +1,63 @@
-//! The `chorus` binary.
-fn main() {}
+//! The `chorus` binary: a node agent with a local HTTP API, client commands that talk to it,
+//! a self-contained demo, a benchmark and a multicast doctor.
+//!
+//! It does not implement replication itself: the agent runs a `chorus::Node` and exposes it;
+//! everything else is a client of that HTTP API or of the loopback network.
+
+mod base64;
+mod bench;
+mod cli;
+mod client;
+mod config;
+mod doctor;
+mod syncdir;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::client::Outcome;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Agent(_)));
+    let result = match cli.command {
+        Command::Agent(args) => unimplemented_yet(&args),
+        Command::Put(args) => client::put(&args),
+        Command::Get(args) => client::get(&args),
+        Command::Del(args) => client::del(&args),
+        Command::Ls(args) => client::ls(&args),
+        Command::Watch(args) => client::watch(&args),
+        Command::Members(opts) => client::members(&opts),
+        Command::Stats(opts) => client::stats(&opts),
+        Command::Demo(_) => Ok(Outcome::Ok),
+        Command::Bench(_) => Ok(Outcome::Ok),
+        Command::Doctor(args) => {
+            doctor::run(&args).map(|ok| if ok { Outcome::Ok } else { Outcome::NotFound })
+        }
+    };
+    match result {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::NotFound) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn unimplemented_yet(_: &cli::AgentArgs) -> anyhow::Result<Outcome> {
+    Ok(Outcome::Ok)
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info` for the agent, `warn` otherwise).
+fn init_tracing(agent: bool) {
+    let default = if agent { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

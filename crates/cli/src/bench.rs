@@ -1,0 +1,238 @@
+//! `chorus bench`: one sender and N receivers over loopback multicast, Chorus against raw UDP.
+//!
+//! Every payload carries its sequence number and send time; receivers measure one-way latency
+//! against the same process clock. Raw UDP is plain `send_to`/`recv_from` on a multicast socket,
+//! no protocol: what it loses stays lost, so its delivered share is reported next to the rate.
+//! All traffic is on 127.0.0.1 with TTL 0, bounded in count and time.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+
+/// Bytes at the start of every payload: sequence number then send time (ns since the run start).
+pub const HEADER: usize = 16;
+
+/// What one measurement found.
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    /// Messages sent.
+    pub sent: u64,
+    /// Messages delivered, summed over receivers.
+    pub delivered: u64,
+    /// Receivers.
+    pub receivers: u64,
+    /// Seconds from the first send to the last delivery.
+    pub secs: f64,
+    /// Latency percentiles in microseconds (p50, p99).
+    pub p50_us: f64,
+    /// 99th percentile latency in microseconds.
+    pub p99_us: f64,
+    /// Repairs sent (Chorus only).
+    pub repairs: Option<u64>,
+    /// NAKs sent (Chorus only).
+    pub naks: Option<u64>,
+}
+
+impl Figures {
+    /// Delivered messages per second per receiver.
+    pub fn msgs_per_sec(&self) -> f64 {
+        if self.secs <= 0.0 || self.receivers == 0 {
+            return 0.0;
+        }
+        self.delivered as f64 / self.receivers as f64 / self.secs
+    }
+
+    /// Share of the sent messages that each receiver got, on average.
+    pub fn delivered_share(&self) -> f64 {
+        if self.sent == 0 || self.receivers == 0 {
+            return 0.0;
+        }
+        self.delivered as f64 / (self.sent * self.receivers) as f64
+    }
+}
+
+/// Writes the sequence number and send time into the payload header.
+pub fn stamp(buf: &mut [u8], seq: u64, base: Instant) {
+    let nanos = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    buf[..8].copy_from_slice(&seq.to_le_bytes());
+    buf[8..HEADER].copy_from_slice(&nanos.to_le_bytes());
+}
+
+/// Reads the header back: (sequence, latency). `None` for a payload too short.
+pub fn unstamp(buf: &[u8], base: Instant) -> Option<(u64, Duration)> {
+    let seq = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?);
+    let sent = u64::from_le_bytes(buf.get(8..HEADER)?.try_into().ok()?);
+    let now = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    Some((seq, Duration::from_nanos(now.saturating_sub(sent))))
+}
+
+/// p50 and p99 of latencies, in microseconds.
+pub fn percentiles(lat: &mut [Duration]) -> (f64, f64) {
+    if lat.is_empty() {
+        return (0.0, 0.0);
+    }
+    lat.sort_unstable();
+    let at = |q: f64| {
+        let i = ((lat.len() as f64 - 1.0) * q).round() as usize;
+        lat[i.min(lat.len() - 1)].as_secs_f64() * 1e6
+    };
+    (at(0.50), at(0.99))
+}
+
+/// One receiver socket joined to `group` on the loopback.
+fn raw_receiver(group: SocketAddrV4) -> std::io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    // Ask for a large buffer; the kernel caps it at rmem_max.
+    let _ = sock.set_recv_buffer_size(8 * 1024 * 1024);
+    sock.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, group.port())).into())?;
+    sock.join_multicast_v4(group.ip(), &Ipv4Addr::LOCALHOST)?;
+    sock.set_nonblocking(true)?;
+    UdpSocket::from_std(sock.into())
+}
+
+/// The sender socket: loopback interface, TTL 0, loop on.
+fn raw_sender() -> std::io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    sock.set_multicast_if_v4(&Ipv4Addr::LOCALHOST)?;
+    sock.set_multicast_ttl_v4(0)?;
+    sock.set_multicast_loop_v4(true)?;
+    let _ = sock.set_send_buffer_size(8 * 1024 * 1024);
+    sock.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).into())?;
+    sock.set_nonblocking(true)?;
+    UdpSocket::from_std(sock.into())
+}
+
+/// Raw UDP multicast: `messages` datagrams of `size` bytes to `receivers` sockets.
+///
+/// # Errors
+/// When a socket cannot be made or joined.
+pub async fn raw(
+    group: SocketAddrV4,
+    size: usize,
+    receivers: usize,
+    messages: usize,
+    max: Duration,
+) -> anyhow::Result<Figures> {
+    let size = size.max(HEADER);
+    let base = Instant::now();
+    let deadline = tokio::time::Instant::now() + max;
+    let mut tasks = Vec::new();
+    for _ in 0..receivers {
+        let sock = raw_receiver(group)?;
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; size.max(2048) + 64];
+            let mut lat = Vec::with_capacity(messages);
+            let mut last = base.elapsed();
+            // Stop when everything arrived, when the run's time is up, or after 500 ms of silence.
+            while lat.len() < messages {
+                let idle = tokio::time::Instant::now() + Duration::from_millis(500);
+                let until = idle.min(deadline);
+                match tokio::time::timeout_at(until, sock.recv_from(&mut buf)).await {
+                    Ok(Ok((n, _))) => {
+                        if let Some((_, l)) = unstamp(&buf[..n], base) {
+                            lat.push(l);
+                            last = base.elapsed();
+                        }
+                    }
+                    Ok(Err(_)) | Err(_) => break,
+                }
+            }
+            (lat, last)
+        }));
+    }
+    let sender = raw_sender()?;
+    let target = SocketAddr::V4(group);
+    let mut payload = vec![0xA5u8; size];
+    let start = base.elapsed();
+    for seq in 0..messages as u64 {
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        stamp(&mut payload, seq, base);
+        sender.send_to(&payload, target).await?;
+        if seq % 16 == 15 {
+            // Two cores: let the receivers run, as a real sender would be paced by its work.
+            tokio::task::yield_now().await;
+        }
+    }
+    let mut all = Vec::new();
+    let mut end = start;
+    for t in tasks {
+        let (lat, last) = t.await?;
+        end = end.max(last);
+        all.extend(lat);
+    }
+    let (p50, p99) = percentiles(&mut all);
+    Ok(Figures {
+        sent: messages as u64,
+        delivered: all.len() as u64,
+        receivers: receivers as u64,
+        secs: (end - start).as_secs_f64(),
+        p50_us: p50,
+        p99_us: p99,
+        repairs: None,
+        naks: None,
+    })
+}
+
+/// A random administratively-scoped group and port for one run.
+pub fn pick_group(seed: u64, salt: u64) -> SocketAddrV4 {
+    let x = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(salt.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    let bytes = x.to_le_bytes();
+    SocketAddrV4::new(
+        Ipv4Addr::new(239, 255, bytes[0], bytes[1].max(1)),
+        20_000 + (u16::from_le_bytes([bytes[2], bytes[3]]) % 30_000),
+    )
+}
+
+/// Formats a table row.
+pub fn row(name: &str, size: usize, f: &Figures) -> String {
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+    format!(
+        "| {name} | {size} | {:.0} | {:.2} | {:.1} % | {:.0} | {:.0} | {} | {} |",
+        f.msgs_per_sec(),
+        f.msgs_per_sec() * size as f64 / 1e6,
+        f.delivered_share() * 100.0,
+        f.p50_us,
+        f.p99_us,
+        opt(f.naks),
+        opt(f.repairs),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamp_roundtrip_and_percentiles() {
+        let base = Instant::now();
+        let mut buf = [0u8; 32];
+        stamp(&mut buf, 42, base);
+        let (seq, lat) = unstamp(&buf, base).unwrap();
+        assert_eq!(seq, 42);
+        assert!(lat < Duration::from_secs(1));
+        assert!(unstamp(&buf[..10], base).is_none());
+        let mut l: Vec<_> = (1..=100).map(Duration::from_micros).collect();
+        let (p50, p99) = percentiles(&mut l);
+        assert!((p50 - 50.5).abs() <= 1.0, "{p50}");
+        assert!((p99 - 99.0).abs() <= 1.0, "{p99}");
+    }
+
+    #[tokio::test]
+    async fn raw_loopback_delivers() {
+        let group = pick_group(rand::random(), 1);
+        let f = raw(group, 64, 2, 200, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(f.sent, 200);
+        assert!(f.delivered > 0, "{f:?}");
+        assert!(f.delivered <= 400);
+    }
+}

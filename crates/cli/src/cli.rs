@@ -1,0 +1,231 @@
+//! Command-line definitions (clap derive).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Default address of the agent's HTTP API that client commands talk to.
+pub const DEFAULT_AGENT_URL: &str = "http://127.0.0.1:7480";
+
+/// Chorus: a key-value store kept identical on every node by reliable multicast.
+#[derive(Debug, Parser)]
+#[command(name = "chorus", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands of the `chorus` binary.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node with a local HTTP API (long-running).
+    Agent(Box<AgentArgs>),
+    /// Write a key (VALUE, `-` or nothing for stdin, or --file).
+    Put(PutArgs),
+    /// Read a key; exit code 1 when absent.
+    Get(KeyArgs),
+    /// Delete a key; exit code 1 when absent.
+    Del(KeyArgs),
+    /// List the keys under a prefix.
+    Ls(LsArgs),
+    /// Follow the changes under a prefix (server-sent events) until interrupted.
+    Watch(WatchArgs),
+    /// Show the members of the cluster as the agent sees them.
+    Members(ClientOpts),
+    /// Show the agent's counters.
+    Stats(ClientOpts),
+    /// Start a small cluster on this machine (loopback multicast, injected loss) and show it converge.
+    Demo(DemoArgs),
+    /// Measure throughput and latency against raw UDP multicast on the loopback.
+    Bench(BenchArgs),
+    /// Check that multicast works on this host and explain what to fix when it does not.
+    Doctor(DoctorArgs),
+}
+
+/// Options shared by every client command.
+#[derive(Debug, Clone, Args)]
+pub struct ClientOpts {
+    /// URL of the agent's HTTP API.
+    #[arg(long, env = "CHORUS_AGENT", default_value = DEFAULT_AGENT_URL)]
+    pub agent: String,
+    /// Print JSON instead of human-readable text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `chorus put`.
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// The key.
+    pub key: String,
+    /// The value; `-` or absent reads it from stdin.
+    pub value: Option<String>,
+    /// Read the value from this file.
+    #[arg(long, conflicts_with = "value")]
+    pub file: Option<PathBuf>,
+    /// Client options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+/// `chorus get` / `chorus del`.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// The key.
+    pub key: String,
+    /// Client options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+/// `chorus ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Only keys starting with this prefix (empty: all keys).
+    #[arg(default_value = "")]
+    pub prefix: String,
+    /// Client options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+/// `chorus watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Only changes to keys starting with this prefix.
+    #[arg(default_value = "")]
+    pub prefix: String,
+    /// Resume after this local revision of the agent (replays what came after it).
+    #[arg(long)]
+    pub from: Option<u64>,
+    /// Stop after this many changes (default: run until interrupted).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Client options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+/// `chorus agent`: flags override the values of the `--config` file.
+#[derive(Debug, Default, Clone, Args)]
+pub struct AgentArgs {
+    /// TOML configuration file (flags given on the command line win over it).
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Cluster name; nodes of other clusters on the same group are ignored.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Multicast group and port, IPv4 or IPv6 (default 239.255.77.1:7400).
+    #[arg(long)]
+    pub group: Option<SocketAddr>,
+    /// Interface to use, by name (`eth0`) or address (default: the loopback).
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// Node id (default: random).
+    #[arg(long)]
+    pub node_id: Option<u64>,
+    /// Address of the HTTP API (default 127.0.0.1:7480).
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// Multicast TTL (default 0 on the loopback, 1 otherwise).
+    #[arg(long)]
+    pub ttl: Option<u32>,
+    /// Use UDP broadcast to this address instead of multicast.
+    #[arg(long, conflicts_with_all = ["group", "peers"])]
+    pub broadcast: Option<SocketAddr>,
+    /// Use unicast to this list of peers instead of multicast (comma separated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "group")]
+    pub peers: Option<Vec<SocketAddr>>,
+    /// Local address to bind in --peers mode.
+    #[arg(long)]
+    pub bind: Option<SocketAddr>,
+    /// Tuning preset: `lan` or `lossy`.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Drop this share of received datagrams (0.0..1.0), for demos and tests.
+    #[arg(long)]
+    pub loss: Option<f64>,
+    /// Seed of the injected loss (default: random).
+    #[arg(long)]
+    pub loss_seed: Option<u64>,
+    /// Mirror the keys under --prefix as files in this directory.
+    #[arg(long)]
+    pub sync_dir: Option<PathBuf>,
+    /// Key prefix mirrored by --sync-dir.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Shell command run (`sh -c`) once sync-dir changes settle.
+    #[arg(long)]
+    pub on_change: Option<String>,
+    /// How long sync-dir changes must be quiet before --on-change runs, in milliseconds (default 300).
+    #[arg(long)]
+    pub debounce_ms: Option<u64>,
+}
+
+/// `chorus demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of nodes started at first (a late joiner is added later).
+    #[arg(long, default_value_t = 5)]
+    pub nodes: usize,
+    /// Number of keys written.
+    #[arg(long, default_value_t = 200)]
+    pub keys: usize,
+    /// Injected receive loss on every node (0.0..1.0).
+    #[arg(long, default_value_t = 0.10)]
+    pub loss: f64,
+    /// Seed for the group, ports and loss (default: random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Give up when the stores do not agree after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// First HTTP port of the nodes (default: derived from the seed).
+    #[arg(long)]
+    pub base_port: Option<u16>,
+}
+
+/// `chorus bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Number of receivers.
+    #[arg(long, default_value_t = 3)]
+    pub receivers: usize,
+    /// Messages sent per payload size.
+    #[arg(long, default_value_t = 5000)]
+    pub messages: usize,
+    /// Payload sizes in bytes (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "64,1400,8192")]
+    pub sizes: Vec<usize>,
+    /// Injected receive loss on the Chorus receivers (0.0..1.0).
+    #[arg(long, default_value_t = 0.0)]
+    pub loss: f64,
+    /// Upper bound on the time spent per measurement, in seconds.
+    #[arg(long, default_value_t = 20)]
+    pub max_secs: u64,
+    /// Seed for the group and ports (default: random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Only measure raw UDP multicast (skip Chorus).
+    #[arg(long)]
+    pub raw_only: bool,
+}
+
+/// `chorus doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Interface to check, by name or address (default: the loopback).
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// Multicast group to check (default 239.255.77.1:7400; the test uses a free port).
+    #[arg(long)]
+    pub group: Option<SocketAddr>,
+    /// TTL the agent would use (checked for sense, the probe itself always uses TTL 0).
+    #[arg(long)]
+    pub ttl: Option<u32>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}

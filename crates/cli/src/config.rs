@@ -1,0 +1,429 @@
+//! Agent configuration: a TOML file merged with command-line flags (flags win).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::AgentArgs;
+
+/// Default multicast group of the agent.
+pub const DEFAULT_GROUP: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(239, 255, 77, 1)), 7400);
+/// Default address of the HTTP API (loopback only).
+pub const DEFAULT_HTTP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7480);
+/// Default quiet time before the sync-dir hook runs.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped fields.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error.
+        source: Box<toml::de::Error>,
+    },
+    /// The values do not make sense together.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The agent's TOML file: every field optional, same names as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    cluster: Option<String>,
+    group: Option<SocketAddr>,
+    iface: Option<String>,
+    node_id: Option<u64>,
+    http: Option<SocketAddr>,
+    ttl: Option<u32>,
+    broadcast: Option<SocketAddr>,
+    peers: Option<Vec<SocketAddr>>,
+    bind: Option<SocketAddr>,
+    preset: Option<String>,
+    loss: Option<f64>,
+    loss_seed: Option<u64>,
+    sync: Option<FileSync>,
+}
+
+/// The `[sync]` table of the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSync {
+    dir: Option<PathBuf>,
+    prefix: Option<String>,
+    on_change: Option<String>,
+    debounce_ms: Option<u64>,
+}
+
+/// How the agent reaches the other nodes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transport {
+    /// UDP multicast to a group.
+    Multicast {
+        /// Group and port.
+        group: SocketAddr,
+        /// Interface name or address; empty for the default (the loopback).
+        iface: String,
+        /// Multicast TTL; `None` lets the node choose (0 on the loopback, 1 otherwise).
+        ttl: Option<u32>,
+    },
+    /// UDP broadcast.
+    Broadcast {
+        /// Broadcast address and port.
+        addr: SocketAddr,
+    },
+    /// Unicast to a fixed list of peers.
+    Peers {
+        /// Local address.
+        bind: SocketAddr,
+        /// The other nodes.
+        peers: Vec<SocketAddr>,
+    },
+}
+
+/// Tuning preset of the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresetName {
+    /// A normal LAN.
+    Lan,
+    /// A lossy network.
+    Lossy,
+}
+
+/// Injected receive loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Loss {
+    /// Share of received datagrams dropped, in `[0, 1)`.
+    pub probability: f64,
+    /// Seed of the drop decisions.
+    pub seed: u64,
+}
+
+/// The directory mirror of a key prefix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncConfig {
+    /// Directory written.
+    pub dir: PathBuf,
+    /// Key prefix mirrored (stripped from the file names).
+    pub prefix: String,
+    /// Command run through `sh -c` after changes settle.
+    pub on_change: Option<String>,
+    /// Quiet time before the command runs.
+    pub debounce: Duration,
+}
+
+/// The complete, validated agent configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// Cluster name.
+    pub cluster: String,
+    /// How the node talks to the others.
+    pub transport: Transport,
+    /// Node id; `None` for a random one.
+    pub node_id: Option<u64>,
+    /// Address of the HTTP API.
+    pub http: SocketAddr,
+    /// Tuning preset, if any.
+    pub preset: Option<PresetName>,
+    /// Injected receive loss, if any.
+    pub loss: Option<Loss>,
+    /// Directory mirror, if any.
+    pub sync: Option<SyncConfig>,
+}
+
+impl AgentConfig {
+    /// Builds the configuration from the flags, reading `--config` first when given.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when the file cannot be read or parsed, or the values conflict.
+    pub fn load(args: &AgentArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    /// Merges flags over a parsed file and validates the result.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when the values conflict or are out of range.
+    pub fn merge(args: &AgentArgs, file: FileConfig) -> Result<Self, ConfigError> {
+        let sync_file = file.sync.unwrap_or_default();
+        let group = args.group.or(file.group);
+        let broadcast = args.broadcast.or(file.broadcast);
+        let peers = args.peers.clone().or(file.peers);
+        let bind = args.bind.or(file.bind);
+        let iface = args.iface.clone().or(file.iface);
+        let ttl = args.ttl.or(file.ttl);
+
+        let chosen = [group.is_some(), broadcast.is_some(), peers.is_some()]
+            .iter()
+            .filter(|set| **set)
+            .count();
+        if chosen > 1 {
+            return Err(ConfigError::Invalid(
+                "choose one of group (multicast), broadcast and peers".into(),
+            ));
+        }
+        let transport = if let Some(addr) = broadcast {
+            Transport::Broadcast { addr }
+        } else if let Some(peers) = peers {
+            if peers.is_empty() {
+                return Err(ConfigError::Invalid("peers is empty".into()));
+            }
+            let bind = bind.ok_or_else(|| {
+                ConfigError::Invalid("peers mode needs --bind ADDR:PORT (the local address)".into())
+            })?;
+            Transport::Peers { bind, peers }
+        } else {
+            let group = group.unwrap_or(DEFAULT_GROUP);
+            if !group.ip().is_multicast() {
+                return Err(ConfigError::Invalid(format!(
+                    "group {} is not a multicast address (224.0.0.0/4 or ff00::/8)",
+                    group.ip()
+                )));
+            }
+            if group.port() == 0 {
+                return Err(ConfigError::Invalid("group port must not be 0".into()));
+            }
+            Transport::Multicast {
+                group,
+                iface: iface.clone().unwrap_or_default(),
+                ttl,
+            }
+        };
+        if bind.is_some() && !matches!(transport, Transport::Peers { .. }) {
+            return Err(ConfigError::Invalid("bind is only used with peers".into()));
+        }
+        if !matches!(transport, Transport::Multicast { .. }) && (ttl.is_some() || iface.is_some()) {
+            return Err(ConfigError::Invalid(
+                "ttl and iface are only used with multicast".into(),
+            ));
+        }
+        if let Some(ttl) = ttl
+            && ttl > 255
+        {
+            return Err(ConfigError::Invalid(format!("ttl {ttl} is above 255")));
+        }
+
+        let preset = match args.preset.as_deref().or(file.preset.as_deref()) {
+            None => None,
+            Some("lan") => Some(PresetName::Lan),
+            Some("lossy") => Some(PresetName::Lossy),
+            Some(other) => {
+                return Err(ConfigError::Invalid(format!(
+                    "unknown preset {other:?} (expected \"lan\" or \"lossy\")"
+                )));
+            }
+        };
+
+        let loss = match args.loss.or(file.loss) {
+            None => None,
+            Some(p) if !(0.0..1.0).contains(&p) => {
+                return Err(ConfigError::Invalid(format!(
+                    "loss {p} is outside 0.0..1.0"
+                )));
+            }
+            Some(p) if p == 0.0 => None,
+            Some(probability) => Some(Loss {
+                probability,
+                seed: args
+                    .loss_seed
+                    .or(file.loss_seed)
+                    .unwrap_or_else(rand::random),
+            }),
+        };
+
+        let sync = match args.sync_dir.clone().or(sync_file.dir) {
+            None => {
+                if args.prefix.is_some() || args.on_change.is_some() {
+                    return Err(ConfigError::Invalid(
+                        "--prefix and --on-change need --sync-dir".into(),
+                    ));
+                }
+                None
+            }
+            Some(dir) => Some(SyncConfig {
+                dir,
+                prefix: args.prefix.clone().or(sync_file.prefix).ok_or_else(|| {
+                    ConfigError::Invalid("--sync-dir needs --prefix (the keys mirrored)".into())
+                })?,
+                on_change: args.on_change.clone().or(sync_file.on_change),
+                debounce: args
+                    .debounce_ms
+                    .or(sync_file.debounce_ms)
+                    .map(Duration::from_millis)
+                    .unwrap_or(DEFAULT_DEBOUNCE),
+            }),
+        };
+
+        Ok(Self {
+            cluster: args
+                .cluster
+                .clone()
+                .or(file.cluster)
+                .unwrap_or_else(|| "chorus".to_string()),
+            transport,
+            node_id: args.node_id.or(file.node_id),
+            http: args.http.or(file.http).unwrap_or(DEFAULT_HTTP),
+            preset,
+            loss,
+            sync,
+        })
+    }
+}
+
+/// Reads and parses a TOML config file.
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_file(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
+/// Parses the text of a TOML config file.
+pub fn parse_file(text: &str) -> Result<FileConfig, toml::de::Error> {
+    toml::from_str(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn merge(args: AgentArgs, toml: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::merge(&args, parse_file(toml).unwrap())
+    }
+
+    #[test]
+    fn defaults_are_loopback_multicast() {
+        let cfg = merge(AgentArgs::default(), "").unwrap();
+        assert_eq!(cfg.cluster, "chorus");
+        assert_eq!(cfg.http, DEFAULT_HTTP);
+        assert_eq!(
+            cfg.transport,
+            Transport::Multicast {
+                group: DEFAULT_GROUP,
+                iface: String::new(),
+                ttl: None
+            }
+        );
+        assert!(cfg.loss.is_none() && cfg.sync.is_none());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let toml = r#"
+            cluster = "from-file"
+            group = "239.1.2.3:9000"
+            iface = "eth0"
+            ttl = 2
+            http = "127.0.0.1:9999"
+            [sync]
+            dir = "/tmp/x"
+            prefix = "app/"
+            debounce_ms = 50
+        "#;
+        let args = AgentArgs {
+            cluster: Some("from-flag".into()),
+            ttl: Some(0),
+            ..AgentArgs::default()
+        };
+        let cfg = merge(args, toml).unwrap();
+        assert_eq!(cfg.cluster, "from-flag");
+        assert_eq!(
+            cfg.transport,
+            Transport::Multicast {
+                group: "239.1.2.3:9000".parse().unwrap(),
+                iface: "eth0".into(),
+                ttl: Some(0)
+            }
+        );
+        assert_eq!(cfg.http, "127.0.0.1:9999".parse().unwrap());
+        let sync = cfg.sync.unwrap();
+        assert_eq!(sync.prefix, "app/");
+        assert_eq!(sync.debounce, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn ipv6_group_is_accepted() {
+        let cfg = merge(AgentArgs::default(), r#"group = "[ff15::7]:7400""#).unwrap();
+        assert!(matches!(cfg.transport, Transport::Multicast { group, .. } if group.is_ipv6()));
+    }
+
+    #[test]
+    fn conflicts_and_bad_values_are_refused() {
+        assert!(merge(AgentArgs::default(), r#"group = "10.0.0.1:7400""#).is_err());
+        assert!(
+            merge(
+                AgentArgs::default(),
+                "broadcast = \"127.255.255.255:7400\"\ngroup = \"239.1.1.1:7400\""
+            )
+            .is_err()
+        );
+        assert!(merge(AgentArgs::default(), r#"peers = ["127.0.0.1:1"]"#).is_err());
+        let loss = AgentArgs {
+            loss: Some(1.5),
+            ..AgentArgs::default()
+        };
+        assert!(merge(loss, "").is_err());
+        let prefix_alone = AgentArgs {
+            prefix: Some("a/".into()),
+            ..AgentArgs::default()
+        };
+        assert!(merge(prefix_alone, "").is_err());
+        assert!(merge(AgentArgs::default(), r#"preset = "fast""#).is_err());
+        assert!(parse_file("unknown_field = 1").is_err());
+    }
+
+    #[test]
+    fn peers_mode_needs_bind() {
+        let cfg = merge(
+            AgentArgs::default(),
+            "peers = [\"127.0.0.1:7401\"]\nbind = \"127.0.0.1:7400\"",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.transport,
+            Transport::Peers {
+                bind: "127.0.0.1:7400".parse().unwrap(),
+                peers: vec!["127.0.0.1:7401".parse().unwrap()]
+            }
+        );
+    }
+
+    #[test]
+    fn loss_gets_a_seed() {
+        let args = AgentArgs {
+            loss: Some(0.1),
+            loss_seed: Some(7),
+            ..AgentArgs::default()
+        };
+        let cfg = merge(args, "").unwrap();
+        assert_eq!(
+            cfg.loss,
+            Some(Loss {
+                probability: 0.1,
+                seed: 7
+            })
+        );
+    }
+}
