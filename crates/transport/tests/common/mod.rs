@@ -89,6 +89,38 @@ pub fn sh(cmd: &str) {
     );
 }
 
+/// Waits (at most `TIMEOUT`) until each interface's operational state is `up`:
+/// a veth's carrier comes up a moment after `ip link set up`, and until it does,
+/// IPv6 sends through it fail with ENETUNREACH.
+pub fn wait_until_up(interfaces: &[&str]) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    for name in interfaces {
+        // Not /sys/class/net: /sys still shows the parent namespace's interfaces.
+        let state = || {
+            let out = Command::new("ip")
+                .args(["-br", "link", "show", "dev", name])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.split_whitespace()
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        loop {
+            let now = state();
+            if now == "UP" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} is still `{now}` after {TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 const CHILD_ENV: &str = "CHORUS_TRANSPORT_NETNS_CHILD";
 const CHILD_MARK: &str = "chorus-transport: running inside a private network namespace";
 
