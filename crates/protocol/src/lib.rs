@@ -1,1 +1,257 @@
 //! chorus-protocol: sans-IO reliable multicast.
+//!
+//! # What it does
+//!
+//! [`Endpoint`] is the whole protocol state machine of one node: it assigns per-(sender,
+//! incarnation) sequence numbers to application messages, batches small ones and fragments
+//! large ones (up to [`Config::max_message_size`]) against the MTU, delivers every sender's
+//! stream in order and exactly once, detects gaps from data and heartbeats, repairs them with
+//! multicast NAKs (random delay, suppression, backoff, sender-side hold-off), reports
+//! unrecoverable loss explicitly ([`Event::Lost`]), tracks membership (join, suspect, alive,
+//! leave, restart) with heartbeats, trims its retransmission window by stability, and applies
+//! flow control (a bounded send window with backpressure and a token-bucket rate shared by data
+//! and repairs). Every datagram is framed by [`wire`]: a fixed header, a protobuf body
+//! (`proto/chorus.proto`) and a CRC32; anything malformed is dropped and counted in [`Stats`].
+//!
+//! # What it does not do
+//!
+//! No sockets, no tokio, no clock reads, no unseeded randomness: time comes in as `now`,
+//! randomness from [`Config::rng_seed`], datagrams in through [`Endpoint::handle_datagram`] and
+//! out through [`Endpoint::poll_transmit`] (quinn-proto style). It does not order messages
+//! *across* senders, does not authenticate or encrypt (the header reserves a key id and a tag
+//! length for that), and does not resynchronise state after a loss — that is the replication
+//! layer's job, triggered by [`Event::Lost`] and membership events.
+//!
+//! # Driving an endpoint
+//!
+//! After any input (`handle_datagram`, `handle_timeout`, `send`, `close`), drain
+//! [`Endpoint::poll_transmit`] until it returns `None` and [`Endpoint::poll_event`] until it
+//! returns `None`, then sleep until [`Endpoint::poll_timeout`] and call
+//! [`Endpoint::handle_timeout`].
+
+#![forbid(unsafe_code)]
+
+mod config;
+mod endpoint;
+mod rate;
+mod recv;
+mod send;
+mod stats;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::{Config, ConfigError};
+pub use endpoint::Endpoint;
+pub use stats::Stats;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+
+use bytes::Bytes;
+
+/// Generated protobuf types of `proto/chorus.proto` (the datagram body).
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/chorus.v1.rs"));
+}
+
+/// Identifier of a node, unique within a cluster and stable across restarts.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct NodeId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// One life of a node: changes on every start, so a restarted node is a new stream.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct Incarnation(pub u64);
+
+impl fmt::Display for Incarnation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Identifier of a cluster; datagrams of another cluster are dropped.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct ClusterId(pub u64);
+
+impl ClusterId {
+    /// Derives a cluster id from a human-readable name with FNV-1a 64 (stable across builds,
+    /// platforms and languages).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use chorus_protocol::ClusterId;
+    /// assert_eq!(ClusterId::from_name("prod"), ClusterId::from_name("prod"));
+    /// assert_ne!(ClusterId::from_name("prod"), ClusterId::from_name("test"));
+    /// ```
+    pub fn from_name(name: &str) -> ClusterId {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut hash = OFFSET;
+        for byte in name.as_bytes() {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(PRIME);
+        }
+        ClusterId(hash)
+    }
+}
+
+impl fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Where a [`Transmit`] goes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Destination {
+    /// Every member of the group (multicast).
+    Group,
+    /// One peer (unicast).
+    Addr(SocketAddr),
+}
+
+/// One datagram to put on the wire.
+#[must_use]
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Transmit {
+    /// Where to send it.
+    pub destination: Destination,
+    /// The complete datagram (header, body, CRC).
+    pub payload: Bytes,
+}
+
+/// Why a member left.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum LeaveReason {
+    /// It said goodbye ([`Endpoint::close`]).
+    Goodbye,
+    /// Nothing was heard from it for [`Config::leave_after`].
+    Timeout,
+}
+
+/// Liveness of a member as seen by this endpoint.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum MemberState {
+    /// Heard from within [`Config::suspect_after`].
+    Alive,
+    /// Silent for longer than [`Config::suspect_after`] but not yet [`Config::leave_after`].
+    Suspected,
+}
+
+/// A peer known to this endpoint (never includes the endpoint itself).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Member {
+    /// Its node id.
+    pub node: NodeId,
+    /// Its current incarnation.
+    pub incarnation: Incarnation,
+    /// The source address of its most recent datagram.
+    pub addr: SocketAddr,
+    /// Alive or suspected.
+    pub state: MemberState,
+    /// Highest sequence number of its stream this endpoint has delivered in order (or
+    /// reported lost); everything at or below it is settled.
+    pub delivered_up_to: u64,
+}
+
+/// Something the application (or the replication layer) must know.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Event {
+    /// One application message, in order and exactly once per `(sender, incarnation)`.
+    Delivered {
+        /// Who sent it.
+        sender: NodeId,
+        /// Which life of the sender.
+        incarnation: Incarnation,
+        /// Its sequence number in that stream.
+        seq: u64,
+        /// The message.
+        payload: Bytes,
+    },
+    /// These messages of a stream can never be delivered (they fell out of the sender's
+    /// retransmission window, or the sender left or restarted before repairing them). Delivery
+    /// continues after the range.
+    Lost {
+        /// Whose messages.
+        sender: NodeId,
+        /// Which life of the sender.
+        incarnation: Incarnation,
+        /// The lost sequence numbers.
+        range: RangeInclusive<u64>,
+    },
+    /// A node was heard from for the first time (or again after it left).
+    MemberJoined {
+        /// The node.
+        node: NodeId,
+        /// Its incarnation.
+        incarnation: Incarnation,
+        /// Its source address.
+        addr: SocketAddr,
+    },
+    /// A member has been silent for [`Config::suspect_after`].
+    MemberSuspected {
+        /// The node.
+        node: NodeId,
+        /// Its incarnation.
+        incarnation: Incarnation,
+    },
+    /// A suspected member was heard from again.
+    MemberAlive {
+        /// The node.
+        node: NodeId,
+        /// Its incarnation.
+        incarnation: Incarnation,
+    },
+    /// A member left the group.
+    MemberLeft {
+        /// The node.
+        node: NodeId,
+        /// The incarnation that left.
+        incarnation: Incarnation,
+        /// Goodbye or timeout.
+        reason: LeaveReason,
+    },
+    /// A known node appeared with a newer incarnation: its old stream is finished (anything
+    /// missing from it was reported [`Event::Lost`] just before) and a new one begins.
+    MemberRestarted {
+        /// The node.
+        node: NodeId,
+        /// The previous incarnation.
+        old: Incarnation,
+        /// The new incarnation.
+        new: Incarnation,
+        /// Its source address.
+        addr: SocketAddr,
+    },
+    /// The send window has room again after [`SendError::WindowFull`].
+    Writable,
+}
+
+/// Why [`Endpoint::send`] refused a message. In every case no state changed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum SendError {
+    /// The send window (messages or bytes) is full; wait for [`Event::Writable`].
+    #[error("send window full")]
+    WindowFull,
+    /// The message is larger than [`Config::max_message_size`].
+    #[error("message of {size} bytes exceeds the maximum of {max} bytes")]
+    TooLarge {
+        /// The message size.
+        size: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// [`Endpoint::close`] was called.
+    #[error("endpoint closed")]
+    Closed,
+}

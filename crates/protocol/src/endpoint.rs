@@ -1,0 +1,813 @@
+//! The endpoint: one node's protocol state machine.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::proto::{self, frame::Kind};
+use crate::rate::TokenBucket;
+use crate::recv::{Budget, NakTimer, Out, RecvStream};
+use crate::send::{SendWindow, Sent};
+use crate::stats::Stats;
+use crate::wire::{self, DropReason, Header};
+use crate::{
+    Config, Destination, Event, Incarnation, LeaveReason, Member, MemberState, NodeId, SendError,
+    Transmit,
+};
+
+/// Bytes one `PeerProgress` entry can take in a heartbeat (3 tagged varints + framing).
+const PROGRESS_ENTRY_MAX: usize = 36;
+
+#[derive(Debug)]
+struct Peer {
+    incarnation: Incarnation,
+    addr: SocketAddr,
+    state: MemberState,
+    last_heard: Instant,
+    /// What this peer has delivered of our current stream (from its heartbeats, or our
+    /// highest sent when we first heard of it: it starts from what it sees next).
+    acked: u64,
+    stream: RecvStream,
+}
+
+/// One node's reliable-multicast protocol state machine (sans-IO).
+///
+/// Call order: give it input with [`Endpoint::handle_datagram`], [`Endpoint::handle_timeout`],
+/// [`Endpoint::send`] or [`Endpoint::close`]; then drain [`Endpoint::poll_transmit`] and
+/// [`Endpoint::poll_event`] until both return `None`; then wait until
+/// [`Endpoint::poll_timeout`] and call [`Endpoint::handle_timeout`]. `now` must never go
+/// backwards (an earlier `now` is treated as the latest one seen).
+#[derive(Debug)]
+pub struct Endpoint {
+    cfg: Config,
+    header: Header,
+    rng: ChaCha8Rng,
+    stats: Stats,
+    events: VecDeque<Event>,
+    /// Heartbeats, NAKs and goodbye: small, not held back by the rate limiter.
+    control: VecDeque<Transmit>,
+    window: SendWindow,
+    bucket: TokenBucket,
+    peers: HashMap<NodeId, Peer>,
+    /// Incarnations that said goodbye; their late datagrams are ignored.
+    departed: HashMap<NodeId, Incarnation>,
+    budget: Budget,
+    now: Instant,
+    next_heartbeat: Instant,
+    heartbeat_rotation: usize,
+    last_beyond_reply: Option<Instant>,
+    /// Delivered since the last heartbeat (messages, bytes): triggers early heartbeats so that
+    /// senders learn stability before their window fills.
+    delivered_since_heartbeat: (u64, u64),
+    blocked: bool,
+    closing: bool,
+    closed: bool,
+}
+
+impl Endpoint {
+    /// Creates an endpoint. Contradictory configuration values are repaired as documented on
+    /// [`Config`]. The first heartbeat is due at `now`, announcing the node at once.
+    pub fn new(config: Config, now: Instant) -> Endpoint {
+        let cfg = config.sanitized();
+        let header = Header::new(cfg.cluster, cfg.node, cfg.incarnation);
+        Endpoint {
+            rng: ChaCha8Rng::seed_from_u64(cfg.rng_seed),
+            stats: Stats::default(),
+            events: VecDeque::new(),
+            control: VecDeque::new(),
+            window: SendWindow::new(header, cfg.mtu),
+            bucket: TokenBucket::new(cfg.rate_bytes_per_sec, cfg.rate_burst_bytes, now),
+            peers: HashMap::new(),
+            departed: HashMap::new(),
+            budget: Budget {
+                buffered: 0,
+                max_buffered: cfg.max_receive_buffer_bytes,
+                reassembly: 0,
+                max_reassembly: cfg.max_reassembly_bytes,
+            },
+            now,
+            next_heartbeat: now,
+            heartbeat_rotation: 0,
+            last_beyond_reply: None,
+            delivered_since_heartbeat: (0, 0),
+            blocked: false,
+            closing: false,
+            closed: false,
+            header,
+            cfg,
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.cfg.node
+    }
+
+    /// This node's incarnation.
+    pub fn incarnation(&self) -> Incarnation {
+        self.cfg.incarnation
+    }
+
+    /// The configuration in force (after repairs by [`Endpoint::new`]).
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The known peers (never this endpoint itself), sorted by node id.
+    pub fn members(&self) -> Vec<Member> {
+        let mut members: Vec<Member> = self
+            .peers
+            .iter()
+            .map(|(node, p)| Member {
+                node: *node,
+                incarnation: p.incarnation,
+                addr: p.addr,
+                state: p.state,
+                delivered_up_to: p.stream.delivered_up_to(),
+            })
+            .collect();
+        members.sort_by_key(|m| m.node);
+        members
+    }
+
+    /// Whether the send window has room for another message.
+    pub fn is_writable(&self) -> bool {
+        !self.closing
+            && self.window.len() < self.cfg.window_max_messages.get()
+            && self.window.bytes() < self.cfg.window_max_bytes.get()
+    }
+
+    /// Highest sequence number of this endpoint's stream that was completely transmitted.
+    pub fn highest_sent(&self) -> u64 {
+        self.window.highest_sent()
+    }
+
+    /// Messages in the send window (queued or awaiting stability).
+    pub fn window_len(&self) -> usize {
+        self.window.len()
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+
+    /// Queues one application message; returns its sequence number.
+    ///
+    /// # Errors
+    ///
+    /// [`SendError::Closed`] after [`Endpoint::close`]; [`SendError::TooLarge`] above
+    /// [`Config::max_message_size`]; [`SendError::WindowFull`] when the send window is full
+    /// ([`Event::Writable`] follows when it has room). Nothing changes on error.
+    pub fn send(&mut self, now: Instant, payload: Bytes) -> Result<u64, SendError> {
+        self.tick(now);
+        if self.closing {
+            return Err(SendError::Closed);
+        }
+        if payload.len() > self.cfg.max_message_size {
+            return Err(SendError::TooLarge {
+                size: payload.len(),
+                max: self.cfg.max_message_size,
+            });
+        }
+        let full = self.window.len() >= self.cfg.window_max_messages.get()
+            || (self.window.len() > 0
+                && self.window.bytes() + payload.len() > self.cfg.window_max_bytes.get());
+        if full {
+            self.blocked = true;
+            self.stats.window_full += 1;
+            return Err(SendError::WindowFull);
+        }
+        self.stats.messages_sent += 1;
+        Ok(self.window.push(payload, self.now))
+    }
+
+    /// Graceful shutdown: queued data is flushed (ignoring the batch delay), then a goodbye is
+    /// multicast; afterwards `send` returns [`SendError::Closed`] and the endpoint is inert.
+    pub fn close(&mut self, now: Instant) {
+        self.tick(now);
+        self.closing = true;
+    }
+
+    /// The next event, if any.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The next datagram to send, if any is due at `now`.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        self.tick(now);
+        if self.closed {
+            return None;
+        }
+        if let Some(t) = self.control.pop_front() {
+            return Some(self.count_sent(t));
+        }
+        let now = self.now;
+        let data_due = self
+            .window
+            .data_due(now, self.cfg.batch_delay, self.closing);
+        if self.window.has_repairs() || data_due {
+            if !self.bucket.ready(now) {
+                self.stats.rate_limited += 1;
+                return None;
+            }
+            if let Some(datagram) = self.window.build_repair(now) {
+                self.stats.repairs_sent += 1;
+                self.bucket.consume(datagram.len());
+                return Some(self.count_sent(Transmit {
+                    destination: Destination::Group,
+                    payload: datagram,
+                }));
+            }
+            if data_due && let Some((datagram, sent)) = self.window.build_data(now) {
+                self.stats.data_datagrams_sent += 1;
+                match sent {
+                    Sent::Batch { messages } if messages > 1 => self.stats.batches_sent += 1,
+                    Sent::Batch { .. } => {}
+                    Sent::Fragment => self.stats.fragments_sent += 1,
+                }
+                self.bucket.consume(datagram.len());
+                return Some(self.count_sent(Transmit {
+                    destination: Destination::Group,
+                    payload: datagram,
+                }));
+            }
+        }
+        if self.closing && self.window.highest_sent() + 1 == self.window.next_seq() {
+            self.closed = true;
+            self.window.clear_repairs();
+            self.stats.goodbyes_sent += 1;
+            let frame = Kind::Goodbye(proto::Goodbye {
+                highest_sent: self.window.highest_sent(),
+            });
+            let payload = wire::encode(&self.header, &proto::Frame { kind: Some(frame) });
+            return Some(self.count_sent(Transmit {
+                destination: Destination::Group,
+                payload,
+            }));
+        }
+        None
+    }
+
+    fn count_sent(&mut self, t: Transmit) -> Transmit {
+        self.stats.datagrams_sent += 1;
+        self.stats.bytes_sent += t.payload.len() as u64;
+        t
+    }
+
+    /// When [`Endpoint::handle_timeout`] (or, for rate-limited or batched data,
+    /// [`Endpoint::poll_transmit`]) next has work. `None` once closed.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        let mut earliest = None;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                earliest = Some(earliest.map_or(t, |e: Instant| e.min(t)));
+            }
+        };
+        if !self.control.is_empty() {
+            consider(Some(self.now));
+        }
+        if self.closing {
+            // Flushing for the goodbye: due as soon as the rate allows.
+            consider(Some(self.bucket.ready_at().unwrap_or(self.now)));
+        } else {
+            consider(Some(self.next_heartbeat));
+        }
+        let data = self
+            .window
+            .data_deadline(self.cfg.batch_delay, self.closing);
+        let paced = if self.window.has_repairs() {
+            Some(self.now)
+        } else {
+            data
+        };
+        if let Some(at) = paced {
+            consider(Some(self.bucket.ready_at().map_or(at, |r| r.max(at))));
+        }
+        consider(self.window.repair_deadline);
+        consider(self.window.age_deadline(self.cfg.window_max_age));
+        for peer in self.peers.values() {
+            let silence = match peer.state {
+                MemberState::Alive => self.cfg.suspect_after,
+                MemberState::Suspected => self.cfg.leave_after,
+            };
+            consider(Some(peer.last_heard + silence));
+            consider(peer.stream.nak.map(|n| n.at));
+        }
+        earliest
+    }
+
+    /// Runs every timer due at `now`: heartbeats, NAKs, repair hold-offs, liveness, window age.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.tick(now);
+        if self.closed {
+            return;
+        }
+        let now = self.now;
+        if now >= self.next_heartbeat && !self.closing {
+            self.queue_heartbeat();
+            self.next_heartbeat = now + self.cfg.heartbeat_interval;
+        }
+        self.check_liveness(now);
+        self.fire_naks(now);
+        if self.window.repair_deadline.is_some_and(|t| t <= now) {
+            self.window.release_repairs();
+        }
+        self.stats.window_trimmed_age += self.window.trim_age(now, self.cfg.window_max_age);
+        self.trim_stable();
+    }
+
+    fn check_liveness(&mut self, now: Instant) {
+        let mut gone = Vec::new();
+        for (node, peer) in &mut self.peers {
+            let silent = now.saturating_duration_since(peer.last_heard);
+            if silent >= self.cfg.leave_after {
+                gone.push(*node);
+            } else if silent >= self.cfg.suspect_after && peer.state == MemberState::Alive {
+                peer.state = MemberState::Suspected;
+                self.stats.members_suspected += 1;
+                self.events.push_back(Event::MemberSuspected {
+                    node: *node,
+                    incarnation: peer.incarnation,
+                });
+            }
+        }
+        gone.sort_unstable();
+        for node in gone {
+            self.remove_peer(node, LeaveReason::Timeout);
+        }
+    }
+
+    fn remove_peer(&mut self, node: NodeId, reason: LeaveReason) {
+        let Some(mut peer) = self.peers.remove(&node) else {
+            return;
+        };
+        let mut out = Out {
+            events: &mut self.events,
+            stats: &mut self.stats,
+            budget: &mut self.budget,
+            delivered: (0, 0),
+        };
+        peer.stream.finish(&mut out);
+        self.stats.members_left += 1;
+        self.events.push_back(Event::MemberLeft {
+            node,
+            incarnation: peer.incarnation,
+            reason,
+        });
+        if reason == LeaveReason::Goodbye {
+            self.departed.insert(node, peer.incarnation);
+        }
+    }
+
+    fn fire_naks(&mut self, now: Instant) {
+        let mut nodes: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.stream.nak.is_some_and(|n| n.at <= now))
+            .map(|(n, _)| *n)
+            .collect();
+        nodes.sort_unstable();
+        for node in nodes {
+            let Some(peer) = self.peers.get_mut(&node) else {
+                continue;
+            };
+            let missing = peer.stream.missing();
+            let Some(timer) = peer.stream.nak else {
+                continue;
+            };
+            if missing.is_empty() {
+                // Only a message still being transmitted is incomplete: look again later.
+                peer.stream.nak = if peer.stream.has_gap() {
+                    let at = now
+                        + random_between(
+                            &mut self.rng,
+                            self.cfg.nak_delay_min,
+                            self.cfg.nak_delay_max,
+                        );
+                    Some(NakTimer {
+                        at,
+                        attempts: timer.attempts,
+                    })
+                } else {
+                    None
+                };
+                continue;
+            }
+            let attempts = if std::mem::take(&mut peer.stream.filled) {
+                1
+            } else {
+                timer.attempts + 1
+            };
+            let at = now + retry_delay(&self.cfg, &mut self.rng, attempts);
+            peer.stream.nak = Some(NakTimer { at, attempts });
+            let nak = proto::Nak {
+                target_node: node.0,
+                target_incarnation: peer.incarnation.0,
+                ranges: missing.ranges,
+                partial: missing.partial,
+            };
+            tracing::trace!(node = %self.cfg.node, target = %node, attempts, "NAK");
+            self.stats.naks_sent += 1;
+            let payload = wire::encode(
+                &self.header,
+                &proto::Frame {
+                    kind: Some(Kind::Nak(nak)),
+                },
+            );
+            self.control.push_back(Transmit {
+                destination: Destination::Group,
+                payload,
+            });
+        }
+    }
+
+    fn queue_heartbeat(&mut self) {
+        let room = self.cfg.mtu.saturating_sub(wire::OVERHEAD + 40) / PROGRESS_ENTRY_MAX;
+        let mut streams: Vec<(&NodeId, &Peer)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.stream.started())
+            .collect();
+        streams.sort_unstable_by_key(|(n, _)| **n);
+        let take = streams.len().min(room.max(1));
+        let skip = if streams.is_empty() {
+            0
+        } else {
+            self.heartbeat_rotation % streams.len()
+        };
+        let delivered = streams
+            .iter()
+            .cycle()
+            .skip(skip)
+            .take(take)
+            .map(|(node, p)| proto::PeerProgress {
+                node: node.0,
+                incarnation: p.incarnation.0,
+                delivered_up_to: p.stream.delivered_up_to(),
+            })
+            .collect();
+        self.heartbeat_rotation = self.heartbeat_rotation.wrapping_add(take);
+        let hb = proto::Heartbeat {
+            highest_sent: self.window.highest_sent(),
+            low_retained: self.window.low(),
+            delivered,
+        };
+        self.stats.heartbeats_sent += 1;
+        self.delivered_since_heartbeat = (0, 0);
+        let payload = wire::encode(
+            &self.header,
+            &proto::Frame {
+                kind: Some(Kind::Heartbeat(hb)),
+            },
+        );
+        self.control.push_back(Transmit {
+            destination: Destination::Group,
+            payload,
+        });
+    }
+
+    /// Releases messages every live member has delivered; emits `Writable` if room appeared.
+    fn trim_stable(&mut self) {
+        let stable = self
+            .peers
+            .values()
+            .filter(|p| p.state == MemberState::Alive)
+            .map(|p| p.acked)
+            .min()
+            .unwrap_or(u64::MAX)
+            .min(self.window.highest_sent());
+        self.stats.window_trimmed_stable += self.window.trim_stable(stable);
+        if self.blocked && self.is_writable() {
+            self.blocked = false;
+            self.events.push_back(Event::Writable);
+        }
+    }
+
+    /// One datagram arrived from `from`. Invalid datagrams are dropped and counted in
+    /// [`Stats`]; nothing a peer sends can make this panic.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.tick(now);
+        self.stats.datagrams_received += 1;
+        self.stats.bytes_received += datagram.len() as u64;
+        if self.closed {
+            self.stats.after_close += 1;
+            return;
+        }
+        let header = match wire::check(datagram, self.cfg.max_datagram_size, self.cfg.cluster) {
+            Ok(h) => h,
+            Err(reason) => return self.drop_datagram(reason),
+        };
+        let frame = match wire::decode_checked(&Bytes::copy_from_slice(datagram)) {
+            Ok(frame) => frame,
+            Err(reason) => return self.drop_datagram(reason),
+        };
+        let Some(kind) = frame.kind else {
+            return self.drop_datagram(DropReason::UnknownFrame);
+        };
+        if header.node == self.cfg.node {
+            if header.incarnation == self.cfg.incarnation {
+                self.stats.own_datagrams += 1;
+            } else {
+                self.stats.node_id_conflict += 1;
+            }
+            return;
+        }
+        if let Kind::Goodbye(_) = kind
+            && !self.peers.contains_key(&header.node)
+        {
+            // A goodbye from a node never heard of (or already gone): nothing to settle.
+            self.stats.goodbyes_received += 1;
+            return;
+        }
+        if !self.admit(header, from) {
+            return;
+        }
+        let node = header.node;
+        let result = match kind {
+            Kind::Data(data) => self.on_data(node, data),
+            Kind::Fragment(frag) => self.on_fragment(node, &frag),
+            Kind::Repair(repair) => self.on_repair(node, repair),
+            Kind::Heartbeat(hb) => self.on_heartbeat(node, hb),
+            Kind::Nak(nak) => {
+                self.on_nak(node, &nak);
+                Ok(())
+            }
+            Kind::Goodbye(bye) => {
+                self.stats.goodbyes_received += 1;
+                if let Some(peer) = self.peers.get_mut(&node) {
+                    peer.stream.on_highest_sent(bye.highest_sent);
+                }
+                self.remove_peer(node, LeaveReason::Goodbye);
+                self.trim_stable();
+                return;
+            }
+        };
+        if let Err(reason) = result {
+            self.drop_datagram(reason);
+        }
+        self.after_receive(node);
+    }
+
+    fn drop_datagram(&mut self, reason: DropReason) {
+        tracing::trace!(node = %self.cfg.node, %reason, "dropped datagram");
+        self.stats.count_drop(reason);
+    }
+
+    /// Membership bookkeeping for a valid datagram. Returns `false` if it must be ignored.
+    fn admit(&mut self, header: Header, from: SocketAddr) -> bool {
+        let (node, incarnation) = (header.node, header.incarnation);
+        if self
+            .departed
+            .get(&node)
+            .is_some_and(|gone| incarnation <= *gone)
+        {
+            self.stats.stale_incarnation += 1;
+            return false;
+        }
+        let now = self.now;
+        let acked = self.window.highest_sent();
+        match self.peers.get_mut(&node) {
+            Some(peer) if peer.incarnation == incarnation => {
+                peer.last_heard = now;
+                peer.addr = from;
+                if peer.state == MemberState::Suspected {
+                    peer.state = MemberState::Alive;
+                    self.events
+                        .push_back(Event::MemberAlive { node, incarnation });
+                }
+                true
+            }
+            Some(peer) if peer.incarnation > incarnation => {
+                self.stats.stale_incarnation += 1;
+                false
+            }
+            Some(peer) => {
+                let old = peer.incarnation;
+                let mut out = Out {
+                    events: &mut self.events,
+                    stats: &mut self.stats,
+                    budget: &mut self.budget,
+                    delivered: (0, 0),
+                };
+                peer.stream.finish(&mut out);
+                *peer = Peer::new(node, incarnation, from, now, acked);
+                self.stats.members_restarted += 1;
+                self.events.push_back(Event::MemberRestarted {
+                    node,
+                    old,
+                    new: incarnation,
+                    addr: from,
+                });
+                true
+            }
+            None => {
+                self.departed.remove(&node);
+                self.peers
+                    .insert(node, Peer::new(node, incarnation, from, now, acked));
+                self.stats.members_joined += 1;
+                self.events.push_back(Event::MemberJoined {
+                    node,
+                    incarnation,
+                    addr: from,
+                });
+                true
+            }
+        }
+    }
+
+    fn with_stream<T>(
+        &mut self,
+        node: NodeId,
+        f: impl FnOnce(&mut RecvStream, &mut Out<'_>) -> T,
+    ) -> Option<T> {
+        let peer = self.peers.get_mut(&node)?;
+        let mut out = Out {
+            events: &mut self.events,
+            stats: &mut self.stats,
+            budget: &mut self.budget,
+            delivered: (0, 0),
+        };
+        let result = f(&mut peer.stream, &mut out);
+        let (messages, bytes) = out.delivered;
+        self.delivered_since_heartbeat.0 += messages;
+        self.delivered_since_heartbeat.1 += bytes;
+        Some(result)
+    }
+
+    fn on_data(&mut self, node: NodeId, data: proto::Data) -> Result<(), DropReason> {
+        let count = data.messages.len() as u64;
+        if data.first_seq == 0 || count == 0 || data.first_seq.checked_add(count).is_none() {
+            return Err(DropReason::Malformed);
+        }
+        self.with_stream(node, |stream, out| {
+            for (seq, payload) in (data.first_seq..).zip(data.messages) {
+                stream.on_message(seq, payload, out);
+            }
+        });
+        Ok(())
+    }
+
+    fn on_fragment(&mut self, node: NodeId, frag: &proto::Fragment) -> Result<(), DropReason> {
+        if frag.total_len as usize > self.cfg.max_message_size {
+            return Err(DropReason::Oversized);
+        }
+        self.with_stream(node, |stream, out| stream.on_fragment(frag, out))
+            .unwrap_or(Ok(()))
+    }
+
+    fn on_repair(&mut self, node: NodeId, repair: proto::Repair) -> Result<(), DropReason> {
+        self.stats.repairs_received += 1;
+        let result = match repair.payload {
+            Some(proto::repair::Payload::Data(data)) => self.on_data(node, data),
+            Some(proto::repair::Payload::Fragment(frag)) => self.on_fragment(node, &frag),
+            None => Err(DropReason::Malformed),
+        };
+        if result.is_ok() {
+            self.with_stream(node, |stream, out| {
+                stream.advance_to(repair.low_retained, out)
+            });
+        }
+        result
+    }
+
+    fn on_heartbeat(&mut self, node: NodeId, hb: proto::Heartbeat) -> Result<(), DropReason> {
+        if hb.low_retained == 0 || hb.low_retained > hb.highest_sent.saturating_add(1) {
+            return Err(DropReason::Malformed);
+        }
+        self.stats.heartbeats_received += 1;
+        let (me, mine) = (self.cfg.node.0, self.cfg.incarnation.0);
+        if let Some(peer) = self.peers.get_mut(&node) {
+            for progress in &hb.delivered {
+                if progress.node == me && progress.incarnation == mine {
+                    peer.acked = peer.acked.max(progress.delivered_up_to);
+                }
+            }
+        }
+        self.with_stream(node, |stream, out| {
+            stream.start_at(hb.highest_sent.saturating_add(1));
+            stream.on_highest_sent(hb.highest_sent);
+            stream.advance_to(hb.low_retained, out);
+        });
+        self.trim_stable();
+        Ok(())
+    }
+
+    fn on_nak(&mut self, node: NodeId, nak: &proto::Nak) {
+        let now = self.now;
+        if nak.target_node == self.cfg.node.0 {
+            if nak.target_incarnation != self.cfg.incarnation.0 {
+                return;
+            }
+            self.stats.naks_received += 1;
+            let beyond = self.window.on_nak(nak, now, self.cfg.repair_holdoff);
+            if beyond {
+                self.stats.naks_beyond_window += 1;
+                let recent = self
+                    .last_beyond_reply
+                    .is_some_and(|t| now < t + self.cfg.repair_holdoff);
+                if !recent && !self.closing {
+                    self.last_beyond_reply = Some(now);
+                    self.queue_heartbeat();
+                }
+            }
+            return;
+        }
+        self.stats.naks_overheard += 1;
+        let target = NodeId(nak.target_node);
+        let Some(peer) = self.peers.get_mut(&target) else {
+            return;
+        };
+        if target == node || peer.incarnation.0 != nak.target_incarnation {
+            return;
+        }
+        if let Some(timer) = peer.stream.nak
+            && peer.stream.covered_by(nak)
+        {
+            let at = now + retry_delay(&self.cfg, &mut self.rng, timer.attempts.max(1));
+            peer.stream.nak = Some(NakTimer {
+                at: timer.at.max(at),
+                attempts: timer.attempts,
+            });
+            self.stats.naks_suppressed += 1;
+        }
+    }
+
+    /// After a data-bearing datagram: arm or disarm the stream's NAK timer; send an early
+    /// heartbeat if much was delivered since the last one.
+    fn after_receive(&mut self, node: NodeId) {
+        let now = self.now;
+        if let Some(peer) = self.peers.get_mut(&node) {
+            let stream = &mut peer.stream;
+            if !stream.has_gap() {
+                stream.nak = None;
+            } else if stream.nak.is_none() {
+                let at = now
+                    + random_between(
+                        &mut self.rng,
+                        self.cfg.nak_delay_min,
+                        self.cfg.nak_delay_max,
+                    );
+                stream.nak = Some(NakTimer { at, attempts: 0 });
+            }
+        }
+        let (messages, bytes) = self.delivered_since_heartbeat;
+        let many = messages as usize >= self.cfg.window_max_messages.get() / 4
+            || bytes as usize >= self.cfg.window_max_bytes.get() / 4;
+        if many && !self.closing {
+            self.queue_heartbeat();
+        }
+    }
+}
+
+impl Peer {
+    fn new(
+        node: NodeId,
+        incarnation: Incarnation,
+        addr: SocketAddr,
+        now: Instant,
+        acked: u64,
+    ) -> Peer {
+        Peer {
+            incarnation,
+            addr,
+            state: MemberState::Alive,
+            last_heard: now,
+            acked,
+            stream: RecvStream::new(node, incarnation),
+        }
+    }
+}
+
+fn random_between(rng: &mut ChaCha8Rng, min: Duration, max: Duration) -> Duration {
+    if max <= min {
+        return min;
+    }
+    let span = (max - min).as_nanos().min(u128::from(u64::MAX)) as u64;
+    min + Duration::from_nanos(rng.random_range(0..=span))
+}
+
+/// Wait before NAK attempt `attempts + 1`: exponential backoff plus jitter.
+fn retry_delay(cfg: &Config, rng: &mut ChaCha8Rng, attempts: u32) -> Duration {
+    let shift = attempts.saturating_sub(1).min(16);
+    let backoff = cfg
+        .nak_retry_base
+        .saturating_mul(1 << shift)
+        .min(cfg.nak_retry_max);
+    backoff + random_between(rng, Duration::ZERO, cfg.nak_delay_max)
+}

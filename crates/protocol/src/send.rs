@@ -1,0 +1,411 @@
+//! This endpoint's own stream: the send window (queued + retained messages), first
+//! transmission (batching and fragmentation) and repairs.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::proto;
+use crate::wire::{self, DATA_OVERHEAD, FRAGMENT_OVERHEAD, Header};
+
+#[derive(Debug)]
+struct Entry {
+    payload: Bytes,
+    /// When queued, then when its transmission completed.
+    at: Instant,
+    /// When it was last repaired.
+    last_repair: Option<Instant>,
+}
+
+/// What a repair must resend of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Want {
+    Whole,
+    /// Byte ranges `[start, end)` of a fragmented message.
+    Parts(Vec<(u32, u32)>),
+}
+
+#[derive(Debug)]
+struct RepairItem {
+    seq: u64,
+    want: Want,
+    /// Next fragment offset to consider.
+    cursor: u32,
+}
+
+/// What one first-transmission datagram carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    Batch { messages: usize },
+    Fragment,
+}
+
+#[derive(Debug)]
+pub(crate) struct SendWindow {
+    header: Header,
+    mtu: usize,
+    entries: VecDeque<Entry>,
+    /// Sequence number of `entries[0]`.
+    low: u64,
+    bytes: usize,
+    /// Next sequence number to transmit for the first time.
+    next_tx: u64,
+    /// Bytes of `next_tx` already sent as fragments.
+    frag_offset: u32,
+    /// NAKed messages gathered during the hold-off.
+    pending_repairs: BTreeMap<u64, Want>,
+    pub(crate) repair_deadline: Option<Instant>,
+    repairs: VecDeque<RepairItem>,
+}
+
+impl SendWindow {
+    pub(crate) fn new(header: Header, mtu: usize) -> SendWindow {
+        SendWindow {
+            header,
+            mtu,
+            entries: VecDeque::new(),
+            low: 1,
+            bytes: 0,
+            next_tx: 1,
+            frag_offset: 0,
+            pending_repairs: BTreeMap::new(),
+            repair_deadline: None,
+            repairs: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Lowest retained (retransmittable or not yet sent) sequence number.
+    pub(crate) fn low(&self) -> u64 {
+        self.low
+    }
+
+    /// Highest sequence number completely transmitted.
+    pub(crate) fn highest_sent(&self) -> u64 {
+        self.next_tx - 1
+    }
+
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.low + self.entries.len() as u64
+    }
+
+    fn entry(&self, seq: u64) -> Option<&Entry> {
+        self.entries
+            .get(usize::try_from(seq.checked_sub(self.low)?).ok()?)
+    }
+
+    fn entry_mut(&mut self, seq: u64) -> Option<&mut Entry> {
+        self.entries
+            .get_mut(usize::try_from(seq.checked_sub(self.low)?).ok()?)
+    }
+
+    /// Queues a message; returns its sequence number.
+    pub(crate) fn push(&mut self, payload: Bytes, now: Instant) -> u64 {
+        let seq = self.next_seq();
+        self.bytes += payload.len();
+        self.entries.push_back(Entry {
+            payload,
+            at: now,
+            last_repair: None,
+        });
+        seq
+    }
+
+    fn is_small(&self, len: usize) -> bool {
+        DATA_OVERHEAD + wire::message_cost(len) <= self.mtu
+    }
+
+    fn chunk_size(&self) -> usize {
+        self.mtu - FRAGMENT_OVERHEAD
+    }
+
+    /// Whether unsent data exists and the datagram it would make is due now: a fragment, a
+    /// full batch, a batch whose oldest message waited `batch_delay`, or `flush`.
+    pub(crate) fn data_due(&self, now: Instant, batch_delay: Duration, flush: bool) -> bool {
+        match self.data_deadline(batch_delay, flush) {
+            Some(at) => at <= now,
+            None => false,
+        }
+    }
+
+    /// When unsent data becomes due (`None` if there is none). A datagram that is already due
+    /// reports the time it was queued.
+    pub(crate) fn data_deadline(&self, batch_delay: Duration, flush: bool) -> Option<Instant> {
+        let first = self.entry(self.next_tx)?;
+        if flush || !self.is_small(first.payload.len()) || self.frag_offset > 0 {
+            return Some(first.at);
+        }
+        let mut size = DATA_OVERHEAD;
+        for seq in self.next_tx..self.next_seq() {
+            let entry = self.entry(seq)?;
+            if !self.is_small(entry.payload.len()) {
+                return Some(first.at);
+            }
+            size += wire::message_cost(entry.payload.len());
+            if size > self.mtu {
+                return Some(first.at);
+            }
+        }
+        Some(first.at + batch_delay)
+    }
+
+    /// Builds the next first-transmission datagram, which the caller has checked is due.
+    pub(crate) fn build_data(&mut self, now: Instant) -> Option<(Bytes, Sent)> {
+        let first_seq = self.next_tx;
+        let first_len = self.entry(first_seq)?.payload.len();
+        if !self.is_small(first_len) {
+            let chunk = self.chunk_size();
+            let entry = self.entry(first_seq)?;
+            let start = self.frag_offset as usize;
+            let end = (start + chunk).min(first_len);
+            let datagram = wire::encode_fragment(
+                &self.header,
+                first_seq,
+                first_len as u32,
+                start as u32,
+                &entry.payload[start..end],
+                None,
+            );
+            if end == first_len {
+                self.frag_offset = 0;
+                self.next_tx += 1;
+                if let Some(entry) = self.entry_mut(first_seq) {
+                    entry.at = now;
+                }
+            } else {
+                self.frag_offset = end as u32;
+            }
+            return Some((datagram, Sent::Fragment));
+        }
+        let mut size = DATA_OVERHEAD;
+        let mut count = 0usize;
+        for seq in first_seq..self.next_seq() {
+            let len = self.entry(seq)?.payload.len();
+            let cost = wire::message_cost(len);
+            if !self.is_small(len) || size + cost > self.mtu {
+                break;
+            }
+            size += cost;
+            count += 1;
+        }
+        let start = usize::try_from(first_seq - self.low).ok()?;
+        let datagram = wire::encode_data(
+            &self.header,
+            first_seq,
+            self.entries.range(start..start + count).map(|e| &e.payload),
+            None,
+        );
+        for entry in self.entries.range_mut(start..start + count) {
+            entry.at = now;
+        }
+        self.next_tx += count as u64;
+        Some((datagram, Sent::Batch { messages: count }))
+    }
+
+    /// Releases transmitted messages up to `upto` (stable); returns how many.
+    pub(crate) fn trim_stable(&mut self, upto: u64) -> u64 {
+        let mut trimmed = 0;
+        while self.low <= upto && self.low < self.next_tx {
+            self.pop_front();
+            trimmed += 1;
+        }
+        trimmed
+    }
+
+    /// Releases transmitted messages older than `max_age`; returns how many.
+    pub(crate) fn trim_age(&mut self, now: Instant, max_age: Duration) -> u64 {
+        let mut trimmed = 0;
+        while self.low < self.next_tx {
+            match self.entries.front() {
+                Some(e) if e.at + max_age <= now => {
+                    self.pop_front();
+                    trimmed += 1;
+                }
+                _ => break,
+            }
+        }
+        trimmed
+    }
+
+    /// When [`SendWindow::trim_age`] will next release something.
+    pub(crate) fn age_deadline(&self, max_age: Duration) -> Option<Instant> {
+        if self.low < self.next_tx {
+            self.entries.front().map(|e| e.at + max_age)
+        } else {
+            None
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(e) = self.entries.pop_front() {
+            self.bytes -= e.payload.len();
+            self.low += 1;
+        }
+    }
+
+    /// Records a NAK for this stream. Returns `true` if some of it asked for messages no
+    /// longer retained.
+    pub(crate) fn on_nak(&mut self, nak: &proto::Nak, now: Instant, holdoff: Duration) -> bool {
+        let mut beyond = false;
+        let recently = |e: &Entry| e.last_repair.is_some_and(|t| now < t + holdoff);
+        for range in &nak.ranges {
+            if range.first > range.last {
+                continue;
+            }
+            if range.first < self.low {
+                beyond = true;
+            }
+            let first = range.first.max(self.low);
+            let last = range.last.min(self.highest_sent());
+            if first > last {
+                continue;
+            }
+            for seq in first..=last {
+                if self.entry(seq).is_some_and(|e| !recently(e)) {
+                    self.pending_repairs.insert(seq, Want::Whole);
+                }
+            }
+        }
+        for partial in &nak.partial {
+            if partial.seq < self.low {
+                beyond = true;
+                continue;
+            }
+            if partial.seq > self.highest_sent() || self.entry(partial.seq).is_none_or(recently) {
+                continue;
+            }
+            let parts: Vec<(u32, u32)> = partial
+                .missing
+                .iter()
+                .filter(|r| r.len > 0)
+                .map(|r| (r.offset, r.offset.saturating_add(r.len)))
+                .collect();
+            if parts.is_empty() {
+                continue;
+            }
+            match self
+                .pending_repairs
+                .entry(partial.seq)
+                .or_insert(Want::Parts(Vec::new()))
+            {
+                Want::Whole => {}
+                Want::Parts(have) => have.extend(parts),
+            }
+        }
+        if !self.pending_repairs.is_empty() && self.repair_deadline.is_none() {
+            self.repair_deadline = Some(now + holdoff);
+        }
+        beyond
+    }
+
+    /// The hold-off is over: queue the gathered repairs for transmission.
+    pub(crate) fn release_repairs(&mut self) {
+        self.repair_deadline = None;
+        for (seq, want) in std::mem::take(&mut self.pending_repairs) {
+            self.repairs.push_back(RepairItem {
+                seq,
+                want,
+                cursor: 0,
+            });
+        }
+    }
+
+    pub(crate) fn has_repairs(&self) -> bool {
+        !self.repairs.is_empty()
+    }
+
+    /// Drops every queued repair (on close).
+    pub(crate) fn clear_repairs(&mut self) {
+        self.repairs.clear();
+        self.pending_repairs.clear();
+        self.repair_deadline = None;
+    }
+
+    /// Builds the next repair datagram, if any repair is queued.
+    pub(crate) fn build_repair(&mut self, now: Instant) -> Option<Bytes> {
+        while let Some(mut item) = self.repairs.pop_front() {
+            let Some(entry) = self.entry(item.seq) else {
+                continue;
+            };
+            if item.seq > self.highest_sent() {
+                continue;
+            }
+            let len = entry.payload.len();
+            if self.is_small(len) {
+                // Batch with the following queued repairs of consecutive small messages.
+                let mut size = DATA_OVERHEAD + wire::message_cost(len);
+                let mut count = 1usize;
+                while let Some(next) = self.repairs.front() {
+                    let seq = item.seq + count as u64;
+                    let Some(e) = (next.seq == seq && seq <= self.highest_sent())
+                        .then(|| self.entry(seq))
+                        .flatten()
+                    else {
+                        break;
+                    };
+                    let cost = wire::message_cost(e.payload.len());
+                    if !self.is_small(e.payload.len()) || size + cost > self.mtu {
+                        break;
+                    }
+                    size += cost;
+                    count += 1;
+                    self.repairs.pop_front();
+                }
+                let start = usize::try_from(item.seq - self.low).ok()?;
+                let datagram = wire::encode_data(
+                    &self.header,
+                    item.seq,
+                    self.entries.range(start..start + count).map(|e| &e.payload),
+                    Some(self.low),
+                );
+                for e in self.entries.range_mut(start..start + count) {
+                    e.last_repair = Some(now);
+                }
+                return Some(datagram);
+            }
+            let chunk = self.chunk_size() as u32;
+            let total = len as u32;
+            let mut offset = item.cursor;
+            while offset < total {
+                let end = offset.saturating_add(chunk).min(total);
+                let wanted = match &item.want {
+                    Want::Whole => true,
+                    Want::Parts(parts) => parts.iter().any(|&(a, b)| a < end && offset < b),
+                };
+                if wanted {
+                    break;
+                }
+                offset = end;
+            }
+            if offset >= total {
+                continue;
+            }
+            let end = offset.saturating_add(chunk).min(total);
+            let datagram = wire::encode_fragment(
+                &self.header,
+                item.seq,
+                total,
+                offset,
+                &entry.payload[offset as usize..end as usize],
+                Some(self.low),
+            );
+            if let Some(e) = self.entry_mut(item.seq) {
+                e.last_repair = Some(now);
+            }
+            if end < total {
+                item.cursor = end;
+                self.repairs.push_front(item);
+            }
+            return Some(datagram);
+        }
+        None
+    }
+}

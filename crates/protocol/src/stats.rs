@@ -1,0 +1,141 @@
+//! Counters of everything an endpoint does and drops.
+
+use crate::wire::DropReason;
+
+/// Counters of one endpoint. All monotonically increasing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Datagrams returned by `poll_transmit` (all kinds).
+    pub datagrams_sent: u64,
+    /// Bytes of those datagrams.
+    pub bytes_sent: u64,
+    /// Datagrams given to `handle_datagram` (before any check).
+    pub datagrams_received: u64,
+    /// Bytes of those datagrams.
+    pub bytes_received: u64,
+    /// Application messages accepted by `send`.
+    pub messages_sent: u64,
+    /// Data datagrams sent for the first time (batches and fragments).
+    pub data_datagrams_sent: u64,
+    /// Data datagrams that carried more than one message.
+    pub batches_sent: u64,
+    /// Fragments sent for the first time.
+    pub fragments_sent: u64,
+    /// Messages delivered to the application.
+    pub messages_delivered: u64,
+    /// Fragmented messages completely reassembled.
+    pub messages_reassembled: u64,
+    /// Messages received again after they were delivered or buffered.
+    pub duplicates: u64,
+    /// Fragments received again (bytes already held).
+    pub duplicate_fragments: u64,
+    /// Messages older than the first one seen from a stream (before this endpoint joined it).
+    pub before_start: u64,
+    /// NAK datagrams sent.
+    pub naks_sent: u64,
+    /// NAKs not sent because another receiver's NAK covered the same gap.
+    pub naks_suppressed: u64,
+    /// NAK datagrams received for this endpoint's own stream.
+    pub naks_received: u64,
+    /// NAK datagrams received for other streams (used for suppression).
+    pub naks_overheard: u64,
+    /// Repair datagrams sent.
+    pub repairs_sent: u64,
+    /// Repair datagrams received.
+    pub repairs_received: u64,
+    /// NAKs asking for messages no longer retained (answered with a heartbeat).
+    pub naks_beyond_window: u64,
+    /// Messages reported lost through `Event::Lost`.
+    pub lost_messages: u64,
+    /// `Event::Lost` events emitted.
+    pub lost_events: u64,
+    /// Heartbeats sent.
+    pub heartbeats_sent: u64,
+    /// Heartbeats received.
+    pub heartbeats_received: u64,
+    /// Goodbyes sent.
+    pub goodbyes_sent: u64,
+    /// Goodbyes received.
+    pub goodbyes_received: u64,
+    /// `send` calls refused with `WindowFull`.
+    pub window_full: u64,
+    /// Messages removed from the retransmission window because every member delivered them.
+    pub window_trimmed_stable: u64,
+    /// Messages removed from the retransmission window by age before being stable.
+    pub window_trimmed_age: u64,
+    /// Times `poll_transmit` held data or repairs back for lack of rate tokens.
+    pub rate_limited: u64,
+    /// Members joined.
+    pub members_joined: u64,
+    /// Members left (goodbye or timeout).
+    pub members_left: u64,
+    /// Members restarted (new incarnation).
+    pub members_restarted: u64,
+    /// Members suspected.
+    pub members_suspected: u64,
+    /// Dropped: shorter than a header + CRC, or than the length it declares.
+    pub truncated: u64,
+    /// Dropped: longer than `max_datagram_size`, or a fragment of a message over
+    /// `max_message_size`.
+    pub oversized: u64,
+    /// Dropped: bad magic number.
+    pub bad_magic: u64,
+    /// Dropped: unsupported protocol version.
+    pub wrong_version: u64,
+    /// Dropped: CRC mismatch.
+    pub bad_checksum: u64,
+    /// Dropped: another cluster.
+    pub wrong_cluster: u64,
+    /// Dropped: carries an authentication tag or key id this endpoint cannot verify.
+    pub unauthenticated: u64,
+    /// Dropped: the body is not a valid frame, or the frame contradicts itself or earlier ones.
+    pub malformed: u64,
+    /// Dropped: no frame kind this version knows.
+    pub unknown_frame: u64,
+    /// Dropped: from this endpoint itself (multicast loopback).
+    pub own_datagrams: u64,
+    /// Dropped: another process uses this endpoint's node id with another incarnation.
+    pub node_id_conflict: u64,
+    /// Dropped: from an older incarnation of a member, or from a member that said goodbye.
+    pub stale_incarnation: u64,
+    /// Dropped: out-of-order message or fragment beyond the receive/reassembly memory budget.
+    pub buffer_full: u64,
+    /// Dropped: arrived after `close`.
+    pub after_close: u64,
+}
+
+impl Stats {
+    pub(crate) fn count_drop(&mut self, reason: DropReason) {
+        let counter = match reason {
+            DropReason::Truncated => &mut self.truncated,
+            DropReason::Oversized => &mut self.oversized,
+            DropReason::BadMagic => &mut self.bad_magic,
+            DropReason::WrongVersion => &mut self.wrong_version,
+            DropReason::BadChecksum => &mut self.bad_checksum,
+            DropReason::WrongCluster => &mut self.wrong_cluster,
+            DropReason::Unauthenticated => &mut self.unauthenticated,
+            DropReason::Malformed => &mut self.malformed,
+            DropReason::UnknownFrame => &mut self.unknown_frame,
+        };
+        *counter += 1;
+    }
+
+    /// Total datagrams dropped for any reason.
+    pub fn drops(&self) -> u64 {
+        self.truncated
+            + self.oversized
+            + self.bad_magic
+            + self.wrong_version
+            + self.bad_checksum
+            + self.wrong_cluster
+            + self.unauthenticated
+            + self.malformed
+            + self.unknown_frame
+            + self.own_datagrams
+            + self.node_id_conflict
+            + self.stale_incarnation
+            + self.buffer_full
+            + self.after_close
+    }
+}

@@ -1,0 +1,824 @@
+//! Endpoint tests over a small in-memory network with a virtual clock.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::net::SocketAddr;
+use std::num::{NonZeroU64, NonZeroUsize};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::proto::{self, frame::Kind};
+use crate::wire::{self, Header};
+use crate::*;
+
+const CLUSTER: ClusterId = ClusterId(0xC0FFEE);
+
+fn addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, i as u8 + 1], 7400))
+}
+
+fn config(i: usize, incarnation: u64) -> Config {
+    let mut c = Config::lan(
+        CLUSTER,
+        NodeId(i as u64 + 1),
+        Incarnation(incarnation),
+        1000 + i as u64,
+    );
+    c.rate_bytes_per_sec = None;
+    c
+}
+
+/// A datagram on the wire: (deliver at, order, from, to, bytes).
+type InFlight = (Reverse<(Instant, u64)>, usize, usize, Bytes);
+
+/// Decides whether a datagram from `from` to `to` is delivered.
+type Filter = Box<dyn FnMut(usize, usize, &Bytes) -> bool>;
+
+struct Net {
+    t0: Instant,
+    now: Instant,
+    latency: Duration,
+    nodes: Vec<Option<Endpoint>>,
+    events: Vec<Vec<Event>>,
+    wire: BinaryHeap<InFlightOrd>,
+    counter: u64,
+    filter: Filter,
+    /// Every datagram put on the wire: (from, bytes).
+    sent: Vec<(usize, Bytes)>,
+}
+
+struct InFlightOrd(InFlight);
+
+impl PartialEq for InFlightOrd {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.0 == other.0.0
+    }
+}
+impl Eq for InFlightOrd {}
+impl PartialOrd for InFlightOrd {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for InFlightOrd {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.0.cmp(&other.0.0)
+    }
+}
+
+impl Net {
+    fn new(configs: Vec<Config>) -> Net {
+        let t0 = Instant::now();
+        let n = configs.len();
+        Net {
+            t0,
+            now: t0,
+            latency: Duration::from_micros(200),
+            nodes: configs
+                .into_iter()
+                .map(|c| Some(Endpoint::new(c, t0)))
+                .collect(),
+            events: vec![Vec::new(); n],
+            wire: BinaryHeap::new(),
+            counter: 0,
+            filter: Box::new(|_, _, _| true),
+            sent: Vec::new(),
+        }
+    }
+
+    fn pair() -> Net {
+        Net::new(vec![config(0, 1), config(1, 1)])
+    }
+
+    fn node(&mut self, i: usize) -> &mut Endpoint {
+        self.nodes[i].as_mut().expect("node is running")
+    }
+
+    fn send(&mut self, i: usize, payload: impl Into<Bytes>) -> u64 {
+        let now = self.now;
+        let seq = self.node(i).send(now, payload.into()).expect("send");
+        self.flush();
+        seq
+    }
+
+    /// Drains every node's transmits onto the wire and its events into `events`.
+    fn flush(&mut self) {
+        let now = self.now;
+        let n = self.nodes.len();
+        for i in 0..n {
+            let Some(ep) = self.nodes[i].as_mut() else {
+                continue;
+            };
+            while let Some(t) = ep.poll_transmit(now) {
+                self.sent.push((i, t.payload.clone()));
+                let targets: Vec<usize> = match t.destination {
+                    Destination::Group => (0..n).filter(|&j| j != i).collect(),
+                    Destination::Addr(a) => (0..n).filter(|&j| addr(j) == a).collect(),
+                };
+                for j in targets {
+                    self.counter += 1;
+                    let at = now + self.latency;
+                    self.wire.push(InFlightOrd((
+                        Reverse((at, self.counter)),
+                        i,
+                        j,
+                        t.payload.clone(),
+                    )));
+                }
+            }
+            while let Some(e) = ep.poll_event() {
+                self.events[i].push(e);
+            }
+        }
+    }
+
+    fn next_time(&self) -> Option<Instant> {
+        let wire = self.wire.peek().map(|d| (d.0).0.0.0);
+        let timers = self
+            .nodes
+            .iter()
+            .flatten()
+            .filter_map(|e| e.poll_timeout())
+            .min();
+        match (wire, timers) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs the network for `d` of virtual time.
+    fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        self.flush();
+        for _ in 0..5_000_000 {
+            let Some(next) = self.next_time() else { break };
+            if next > end {
+                break;
+            }
+            self.now = self.now.max(next);
+            let now = self.now;
+            while self.wire.peek().is_some_and(|d| (d.0).0.0.0 <= now) {
+                let Some(InFlightOrd((_, from, to, bytes))) = self.wire.pop() else {
+                    break;
+                };
+                if !(self.filter)(from, to, &bytes) {
+                    continue;
+                }
+                if let Some(ep) = self.nodes[to].as_mut() {
+                    ep.handle_datagram(now, addr(from), &bytes);
+                }
+            }
+            for ep in self.nodes.iter_mut().flatten() {
+                if ep.poll_timeout().is_some_and(|t| t <= now) {
+                    ep.handle_timeout(now);
+                }
+            }
+            self.flush();
+        }
+        self.now = self.now.max(end);
+        self.flush();
+    }
+
+    fn delivered(&self, i: usize, from: NodeId) -> Vec<(u64, Bytes)> {
+        self.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                Event::Delivered {
+                    sender,
+                    seq,
+                    payload,
+                    ..
+                } if *sender == from => Some((*seq, payload.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn lost(&self, i: usize) -> Vec<std::ops::RangeInclusive<u64>> {
+        self.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                Event::Lost { range, .. } => Some(range.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn frame_of(bytes: &Bytes) -> Kind {
+    wire::decode(bytes, usize::MAX, CLUSTER)
+        .expect("valid datagram")
+        .1
+        .kind
+        .expect("kind")
+}
+
+fn is_first_data(bytes: &Bytes) -> bool {
+    matches!(frame_of(bytes), Kind::Data(_) | Kind::Fragment(_))
+}
+
+fn msg(i: u64) -> Bytes {
+    Bytes::from(format!("message {i}"))
+}
+
+/// Checks that node `i` delivered `from`'s stream in order, exactly once, with the payloads
+/// `msg(seq)`, covering `1..=n` together with its `Lost` ranges.
+fn assert_stream(net: &Net, i: usize, from: NodeId, n: u64) {
+    let got = net.delivered(i, from);
+    let mut covered = BTreeMap::new();
+    let mut last = 0;
+    for (seq, payload) in &got {
+        assert!(*seq > last, "node {i}: seq {seq} after {last}");
+        last = *seq;
+        assert_eq!(payload, &msg(*seq));
+        covered.insert(*seq, ());
+    }
+    for range in net.lost(i) {
+        for s in range {
+            assert!(
+                covered.insert(s, ()).is_none(),
+                "seq {s} delivered and lost"
+            );
+        }
+    }
+    let keys: Vec<u64> = covered.keys().copied().collect();
+    assert_eq!(
+        keys,
+        (1..=n).collect::<Vec<_>>(),
+        "node {i} did not settle 1..={n}"
+    );
+}
+
+#[test]
+fn in_order_delivery() {
+    let mut net = Net::pair();
+    for i in 1..=200 {
+        assert_eq!(net.send(0, msg(i)), i);
+    }
+    net.run_for(Duration::from_millis(500));
+    assert_stream(&net, 1, NodeId(1), 200);
+    assert!(net.lost(1).is_empty());
+    assert_eq!(net.node(1).stats().messages_delivered, 200);
+    assert_eq!(net.node(0).stats().messages_sent, 200);
+}
+
+#[test]
+fn duplicates_are_dropped_and_counted() {
+    let mut net = Net::pair();
+    net.run_for(Duration::from_millis(10));
+    net.send(0, msg(1));
+    net.run_for(Duration::from_millis(10));
+    let data: Vec<Bytes> = net
+        .sent
+        .iter()
+        .filter(|(f, b)| *f == 0 && is_first_data(b))
+        .map(|(_, b)| b.clone())
+        .collect();
+    assert_eq!(data.len(), 1);
+    let now = net.now;
+    net.node(1).handle_datagram(now, addr(0), &data[0]);
+    net.node(1).handle_datagram(now, addr(0), &data[0]);
+    net.flush();
+    assert_eq!(net.delivered(1, NodeId(1)).len(), 1);
+    assert_eq!(net.node(1).stats().duplicates, 2);
+}
+
+#[test]
+fn reordered_datagrams_are_delivered_in_order() {
+    let mut net = Net::pair();
+    net.run_for(Duration::from_millis(10));
+    // Capture five separate data datagrams without delivering them.
+    net.filter = Box::new(|_, _, b| !is_first_data(b));
+    for i in 1..=5 {
+        net.send(0, msg(i));
+        net.run_for(Duration::from_millis(1));
+    }
+    let data: Vec<Bytes> = net
+        .sent
+        .iter()
+        .filter(|(f, b)| *f == 0 && is_first_data(b))
+        .map(|(_, b)| b.clone())
+        .collect();
+    assert_eq!(data.len(), 5);
+    let now = net.now;
+    // Seq 1 first (so the stream starts there), then 5, 3, 4, 2.
+    for k in [0, 4, 2, 3, 1] {
+        net.node(1).handle_datagram(now, addr(0), &data[k]);
+    }
+    net.flush();
+    assert_stream(&net, 1, NodeId(1), 5);
+    assert_eq!(net.node(1).stats().naks_sent, 0);
+}
+
+#[test]
+fn lost_data_is_repaired_after_nak() {
+    let mut net = Net::pair();
+    net.run_for(Duration::from_millis(10));
+    let mut nth = 0;
+    net.filter = Box::new(move |from, _, b| {
+        if from == 0 && is_first_data(b) {
+            nth += 1;
+            return nth != 3 && nth != 5;
+        }
+        true
+    });
+    for i in 1..=10 {
+        net.send(0, msg(i));
+        net.run_for(Duration::from_millis(1));
+    }
+    net.run_for(Duration::from_millis(300));
+    assert_stream(&net, 1, NodeId(1), 10);
+    assert!(net.lost(1).is_empty());
+    let (a, b) = (net.node(0).stats().clone(), net.node(1).stats().clone());
+    assert!(b.naks_sent >= 1, "{b:?}");
+    assert!(a.naks_received >= 1 && a.repairs_sent >= 1, "{a:?}");
+    assert!(b.repairs_received >= 1);
+}
+
+#[test]
+fn tail_loss_is_found_by_heartbeat() {
+    let mut net = Net::pair();
+    net.run_for(Duration::from_millis(10));
+    for i in 1..=3 {
+        net.send(0, msg(i));
+        net.run_for(Duration::from_millis(1));
+    }
+    // The last message is lost: nothing after it reveals the gap except a heartbeat.
+    let mut dropped = false;
+    net.filter = Box::new(move |from, _, b| {
+        if from == 0 && is_first_data(b) && !dropped {
+            dropped = true;
+            return false;
+        }
+        true
+    });
+    net.send(0, msg(4));
+    net.run_for(Duration::from_millis(100));
+    assert_eq!(net.delivered(1, NodeId(1)).len(), 3);
+    net.run_for(Duration::from_millis(500));
+    assert_stream(&net, 1, NodeId(1), 4);
+    assert!(net.node(1).stats().naks_sent >= 1);
+}
+
+#[test]
+fn gap_below_window_is_reported_lost() {
+    let mut configs = vec![config(0, 1), config(1, 1)];
+    configs[0].window_max_age = Duration::from_millis(50);
+    let mut net = Net::new(configs);
+    net.run_for(Duration::from_millis(10));
+    net.send(0, msg(1));
+    net.run_for(Duration::from_millis(5));
+    // Seq 2 and 3 never reach node 1, and neither do repairs.
+    net.filter = Box::new(|from, _, b| {
+        !(from == 0
+            && matches!(
+                frame_of(b),
+                Kind::Data(proto::Data {
+                    first_seq: 2..=3,
+                    ..
+                }) | Kind::Repair(_)
+            ))
+    });
+    net.send(0, msg(2));
+    net.run_for(Duration::from_millis(1));
+    net.send(0, msg(3));
+    net.run_for(Duration::from_millis(1));
+    net.send(0, msg(4));
+    net.run_for(Duration::from_millis(1000));
+    assert_eq!(net.lost(1), vec![2..=3]);
+    assert_stream(&net, 1, NodeId(1), 4);
+    assert_eq!(net.node(1).stats().lost_messages, 2);
+    assert!(net.node(0).stats().window_trimmed_age >= 2);
+    // Later messages flow normally.
+    net.send(0, msg(5));
+    net.run_for(Duration::from_millis(50));
+    assert_stream(&net, 1, NodeId(1), 5);
+}
+
+#[test]
+fn one_mebibyte_is_fragmented_and_reassembled_under_loss() {
+    let mut net = Net::pair();
+    net.run_for(Duration::from_millis(10));
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let big: Vec<u8> = (0..(1 << 20)).map(|_| rng.random()).collect();
+    let mut loss = ChaCha8Rng::seed_from_u64(8);
+    net.filter = Box::new(move |_, _, _| loss.random_bool(0.9));
+    net.send(0, big.clone());
+    net.send(0, msg(2));
+    net.run_for(Duration::from_secs(3));
+    let got = net.delivered(1, NodeId(1));
+    assert_eq!(
+        got.len(),
+        2,
+        "lost: {:?} stats {:?}",
+        net.lost(1),
+        net.node(1).stats()
+    );
+    assert_eq!(got[0].1.as_ref(), big.as_slice());
+    let st = net.node(0).stats().clone();
+    assert!(st.fragments_sent > 700, "{st:?}");
+    assert_eq!(net.node(1).stats().messages_reassembled, 1);
+    assert!(net.sent.iter().all(|(_, b)| b.len() <= 1400));
+}
+
+#[test]
+fn small_messages_are_batched() {
+    let mut net = Net::pair();
+    net.run_for(Duration::from_millis(10));
+    let now = net.now;
+    for i in 1..=300 {
+        net.node(0).send(now, msg(i)).unwrap();
+    }
+    // Within the batch delay nothing goes out unless a datagram is full.
+    let before = net.node(0).stats().data_datagrams_sent;
+    net.flush();
+    let full = net.node(0).stats().data_datagrams_sent - before;
+    net.run_for(Duration::from_millis(50));
+    let st = net.node(0).stats().clone();
+    assert!(full >= 1, "full batches leave at once");
+    assert!(st.data_datagrams_sent - before <= 4, "{st:?}");
+    assert!(st.batches_sent >= 3);
+    assert_stream(&net, 1, NodeId(1), 300);
+}
+
+#[test]
+fn full_window_pushes_back_until_stable() {
+    let mut configs = vec![config(0, 1), config(1, 1)];
+    configs[0].window_max_messages = NonZeroUsize::new(8).unwrap();
+    let mut net = Net::new(configs);
+    net.run_for(Duration::from_millis(10));
+    let now = net.now;
+    for i in 1..=8 {
+        assert_eq!(net.node(0).send(now, msg(i)), Ok(i));
+    }
+    assert_eq!(net.node(0).send(now, msg(9)), Err(SendError::WindowFull));
+    assert!(!net.node(0).is_writable());
+    // The receiver's heartbeat reports stability and frees the window.
+    net.run_for(Duration::from_millis(400));
+    assert!(net.events[0].contains(&Event::Writable));
+    assert!(net.node(0).is_writable());
+    assert_eq!(net.node(0).stats().window_full, 1);
+    assert_eq!(net.node(0).stats().window_trimmed_stable, 8);
+    let now = net.now;
+    assert_eq!(net.node(0).send(now, msg(9)), Ok(9));
+    assert_eq!(
+        net.node(0).send(now, Bytes::from(vec![0; 2 << 20])),
+        Err(SendError::TooLarge {
+            size: 2 << 20,
+            max: (1 << 20) + (64 << 10)
+        })
+    );
+}
+
+#[test]
+fn rate_limit_paces_data() {
+    let mut configs = vec![config(0, 1), config(1, 1)];
+    configs[0].rate_bytes_per_sec = NonZeroU64::new(100_000);
+    configs[0].rate_burst_bytes = NonZeroU64::new(10_000).unwrap();
+    let mut net = Net::new(configs);
+    let now = net.now;
+    net.node(0)
+        .send(now, Bytes::from(vec![1u8; 500_000]))
+        .unwrap();
+    net.run_for(Duration::from_secs(4));
+    assert!(
+        net.delivered(1, NodeId(1)).is_empty(),
+        "500 kB at 100 kB/s takes ~5 s"
+    );
+    assert!(net.node(0).stats().rate_limited > 0);
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.delivered(1, NodeId(1)).len(), 1);
+}
+
+#[test]
+fn naks_for_a_shared_gap_are_suppressed() {
+    let mut net = Net::new(vec![config(0, 1), config(1, 1), config(2, 1)]);
+    net.run_for(Duration::from_millis(10));
+    net.send(0, msg(1));
+    net.run_for(Duration::from_millis(1));
+    net.filter = Box::new(|from, _, b| {
+        !(from == 0 && matches!(frame_of(b), Kind::Data(proto::Data { first_seq: 2, .. })))
+    });
+    net.send(0, msg(2));
+    net.run_for(Duration::from_millis(1));
+    net.send(0, msg(3));
+    net.run_for(Duration::from_millis(300));
+    for i in [1, 2] {
+        assert_stream(&net, i, NodeId(1), 3);
+    }
+    let naks = net.node(1).stats().naks_sent + net.node(2).stats().naks_sent;
+    let suppressed = net.node(1).stats().naks_suppressed + net.node(2).stats().naks_suppressed;
+    assert_eq!((naks, suppressed), (1, 1));
+    assert_eq!(net.node(0).stats().repairs_sent, 1);
+}
+
+#[test]
+fn membership_join_suspect_alive_leave() {
+    let mut net = Net::pair();
+    net.run_for(Duration::from_millis(10));
+    assert!(matches!(
+        net.events[0][0],
+        Event::MemberJoined {
+            node: NodeId(2),
+            incarnation: Incarnation(1),
+            ..
+        }
+    ));
+    assert_eq!(net.node(0).members().len(), 1);
+    // Node 1 goes silent towards node 0.
+    net.filter = Box::new(|from, _, _| from != 1);
+    net.run_for(Duration::from_secs(2));
+    assert!(net.events[0].contains(&Event::MemberSuspected {
+        node: NodeId(2),
+        incarnation: Incarnation(1)
+    }));
+    assert_eq!(net.node(0).members()[0].state, MemberState::Suspected);
+    net.filter = Box::new(|_, _, _| true);
+    net.run_for(Duration::from_millis(300));
+    assert!(net.events[0].contains(&Event::MemberAlive {
+        node: NodeId(2),
+        incarnation: Incarnation(1)
+    }));
+    net.filter = Box::new(|from, _, _| from != 1);
+    net.run_for(Duration::from_secs(6));
+    assert!(net.events[0].contains(&Event::MemberLeft {
+        node: NodeId(2),
+        incarnation: Incarnation(1),
+        reason: LeaveReason::Timeout
+    }));
+    assert!(net.node(0).members().is_empty());
+    // It comes back (same incarnation, partition healed): joined again.
+    net.filter = Box::new(|_, _, _| true);
+    net.run_for(Duration::from_millis(300));
+    let joins = net.events[0]
+        .iter()
+        .filter(|e| matches!(e, Event::MemberJoined { .. }))
+        .count();
+    assert_eq!(joins, 2);
+}
+
+#[test]
+fn restart_and_goodbye() {
+    let mut net = Net::pair();
+    net.run_for(Duration::from_millis(10));
+    net.send(1, msg(1));
+    net.run_for(Duration::from_millis(10));
+    // Node 1 crashes and restarts with a new incarnation.
+    let now = net.now;
+    net.nodes[1] = Some(Endpoint::new(config(1, 2), now));
+    net.run_for(Duration::from_millis(10));
+    assert!(net.events[0].iter().any(|e| matches!(
+        e,
+        Event::MemberRestarted {
+            node: NodeId(2),
+            old: Incarnation(1),
+            new: Incarnation(2),
+            ..
+        }
+    )));
+    net.send(1, msg(1));
+    net.run_for(Duration::from_millis(10));
+    let delivered: Vec<Incarnation> = net.events[0]
+        .iter()
+        .filter_map(|e| match e {
+            Event::Delivered { incarnation, .. } => Some(*incarnation),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered, vec![Incarnation(1), Incarnation(2)]);
+    // Graceful close: the last message is flushed, then the goodbye.
+    let now = net.now;
+    net.node(1).send(now, msg(2)).unwrap();
+    net.node(1).close(now);
+    assert_eq!(net.node(1).send(now, msg(3)), Err(SendError::Closed));
+    net.run_for(Duration::from_millis(10));
+    assert_eq!(net.delivered(0, NodeId(2)).len(), 3);
+    assert!(net.events[0].contains(&Event::MemberLeft {
+        node: NodeId(2),
+        incarnation: Incarnation(2),
+        reason: LeaveReason::Goodbye
+    }));
+    assert_eq!(net.node(1).stats().goodbyes_sent, 1);
+    assert_eq!(net.node(1).poll_timeout(), None);
+    assert!(net.node(0).members().is_empty());
+}
+
+#[test]
+fn every_drop_reason_is_counted() {
+    let t0 = Instant::now();
+    let mut ep = Endpoint::new(config(0, 1), t0);
+    let from = addr(1);
+    let h = Header::new(CLUSTER, NodeId(2), Incarnation(1));
+    let good = wire::encode_data(&h, 1, [msg(1)].iter(), None);
+    let mutate = |at: usize, v: u8| {
+        let mut m = good.to_vec();
+        m[at] = v;
+        m
+    };
+    let mut expect = Stats::default();
+    let feed = |ep: &mut Endpoint, bytes: &[u8]| ep.handle_datagram(t0, from, bytes);
+
+    feed(&mut ep, &good[..20]);
+    expect.truncated += 1;
+    feed(&mut ep, &vec![0u8; 70_000]);
+    expect.oversized += 1;
+    feed(&mut ep, &mutate(0, b'Z'));
+    expect.bad_magic += 1;
+    feed(&mut ep, &mutate(4, 9));
+    expect.wrong_version += 1;
+    feed(&mut ep, &mutate(wire::HEADER_LEN, 0));
+    expect.bad_checksum += 1;
+    feed(
+        &mut ep,
+        &wire::encode_data(
+            &Header::new(ClusterId(1), NodeId(2), Incarnation(1)),
+            1,
+            [msg(1)].iter(),
+            None,
+        ),
+    );
+    expect.wrong_cluster += 1;
+    feed(
+        &mut ep,
+        &wire::encode_data(&Header { key_id: 1, ..h }, 1, [msg(1)].iter(), None),
+    );
+    expect.unauthenticated += 1;
+    let empty = proto::Frame {
+        kind: Some(Kind::Data(proto::Data {
+            first_seq: 1,
+            messages: vec![],
+        })),
+    };
+    feed(&mut ep, &wire::encode(&h, &empty));
+    expect.malformed += 1;
+    feed(&mut ep, &wire::encode(&h, &proto::Frame { kind: None }));
+    expect.unknown_frame += 1;
+    feed(
+        &mut ep,
+        &wire::encode_data(
+            &Header::new(CLUSTER, NodeId(1), Incarnation(1)),
+            1,
+            [msg(1)].iter(),
+            None,
+        ),
+    );
+    expect.own_datagrams += 1;
+    feed(
+        &mut ep,
+        &wire::encode_data(
+            &Header::new(CLUSTER, NodeId(1), Incarnation(5)),
+            1,
+            [msg(1)].iter(),
+            None,
+        ),
+    );
+    expect.node_id_conflict += 1;
+    let huge = wire::encode_fragment(&h, 1, u32::MAX, 0, b"x", None);
+    feed(&mut ep, &huge);
+    expect.oversized += 1;
+    let bad_fragment = wire::encode_fragment(&h, 1, 10, 8, b"xyz", None);
+    feed(&mut ep, &bad_fragment);
+    expect.malformed += 1;
+    // Valid: node 2 incarnation 3 joins; then incarnation 1 is stale.
+    feed(
+        &mut ep,
+        &wire::encode_data(
+            &Header::new(CLUSTER, NodeId(2), Incarnation(3)),
+            1,
+            [msg(1)].iter(),
+            None,
+        ),
+    );
+    feed(&mut ep, &good);
+    expect.stale_incarnation += 1;
+    let st = ep.stats();
+    assert_eq!(
+        (
+            st.truncated,
+            st.oversized,
+            st.bad_magic,
+            st.wrong_version,
+            st.bad_checksum,
+            st.wrong_cluster
+        ),
+        (
+            expect.truncated,
+            expect.oversized,
+            expect.bad_magic,
+            expect.wrong_version,
+            expect.bad_checksum,
+            expect.wrong_cluster
+        )
+    );
+    assert_eq!(
+        (
+            st.unauthenticated,
+            st.malformed,
+            st.unknown_frame,
+            st.own_datagrams,
+            st.node_id_conflict,
+            st.stale_incarnation
+        ),
+        (
+            expect.unauthenticated,
+            expect.malformed,
+            expect.unknown_frame,
+            expect.own_datagrams,
+            expect.node_id_conflict,
+            expect.stale_incarnation
+        )
+    );
+    assert_eq!(st.drops(), 14);
+    assert_eq!(st.messages_delivered, 1);
+    ep.close(t0);
+    while ep.poll_transmit(t0).is_some() {}
+    ep.handle_datagram(t0, from, &good);
+    assert_eq!(ep.stats().after_close, 1);
+}
+
+#[test]
+fn garbage_never_panics() {
+    let t0 = Instant::now();
+    let mut ep = Endpoint::new(config(0, 1), t0);
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let h = Header::new(CLUSTER, NodeId(2), Incarnation(1));
+    let good = wire::encode_data(&h, 1, [msg(1), msg(2)].iter(), None);
+    for _ in 0..20_000 {
+        let mut d = good.to_vec();
+        for _ in 0..rng.random_range(1..4) {
+            let at = rng.random_range(0..d.len());
+            d[at] = rng.random();
+        }
+        d.truncate(rng.random_range(0..=d.len()));
+        ep.handle_datagram(t0, addr(1), &d);
+        // Re-seal the mutated body with a valid header and CRC so it reaches the decoder.
+        if d.len() > wire::OVERHEAD {
+            let mut w = wire::encode(&h, &proto::Frame { kind: None }).to_vec();
+            w.truncate(wire::HEADER_LEN);
+            w.extend_from_slice(&d[wire::HEADER_LEN..d.len() - wire::CRC_LEN]);
+            let body = (w.len() - wire::HEADER_LEN) as u32;
+            w[12..16].copy_from_slice(&body.to_be_bytes());
+            let crc = crc32fast::hash(&w);
+            w.extend_from_slice(&crc.to_be_bytes());
+            ep.handle_datagram(t0, addr(1), &w);
+        }
+    }
+    ep.handle_timeout(t0 + Duration::from_secs(1));
+    while ep.poll_transmit(t0 + Duration::from_secs(1)).is_some() {}
+    assert!(ep.stats().drops() > 10_000);
+}
+
+#[test]
+fn random_loss_three_nodes_settles_every_stream() {
+    for seed in 0..3u64 {
+        let mut net = Net::new((0..3).map(|i| config(i, 1)).collect());
+        net.run_for(Duration::from_millis(10));
+        let mut loss = ChaCha8Rng::seed_from_u64(seed);
+        net.filter = Box::new(move |_, _, _| loss.random_bool(0.8));
+        for round in 1..=300u64 {
+            for i in 0..3 {
+                net.send(i, msg(round));
+            }
+            net.run_for(Duration::from_millis(1));
+        }
+        net.run_for(Duration::from_secs(3));
+        for i in 0..3 {
+            for j in 0..3 {
+                if i != j {
+                    assert_stream(&net, i, NodeId(j as u64 + 1), 300);
+                }
+            }
+        }
+        let lost: usize = (0..3).map(|i| net.lost(i).len()).sum();
+        assert_eq!(
+            lost, 0,
+            "seed {seed}: window is large, nothing should be lost"
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_run() {
+    let run = || {
+        let mut net = Net::new((0..3).map(|i| config(i, 1)).collect());
+        let mut loss = ChaCha8Rng::seed_from_u64(5);
+        net.filter = Box::new(move |_, _, _| loss.random_bool(0.7));
+        for round in 1..=50u64 {
+            net.send(0, msg(round));
+            net.run_for(Duration::from_millis(2));
+        }
+        net.run_for(Duration::from_secs(1));
+        let t0 = net.t0;
+        (
+            net.sent
+                .iter()
+                .map(|(f, b)| (*f, b.clone()))
+                .collect::<Vec<_>>(),
+            net.now - t0,
+        )
+    };
+    assert_eq!(run(), run());
+}
