@@ -1,1 +1,39 @@
-//! chorus-replication: sans-IO replicated key-value store.
+//! chorus-replication: the sans-IO replicated key-value store of Chorus.
+//!
+//! What it does:
+//! - keeps a map `key → value | tombstone`, each entry versioned by a hybrid logical clock
+//!   timestamp plus the writer's node id; the larger version wins (last writer wins), so
+//!   every node reaches the same map whatever the arrival order or duplication;
+//! - turns local puts, deletes and atomic batches into encoded messages for the driver to
+//!   multicast, and merges the messages other nodes sent;
+//! - numbers every applied change with a local revision, keeps a bounded change log for
+//!   resumable watches, and reports changes as events;
+//! - runs anti-entropy: bucketed digests, summaries, requests and entries, so nodes that
+//!   lost messages, were partitioned or joined late converge, and reports `InSync`;
+//! - collects tombstones after a grace period.
+//!
+//! What it does not do: it opens no socket, reads no clock, spawns no task and draws no
+//! unseeded randomness. Reliable multicast, membership and loss detection belong to
+//! `chorus-protocol`; the driver (production or simulator) feeds their outputs in. No
+//! cross-node transactions, no durability (the store lives in memory), no read quorum.
+//!
+//! See `docs/replication.md` for the guarantees and the sync protocol.
+
+mod config;
+mod error;
+mod hash;
+mod hlc;
+mod replica;
+mod store;
+
+/// Generated protobuf types of `proto/replication.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod wire {
+    include!(concat!(env!("OUT_DIR"), "/chorus.replication.v1.rs"));
+}
+
+pub use config::{Limits, ReplicaConfig};
+pub use error::{Compacted, Error};
+pub use hlc::{DriftError, Hlc, HlcClock, MAX_PHYSICAL_MS, Version};
+pub use replica::{Change, Op, Outgoing, OutgoingKind, Replica, ReplicaEvent, ReplicaStats};
+pub use store::{Entry, Store};

@@ -1,0 +1,1125 @@
+//! The replica state machine: local commands, remote writes, watch log and anti-entropy.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message as _;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{Limits, ReplicaConfig};
+use crate::error::{Compacted, Error};
+use crate::hash::{bucket_of, entry_hash, rendezvous};
+use crate::hlc::{Hlc, HlcClock, Version};
+use crate::store::{Entry, Store};
+use crate::wire;
+
+/// One operation of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Set `key` to `value`.
+    Put {
+        /// The key.
+        key: String,
+        /// The new value.
+        value: Bytes,
+    },
+    /// Delete `key` (store a tombstone).
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+impl Op {
+    /// The key this operation writes.
+    #[must_use]
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } => key,
+        }
+    }
+}
+
+/// One applied change, local or remote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Local revision: increases by one for every applied change on this node.
+    pub revision: u64,
+    /// The key.
+    pub key: String,
+    /// The new value; `None` for a delete.
+    pub value: Option<Bytes>,
+    /// The version that won.
+    pub version: Version,
+}
+
+/// What a replica reports through [`Replica::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaEvent {
+    /// A change was applied to the store.
+    Change(Change),
+    /// This node's digest matched the latest digest of every live peer (see
+    /// `docs/replication.md` for the exact rule).
+    InSync,
+    /// This node is no longer known to be in sync.
+    OutOfSync,
+}
+
+/// Why an outgoing message exists; the driver must never drop a `Write`, and may drop a
+/// `Sync` message under pressure (anti-entropy sends it again later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutgoingKind {
+    /// A local put, delete or batch.
+    Write,
+    /// A digest, summary, request or entries message.
+    Sync,
+}
+
+/// An encoded message to multicast reliably to the group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Write or sync.
+    pub kind: OutgoingKind,
+    /// The encoded `Envelope` (see `proto/replication.proto`).
+    pub payload: Bytes,
+}
+
+/// Replication counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaStats {
+    /// Local puts, deletes and batches accepted.
+    pub local_writes: u64,
+    /// Remote write messages applied (even if every op lost to a newer version).
+    pub remote_writes: u64,
+    /// Entries stored (local, remote or sync) because they won.
+    pub changes_applied: u64,
+    /// Incoming entries ignored because the store already held an equal or newer version.
+    pub stale_ignored: u64,
+    /// Messages that did not decode or were inconsistent (dropped).
+    pub malformed: u64,
+    /// Messages dropped because they broke a key, value or batch limit.
+    pub limit_violations: u64,
+    /// Write messages or sync entries dropped because their HLC was too far in the future.
+    pub drift_rejected: u64,
+    /// Digests with a different bucket count (dropped).
+    pub bucket_mismatch: u64,
+    /// Messages from this node itself (ignored).
+    pub own_messages: u64,
+    /// Digests sent.
+    pub digests_sent: u64,
+    /// Digests received.
+    pub digests_received: u64,
+    /// Buckets this node answered as the chosen responder.
+    pub buckets_answered: u64,
+    /// Summary messages sent.
+    pub summaries_sent: u64,
+    /// Request messages sent.
+    pub requests_sent: u64,
+    /// Entries messages sent.
+    pub entries_messages_sent: u64,
+    /// Entries sent in entries messages.
+    pub entries_sent: u64,
+    /// Entries received in entries messages.
+    pub entries_received: u64,
+    /// Tombstones collected after the grace period.
+    pub tombstones_collected: u64,
+    /// Incoming tombstones dropped because they were past the grace period and the key was
+    /// absent.
+    pub expired_tombstones_dropped: u64,
+    /// Entries forgotten while recovering from a long isolation (see `tombstone_grace`).
+    pub entries_forgotten: u64,
+    /// Times this node came back from an isolation longer than `tombstone_grace`.
+    pub recoveries: u64,
+    /// Loss reports received from the protocol.
+    pub losses: u64,
+}
+
+/// Sync metadata of one stored key.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    version: Version,
+    tombstone: bool,
+}
+
+/// One digest bucket: the wrapping sum of its entries' hashes and its keys, sorted.
+#[derive(Debug, Default)]
+struct Bucket {
+    sum: u64,
+    keys: BTreeMap<String, Meta>,
+}
+
+#[derive(Debug, Default)]
+struct Peer {
+    live: bool,
+    /// Latest digest received from the peer.
+    digest: Option<Vec<u64>>,
+    /// The peer's latest digest said it is fresh (never in sync yet, no stale data).
+    fresh: bool,
+    /// The latest digest matched ours when it arrived (with one mismatch of hysteresis).
+    matched: bool,
+    mismatch_streak: u32,
+}
+
+/// An entry to merge: key, value (`None` = tombstone), version.
+type Item = (String, Option<Bytes>, Version);
+
+/// A replicated key-value store's state machine, sans IO.
+///
+/// Commands ([`put`](Replica::put), [`delete`](Replica::delete), [`batch`](Replica::batch))
+/// stamp and apply locally, then queue the write for the group; inputs from the layer below
+/// arrive through `handle_*`; outputs leave through `poll_*`. After any command or `handle_*`
+/// call, drain [`poll_outgoing`](Replica::poll_outgoing) and [`poll_event`](Replica::poll_event)
+/// and re-arm the timer from [`poll_timeout`](Replica::poll_timeout).
+///
+/// The replica never sends, never reads a clock and never draws unseeded randomness.
+#[derive(Debug)]
+pub struct Replica {
+    cfg: ReplicaConfig,
+    store: Store,
+    clock: HlcClock,
+    rng: ChaCha8Rng,
+    buckets: Vec<Bucket>,
+    /// Tombstones by version, oldest first, for collection.
+    tombstones: BTreeSet<(Version, String)>,
+    next_revision: u64,
+    log: VecDeque<Change>,
+    events: VecDeque<ReplicaEvent>,
+    outgoing: VecDeque<Outgoing>,
+    peers: BTreeMap<u64, Peer>,
+    in_sync: bool,
+    created: Instant,
+    round: u64,
+    next_digest: Instant,
+    triggered_digest: Option<Instant>,
+    /// (requester, bucket) → when this node last answered it.
+    answered: HashMap<(u64, u32), Instant>,
+    /// Since when this node has had no live peer (None while it has one or never had one).
+    isolated_since: Option<Instant>,
+    /// Created empty and not yet in sync: holds nothing that peers could have deleted.
+    fresh: bool,
+    /// Back from an isolation longer than the grace period, not yet in sync: entries older
+    /// than the grace period that a peer turns out to lack are forgotten, not offered.
+    recovering: bool,
+    last_wall_ms: u64,
+    stats: ReplicaStats,
+}
+
+impl Replica {
+    /// A replica with an empty store, created at `now`.
+    #[must_use]
+    pub fn new(cfg: ReplicaConfig, now: Instant) -> Replica {
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.rng_seed);
+        let first = jittered(&mut rng, cfg.sync_interval);
+        let buckets = (0..cfg.buckets.get()).map(|_| Bucket::default()).collect();
+        Replica {
+            clock: HlcClock::new(cfg.max_drift_ms),
+            store: Store::new(),
+            rng,
+            buckets,
+            tombstones: BTreeSet::new(),
+            next_revision: 1,
+            log: VecDeque::new(),
+            events: VecDeque::new(),
+            outgoing: VecDeque::new(),
+            peers: BTreeMap::new(),
+            in_sync: false,
+            created: now,
+            round: 0,
+            next_digest: now + first,
+            triggered_digest: None,
+            answered: HashMap::new(),
+            isolated_since: None,
+            fresh: true,
+            recovering: false,
+            last_wall_ms: 0,
+            stats: ReplicaStats::default(),
+            cfg,
+        }
+    }
+
+    /// This node's id.
+    #[must_use]
+    pub fn node(&self) -> u64 {
+        self.cfg.node
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.cfg
+    }
+
+    /// The read handle on the store (clone it to read from other threads).
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Counters.
+    #[must_use]
+    pub fn stats(&self) -> &ReplicaStats {
+        &self.stats
+    }
+
+    /// Whether the replica currently considers itself in sync (last event sent).
+    #[must_use]
+    pub fn is_in_sync(&self) -> bool {
+        self.in_sync
+    }
+
+    /// The current digest: one order-independent hash per bucket.
+    #[must_use]
+    pub fn digest(&self) -> Vec<u64> {
+        self.buckets.iter().map(|b| b.sum).collect()
+    }
+
+    /// The latest HLC timestamp issued or observed.
+    #[must_use]
+    pub fn clock(&self) -> Hlc {
+        self.clock.last()
+    }
+
+    /// The value under `key` (reads the store).
+    #[must_use]
+    pub fn get(&self, key: &str) -> Option<Bytes> {
+        self.store.get(key)
+    }
+
+    /// Live `(key, value)` pairs under `prefix`, sorted (reads the store).
+    #[must_use]
+    pub fn scan(&self, prefix: &str) -> Vec<(String, Bytes)> {
+        self.store.scan_prefix(prefix)
+    }
+
+    /// Sets `key` to `value`. See [`batch`](Replica::batch).
+    ///
+    /// # Errors
+    /// As [`batch`](Replica::batch).
+    pub fn put(
+        &mut self,
+        wall_ms: u64,
+        key: impl Into<String>,
+        value: impl Into<Bytes>,
+    ) -> Result<Version, Error> {
+        self.batch(
+            wall_ms,
+            vec![Op::Put {
+                key: key.into(),
+                value: value.into(),
+            }],
+        )
+    }
+
+    /// Deletes `key` (stores a tombstone). See [`batch`](Replica::batch).
+    ///
+    /// # Errors
+    /// As [`batch`](Replica::batch).
+    pub fn delete(&mut self, wall_ms: u64, key: impl Into<String>) -> Result<Version, Error> {
+        self.batch(wall_ms, vec![Op::Delete { key: key.into() }])
+    }
+
+    /// Applies `ops` atomically under one fresh version and queues one write message.
+    ///
+    /// Atomic means: every op carries the same version; on this node and on every node that
+    /// receives the write message, all ops become visible at once to multi-key reads
+    /// (`scan_prefix`, `get_many`, `entries`), with consecutive revisions and consecutive
+    /// change events. Each key still obeys last-writer-wins on its own: an op whose key
+    /// already holds a newer version (possible on remote nodes) is skipped.
+    ///
+    /// # Errors
+    /// A limit or shape error; nothing is applied or sent and the clock does not move.
+    pub fn batch(&mut self, wall_ms: u64, ops: Vec<Op>) -> Result<Version, Error> {
+        validate_ops(&self.cfg.limits, &ops)?;
+        self.last_wall_ms = self.last_wall_ms.max(wall_ms);
+        let wire_ops: Vec<wire::Op> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Put { key, value } => wire::Op {
+                    key: key.clone(),
+                    value: Some(value.clone()),
+                },
+                Op::Delete { key } => wire::Op {
+                    key: key.clone(),
+                    value: None,
+                },
+            })
+            .collect();
+        // The HLC is fixed64, so the size does not depend on its value as long as it is not
+        // zero (proto3 omits zero fields); measure with a non-zero placeholder.
+        let mut envelope = envelope(wire::envelope::Body::Write(wire::Write {
+            hlc: u64::MAX,
+            ops: wire_ops,
+        }));
+        let size = envelope.encoded_len();
+        if size > self.cfg.limits.max_write_bytes {
+            return Err(Error::WriteTooLarge {
+                size,
+                max: self.cfg.limits.max_write_bytes,
+            });
+        }
+        let version = Version {
+            hlc: self.clock.now(wall_ms),
+            node: self.cfg.node,
+        };
+        if let Some(wire::envelope::Body::Write(w)) = envelope.body.as_mut() {
+            w.hlc = version.hlc.0;
+        }
+        let items = ops
+            .into_iter()
+            .map(|op| match op {
+                Op::Put { key, value } => (key, Some(value), version),
+                Op::Delete { key } => (key, None, version),
+            })
+            .collect();
+        self.apply(items, wall_ms);
+        self.stats.local_writes += 1;
+        self.outgoing.push_back(Outgoing {
+            kind: OutgoingKind::Write,
+            payload: envelope.encode_to_vec().into(),
+        });
+        Ok(version)
+    }
+
+    /// Changes with a revision greater than `revision` whose key starts with `prefix`, oldest
+    /// first, from the bounded change log.
+    ///
+    /// # Errors
+    /// [`Compacted`] when changes after `revision` are no longer all in the log.
+    pub fn changes_since(&self, revision: u64, prefix: &str) -> Result<Vec<Change>, Compacted> {
+        let oldest = self.log.front().map_or(self.next_revision, |c| c.revision);
+        if revision.saturating_add(1) < oldest {
+            return Err(Compacted {
+                requested: revision,
+                oldest_available: oldest,
+            });
+        }
+        Ok(self
+            .log
+            .iter()
+            .filter(|c| c.revision > revision && c.key.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
+
+    /// Next event, if any.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ReplicaEvent> {
+        self.events.pop_front()
+    }
+
+    /// Next message to multicast reliably to the group, if any.
+    #[must_use]
+    pub fn poll_outgoing(&mut self) -> Option<Outgoing> {
+        self.outgoing.pop_front()
+    }
+
+    /// When [`handle_timeout`](Replica::handle_timeout) should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = self.next_digest;
+        if let Some(tr) = self.triggered_digest {
+            t = t.min(tr);
+        }
+        if !self.in_sync && !self.has_live_peer() {
+            t = t.min(self.created + self.cfg.solo_in_sync_after);
+        }
+        Some(t)
+    }
+
+    /// Timers: periodic and triggered digests, tombstone collection, the solo in-sync rule.
+    pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
+        self.last_wall_ms = self.last_wall_ms.max(wall_ms);
+        let due = self.next_digest <= now || self.triggered_digest.is_some_and(|t| t <= now);
+        if due {
+            self.collect_tombstones(wall_ms);
+            if self.has_live_peer() {
+                self.send_digest();
+            }
+            self.triggered_digest = None;
+            self.next_digest = now + jittered(&mut self.rng, self.cfg.sync_interval);
+            let holdoff = self.cfg.resend_holdoff;
+            self.answered
+                .retain(|_, t| now.saturating_duration_since(*t) < holdoff);
+        }
+        self.evaluate_sync(now);
+    }
+
+    /// A peer became live (joined, restarted, or came back after a partition).
+    pub fn handle_peer_up(&mut self, now: Instant, node: u64) {
+        if node == self.cfg.node {
+            return;
+        }
+        if let Some(since) = self.isolated_since.take()
+            && now.saturating_duration_since(since) > self.cfg.tombstone_grace
+            && !self.fresh
+        {
+            self.recovering = true;
+            self.stats.recoveries += 1;
+        }
+        let peer = self.peers.entry(node).or_default();
+        *peer = Peer {
+            live: true,
+            ..Peer::default()
+        };
+        self.trigger_digest(now);
+        self.evaluate_sync(now);
+    }
+
+    /// A peer left (goodbye or timeout).
+    pub fn handle_peer_down(&mut self, now: Instant, node: u64) {
+        self.peers.remove(&node);
+        if !self.has_live_peer() && self.isolated_since.is_none() {
+            self.isolated_since = Some(now);
+        }
+        self.evaluate_sync(now);
+    }
+
+    /// The protocol reported unrecoverable loss of messages from `node`: resync.
+    pub fn handle_lost(&mut self, now: Instant, node: u64) {
+        self.stats.losses += 1;
+        if let Some(p) = self.peers.get_mut(&node) {
+            p.matched = false;
+        }
+        // Every peer may hold the lost writes (they were multicast), so ask everyone.
+        for p in self.peers.values_mut() {
+            p.matched = false;
+        }
+        self.evaluate_sync(now);
+        self.trigger_digest(now);
+    }
+
+    /// A message the protocol delivered from `from`. Untrusted: anything malformed is counted
+    /// and dropped.
+    pub fn handle_message(&mut self, now: Instant, wall_ms: u64, from: u64, payload: &[u8]) {
+        self.last_wall_ms = self.last_wall_ms.max(wall_ms);
+        if from == self.cfg.node {
+            self.stats.own_messages += 1;
+            return;
+        }
+        let Ok(envelope) = wire::Envelope::decode(payload) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        match envelope.body {
+            Some(wire::envelope::Body::Write(w)) => self.on_write(wall_ms, from, w),
+            Some(wire::envelope::Body::Digest(d)) => self.on_digest(now, from, d),
+            Some(wire::envelope::Body::Summary(s)) => self.on_summary(from, s),
+            Some(wire::envelope::Body::Request(r)) => self.on_request(r),
+            Some(wire::envelope::Body::Entries(e)) => self.on_entries(now, wall_ms, e),
+            None => self.stats.malformed += 1,
+        }
+    }
+
+    fn on_write(&mut self, wall_ms: u64, from: u64, w: wire::Write) {
+        let limits = self.cfg.limits;
+        if w.ops.is_empty() || w.ops.len() > limits.max_batch_ops {
+            self.stats.limit_violations += 1;
+            return;
+        }
+        let mut seen = HashSet::with_capacity(w.ops.len());
+        for op in &w.ops {
+            if check_key(&limits, &op.key).is_err()
+                || op
+                    .value
+                    .as_ref()
+                    .is_some_and(|v| v.len() > limits.max_value_len)
+            {
+                self.stats.limit_violations += 1;
+                return;
+            }
+            if !seen.insert(op.key.as_str()) {
+                self.stats.malformed += 1;
+                return;
+            }
+        }
+        let hlc = Hlc(w.hlc);
+        if self.clock.observe(hlc, wall_ms).is_err() {
+            self.stats.drift_rejected += 1;
+            return;
+        }
+        let version = Version { hlc, node: from };
+        let items = w
+            .ops
+            .into_iter()
+            .map(|op| (op.key, op.value, version))
+            .collect();
+        self.stats.remote_writes += 1;
+        self.apply(items, wall_ms);
+    }
+
+    fn on_digest(&mut self, now: Instant, from: u64, d: wire::Digest) {
+        self.stats.digests_received += 1;
+        if d.buckets.len() != self.buckets.len() {
+            self.stats.bucket_mismatch += 1;
+            return;
+        }
+        if self.recovering && !d.fresh {
+            // An empty bucket at a peer that is not fresh: the peer lacks every key of ours
+            // there, so our old keys in it were deleted (and collected) while we were away.
+            for b in 0..self.buckets.len() {
+                if d.buckets[b] == 0 && self.buckets[b].sum != 0 {
+                    let keys = self.old_keys(b, (Bound::Unbounded, Bound::Unbounded));
+                    keys.into_iter().for_each(|k| self.forget(&k));
+                }
+            }
+        }
+        let ours = self.digest();
+        let equal = ours == d.buckets;
+        {
+            let peer = self.peers.entry(from).or_default();
+            if equal {
+                peer.matched = true;
+                peer.mismatch_streak = 0;
+            } else {
+                peer.mismatch_streak = peer.mismatch_streak.saturating_add(1);
+                if peer.mismatch_streak >= 2 {
+                    peer.matched = false;
+                }
+            }
+        }
+        if !equal {
+            for (b, (mine, theirs)) in ours.iter().zip(&d.buckets).enumerate() {
+                // Bucket indices fit in u32: the count is a NonZeroU32.
+                let bucket = b as u32;
+                if mine == theirs || self.buckets[b].keys.is_empty() {
+                    continue;
+                }
+                if !self.is_responder(from, d.round, bucket, *theirs) {
+                    continue;
+                }
+                if self
+                    .answered
+                    .get(&(from, bucket))
+                    .is_some_and(|t| now.saturating_duration_since(*t) < self.cfg.resend_holdoff)
+                {
+                    continue;
+                }
+                self.answered.insert((from, bucket), now);
+                self.stats.buckets_answered += 1;
+                if *theirs == 0 {
+                    // The requester holds nothing here: send everything, skip the summary.
+                    let items = self.bucket_entries(b, (Bound::Unbounded, Bound::Unbounded));
+                    self.send_entries(items);
+                } else {
+                    self.send_summaries(from, bucket);
+                }
+            }
+        }
+        // Remember the digest after answering, so responder selection used the older view.
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.digest = Some(d.buckets);
+            p.fresh = d.fresh;
+        }
+        if d.reply_wanted {
+            self.trigger_digest(now);
+        }
+        self.evaluate_sync(now);
+    }
+
+    fn on_summary(&mut self, from: u64, s: wire::Summary) {
+        if s.target != self.cfg.node {
+            return;
+        }
+        let Some(bucket) = usize::try_from(s.bucket)
+            .ok()
+            .filter(|b| *b < self.buckets.len())
+        else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let lower = s.after.map_or(Bound::Unbounded, Bound::Excluded);
+        let upper = s.upto.map_or(Bound::Unbounded, Bound::Included);
+        if let (Bound::Excluded(a), Bound::Included(u)) = (&lower, &upper)
+            && a >= u
+        {
+            self.stats.malformed += 1;
+            return;
+        }
+        let theirs: HashMap<String, Version> = s
+            .keys
+            .into_iter()
+            .map(|kv| {
+                (
+                    kv.key,
+                    Version {
+                        hlc: Hlc(kv.hlc),
+                        node: kv.node,
+                    },
+                )
+            })
+            .collect();
+        let horizon = self.horizon_ms(self.last_wall_ms);
+        let mut to_send = Vec::new();
+        let mut to_forget = Vec::new();
+        for (key, meta) in self.buckets[bucket].keys.range::<String, _>((lower, upper)) {
+            match theirs.get(key) {
+                None if self.recovering && meta.version.hlc.physical_ms() < horizon => {
+                    to_forget.push(key.clone());
+                }
+                None => to_send.push(key.clone()),
+                Some(v) if *v < meta.version => to_send.push(key.clone()),
+                Some(_) => {}
+            }
+        }
+        to_forget.iter().for_each(|k| self.forget(k));
+        let mut to_request: Vec<String> = theirs
+            .into_iter()
+            .filter(|(key, v)| self.meta(key).is_none_or(|m| m.version < *v))
+            .map(|(key, _)| key)
+            .collect();
+        to_request.sort_unstable();
+        let items = to_send.iter().filter_map(|k| self.entry_item(k)).collect();
+        self.send_entries(items);
+        self.send_requests(from, to_request);
+    }
+
+    fn on_request(&mut self, r: wire::Request) {
+        if r.target != self.cfg.node {
+            return;
+        }
+        if self.recovering {
+            // The requester lacks (or holds an older copy of) these keys; old ones may have
+            // been deleted while we were away, so forget them rather than spread them.
+            let horizon = self.horizon_ms(self.last_wall_ms);
+            let old: Vec<&String> = r
+                .keys
+                .iter()
+                .filter(|k| {
+                    self.meta(k)
+                        .is_some_and(|m| m.version.hlc.physical_ms() < horizon)
+                })
+                .collect();
+            let old: Vec<String> = old.into_iter().cloned().collect();
+            old.iter().for_each(|k| self.forget(k));
+        }
+        let items = r.keys.iter().filter_map(|k| self.entry_item(k)).collect();
+        self.send_entries(items);
+    }
+
+    fn on_entries(&mut self, now: Instant, wall_ms: u64, e: wire::Entries) {
+        let limits = self.cfg.limits;
+        let mut items = Vec::with_capacity(e.entries.len());
+        self.stats.entries_received += e.entries.len() as u64;
+        for entry in e.entries {
+            if check_key(&limits, &entry.key).is_err()
+                || entry
+                    .value
+                    .as_ref()
+                    .is_some_and(|v| v.len() > limits.max_value_len)
+            {
+                self.stats.limit_violations += 1;
+                continue;
+            }
+            let hlc = Hlc(entry.hlc);
+            if self.clock.observe(hlc, wall_ms).is_err() {
+                self.stats.drift_rejected += 1;
+                continue;
+            }
+            items.push((
+                entry.key,
+                entry.value,
+                Version {
+                    hlc,
+                    node: entry.node,
+                },
+            ));
+        }
+        let applied = self.apply(items, wall_ms);
+        if applied > 0 && !self.in_sync {
+            // Let the answers settle, then show the peers where this node stands.
+            self.trigger_digest(now);
+        }
+    }
+
+    /// Merges entries: each wins only over an older version. Applied as one change set, so
+    /// multi-key readers see all or none of it. Returns how many entries were stored.
+    fn apply(&mut self, items: Vec<Item>, wall_ms: u64) -> usize {
+        let horizon = self.horizon_ms(wall_ms);
+        let mut commit = Vec::with_capacity(items.len());
+        for (key, value, version) in items {
+            let b = bucket_of(&key, self.cfg.buckets.get()) as usize;
+            let bucket = &mut self.buckets[b];
+            let old = bucket.keys.get(&key).copied();
+            if old.is_some_and(|m| m.version >= version) {
+                self.stats.stale_ignored += 1;
+                continue;
+            }
+            let tombstone = value.is_none();
+            if tombstone && old.is_none() && version.hlc.physical_ms() < horizon {
+                // Past its grace period: collected everywhere else, and nothing to delete here.
+                self.stats.expired_tombstones_dropped += 1;
+                continue;
+            }
+            if let Some(m) = old {
+                bucket.sum = bucket
+                    .sum
+                    .wrapping_sub(entry_hash(&key, m.version, m.tombstone));
+                if m.tombstone {
+                    self.tombstones.remove(&(m.version, key.clone()));
+                }
+            }
+            bucket.sum = bucket
+                .sum
+                .wrapping_add(entry_hash(&key, version, tombstone));
+            bucket.keys.insert(key.clone(), Meta { version, tombstone });
+            if tombstone {
+                self.tombstones.insert((version, key.clone()));
+            }
+            let revision = self.next_revision;
+            self.next_revision += 1;
+            let change = Change {
+                revision,
+                key: key.clone(),
+                value: value.clone(),
+                version,
+            };
+            self.record(change);
+            commit.push((
+                key,
+                Entry {
+                    value,
+                    version,
+                    revision,
+                },
+            ));
+        }
+        let n = commit.len();
+        self.stats.changes_applied += n as u64;
+        if n > 0 {
+            self.store.commit(commit);
+        }
+        n
+    }
+
+    fn record(&mut self, change: Change) {
+        if self.cfg.change_log_capacity > 0 {
+            if self.log.len() >= self.cfg.change_log_capacity {
+                self.log.pop_front();
+            }
+            self.log.push_back(change.clone());
+        }
+        self.events.push_back(ReplicaEvent::Change(change));
+    }
+
+    fn horizon_ms(&self, wall_ms: u64) -> u64 {
+        let grace = u64::try_from(self.cfg.tombstone_grace.as_millis()).unwrap_or(u64::MAX);
+        wall_ms.saturating_sub(grace)
+    }
+
+    /// Removes tombstones older than the grace period from the store and the digest.
+    fn collect_tombstones(&mut self, wall_ms: u64) {
+        let horizon = self.horizon_ms(wall_ms);
+        while let Some((version, key)) = self.tombstones.first().cloned() {
+            if version.hlc.physical_ms() >= horizon {
+                break;
+            }
+            self.tombstones.pop_first();
+            let b = bucket_of(&key, self.cfg.buckets.get()) as usize;
+            let bucket = &mut self.buckets[b];
+            if bucket
+                .keys
+                .get(&key)
+                .is_some_and(|m| m.tombstone && m.version == version)
+            {
+                bucket.keys.remove(&key);
+                bucket.sum = bucket.sum.wrapping_sub(entry_hash(&key, version, true));
+                self.store.remove_tombstone(&key, version);
+                self.stats.tombstones_collected += 1;
+            }
+        }
+    }
+
+    /// Keys of bucket `b` in `range` whose version is older than the grace period.
+    fn old_keys(&self, b: usize, range: (Bound<String>, Bound<String>)) -> Vec<String> {
+        let horizon = self.horizon_ms(self.last_wall_ms);
+        self.buckets[b]
+            .keys
+            .range::<String, _>(range)
+            .filter(|(_, m)| m.version.hlc.physical_ms() < horizon)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Drops `key` from this node (recovery after a long isolation). A forgotten value is
+    /// reported as a change to `None` carrying the forgotten version.
+    fn forget(&mut self, key: &str) {
+        let b = bucket_of(key, self.cfg.buckets.get()) as usize;
+        let Some(m) = self.buckets[b].keys.remove(key) else {
+            return;
+        };
+        let bucket = &mut self.buckets[b];
+        bucket.sum = bucket
+            .sum
+            .wrapping_sub(entry_hash(key, m.version, m.tombstone));
+        if m.tombstone {
+            self.tombstones.remove(&(m.version, key.to_owned()));
+        }
+        self.store.remove(key);
+        self.stats.entries_forgotten += 1;
+        if !m.tombstone {
+            let revision = self.next_revision;
+            self.next_revision += 1;
+            self.record(Change {
+                revision,
+                key: key.to_owned(),
+                value: None,
+                version: m.version,
+            });
+        }
+    }
+
+    fn has_live_peer(&self) -> bool {
+        self.peers.values().any(|p| p.live)
+    }
+
+    fn meta(&self, key: &str) -> Option<Meta> {
+        let b = bucket_of(key, self.cfg.buckets.get()) as usize;
+        self.buckets[b].keys.get(key).copied()
+    }
+
+    fn entry_item(&self, key: &str) -> Option<wire::Entry> {
+        let e = self.store.get_entry(key)?;
+        Some(wire::Entry {
+            key: key.to_owned(),
+            hlc: e.version.hlc.0,
+            node: e.version.node,
+            value: e.value,
+        })
+    }
+
+    fn bucket_entries(&self, b: usize, range: (Bound<String>, Bound<String>)) -> Vec<wire::Entry> {
+        self.buckets[b]
+            .keys
+            .range::<String, _>(range)
+            .filter_map(|(k, _)| self.entry_item(k))
+            .collect()
+    }
+
+    /// Rendezvous choice among live members (this node included, the requester excluded)
+    /// whose bucket differs from the requester's, as far as this node knows.
+    fn is_responder(&self, requester: u64, round: u64, bucket: u32, theirs: u64) -> bool {
+        let me = self.cfg.node;
+        let mine = rendezvous(requester, round, bucket, me);
+        !self.peers.iter().any(|(&node, p)| {
+            node != requester
+                && p.live
+                && p.digest.as_ref().is_none_or(|d| {
+                    let h = d.get(bucket as usize).copied().unwrap_or(0);
+                    h != theirs && h != 0
+                })
+                && {
+                    let score = rendezvous(requester, round, bucket, node);
+                    (score, node) > (mine, me)
+                }
+        })
+    }
+
+    fn trigger_digest(&mut self, now: Instant) {
+        let base = self.cfg.trigger_delay;
+        let extra = random_below(&mut self.rng, base);
+        let at = now + base + extra;
+        self.triggered_digest = Some(self.triggered_digest.map_or(at, |t| t.min(at)));
+    }
+
+    fn send_digest(&mut self) {
+        self.round += 1;
+        let d = wire::Digest {
+            round: self.round,
+            buckets: self.digest(),
+            reply_wanted: !self.in_sync,
+            fresh: self.fresh,
+        };
+        self.push_sync(envelope(wire::envelope::Body::Digest(d)));
+        self.stats.digests_sent += 1;
+    }
+
+    fn send_summaries(&mut self, target: u64, bucket: u32) {
+        let max = self.cfg.max_sync_message;
+        let mut chunks: Vec<wire::Summary> = Vec::new();
+        let mut cur = wire::Summary {
+            target,
+            bucket,
+            after: None,
+            upto: None,
+            keys: Vec::new(),
+        };
+        let mut size = cur.encoded_len() + 16;
+        for (key, meta) in &self.buckets[bucket as usize].keys {
+            let kv = wire::KeyVersion {
+                key: key.clone(),
+                hlc: meta.version.hlc.0,
+                node: meta.version.node,
+            };
+            let len = kv.encoded_len() + 4;
+            if !cur.keys.is_empty() && size + len * 2 > max {
+                let last = cur.keys.last().map(|k| k.key.clone());
+                let next = wire::Summary {
+                    target,
+                    bucket,
+                    after: last.clone(),
+                    upto: None,
+                    keys: Vec::new(),
+                };
+                let mut done = std::mem::replace(&mut cur, next);
+                done.upto = last;
+                chunks.push(done);
+                size = cur.encoded_len() + 16 + key.len();
+            }
+            size += len;
+            cur.keys.push(kv);
+        }
+        chunks.push(cur);
+        for s in chunks {
+            self.push_sync(envelope(wire::envelope::Body::Summary(s)));
+            self.stats.summaries_sent += 1;
+        }
+    }
+
+    fn send_requests(&mut self, target: u64, keys: Vec<String>) {
+        let max = self.cfg.max_sync_message;
+        let mut cur = Vec::new();
+        let mut size = 16;
+        for key in keys {
+            let len = key.len() + 4;
+            if !cur.is_empty() && size + len > max {
+                let r = wire::Request {
+                    target,
+                    keys: std::mem::take(&mut cur),
+                };
+                self.push_sync(envelope(wire::envelope::Body::Request(r)));
+                self.stats.requests_sent += 1;
+                size = 16;
+            }
+            size += len;
+            cur.push(key);
+        }
+        if !cur.is_empty() {
+            let r = wire::Request { target, keys: cur };
+            self.push_sync(envelope(wire::envelope::Body::Request(r)));
+            self.stats.requests_sent += 1;
+        }
+    }
+
+    fn send_entries(&mut self, items: Vec<wire::Entry>) {
+        let max = self.cfg.max_sync_message;
+        let mut cur = Vec::new();
+        let mut size = 8;
+        for item in items {
+            let len = item.encoded_len() + 6;
+            if !cur.is_empty() && size + len > max {
+                self.flush_entries(std::mem::take(&mut cur));
+                size = 8;
+            }
+            size += len;
+            cur.push(item);
+        }
+        if !cur.is_empty() {
+            self.flush_entries(cur);
+        }
+    }
+
+    fn flush_entries(&mut self, entries: Vec<wire::Entry>) {
+        self.stats.entries_sent += entries.len() as u64;
+        self.stats.entries_messages_sent += 1;
+        self.push_sync(envelope(wire::envelope::Body::Entries(wire::Entries {
+            entries,
+        })));
+    }
+
+    fn push_sync(&mut self, e: wire::Envelope) {
+        self.outgoing.push_back(Outgoing {
+            kind: OutgoingKind::Sync,
+            payload: e.encode_to_vec().into(),
+        });
+    }
+
+    /// In sync: every live peer's latest digest matched ours when it arrived (one mismatch
+    /// of hysteresis once matched); with no live peer, once `solo_in_sync_after` has passed
+    /// since creation.
+    fn evaluate_sync(&mut self, now: Instant) {
+        let live: Vec<&Peer> = self.peers.values().filter(|p| p.live).collect();
+        let target = if live.is_empty() {
+            now.saturating_duration_since(self.created) >= self.cfg.solo_in_sync_after
+        } else {
+            live.iter().all(|p| p.matched)
+        };
+        if target != self.in_sync {
+            self.in_sync = target;
+            if target {
+                self.fresh = false;
+                self.recovering = false;
+            }
+            self.events.push_back(if target {
+                ReplicaEvent::InSync
+            } else {
+                ReplicaEvent::OutOfSync
+            });
+        }
+    }
+}
+
+fn envelope(body: wire::envelope::Body) -> wire::Envelope {
+    wire::Envelope { body: Some(body) }
+}
+
+/// `interval` jittered uniformly by ±25 %.
+fn jittered(rng: &mut ChaCha8Rng, interval: Duration) -> Duration {
+    let quarter = interval / 4;
+    interval - quarter + random_below(rng, quarter * 2)
+}
+
+/// Uniform in `[0, max)` (zero when `max` is zero).
+fn random_below(rng: &mut ChaCha8Rng, max: Duration) -> Duration {
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_nanos(rng.random_range(0..nanos))
+}
+
+fn check_key(limits: &Limits, key: &str) -> Result<(), Error> {
+    if key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if key.len() > limits.max_key_len {
+        return Err(Error::KeyTooLong {
+            len: key.len(),
+            max: limits.max_key_len,
+        });
+    }
+    Ok(())
+}
+
+fn validate_ops(limits: &Limits, ops: &[Op]) -> Result<(), Error> {
+    if ops.is_empty() {
+        return Err(Error::EmptyBatch);
+    }
+    if ops.len() > limits.max_batch_ops {
+        return Err(Error::BatchTooLarge {
+            ops: ops.len(),
+            max: limits.max_batch_ops,
+        });
+    }
+    let mut seen = HashSet::with_capacity(ops.len());
+    for op in ops {
+        check_key(limits, op.key())?;
+        if let Op::Put { key, value } = op
+            && value.len() > limits.max_value_len
+        {
+            return Err(Error::ValueTooLarge {
+                key: key.clone(),
+                len: value.len(),
+                max: limits.max_value_len,
+            });
+        }
+        if !seen.insert(op.key()) {
+            return Err(Error::DuplicateKey {
+                key: op.key().to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
