@@ -64,8 +64,8 @@ def sender_socket(group, iface):
     return sock
 
 
-def receive(sock, count, timeout):
-    """Up to COUNT datagrams received before TIMEOUT seconds pass."""
+def receive(sock, count, timeout, source=None):
+    """Up to COUNT datagrams (from address SOURCE only, if given) received within TIMEOUT s."""
     deadline = time.monotonic() + timeout
     frames = []
     while len(frames) < count:
@@ -74,10 +74,11 @@ def receive(sock, count, timeout):
             break
         sock.settimeout(left)
         try:
-            data, _ = sock.recvfrom(65535)
+            data, sender = sock.recvfrom(65535)
         except socket.timeout:
             break
-        frames.append(data)
+        if source is None or ipaddress.ip_address(sender[0]) == ipaddress.ip_address(source):
+            frames.append(data)
     return frames
 
 
@@ -100,7 +101,7 @@ def cmd_send(args):
 
 def cmd_capture(args):
     group, port = parse_target(args.group)
-    frames = receive(member_socket(group, port, args.iface), args.count, args.timeout)
+    frames = receive(member_socket(group, port, args.iface), args.count, args.timeout, args.source)
     with open(args.out, "w") as out:
         for frame in frames:
             out.write(frame.hex() + "\n")
@@ -175,6 +176,7 @@ def main():
     capture.add_argument("--count", type=int, default=50)
     capture.add_argument("--timeout", type=float, default=10.0)
     capture.add_argument("--out", required=True)
+    capture.add_argument("--from", dest="source", help="keep only datagrams from this address")
     attack = sub.add_parser("attack")
     attack.add_argument("--group", required=True)
     attack.add_argument("--iface", default="eth0")
