@@ -10,7 +10,9 @@
 //!   resumable watches, and reports changes as events;
 //! - runs anti-entropy: bucketed digests, summaries, requests and entries, so nodes that
 //!   lost messages, were partitioned or joined late converge, and reports `InSync`;
-//! - collects tombstones after a grace period.
+//! - collects tombstones after a grace period;
+//! - [`NodeCore`] wires a `chorus_protocol::Endpoint` and a [`Replica`] into one sans-IO
+//!   node that the tokio driver and the simulator both drive.
 //!
 //! What it does not do: it opens no socket, reads no clock, spawns no task and draws no
 //! unseeded randomness. Reliable multicast, membership and loss detection belong to
@@ -20,6 +22,7 @@
 //! See `docs/replication.md` for the guarantees and the sync protocol.
 
 mod config;
+mod core;
 mod error;
 mod hash;
 mod hlc;
@@ -32,6 +35,8 @@ pub mod wire {
     include!(concat!(env!("OUT_DIR"), "/chorus.replication.v1.rs"));
 }
 
+pub use crate::core::{CoreError, NodeConfig, NodeCore, NodeEvent, NodeStats, WallClock};
+pub use chorus_protocol;
 pub use config::{Limits, ReplicaConfig};
 pub use error::{Compacted, Error};
 pub use hlc::{DriftError, Hlc, HlcClock, MAX_PHYSICAL_MS, Version};

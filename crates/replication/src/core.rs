@@ -1,0 +1,419 @@
+//! `NodeCore`: one node's protocol endpoint and replica, wired together, sans IO.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chorus_protocol::{Endpoint, Event, Member, SendError, Transmit};
+
+use crate::config::ReplicaConfig;
+use crate::error::{Compacted, Error};
+use crate::hlc::Version;
+use crate::replica::{Change, Op, OutgoingKind, Replica, ReplicaEvent, ReplicaStats};
+use crate::store::Store;
+
+/// Maps the monotonic `now` to unix milliseconds for the hybrid logical clock:
+/// `wall_ms = epoch_ms + (now − epoch)`.
+///
+/// The driver reads the real clock once at start (`epoch = Instant::now()`,
+/// `epoch_ms = SystemTime::now()` since the unix epoch); the simulator uses a fixed
+/// `epoch_ms`. Because the mapping is fixed at start, the node's HLC follows the monotonic
+/// clock: later NTP steps of the system clock are not seen, and the node's skew against
+/// other nodes is whatever it was at start plus monotonic-clock drift. Skew only decides
+/// which of two *concurrent* writes wins; writes more than `max_drift_ms` ahead of a
+/// receiver's clock are rejected by that receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WallClock {
+    /// The instant that corresponds to `epoch_ms`.
+    pub epoch: Instant,
+    /// Unix milliseconds at `epoch`.
+    pub epoch_ms: u64,
+}
+
+impl WallClock {
+    /// A clock for simulations and tests: `epoch` maps to a fixed unix time
+    /// (2023-11-14T22:13:20Z), so runs are reproducible.
+    #[must_use]
+    pub fn simulated(epoch: Instant) -> WallClock {
+        WallClock {
+            epoch,
+            epoch_ms: 1_700_000_000_000,
+        }
+    }
+
+    /// Unix milliseconds at `now` (never before `epoch_ms`).
+    #[must_use]
+    pub fn wall_ms(&self, now: Instant) -> u64 {
+        let elapsed = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX);
+        self.epoch_ms.saturating_add(elapsed)
+    }
+}
+
+/// Configuration of a [`NodeCore`].
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The protocol endpoint's configuration (node id, incarnation, cluster, seed, timers).
+    pub protocol: chorus_protocol::Config,
+    /// The replica's configuration. Its `node` is overwritten with the protocol's node id and
+    /// its `limits.max_write_bytes` is capped at the protocol's `max_message_size`.
+    pub replica: ReplicaConfig,
+    /// How `now` maps to unix milliseconds.
+    pub wall_clock: WallClock,
+    /// Most bytes of sync messages waiting for room in the send window; beyond it new sync
+    /// messages are dropped and counted (anti-entropy sends them again). Writes are never
+    /// dropped.
+    pub max_sync_backlog_bytes: usize,
+}
+
+impl NodeConfig {
+    /// A configuration with the replica defaults, its seed derived from the protocol's.
+    #[must_use]
+    pub fn new(protocol: chorus_protocol::Config, wall_clock: WallClock) -> NodeConfig {
+        let replica =
+            ReplicaConfig::new(protocol.node.0, protocol.rng_seed ^ 0x5eed_0f7e_911c_a5e1);
+        NodeConfig {
+            protocol,
+            replica,
+            wall_clock,
+            max_sync_backlog_bytes: 8 << 20,
+        }
+    }
+}
+
+/// What a node reports through [`NodeCore::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// A change was applied to the store (local or remote).
+    Change(Change),
+    /// The replica is in sync with every live peer (see `docs/replication.md`).
+    InSync,
+    /// The replica is no longer known to be in sync.
+    OutOfSync,
+    /// A membership event of the protocol: one of `MemberJoined`, `MemberSuspected`,
+    /// `MemberAlive`, `MemberLeft`, `MemberRestarted`.
+    Member(Event),
+}
+
+/// Why a command on [`NodeCore`] was refused; nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    /// The replica refused the write (limits, shape).
+    #[error(transparent)]
+    Replica(#[from] Error),
+    /// [`NodeCore::close`] was called.
+    #[error("node closed")]
+    Closed,
+}
+
+/// Counters of a node: protocol, replication and the glue between them.
+#[derive(Debug, Clone, Default)]
+pub struct NodeStats {
+    /// The protocol endpoint's counters.
+    pub protocol: chorus_protocol::Stats,
+    /// The replica's counters.
+    pub replication: ReplicaStats,
+    /// Write messages waiting for room in the send window.
+    pub write_backlog: usize,
+    /// Sync messages waiting for room in the send window.
+    pub sync_backlog: usize,
+    /// Sync messages dropped because the sync backlog was full.
+    pub sync_dropped: u64,
+    /// Messages the endpoint refused as too large (a configuration error; dropped).
+    pub too_large: u64,
+}
+
+/// One node of a Chorus cluster as a sans-IO state machine: a `chorus_protocol::Endpoint`
+/// plus a [`Replica`], with protocol events routed to the replica and replica messages
+/// handed to the endpoint. Production (the tokio driver) and the simulator drive the same
+/// code.
+///
+/// Call order, after every input (`handle_datagram`, `handle_timeout`, a command, `close`):
+/// drain [`poll_transmit`](NodeCore::poll_transmit) and [`poll_event`](NodeCore::poll_event),
+/// then sleep until [`poll_timeout`](NodeCore::poll_timeout) and call
+/// [`handle_timeout`](NodeCore::handle_timeout).
+///
+/// A write accepted by [`put`](NodeCore::put), [`delete`](NodeCore::delete) or
+/// [`batch`](NodeCore::batch) is applied locally at once and queued; while the protocol's
+/// send window is full it stays queued (in order) and is handed over on `Writable`. It is
+/// never dropped, except by `close` or by the process ending.
+#[derive(Debug)]
+pub struct NodeCore {
+    endpoint: Endpoint,
+    replica: Replica,
+    wall: WallClock,
+    writes: VecDeque<Bytes>,
+    sync: VecDeque<Bytes>,
+    sync_bytes: usize,
+    max_sync_backlog: usize,
+    events: VecDeque<NodeEvent>,
+    closed: bool,
+    sync_dropped: u64,
+    too_large: u64,
+}
+
+impl NodeCore {
+    /// A node created at `now`, with an empty store.
+    #[must_use]
+    pub fn new(config: NodeConfig, now: Instant) -> NodeCore {
+        let endpoint = Endpoint::new(config.protocol, now);
+        let mut rcfg = config.replica;
+        rcfg.node = endpoint.node_id().0;
+        rcfg.limits.max_write_bytes = rcfg
+            .limits
+            .max_write_bytes
+            .min(endpoint.config().max_message_size);
+        NodeCore {
+            replica: Replica::new(rcfg, now),
+            endpoint,
+            wall: config.wall_clock,
+            writes: VecDeque::new(),
+            sync: VecDeque::new(),
+            sync_bytes: 0,
+            max_sync_backlog: config.max_sync_backlog_bytes,
+            events: VecDeque::new(),
+            closed: false,
+            sync_dropped: 0,
+            too_large: 0,
+        }
+    }
+
+    /// One datagram from the network.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.endpoint.handle_datagram(now, from, datagram);
+        self.process(now);
+    }
+
+    /// Timers of both layers (safe to call early).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.endpoint.handle_timeout(now);
+        let wall = self.wall.wall_ms(now);
+        self.replica.handle_timeout(now, wall);
+        self.process(now);
+    }
+
+    /// Next datagram to send.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        self.endpoint.poll_transmit(now)
+    }
+
+    /// Next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](NodeCore::handle_timeout) should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match (self.endpoint.poll_timeout(), self.replica.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Sets `key` to `value`: stamped, applied locally, queued for the group.
+    ///
+    /// # Errors
+    /// [`CoreError::Closed`] after `close`; [`CoreError::Replica`] for limit and shape errors.
+    pub fn put(
+        &mut self,
+        now: Instant,
+        key: impl Into<String>,
+        value: impl Into<Bytes>,
+    ) -> Result<Version, CoreError> {
+        self.batch(
+            now,
+            vec![Op::Put {
+                key: key.into(),
+                value: value.into(),
+            }],
+        )
+    }
+
+    /// Deletes `key`.
+    ///
+    /// # Errors
+    /// As [`put`](NodeCore::put).
+    pub fn delete(&mut self, now: Instant, key: impl Into<String>) -> Result<Version, CoreError> {
+        self.batch(now, vec![Op::Delete { key: key.into() }])
+    }
+
+    /// Applies `ops` atomically under one version (see [`Replica::batch`]).
+    ///
+    /// # Errors
+    /// As [`put`](NodeCore::put).
+    pub fn batch(&mut self, now: Instant, ops: Vec<Op>) -> Result<Version, CoreError> {
+        if self.closed {
+            return Err(CoreError::Closed);
+        }
+        let version = self.replica.batch(self.wall.wall_ms(now), ops)?;
+        self.process(now);
+        Ok(version)
+    }
+
+    /// Hands every queued write over, then says goodbye; later commands fail with `Closed`.
+    /// Writes the send window could not take before the goodbye are dropped.
+    pub fn close(&mut self, now: Instant) {
+        self.process(now);
+        self.closed = true;
+        self.endpoint.close(now);
+        self.process(now);
+    }
+
+    /// The read handle on the store.
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        self.replica.store()
+    }
+
+    /// The replica (read-only).
+    #[must_use]
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// The protocol endpoint (read-only).
+    #[must_use]
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Current members, as the protocol sees them.
+    #[must_use]
+    pub fn members(&self) -> Vec<Member> {
+        self.endpoint.members()
+    }
+
+    /// Whether the replica is in sync with every live peer.
+    #[must_use]
+    pub fn is_in_sync(&self) -> bool {
+        self.replica.is_in_sync()
+    }
+
+    /// Changes after `revision` under `prefix` (see [`Replica::changes_since`]).
+    ///
+    /// # Errors
+    /// [`Compacted`] when the log no longer reaches back to `revision`.
+    pub fn changes_since(&self, revision: u64, prefix: &str) -> Result<Vec<Change>, Compacted> {
+        self.replica.changes_since(revision, prefix)
+    }
+
+    /// Whether writes are waiting for room in the send window.
+    #[must_use]
+    pub fn has_backlog(&self) -> bool {
+        !self.writes.is_empty() || !self.sync.is_empty()
+    }
+
+    /// Counters of both layers.
+    #[must_use]
+    pub fn stats(&self) -> NodeStats {
+        NodeStats {
+            protocol: self.endpoint.stats().clone(),
+            replication: self.replica.stats().clone(),
+            write_backlog: self.writes.len(),
+            sync_backlog: self.sync.len(),
+            sync_dropped: self.sync_dropped,
+            too_large: self.too_large,
+        }
+    }
+
+    /// Moves messages and events between the layers until nothing moves.
+    fn process(&mut self, now: Instant) {
+        loop {
+            let mut moved = false;
+            while let Some(out) = self.replica.poll_outgoing() {
+                moved = true;
+                match out.kind {
+                    OutgoingKind::Write => self.writes.push_back(out.payload),
+                    OutgoingKind::Sync
+                        if self.sync_bytes + out.payload.len() > self.max_sync_backlog =>
+                    {
+                        self.sync_dropped += 1;
+                    }
+                    OutgoingKind::Sync => {
+                        self.sync_bytes += out.payload.len();
+                        self.sync.push_back(out.payload);
+                    }
+                }
+            }
+            self.flush(now);
+            while let Some(event) = self.endpoint.poll_event() {
+                moved = true;
+                self.route(now, event);
+            }
+            while let Some(event) = self.replica.poll_event() {
+                self.events.push_back(match event {
+                    ReplicaEvent::Change(c) => NodeEvent::Change(c),
+                    ReplicaEvent::InSync => NodeEvent::InSync,
+                    ReplicaEvent::OutOfSync => NodeEvent::OutOfSync,
+                });
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn route(&mut self, now: Instant, event: Event) {
+        let wall = self.wall.wall_ms(now);
+        match event {
+            Event::Delivered {
+                sender, payload, ..
+            } => {
+                self.replica.handle_message(now, wall, sender.0, &payload);
+            }
+            Event::Lost { sender, .. } => self.replica.handle_lost(now, sender.0),
+            Event::Writable => {}
+            Event::MemberJoined { node, .. } | Event::MemberRestarted { node, .. } => {
+                self.replica.handle_peer_up(now, node.0);
+                self.events.push_back(NodeEvent::Member(event));
+            }
+            Event::MemberLeft { node, .. } => {
+                self.replica.handle_peer_down(now, node.0);
+                self.events.push_back(NodeEvent::Member(event));
+            }
+            Event::MemberSuspected { .. } | Event::MemberAlive { .. } => {
+                self.events.push_back(NodeEvent::Member(event));
+            }
+        }
+    }
+
+    /// Hands queued messages to the endpoint, writes first, until the window is full.
+    fn flush(&mut self, now: Instant) {
+        while let Some(payload) = self.writes.front() {
+            match self.endpoint.send(now, payload.clone()) {
+                Ok(_) => {}
+                Err(SendError::WindowFull | SendError::Closed) => return,
+                Err(SendError::TooLarge { size, max }) => {
+                    // Cannot happen: max_write_bytes is capped at the protocol's maximum.
+                    tracing::error!(
+                        size,
+                        max,
+                        "write message larger than the protocol allows; dropped"
+                    );
+                    self.too_large += 1;
+                }
+            }
+            self.writes.pop_front();
+        }
+        while let Some(payload) = self.sync.front() {
+            match self.endpoint.send(now, payload.clone()) {
+                Ok(_) => {}
+                Err(SendError::WindowFull | SendError::Closed) => return,
+                Err(SendError::TooLarge { size, max }) => {
+                    tracing::warn!(
+                        size,
+                        max,
+                        "sync message larger than the protocol allows; dropped"
+                    );
+                    self.too_large += 1;
+                }
+            }
+            self.sync_bytes -= payload.len();
+            self.sync.pop_front();
+        }
+    }
+}
