@@ -36,12 +36,13 @@
 //! unit that arrives whole, corrupted, or not at all. It does not check any protocol invariant
 //! itself; the tests in `tests/` do.
 
+mod endpoint;
 mod net;
 mod seed;
 
 pub use net::{
-    DropReason, LinkConfig, NetStats, Node, Sim, SimConfig, Spawn, Step, StepKind, TraceEvent,
-    node_addr,
+    DropReason, LinkConfig, NetStats, Node, NodeNetStats, Sim, SimConfig, Spawn, Step, StepKind,
+    TraceEvent, node_addr,
 };
 pub use seed::{SEED_ENV, derive_seed, seed_from_env};
 

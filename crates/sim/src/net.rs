@@ -207,6 +207,22 @@ pub struct Node<M> {
     started_at: Option<Duration>,
     /// Set by [`Sim::node_mut`]; the simulator drains this node's transmits before its next step.
     dirty: bool,
+    net: NodeNetStats,
+}
+
+/// Network counters of one node (over all its lives).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeNetStats {
+    /// Transmits this node put on the network.
+    pub datagrams_sent: u64,
+    /// Per-receiver copies of those transmits.
+    pub copies_sent: u64,
+    /// Copies of this node's transmits lost at random on the wire.
+    pub copies_lost: u64,
+    /// This node's transmits of which at least one copy was lost at random.
+    pub datagrams_with_loss: u64,
+    /// Datagrams handed to this node's machine.
+    pub datagrams_received: u64,
 }
 
 impl<M> Node<M> {
@@ -246,6 +262,12 @@ impl<M> Node<M> {
         self.restarts
     }
 
+    /// This node's network counters.
+    #[must_use]
+    pub fn net_stats(&self) -> &NodeNetStats {
+        &self.net
+    }
+
     /// Virtual time (since the epoch) at which the current machine was started, if up.
     #[must_use]
     pub fn started_at(&self) -> Option<Duration> {
@@ -266,6 +288,9 @@ pub struct NetStats {
     pub delivered: u64,
     /// Copies lost at random on the wire ([`LinkConfig::loss`]).
     pub lost: u64,
+    /// Transmits of which at least one copy was lost at random (a datagram "lost on the wire"
+    /// from the sender's point of view, however many receivers missed it).
+    pub datagrams_with_loss: u64,
     /// Copies dropped by a partition.
     pub blocked: u64,
     /// Copies dropped because the receiver was down at send or arrival time.
@@ -736,6 +761,7 @@ impl<M: Machine> Sim<M> {
             armed: None,
             started_at: None,
             dirty: false,
+            net: NodeNetStats::default(),
         });
         self.addrs.insert(addr, index);
         self.spawn(index);
@@ -917,6 +943,7 @@ impl<M: Machine> Sim<M> {
         } = transmit;
         self.stats.datagrams_sent += 1;
         self.stats.bytes_sent += payload.len() as u64;
+        self.nodes[from].net.datagrams_sent += 1;
         let at = self.elapsed();
         let to = match destination {
             Destination::Group => None,
@@ -941,6 +968,7 @@ impl<M: Machine> Sim<M> {
             len: payload.len(),
             hash: fnv1a(FNV_OFFSET, &payload),
         });
+        let lost_before = self.stats.lost;
         match to {
             Some(index) => self.send_copy(from, index, &payload),
             None => {
@@ -951,10 +979,15 @@ impl<M: Machine> Sim<M> {
                 }
             }
         }
+        if self.stats.lost > lost_before {
+            self.stats.datagrams_with_loss += 1;
+            self.nodes[from].net.datagrams_with_loss += 1;
+        }
     }
 
     fn send_copy(&mut self, from: usize, to: usize, payload: &Bytes) {
         self.stats.copies += 1;
+        self.nodes[from].net.copies_sent += 1;
         let at = self.elapsed();
         let reason = if self.blocked.contains(&(from, to)) {
             self.stats.blocked += 1;
@@ -977,6 +1010,7 @@ impl<M: Machine> Sim<M> {
         let link = self.link(from, to).clone();
         if chance(&mut self.rng, link.loss) {
             self.stats.lost += 1;
+            self.nodes[from].net.copies_lost += 1;
             self.record(TraceEvent::Dropped {
                 at,
                 from,
@@ -1090,6 +1124,7 @@ impl<M: Machine> Sim<M> {
                     }
                 };
                 machine.handle_datagram(now, from_addr, &payload);
+                node.net.datagrams_received += 1;
                 self.stats.delivered += 1;
                 let len = payload.len();
                 self.record(TraceEvent::Delivered {
@@ -1140,7 +1175,7 @@ impl<M> Drop for Sim<M> {
         if std::thread::panicking() {
             eprintln!(
                 "chorus-sim: failing run seed={seed} (virtual time {t:?}, {events} events); \
-                 replay with {SEED_ENV}={seed}",
+                 replay with {SEED_ENV}={seed} in tests that read it (chorus_sim::seed_from_env)",
                 seed = self.config.seed,
                 t = self.now - self.epoch,
                 events = self.events,
