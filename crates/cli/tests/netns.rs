@@ -266,21 +266,20 @@ impl Lab {
             "agent",
             "--cluster",
             &spec.cluster,
-            "--iface",
-            "eth0",
             "--node-id",
             &node.to_string(),
             "--http",
             HTTP_ADDR,
-            "--ttl",
-            "1",
         ]
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
+        // --iface and --ttl only mean something (and are only accepted) with multicast.
+        let multicast =
+            |group: &str| ["--group", group, "--iface", "eth0", "--ttl", "1"].map(str::to_owned);
         match &spec.transport {
-            Transport::V4 => args.extend(["--group".to_owned(), GROUP_V4.to_owned()]),
-            Transport::V6 => args.extend(["--group".to_owned(), GROUP_V6.to_owned()]),
+            Transport::V4 => args.extend(multicast(GROUP_V4)),
+            Transport::V6 => args.extend(multicast(GROUP_V6)),
             Transport::Broadcast => {
                 args.extend(["--broadcast".to_owned(), BROADCAST.to_owned()]);
             }
