@@ -224,6 +224,7 @@ pub fn list_interfaces() -> Result<Vec<InterfaceInfo>, TransportError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

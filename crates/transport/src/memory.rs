@@ -297,6 +297,7 @@ impl DatagramTransport for MemoryTransport {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::time::Duration;

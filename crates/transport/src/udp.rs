@@ -25,6 +25,10 @@ const SLOT: usize = 64 * 1024;
 /// including headers).
 const GSO_MAX_BYTES: usize = 60 * 1024;
 
+// Every datagram fits a slot; a GSO train fits the kernel's limit with headers.
+const _: () = assert!(SLOT >= crate::MAX_UDP_PAYLOAD);
+const _: () = assert!(GSO_MAX_BYTES < 65_535 - 48);
+
 /// Socket buffer sizes: what was asked for and what the kernel granted.
 ///
 /// On Linux the granted figure is what `getsockopt` reports, which is twice the
@@ -789,17 +793,5 @@ impl DatagramTransport for UdpTransport {
 
     fn max_datagram_size(&self) -> usize {
         self.max_datagram_size
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::MAX_UDP_PAYLOAD;
-
-    #[test]
-    fn constants_fit_the_kernel() {
-        assert!(SLOT >= MAX_UDP_PAYLOAD);
-        assert!(GSO_MAX_BYTES < 65_535 - 48);
     }
 }
