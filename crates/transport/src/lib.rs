@@ -20,6 +20,26 @@
 //! authenticate or fragment datagrams. That is `chorus-protocol`'s job.
 //!
 //! See `docs/transport.md` for options, defaults, errors and platform notes.
+//!
+//! # Examples
+//!
+//! Multicast that stays on this host (interface 127.0.0.1, TTL 0):
+//!
+//! ```no_run
+//! use chorus_transport::{DatagramTransport, Outgoing, TransportConfig, UdpTransport};
+//!
+//! # async fn demo() -> Result<(), chorus_transport::TransportError> {
+//! let group = "239.255.77.1:7400".parse().expect("a valid socket address");
+//! let transport = UdpTransport::bind(TransportConfig::loopback_multicast(group))?;
+//! transport.send_batch(&[Outgoing::to_group("hello")]).await?;
+//! let mut received = Vec::new();
+//! transport.recv_batch(&mut received, 32).await?;
+//! for datagram in &received {
+//!     println!("{:?} from {} (group: {})", datagram.payload, datagram.source, datagram.via_group);
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 mod config;
 mod error;

@@ -200,7 +200,10 @@ async fn unicast_fan_out_reaches_every_peer() {
                 .filter(|&&q| q != p)
                 .map(|&q| localhost(q))
                 .collect();
-            UdpTransport::bind(TransportConfig::peers(localhost(p), peers)).unwrap()
+            // Not shared: a stray socket on the port fails the bind instead of stealing datagrams.
+            let mut config = TransportConfig::peers(localhost(p), peers);
+            config.reuse_port = false;
+            UdpTransport::bind(config).unwrap()
         })
         .collect();
     assert_eq!(nodes[0].send_batch(&batch("fan", 5)).await.unwrap(), 5);

@@ -112,6 +112,15 @@ fn netns_ipv6_multicast_over_a_veth_pair() {
             let sender = UdpTransport::bind(c).unwrap();
             assert_eq!(sender.max_datagram_size(), 1452);
 
+            // a0 has no IPv4 address: IPv4 multicast cannot be sent through it.
+            let v4_group: SocketAddr = "239.255.72.9:47212".parse().unwrap();
+            let err = UdpTransport::bind(TransportConfig::multicast(v4_group, "a0")).unwrap_err();
+            assert!(
+                matches!(err, TransportError::NoIpv4Address { .. }),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("ip addr add"), "{err}");
+
             let mut b = batch("v6", 20);
             b.push(Outgoing::to_addr(
                 "[ff15::77:2]:47211".parse().unwrap(),
