@@ -14,6 +14,11 @@
 //! dropped and everything in flight to them is lost), restart with a fresh machine built by the
 //! factory (a new incarnation), or join late ([`Sim::add_node`]).
 //!
+//! Machines are built by one factory closure `FnMut(&Spawn) -> M`, for the initial nodes,
+//! restarts and late joiners alike. [`Spawn`] carries the node index and restart count (use it
+//! for the incarnation), plus what a sans-IO machine needs to be built: the current virtual
+//! time and a per-(node, restart) seed derived from the simulation seed.
+//!
 //! Everything is deterministic: the only randomness is one `u64` seed ([`SimConfig::seed`]) fed
 //! to ChaCha8, events are ordered by `(virtual time, insertion counter)`, and the wall clock is
 //! read exactly **once**, in [`Sim::new`], to obtain the virtual epoch `Instant` (std offers no

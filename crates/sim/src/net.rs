@@ -559,10 +559,15 @@ impl<M: Machine> Sim<M> {
     /// machine is started. Drain `poll_event` here to record every event with its time.
     /// Transmits the observer causes are drained like any other.
     ///
-    /// Machines started before the observer was installed (the initial nodes) are observed
-    /// from their next input on; nothing is lost, events stay queued in the machine.
+    /// Machines already running (the initial nodes) are observed once right away, so whatever
+    /// they queued at creation is seen too.
     pub fn set_observer(&mut self, observer: impl FnMut(Instant, usize, &mut M) + 'static) {
         self.observer = Some(Box::new(observer));
+        for index in 0..self.nodes.len() {
+            if self.nodes[index].is_up() {
+                self.after_input(index);
+            }
+        }
     }
 
     /// The seed of this run.

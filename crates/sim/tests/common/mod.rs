@@ -265,10 +265,6 @@ impl Cluster {
                 ledger.observe(now - epoch, node, me, event);
             }
         });
-        // The initial machines were built before the observer existed: drain them now.
-        for index in 0..sim.len() {
-            sim.act(index, |_, _| ());
-        }
         Cluster {
             sim,
             ledger,
