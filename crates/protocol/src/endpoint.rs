@@ -482,12 +482,13 @@ impl Endpoint {
         });
     }
 
-    /// Releases messages every live member has delivered; emits `Writable` if room appeared.
+    /// Releases messages every live member (alive or merely suspected) has delivered; emits
+    /// `Writable` if room appeared. A member that stays silent is bounded by
+    /// `window_max_age` and, eventually, by its removal after `leave_after`.
     fn trim_stable(&mut self) {
         let stable = self
             .peers
             .values()
-            .filter(|p| p.state == MemberState::Alive)
             .map(|p| p.acked)
             .min()
             .unwrap_or(u64::MAX)

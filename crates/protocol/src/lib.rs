@@ -30,6 +30,7 @@
 //! [`Endpoint::handle_timeout`].
 
 #![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod config;
 mod endpoint;

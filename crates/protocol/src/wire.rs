@@ -192,8 +192,9 @@ pub fn encode(header: &Header, frame: &proto::Frame) -> Bytes {
 }
 
 /// Encodes a batch of whole messages `first_seq, first_seq + 1, ...` as a `Data` frame, or as a
-/// `Repair` frame around it when `repair_low` is given.
-pub(crate) fn encode_data<'a, I>(
+/// `Repair` frame around it when `repair_low` is given (the hot path: no intermediate structs,
+/// byte-identical to [`encode`] of the equivalent frame).
+pub fn encode_data<'a, I>(
     header: &Header,
     first_seq: u64,
     messages: I,
@@ -231,8 +232,8 @@ where
 }
 
 /// Encodes one fragment as a `Fragment` frame, or as a `Repair` frame around it when
-/// `repair_low` is given.
-pub(crate) fn encode_fragment(
+/// `repair_low` is given (byte-identical to [`encode`] of the equivalent frame).
+pub fn encode_fragment(
     header: &Header,
     seq: u64,
     total_len: u32,
@@ -265,6 +266,11 @@ pub(crate) fn encode_fragment(
     encode_varint(chunk.len() as u64, buf);
     buf.put_slice(chunk);
     writer.finish()
+}
+
+/// The checksum of the wire format: CRC32 (IEEE 802.3 polynomial, reflected, as zlib).
+pub fn crc32(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
 }
 
 /// Bytes one message adds to a `Data` frame.
