@@ -107,7 +107,19 @@ impl Store {
     /// Walks the whole map (O(n)); never observes half a batch.
     #[must_use]
     pub fn scan_prefix(&self, prefix: &str) -> Vec<(String, Bytes)> {
-        let mut out: Vec<(String, Bytes)> = {
+        self.scan_entries(prefix)
+            .into_iter()
+            .filter_map(|(k, e)| e.value.map(|v| (k, v)))
+            .collect()
+    }
+
+    /// Every live entry (with its version and revision) whose key starts with `prefix`,
+    /// sorted by key. Tombstones are left out.
+    ///
+    /// Walks the whole map (O(n)); never observes half a batch.
+    #[must_use]
+    pub fn scan_entries(&self, prefix: &str) -> Vec<(String, Entry)> {
+        let mut out: Vec<(String, Entry)> = {
             let _gate = self
                 .inner
                 .gate
@@ -116,8 +128,8 @@ impl Store {
             self.inner
                 .map
                 .iter()
-                .filter(|r| r.key().starts_with(prefix))
-                .filter_map(|r| r.value().value.clone().map(|v| (r.key().clone(), v)))
+                .filter(|r| r.key().starts_with(prefix) && r.value().value.is_some())
+                .map(|r| (r.key().clone(), r.value().clone()))
                 .collect()
         };
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));

@@ -684,6 +684,13 @@ fn encode(w: &W) -> Vec<u8> {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::Direct(
+            "proptest-regressions/replica.txt",
+        ))),
+        ..ProptestConfig::default()
+    })]
+
     #[test]
     fn any_delivery_order_with_duplicates_gives_identical_stores(
         writes in arb_writes(),
