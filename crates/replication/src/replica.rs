@@ -137,6 +137,63 @@ pub struct ReplicaStats {
     pub losses: u64,
 }
 
+impl ReplicaStats {
+    /// Every counter with its field name, for exporters (JSON, Prometheus).
+    ///
+    /// The destructuring is exhaustive, so a new field cannot be forgotten here.
+    #[must_use]
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let ReplicaStats {
+            local_writes,
+            remote_writes,
+            changes_applied,
+            stale_ignored,
+            malformed,
+            limit_violations,
+            drift_rejected,
+            bucket_mismatch,
+            own_messages,
+            digests_sent,
+            digests_received,
+            buckets_answered,
+            summaries_sent,
+            requests_sent,
+            entries_messages_sent,
+            entries_sent,
+            entries_received,
+            tombstones_collected,
+            expired_tombstones_dropped,
+            entries_forgotten,
+            recoveries,
+            losses,
+        } = self;
+        vec![
+            ("local_writes", *local_writes),
+            ("remote_writes", *remote_writes),
+            ("changes_applied", *changes_applied),
+            ("stale_ignored", *stale_ignored),
+            ("malformed", *malformed),
+            ("limit_violations", *limit_violations),
+            ("drift_rejected", *drift_rejected),
+            ("bucket_mismatch", *bucket_mismatch),
+            ("own_messages", *own_messages),
+            ("digests_sent", *digests_sent),
+            ("digests_received", *digests_received),
+            ("buckets_answered", *buckets_answered),
+            ("summaries_sent", *summaries_sent),
+            ("requests_sent", *requests_sent),
+            ("entries_messages_sent", *entries_messages_sent),
+            ("entries_sent", *entries_sent),
+            ("entries_received", *entries_received),
+            ("tombstones_collected", *tombstones_collected),
+            ("expired_tombstones_dropped", *expired_tombstones_dropped),
+            ("entries_forgotten", *entries_forgotten),
+            ("recoveries", *recoveries),
+            ("losses", *losses),
+        ]
+    }
+}
+
 /// Sync metadata of one stored key.
 #[derive(Debug, Clone, Copy)]
 struct Meta {
