@@ -53,8 +53,9 @@ pub struct Endpoint {
     window: SendWindow,
     bucket: TokenBucket,
     peers: HashMap<NodeId, Peer>,
-    /// Incarnations that said goodbye; their late datagrams are ignored.
-    departed: HashMap<NodeId, Incarnation>,
+    /// Members that left: late datagrams of an incarnation that said goodbye are ignored; one
+    /// that timed out and is heard again resumes its stream where it stood.
+    departed: HashMap<NodeId, Departed>,
     budget: Budget,
     now: Instant,
     next_heartbeat: Instant,
@@ -370,9 +371,15 @@ impl Endpoint {
             incarnation: peer.incarnation,
             reason,
         });
-        if reason == LeaveReason::Goodbye {
-            self.departed.insert(node, peer.incarnation);
-        }
+        let resume = peer.stream.started().then(|| peer.stream.next_expected);
+        self.departed.insert(
+            node,
+            Departed {
+                incarnation: peer.incarnation,
+                reason,
+                resume,
+            },
+        );
     }
 
     fn fire_naks(&mut self, now: Instant) {
@@ -421,6 +428,7 @@ impl Endpoint {
                 target_incarnation: peer.incarnation.0,
                 ranges: missing.ranges,
                 partial: missing.partial,
+                sender_highest_sent: self.window.highest_sent(),
             };
             tracing::trace!(node = %self.cfg.node, target = %node, attempts, "NAK");
             self.stats.naks_sent += 1;
@@ -573,13 +581,19 @@ impl Endpoint {
     /// Membership bookkeeping for a valid datagram. Returns `false` if it must be ignored.
     fn admit(&mut self, header: Header, from: SocketAddr) -> bool {
         let (node, incarnation) = (header.node, header.incarnation);
-        if self
-            .departed
-            .get(&node)
-            .is_some_and(|gone| incarnation <= *gone)
-        {
-            self.stats.stale_incarnation += 1;
-            return false;
+        let mut resume = None;
+        if let Some(gone) = self.departed.get(&node) {
+            let stale = match gone.reason {
+                LeaveReason::Goodbye => incarnation <= gone.incarnation,
+                LeaveReason::Timeout => incarnation < gone.incarnation,
+            };
+            if stale {
+                self.stats.stale_incarnation += 1;
+                return false;
+            }
+            if incarnation == gone.incarnation {
+                resume = gone.resume;
+            }
         }
         let now = self.now;
         let acked = self.window.highest_sent();
@@ -619,8 +633,13 @@ impl Endpoint {
             }
             None => {
                 self.departed.remove(&node);
-                self.peers
-                    .insert(node, Peer::new(node, incarnation, from, now, acked));
+                let mut peer = Peer::new(node, incarnation, from, now, acked);
+                if let Some(next) = resume {
+                    // Back from a timeout (e.g. a healed partition): continue where the stream
+                    // stood, so that what was sent meanwhile is repaired or reported lost.
+                    peer.stream.start_at(next);
+                }
+                self.peers.insert(node, peer);
                 self.stats.members_joined += 1;
                 self.events.push_back(Event::MemberJoined {
                     node,
@@ -711,6 +730,11 @@ impl Endpoint {
 
     fn on_nak(&mut self, node: NodeId, nak: &proto::Nak) {
         let now = self.now;
+        // Like a heartbeat, a NAK tells how far its sender's own stream has gone.
+        self.with_stream(node, |stream, _| {
+            stream.start_at(nak.sender_highest_sent.saturating_add(1));
+            stream.on_highest_sent(nak.sender_highest_sent);
+        });
         if nak.target_node == self.cfg.node.0 {
             if nak.target_incarnation != self.cfg.incarnation.0 {
                 return;
@@ -774,6 +798,14 @@ impl Endpoint {
             self.queue_heartbeat();
         }
     }
+}
+
+#[derive(Debug)]
+struct Departed {
+    incarnation: Incarnation,
+    reason: LeaveReason,
+    /// Next sequence number its stream expected when it left (if the stream had started).
+    resume: Option<u64>,
 }
 
 impl Peer {
