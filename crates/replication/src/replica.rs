@@ -556,9 +556,14 @@ impl Replica {
             self.stats.own_messages += 1;
             return;
         }
-        let Ok(envelope) = wire::Envelope::decode(payload) else {
-            self.stats.malformed += 1;
-            return;
+        let _span = tracing::trace_span!("replica", node = self.cfg.node, from).entered();
+        let envelope = match wire::Envelope::decode(payload) {
+            Ok(e) => e,
+            Err(error) => {
+                tracing::debug!(%error, len = payload.len(), "undecodable replication message dropped");
+                self.stats.malformed += 1;
+                return;
+            }
         };
         match envelope.body {
             Some(wire::envelope::Body::Write(w)) => self.on_write(wall_ms, from, w),
@@ -593,7 +598,8 @@ impl Replica {
             }
         }
         let hlc = Hlc(w.hlc);
-        if self.clock.observe(hlc, wall_ms).is_err() {
+        if let Err(error) = self.clock.observe(hlc, wall_ms) {
+            tracing::debug!(%error, "write from the future dropped");
             self.stats.drift_rejected += 1;
             return;
         }

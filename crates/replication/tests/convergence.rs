@@ -2,7 +2,7 @@
 //! reordering, partitions, crash/restart and late joins, checked against a
 //! last-writer-wins reference model.
 //!
-//! `PROPTEST_CASES` sets the number of random scenarios (default 16). A failing case prints
+//! `PROPTEST_CASES` sets the number of random scenarios (default 64). A failing case prints
 //! the simulation seed (the simulator also prints `seed=...` when a run panics).
 #![allow(clippy::unwrap_used)]
 
@@ -56,6 +56,8 @@ fn action() -> impl Strategy<Value = Action> {
         2 => (0usize..8, proptest::collection::btree_map(0u8..10, proptest::option::of(any::<u8>()), 1..5))
             .prop_map(|(node, ops)| Action::Batch { node, ops }),
         5 => (0u16..800).prop_map(|ms| Action::Wait { ms }),
+        // Long enough for suspicion and leave (lossy preset: 3 s / 15 s) inside a partition.
+        1 => (4_000u16..20_000).prop_map(|ms| Action::Wait { ms }),
         1 => any::<u8>().prop_map(|mask| Action::Partition { mask }),
         1 => Just(Action::Heal),
         1 => (0usize..8).prop_map(|node| Action::Crash { node }),
@@ -268,7 +270,7 @@ fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(16)
+        .unwrap_or(64)
 }
 
 proptest! {
@@ -285,7 +287,7 @@ proptest! {
         seed in any::<u64>(),
         nodes in 2usize..=4,
         loss in prop_oneof![Just(0.0), Just(0.2), Just(0.5)],
-        actions in proptest::collection::vec(action(), 5..40),
+        actions in proptest::collection::vec(action(), 5..60),
     ) {
         run_scenario(seed, nodes, loss, &actions)?;
     }
