@@ -371,7 +371,7 @@ impl Endpoint {
             incarnation: peer.incarnation,
             reason,
         });
-        let resume = peer.stream.started().then(|| peer.stream.next_expected);
+        let resume = peer.stream.started().then_some(peer.stream.next_expected);
         self.departed.insert(
             node,
             Departed {
