@@ -365,6 +365,7 @@ impl Endpoint {
             delivered: (0, 0),
         };
         peer.stream.finish(&mut out);
+        tracing::debug!(node = %self.cfg.node, peer = %node, ?reason, "member left");
         self.stats.members_left += 1;
         self.events.push_back(Event::MemberLeft {
             node,
@@ -622,6 +623,7 @@ impl Endpoint {
                 };
                 peer.stream.finish(&mut out);
                 *peer = Peer::new(node, incarnation, from, now, acked);
+                tracing::debug!(node = %self.cfg.node, peer = %node, %old, new = %incarnation, "member restarted");
                 self.stats.members_restarted += 1;
                 self.events.push_back(Event::MemberRestarted {
                     node,
@@ -640,6 +642,7 @@ impl Endpoint {
                     peer.stream.start_at(next);
                 }
                 self.peers.insert(node, peer);
+                tracing::debug!(node = %self.cfg.node, peer = %node, %incarnation, "member joined");
                 self.stats.members_joined += 1;
                 self.events.push_back(Event::MemberJoined {
                     node,

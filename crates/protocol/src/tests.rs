@@ -483,7 +483,17 @@ fn rate_limit_paces_data() {
     net.node(0)
         .send(now, Bytes::from(vec![1u8; 500_000]))
         .unwrap();
-    net.run_for(Duration::from_secs(4));
+    net.run_for(Duration::from_secs(1));
+    // Out of tokens: nothing to send now, and the timeout says when tokens return.
+    let now = net.now;
+    assert!(net.node(0).poll_transmit(now).is_none());
+    let wake = net.node(0).poll_timeout().unwrap();
+    assert!(
+        wake > now && wake <= now + Duration::from_millis(20),
+        "{:?}",
+        wake - now
+    );
+    net.run_for(Duration::from_secs(3));
     assert!(
         net.delivered(1, NodeId(1)).is_empty(),
         "500 kB at 100 kB/s takes ~5 s"
