@@ -24,6 +24,7 @@ pub fn encode(data: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::encode;
 

@@ -239,7 +239,7 @@ impl AgentConfig {
                     "loss {p} is outside 0.0..1.0"
                 )));
             }
-            Some(p) if p == 0.0 => None,
+            Some(0.0) => None,
             Some(probability) => Some(Loss {
                 probability,
                 seed: args
@@ -306,6 +306,7 @@ pub fn parse_file(text: &str) -> Result<FileConfig, toml::de::Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

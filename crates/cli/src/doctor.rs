@@ -542,6 +542,7 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<bool> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -4,12 +4,15 @@
 //! It does not implement replication itself: the agent runs a `chorus::Node` and exposes it;
 //! everything else is a client of that HTTP API or of the loopback network.
 
+mod agent;
 mod base64;
 mod bench;
 mod cli;
 mod client;
 mod config;
+mod demo;
 mod doctor;
+mod http;
 mod syncdir;
 
 use std::process::ExitCode;
@@ -23,7 +26,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(matches!(cli.command, Command::Agent(_)));
     let result = match cli.command {
-        Command::Agent(args) => unimplemented_yet(&args),
+        Command::Agent(args) => agent::run(&args).map(|()| Outcome::Ok),
         Command::Put(args) => client::put(&args),
         Command::Get(args) => client::get(&args),
         Command::Del(args) => client::del(&args),
@@ -31,8 +34,8 @@ fn main() -> ExitCode {
         Command::Watch(args) => client::watch(&args),
         Command::Members(opts) => client::members(&opts),
         Command::Stats(opts) => client::stats(&opts),
-        Command::Demo(_) => Ok(Outcome::Ok),
-        Command::Bench(_) => Ok(Outcome::Ok),
+        Command::Demo(args) => demo::run(&args).map(|()| Outcome::Ok),
+        Command::Bench(args) => bench::run(&args).map(|()| Outcome::Ok),
         Command::Doctor(args) => {
             doctor::run(&args).map(|ok| if ok { Outcome::Ok } else { Outcome::NotFound })
         }
@@ -47,10 +50,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn unimplemented_yet(_: &cli::AgentArgs) -> anyhow::Result<Outcome> {
-    Ok(Outcome::Ok)
-}
-
 /// Logs to stderr, filtered by `RUST_LOG` (default `info` for the agent, `warn` otherwise).
 fn init_tracing(agent: bool) {
     let default = if agent { "info" } else { "warn" };
@@ -59,5 +58,9 @@ fn init_tracing(agent: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
 }

@@ -133,11 +133,6 @@ impl SyncDir {
         })
     }
 
-    /// The files this mirror owns, relative to its directory.
-    pub fn owned(&self) -> impl Iterator<Item = &Path> {
-        self.owned.iter().map(PathBuf::as_path)
-    }
-
     /// Writes the full current state and removes owned files that are not in it.
     /// Returns how many files changed. Keys that cannot be files are skipped and logged.
     ///
@@ -326,6 +321,7 @@ pub async fn run(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -420,7 +416,8 @@ mod tests {
         assert!(read(&tmp.0, "stale").is_none());
         assert_eq!(read(&tmp.0, "user.txt").as_deref(), Some("mine"));
         let owned: Vec<_> = dir
-            .owned()
+            .owned
+            .iter()
             .map(|p| p.to_str().unwrap().to_string())
             .collect();
         assert_eq!(owned, vec!["keep", "new"]);

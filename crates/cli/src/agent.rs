@@ -1,0 +1,190 @@
+//! `chorus agent`: a long-running node with the local HTTP API and the optional directory mirror.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use chorus::{Mode, Node, Preset};
+use tokio::sync::{mpsc, watch};
+
+use crate::cli::AgentArgs;
+use crate::config::{AgentConfig, PresetName, Transport};
+use crate::syncdir::{self, SyncDir, SyncEvent};
+
+/// How long the mirror waits for the node to be in sync before writing the initial state.
+const SYNC_WAIT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for HTTP connections and the mirror to finish.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Runs the agent until SIGINT or SIGTERM.
+///
+/// # Errors
+/// Bad configuration, a node that cannot start (the message says how to fix it), or an HTTP
+/// address that cannot be bound.
+pub fn run(args: &AgentArgs) -> anyhow::Result<()> {
+    let cfg = AgentConfig::load(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(serve(cfg))
+}
+
+/// The node builder for a configuration.
+pub fn builder(cfg: &AgentConfig) -> chorus::NodeBuilder {
+    let mut b = Node::builder().cluster(&cfg.cluster);
+    match &cfg.transport {
+        Transport::Multicast { group, iface, ttl } => {
+            b = b.group(*group);
+            if !iface.is_empty() {
+                b = b.interface(iface);
+            }
+            if let Some(ttl) = ttl {
+                b = b.ttl(*ttl);
+            }
+        }
+        Transport::Broadcast { addr } => b = b.mode(Mode::Broadcast { addr: *addr }),
+        Transport::Peers { bind, peers } => {
+            b = b.mode(Mode::Peers {
+                bind: *bind,
+                peers: peers.clone(),
+            });
+        }
+    }
+    if let Some(id) = cfg.node_id {
+        b = b.node_id(id);
+    }
+    match cfg.preset {
+        Some(PresetName::Lan) => b = b.preset(Preset::Lan),
+        Some(PresetName::Lossy) => b = b.preset(Preset::Lossy),
+        None => {}
+    }
+    if let Some(loss) = cfg.loss {
+        b = b.inject_receive_loss(loss.probability, loss.seed);
+    }
+    b
+}
+
+async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
+    let node = builder(&cfg)
+        .start()
+        .await
+        .context("cannot start the node")?;
+    let listener = match tokio::net::TcpListener::bind(cfg.http).await {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = node.shutdown().await;
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot listen on {} for the HTTP API (another agent running? choose --http ADDR:PORT)",
+                    cfg.http
+                )
+            });
+        }
+    };
+    if !cfg.http.ip().is_loopback() {
+        tracing::warn!(http = %cfg.http, "HTTP API is reachable from the network and has no authentication");
+    }
+    tracing::info!(
+        node_id = node.node_id(),
+        cluster = cfg.cluster,
+        transport = ?cfg.transport,
+        http = %cfg.http,
+        loss = ?cfg.loss.map(|l| l.probability),
+        "agent started"
+    );
+
+    let mirror = cfg.sync.clone().map(|sync| {
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = run_mirror(node, sync).await {
+                tracing::error!(error = %e, "sync-dir stopped");
+            }
+        })
+    });
+
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let app = crate::http::router(node.clone());
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+
+    tokio::select! {
+        signal = shutdown_signal() => {
+            let name = signal?;
+            tracing::info!(signal = name, "shutting down: flushing and saying goodbye");
+        }
+        ended = &mut server => {
+            let _ = node.shutdown().await;
+            return match ended {
+                Ok(Ok(())) => Err(anyhow::anyhow!("HTTP server stopped unexpectedly")),
+                Ok(Err(e)) => Err(e).context("HTTP server failed"),
+                Err(e) => Err(e).context("HTTP server task failed"),
+            };
+        }
+    }
+    // The node first: queued writes go out and a goodbye tells the peers; watch streams then
+    // end, which lets the HTTP server's graceful shutdown finish.
+    if let Err(e) = node.shutdown().await {
+        tracing::warn!(error = %e, "node shutdown");
+    }
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(DRAIN, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task"),
+        Err(_) => tracing::warn!("HTTP connections still open after {DRAIN:?}; closing them"),
+    }
+    if let Some(m) = mirror
+        && tokio::time::timeout(DRAIN, m).await.is_err()
+    {
+        tracing::warn!("sync-dir hook still running after {DRAIN:?}; leaving it");
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM; returns the signal's name.
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+/// Mirrors the prefix into the directory until the node stops.
+async fn run_mirror(node: Node, sync: crate::config::SyncConfig) -> anyhow::Result<()> {
+    // Subscribe before reading the state so no change falls between the two.
+    let mut changes = node.watch(&sync.prefix);
+    if let Err(e) = node.wait_in_sync(SYNC_WAIT).await {
+        tracing::warn!(error = %e, "sync-dir: writing the local state although the node is not in sync yet");
+    }
+    let mut dir = SyncDir::open(&sync.dir, &sync.prefix)?;
+    let state = node
+        .scan(&sync.prefix)
+        .into_iter()
+        .map(|(k, e)| (k, e.value));
+    let changed = dir.reconcile(state)?;
+    tracing::info!(dir = %sync.dir.display(), prefix = sync.prefix, changed, "sync-dir: initial state written");
+    let (tx, rx) = mpsc::channel(1024);
+    let forward = tokio::spawn(async move {
+        while let Some(change) = changes.next().await {
+            let event = SyncEvent {
+                key: change.key,
+                value: change.value,
+            };
+            if tx.send(event).await.is_err() {
+                break;
+            }
+        }
+    });
+    syncdir::run(dir, rx, sync.on_change, sync.debounce, changed > 0).await;
+    forward.abort();
+    Ok(())
+}

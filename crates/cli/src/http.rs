@@ -1,0 +1,454 @@
+//! The agent's HTTP API (axum): key-value access, watch as server-sent events, members,
+//! counters, Prometheus metrics and health. See `docs/http-api.md`.
+//!
+//! Every request is untrusted: bad keys, bad queries, bad UTF-8 and oversized bodies get a
+//! 4xx answer with a JSON body `{"error": "..."}`, never a panic.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use chorus::{Change, Entry, Node};
+
+/// Largest request body accepted (the node's own value limit may be lower).
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// A JSON error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<chorus::Error> for ApiError {
+    fn from(e: chorus::Error) -> Self {
+        use chorus_replication::Error as R;
+        let status = match &e {
+            chorus::Error::Replication(R::ValueTooLarge { .. } | R::WriteTooLarge { .. }) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            chorus::Error::Replication(_) => StatusCode::BAD_REQUEST,
+            chorus::Error::Compacted { .. } => StatusCode::GONE,
+            chorus::Error::Closed => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        Self::bad_request(format!("bad key in path: {}", e.body_text()))
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body larger than {MAX_BODY} bytes")
+        } else {
+            e.body_text()
+        };
+        Self::new(status, message)
+    }
+}
+
+/// The router of the agent's API over `node`.
+pub fn router(node: Node) -> Router {
+    Router::new()
+        .route("/v1/kv", get(list))
+        .route("/v1/kv/", get(empty_key).put(empty_key).delete(empty_key))
+        .route(
+            "/v1/kv/{*key}",
+            get(get_key).put(put_key).delete(delete_key),
+        )
+        .route("/v1/watch", get(watch))
+        .route("/v1/members", get(members))
+        .route("/v1/stats", get(stats))
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(node)
+}
+
+/// Parses an `application/x-www-form-urlencoded` query strictly: bad escapes, bad UTF-8 and
+/// unknown or repeated parameters are errors.
+pub fn parse_query(raw: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let Some(raw) = raw else { return Ok(out) };
+    for part in raw.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = part.split_once('=').unwrap_or((part, ""));
+        let name = decode_component(name)?;
+        let value = decode_component(value)?;
+        if !allowed.contains(&name.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {name:?} (allowed: {})",
+                allowed.join(", ")
+            )));
+        }
+        if out.iter().any(|(n, _)| *n == name) {
+            return Err(ApiError::bad_request(format!(
+                "query parameter {name:?} given twice"
+            )));
+        }
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+fn decode_component(s: &str) -> Result<String, ApiError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| ApiError::bad_request("bad percent-escape in query"))?;
+                out.push(hex);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| ApiError::bad_request("query is not valid UTF-8"))
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A value as JSON fields: `value` when UTF-8, `value_base64` otherwise.
+fn value_fields(obj: &mut serde_json::Map<String, Value>, value: &[u8]) {
+    match std::str::from_utf8(value) {
+        Ok(text) => obj.insert("value".into(), Value::from(text)),
+        Err(_) => obj.insert(
+            "value_base64".into(),
+            Value::from(crate::base64::encode(value)),
+        ),
+    };
+}
+
+fn entry_json(key: &str, entry: &Entry) -> Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert("key".into(), Value::from(key));
+    value_fields(&mut obj, &entry.value);
+    obj.insert("version".into(), Value::from(entry.version.to_string()));
+    obj.insert("revision".into(), Value::from(entry.revision));
+    Value::Object(obj)
+}
+
+/// The JSON of one change, as sent in watch events.
+pub fn change_json(change: &Change) -> Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert("revision".into(), Value::from(change.revision));
+    obj.insert("key".into(), Value::from(change.key.as_str()));
+    match &change.value {
+        Some(v) => {
+            obj.insert("deleted".into(), Value::from(false));
+            value_fields(&mut obj, v);
+        }
+        None => {
+            obj.insert("deleted".into(), Value::from(true));
+        }
+    }
+    obj.insert("version".into(), Value::from(change.version.to_string()));
+    Value::Object(obj)
+}
+
+async fn empty_key() -> ApiError {
+    ApiError::bad_request("empty key: use /v1/kv/{key}")
+}
+
+async fn list(State(node): State<Node>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let params = parse_query(q.as_deref(), &["prefix"])?;
+    let prefix = param(&params, "prefix").unwrap_or("");
+    let revision = node.revision();
+    let entries: Vec<Value> = node
+        .scan(prefix)
+        .iter()
+        .map(|(k, e)| entry_json(k, e))
+        .collect();
+    Ok(axum::Json(json!({
+        "prefix": prefix,
+        "revision": revision,
+        "count": entries.len(),
+        "entries": entries,
+    }))
+    .into_response())
+}
+
+async fn get_key(
+    State(node): State<Node>,
+    key: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(key) = key?;
+    let entry = node
+        .get(&key)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("key {key:?} not found")))?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert("x-chorus-revision", HeaderValue::from(entry.revision));
+    if let Ok(v) = HeaderValue::from_str(&entry.version.to_string()) {
+        headers.insert("x-chorus-version", v);
+    }
+    Ok((headers, entry.value).into_response())
+}
+
+async fn put_key(
+    State(node): State<Node>,
+    key: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Path(key) = key?;
+    let body = body?;
+    let version = node.put(key.clone(), body).await?;
+    Ok(axum::Json(json!({ "key": key, "version": version.to_string() })).into_response())
+}
+
+async fn delete_key(
+    State(node): State<Node>,
+    key: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(key) = key?;
+    if node.get(&key).is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("key {key:?} not found"),
+        ));
+    }
+    let version = node.delete(key.clone()).await?;
+    Ok(
+        axum::Json(json!({ "key": key, "version": version.to_string(), "deleted": true }))
+            .into_response(),
+    )
+}
+
+async fn watch(
+    State(node): State<Node>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = parse_query(q.as_deref(), &["prefix", "from"])?;
+    let prefix = param(&params, "prefix").unwrap_or("").to_string();
+    let parse_rev = |s: &str, what: &str| {
+        s.trim().parse::<u64>().map_err(|_| {
+            ApiError::bad_request(format!("{what} must be a revision number, got {s:?}"))
+        })
+    };
+    // A reconnecting EventSource sends Last-Event-ID; it wins over `from`.
+    let last_event_id = match headers.get("last-event-id") {
+        Some(v) => Some(parse_rev(
+            v.to_str()
+                .map_err(|_| ApiError::bad_request("Last-Event-ID is not text"))?,
+            "Last-Event-ID",
+        )?),
+        None => None,
+    };
+    let from = match (last_event_id, param(&params, "from")) {
+        (Some(rev), _) => Some(rev),
+        (None, Some(s)) => Some(parse_rev(s, "from")?),
+        (None, None) => None,
+    };
+    let start = from.unwrap_or_else(|| node.revision());
+    let w = match from {
+        Some(rev) => node.watch_from(&prefix, rev).await?,
+        None => node.watch(&prefix),
+    };
+    let opening = futures_util::stream::once(async move {
+        Ok::<_, Infallible>(
+            Event::default().comment(format!("watching {prefix:?} after revision {start}")),
+        )
+    });
+    let changes = w.into_stream().map(|change| {
+        let kind = if change.value.is_some() {
+            "put"
+        } else {
+            "delete"
+        };
+        Ok(Event::default()
+            .id(change.revision.to_string())
+            .event(kind)
+            .data(change_json(&change).to_string()))
+    });
+    Ok(Sse::new(opening.chain(changes))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn members(State(node): State<Node>) -> Response {
+    let list: Vec<Value> = node
+        .members()
+        .into_iter()
+        .map(|m| {
+            json!({
+                "node_id": m.node_id,
+                "incarnation": m.incarnation,
+                "addr": m.addr.to_string(),
+                "state": m.state,
+            })
+        })
+        .collect();
+    axum::Json(json!({ "node_id": node.node_id(), "members": list })).into_response()
+}
+
+async fn stats(State(node): State<Node>) -> Response {
+    let counters: serde_json::Map<String, Value> = node
+        .counters()
+        .into_iter()
+        .map(|(name, v)| (name, Value::from(v)))
+        .collect();
+    axum::Json(json!({
+        "node_id": node.node_id(),
+        "revision": node.revision(),
+        "in_sync": node.is_in_sync(),
+        "keys": node.scan("").len(),
+        "members": node.members().len(),
+        "counters": counters,
+    }))
+    .into_response()
+}
+
+/// A metric name made of `[a-zA-Z0-9_]` only, prefixed `chorus_`.
+pub fn metric_name(name: &str) -> String {
+    let mut out = String::from("chorus_");
+    out.extend(name.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            c
+        } else {
+            '_'
+        }
+    }));
+    out
+}
+
+async fn metrics(State(node): State<Node>) -> Response {
+    let mut text = String::new();
+    let mut gauge = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            text,
+            "# HELP chorus_{name} {help}\n# TYPE chorus_{name} gauge\nchorus_{name} {v}"
+        );
+    };
+    gauge(
+        "revision",
+        "Local revision (changes applied by this node).",
+        node.revision(),
+    );
+    gauge(
+        "keys",
+        "Live keys in the local store.",
+        node.scan("").len() as u64,
+    );
+    gauge(
+        "members",
+        "Members known, this node included.",
+        node.members().len() as u64,
+    );
+    gauge(
+        "in_sync",
+        "1 when the store matched every live peer at the last digest exchange.",
+        u64::from(node.is_in_sync()),
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, v) in node.counters() {
+        let metric = metric_name(&name);
+        if !seen.insert(metric.clone()) {
+            continue;
+        }
+        let _ = writeln!(text, "# TYPE {metric} counter\n{metric} {v}");
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn health(State(node): State<Node>) -> Response {
+    if node.is_in_sync() {
+        (StatusCode::OK, axum::Json(json!({ "status": "in_sync" }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "status": "syncing" })),
+        )
+            .into_response()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing_is_strict() {
+        let p = parse_query(Some("prefix=a%2Fb+c&from=3"), &["prefix", "from"]).unwrap();
+        assert_eq!(param(&p, "prefix"), Some("a/b c"));
+        assert_eq!(param(&p, "from"), Some("3"));
+        assert!(parse_query(Some("prefix=%ff"), &["prefix"]).is_err());
+        assert!(parse_query(Some("prefix=%zz"), &["prefix"]).is_err());
+        assert!(parse_query(Some("prefix=%4"), &["prefix"]).is_err());
+        assert!(parse_query(Some("nope=1"), &["prefix"]).is_err());
+        assert!(parse_query(Some("prefix=a&prefix=b"), &["prefix"]).is_err());
+        assert!(parse_query(None, &["prefix"]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn metric_names_are_sanitised() {
+        assert_eq!(metric_name("naks_sent"), "chorus_naks_sent");
+        assert_eq!(metric_name("a.b-c"), "chorus_a_b_c");
+    }
+}

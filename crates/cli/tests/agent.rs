@@ -1,0 +1,671 @@
+//! End-to-end tests of the `chorus` binary: real agent processes on loopback multicast
+//! (127.0.0.1, TTL 0, a random group and port per test), driven through the CLI and raw HTTP.
+//! Every wait is bounded; agents are killed when their guard drops.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_chorus");
+
+/// A running `chorus agent`; SIGKILLed on drop unless it already exited.
+struct Agent {
+    child: Child,
+    http: SocketAddr,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a client command against this agent.
+    fn cli(&self, args: &[&str]) -> Output {
+        cli_with_stdin(args, &self.url(), None)
+    }
+
+    fn get_json(&self, path: &str) -> Value {
+        let (status, body) = http(self.http, "GET", path, &[], b"");
+        assert_eq!(
+            status,
+            200,
+            "GET {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        serde_json::from_slice(&body).expect("JSON body")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p =
+            std::env::temp_dir().join(format!("chorus-cli-{tag}-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A cluster name and loopback group no other test uses.
+struct Net {
+    cluster: String,
+    group: SocketAddr,
+}
+
+impl Net {
+    fn new() -> Self {
+        let r: u64 = rand::random();
+        let b = r.to_le_bytes();
+        Self {
+            cluster: format!("test-{r:016x}"),
+            group: SocketAddr::from((
+                Ipv4Addr::new(239, 255, b[0], b[1].max(1)),
+                20_000 + u16::from_le_bytes([b[2], b[3]]) % 30_000,
+            )),
+        }
+    }
+
+    fn base_args(&self, node_id: u64, http: SocketAddr) -> Vec<String> {
+        [
+            "agent",
+            "--cluster",
+            &self.cluster,
+            "--group",
+            &self.group.to_string(),
+            "--iface",
+            "127.0.0.1",
+            "--ttl",
+            "0",
+            "--node-id",
+            &node_id.to_string(),
+            "--http",
+            &http.to_string(),
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect()
+    }
+
+    fn agent(&self, node_id: u64, extra: &[&str]) -> Agent {
+        let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let mut args = self.base_args(node_id, http);
+        args.extend(extra.iter().map(|s| (*s).to_string()));
+        spawn_agent(&args, http)
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_agent(args: &[String], http: SocketAddr) -> Agent {
+    let log = std::env::temp_dir().join(format!(
+        "chorus-cli-agent-{:016x}.log",
+        rand::random::<u64>()
+    ));
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let mut agent = Agent { child, http, log };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = agent.child.try_wait() {
+            panic!("agent exited early ({status}):\n{}", agent.log_text());
+        }
+        if TcpStream::connect(http).is_ok() && http_get_status(http, "/v1/stats") == 200 {
+            return agent;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent never answered:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cli_with_stdin(args: &[&str], agent: &str, stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("CHORUS_AGENT", agent)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(data) = stdin {
+        child.stdin.take().unwrap().write_all(data).unwrap();
+    }
+    wait_output(child, Duration::from_secs(30))
+}
+
+/// Waits for a child's output, killing it after `timeout`.
+fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "command did not finish within {timeout:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One raw HTTP/1.1 request (Connection: close); returns status and body.
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    // The server may answer (413) before reading a large body; a failed write is fine then.
+    let _ = s.write_all(body);
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in response to {method} {path}: {text:?}"));
+    let body_start = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(resp.len(), |p| p + 4);
+    let mut body = resp[body_start..].to_vec();
+    if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
+                .unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = line_end + 2;
+        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
+        data = &data[(start + size + 2).min(data.len())..];
+    }
+    out
+}
+
+fn http_get_status(addr: SocketAddr, path: &str) -> u16 {
+    http(addr, "GET", path, &[], b"").0
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn read(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+#[test]
+fn put_on_one_is_readable_on_all_and_client_commands_work() {
+    let net = Net::new();
+    // One agent from a TOML file, to cover --config.
+    let dir = TempDir::new("config");
+    let http0 = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let config = dir.0.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cluster = \"{}\"\ngroup = \"{}\"\niface = \"127.0.0.1\"\nttl = 0\nnode_id = 1\nhttp = \"{http0}\"\n",
+            net.cluster, net.group
+        ),
+    )
+    .unwrap();
+    let a = spawn_agent(
+        &[
+            "agent".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+        http0,
+    );
+    let b = net.agent(2, &[]);
+    let c = net.agent(3, &[]);
+
+    let out = a.cli(&["put", "app/db/url", "postgres://db1/app"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = cli_with_stdin(&["put", "app/from-stdin"], &b.url(), Some(b"piped\nvalue"));
+    assert!(out.status.success(), "{out:?}");
+    for agent in [&a, &b, &c] {
+        wait_until("the value on every node", Duration::from_secs(20), || {
+            let o = agent.cli(&["get", "app/db/url"]);
+            o.status.code() == Some(0) && stdout(&o) == "postgres://db1/app"
+        });
+        wait_until(
+            "the stdin value on every node",
+            Duration::from_secs(20),
+            || stdout(&agent.cli(&["get", "app/from-stdin"])) == "piped\nvalue",
+        );
+    }
+
+    // Absent key: exit code 1; unreachable agent: exit code 2.
+    assert_eq!(c.cli(&["get", "app/nope"]).status.code(), Some(1));
+    assert_eq!(c.cli(&["del", "app/nope"]).status.code(), Some(1));
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    assert_eq!(
+        cli_with_stdin(&["get", "x"], &dead, None).status.code(),
+        Some(2)
+    );
+
+    // ls, human and JSON.
+    let ls = c.cli(&["ls", "app/"]);
+    assert!(
+        stdout(&ls).contains("app/db/url\tpostgres://db1/app"),
+        "{}",
+        stdout(&ls)
+    );
+    let ls: Value = serde_json::from_slice(&c.cli(&["ls", "app/", "--json"]).stdout).unwrap();
+    assert_eq!(ls["count"], 2);
+    assert!(ls["entries"][0]["version"].as_str().unwrap().contains('@'));
+    let got: Value =
+        serde_json::from_slice(&b.cli(&["get", "app/db/url", "--json"]).stdout).unwrap();
+    assert_eq!(got["value"], "postgres://db1/app");
+
+    // Delete on one node, gone everywhere.
+    assert_eq!(c.cli(&["del", "app/db/url"]).status.code(), Some(0));
+    for agent in [&a, &b, &c] {
+        wait_until("the delete on every node", Duration::from_secs(20), || {
+            agent.cli(&["get", "app/db/url"]).status.code() == Some(1)
+        });
+    }
+
+    // Members and stats.
+    wait_until("three members", Duration::from_secs(20), || {
+        let m: Value =
+            serde_json::from_slice(&a.cli(&["members", "--json"]).stdout).unwrap_or_default();
+        m["members"].as_array().is_some_and(|l| l.len() == 3)
+    });
+    let members = stdout(&a.cli(&["members"]));
+    assert!(
+        members.contains("NODE") && members.lines().count() == 4,
+        "{members}"
+    );
+    let stats: Value = serde_json::from_slice(&a.cli(&["stats", "--json"]).stdout).unwrap();
+    assert_eq!(stats["node_id"], 1);
+    assert!(stats["counters"].as_object().is_some_and(|c| !c.is_empty()));
+    // Health turns 200 once in sync; metrics are Prometheus text.
+    wait_until("health 200", Duration::from_secs(30), || {
+        http_get_status(b.http, "/v1/health") == 200
+    });
+    let (status, metrics) = http(a.http, "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(metrics.contains("# TYPE chorus_keys gauge"));
+    assert!(
+        metrics
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .all(|l| l.starts_with("chorus_"))
+    );
+}
+
+#[test]
+fn watch_streams_changes_and_resumes() {
+    let net = Net::new();
+    let a = net.agent(1, &[]);
+    let b = net.agent(2, &[]);
+    let start = b.get_json("/v1/stats")["revision"].as_u64().unwrap();
+    let watcher = Command::new(BIN)
+        .args([
+            "watch",
+            "cfg/",
+            "--json",
+            "--count",
+            "3",
+            "--from",
+            &start.to_string(),
+        ])
+        .env("CHORUS_AGENT", b.url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    a.cli(&["put", "other/x", "ignored"]);
+    a.cli(&["put", "cfg/one", "1"]);
+    a.cli(&["put", "cfg/two", "2"]);
+    wait_until("cfg/two on b", Duration::from_secs(20), || {
+        b.cli(&["get", "cfg/two"]).status.success()
+    });
+    a.cli(&["del", "cfg/one"]);
+    let out = wait_output(watcher, Duration::from_secs(30));
+    assert!(out.status.success(), "{out:?}");
+    let events: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let keys: Vec<(&str, bool)> = events
+        .iter()
+        .map(|e| (e["key"].as_str().unwrap(), e["deleted"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        keys,
+        [("cfg/one", false), ("cfg/two", false), ("cfg/one", true)]
+    );
+    // Resuming after the first event replays the other two (via Last-Event-ID over raw HTTP,
+    // reading until both arrived).
+    let first = events[0]["revision"].as_u64().unwrap();
+    let mut s = TcpStream::connect(b.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /v1/watch?prefix=cfg/ HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {first}\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.matches("data:").count() < 2 {
+        assert!(Instant::now() < deadline, "resumed watch incomplete: {got}");
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream closed: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.contains("text/event-stream"));
+    assert!(
+        got.contains("event: put") && got.contains("event: delete"),
+        "{got}"
+    );
+    assert!(!got.contains("other/x"));
+}
+
+#[test]
+fn sync_dir_mirrors_files_and_runs_the_hook() {
+    let net = Net::new();
+    let dir = TempDir::new("sync");
+    let mirror = dir.0.join("etc");
+    let marker = dir.0.join("hook-runs");
+    std::fs::create_dir_all(&mirror).unwrap();
+    std::fs::write(mirror.join("not-mine.txt"), "user file").unwrap();
+    let hook = format!("echo \"$CHORUS_PREFIX\" >> '{}'", marker.display());
+    let writer = net.agent(1, &[]);
+    let m = mirror.display().to_string();
+    let _mirrored = net.agent(
+        2,
+        &[
+            "--sync-dir",
+            &m,
+            "--prefix",
+            "cfg/",
+            "--on-change",
+            &hook,
+            "--debounce-ms",
+            "200",
+        ],
+    );
+
+    writer.cli(&["put", "cfg/app.conf", "port = 1"]);
+    writer.cli(&["put", "cfg/sub/db.conf", "url = x"]);
+    writer.cli(&["put", "cfg/../escape", "nope"]);
+    writer.cli(&["put", "elsewhere/x", "nope"]);
+    wait_until("files written", Duration::from_secs(20), || {
+        read(&mirror.join("app.conf")).as_deref() == Some("port = 1")
+            && read(&mirror.join("sub/db.conf")).as_deref() == Some("url = x")
+    });
+    wait_until("the hook ran", Duration::from_secs(20), || {
+        read(&marker).is_some_and(|t| !t.is_empty())
+    });
+    assert_eq!(read(&marker).unwrap().lines().next(), Some("cfg/"));
+    assert!(!dir.0.join("escape").exists() && !mirror.join("escape").exists());
+
+    let runs_before = read(&marker).unwrap().lines().count();
+    writer.cli(&["put", "cfg/app.conf", "port = 2"]);
+    writer.cli(&["del", "cfg/sub/db.conf"]);
+    wait_until(
+        "change and removal mirrored",
+        Duration::from_secs(20),
+        || {
+            read(&mirror.join("app.conf")).as_deref() == Some("port = 2")
+                && !mirror.join("sub").exists()
+        },
+    );
+    wait_until("the hook ran again", Duration::from_secs(20), || {
+        read(&marker).unwrap().lines().count() > runs_before
+    });
+    assert_eq!(
+        read(&mirror.join("not-mine.txt")).as_deref(),
+        Some("user file")
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(&mirror)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn bad_http_input_gets_a_json_4xx() {
+    let net = Net::new();
+    let a = net.agent(1, &[]);
+    let cases: Vec<(&str, String, Vec<u8>, u16)> = vec![
+        ("GET", "/v1/kv/%FF%FE".into(), vec![], 400),
+        ("PUT", "/v1/kv/%C3%28".into(), b"x".to_vec(), 400),
+        ("GET", "/v1/kv?prefix=%zz".into(), vec![], 400),
+        ("GET", "/v1/kv?prefix=%FF".into(), vec![], 400),
+        ("GET", "/v1/kv?bogus=1".into(), vec![], 400),
+        ("GET", "/v1/watch?from=abc".into(), vec![], 400),
+        ("PUT", "/v1/kv/".into(), b"x".to_vec(), 400),
+        ("PUT", "/v1/kv/big".into(), vec![b'x'; 2 * 1024 * 1024], 413),
+        ("PUT", "/v1/kv/biggish".into(), vec![b'x'; 900 * 1024], 413),
+        (
+            "PUT",
+            format!("/v1/kv/{}", "k".repeat(5000)),
+            b"x".to_vec(),
+            400,
+        ),
+        ("GET", "/v1/kv/absent".into(), vec![], 404),
+        ("DELETE", "/v1/kv/absent".into(), vec![], 404),
+        ("POST", "/v1/kv/x".into(), b"x".to_vec(), 405),
+        ("GET", "/v2/nothing".into(), vec![], 404),
+    ];
+    for (method, path, body, expected) in cases {
+        let (status, resp) = http(a.http, method, &path, &[], &body);
+        let short: String = path.chars().take(40).collect();
+        assert_eq!(
+            status,
+            expected,
+            "{method} {short}: {}",
+            String::from_utf8_lossy(&resp)
+        );
+        let json: Value = serde_json::from_slice(&resp).unwrap_or_else(|e| {
+            panic!(
+                "{method} {short}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&resp)
+            )
+        });
+        assert!(
+            json["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{json}"
+        );
+    }
+    let (status, _) = http(
+        a.http,
+        "GET",
+        "/v1/watch?prefix=a",
+        &[("Last-Event-ID", "x")],
+        b"",
+    );
+    assert_eq!(status, 400);
+    // Keys with slashes and escapes round-trip; the agent is still serving.
+    let (status, _) = http(a.http, "PUT", "/v1/kv/a/b%20c/d", &[], b"v");
+    assert_eq!(status, 200);
+    let (status, body) = http(a.http, "GET", "/v1/kv/a/b%20c/d", &[], b"");
+    assert_eq!((status, body.as_slice()), (200, b"v".as_slice()));
+    let list = a.get_json("/v1/kv?prefix=a%2Fb");
+    assert_eq!(list["entries"][0]["key"], "a/b c/d");
+}
+
+#[test]
+fn sigterm_shuts_down_gracefully_without_losing_acknowledged_writes() {
+    let net = Net::new();
+    let mut a = net.agent(1, &[]);
+    let b = net.agent(2, &[]);
+    wait_until("two members", Duration::from_secs(20), || {
+        a.get_json("/v1/members")["members"]
+            .as_array()
+            .is_some_and(|l| l.len() == 2)
+    });
+    for i in 0..20 {
+        assert!(a.cli(&["put", &format!("last/{i}"), "v"]).status.success());
+    }
+    let pid = a.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = a.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent ignored SIGTERM:\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}: {}", a.log_text());
+    assert!(a.log_text().contains("agent stopped"));
+    wait_until(
+        "every acknowledged write on b",
+        Duration::from_secs(20),
+        || b.get_json("/v1/kv?prefix=last/")["count"] == 20,
+    );
+}
+
+#[test]
+fn demo_converges() {
+    let child = Command::new(BIN)
+        .args([
+            "demo",
+            "--nodes",
+            "3",
+            "--keys",
+            "30",
+            "--loss",
+            "0.1",
+            "--timeout",
+            "60",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(child, Duration::from_secs(150));
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("converged: 4 nodes hold the same"), "{text}");
+    assert!(text.contains("NAKs"), "{text}");
+}
+
+#[test]
+fn doctor_passes_on_the_loopback() {
+    let out = Command::new(BIN)
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["ok"], true);
+    let out = Command::new(BIN)
+        .args(["doctor", "--iface", "no-such-if0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("FAIL"));
+}
