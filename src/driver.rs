@@ -1,0 +1,562 @@
+//! The driver task: one per node, owning the sans-IO [`NodeCore`] and the transport.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use chorus_protocol::{
+    ClusterId, Config as ProtocolConfig, Event, Incarnation, MemberState, NodeId,
+};
+use chorus_replication::{
+    Change, CoreError, NodeConfig, NodeCore, NodeEvent, NodeStats, Store, Version, WallClock,
+};
+use chorus_transport::{
+    DatagramTransport, Destination, Interface, Mode, Outgoing, Received, TransportConfig,
+    UdpTransport,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant as TokioInstant;
+
+use crate::Error;
+use crate::node::{DEFAULT_GROUP, Entry, MemberInfo, NodeBuilder, Op, Preset};
+
+/// Most datagrams taken from the socket per receive call, and sent per send call.
+const IO_BATCH: usize = 64;
+/// How often the counter and member snapshots readers see are refreshed.
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
+/// How long a closing node keeps answering NAKs after its goodbye.
+const CLOSE_LINGER: Duration = Duration::from_millis(750);
+/// Live changes buffered per watcher before it must catch up from the change log.
+const WATCH_BUFFER: usize = 4096;
+
+/// A request from a [`Node`](crate::Node) handle to its driver.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Put {
+        key: String,
+        value: Bytes,
+        reply: oneshot::Sender<Result<Version, Error>>,
+    },
+    Delete {
+        key: String,
+        reply: oneshot::Sender<Result<Version, Error>>,
+    },
+    Batch {
+        ops: Vec<Op>,
+        reply: oneshot::Sender<Result<Version, Error>>,
+    },
+    ChangesSince {
+        revision: u64,
+        prefix: String,
+        reply: oneshot::Sender<Result<Vec<Change>, Error>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// What the driver publishes for the handles: the store itself (read directly), and
+/// snapshots of members, counters and sync state.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) node_id: u64,
+    pub(crate) incarnation: u64,
+    store: Store,
+    pub(crate) cmd_tx: mpsc::Sender<Command>,
+    pub(crate) in_sync: watch::Sender<bool>,
+    pub(crate) changes: broadcast::Sender<Change>,
+    members: Mutex<Vec<MemberInfo>>,
+    counters: Mutex<Vec<(String, u64)>>,
+    stopped: watch::Sender<bool>,
+    task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Shared {
+    pub(crate) fn get(&self, key: &str) -> Option<Entry> {
+        let entry = self.store.get_entry(key)?;
+        Some(Entry {
+            value: entry.value?,
+            version: entry.version,
+            revision: entry.revision,
+        })
+    }
+
+    pub(crate) fn scan(&self, prefix: &str) -> Vec<(String, Entry)> {
+        self.store
+            .scan_entries(prefix)
+            .into_iter()
+            .filter_map(|(k, e)| {
+                Some((
+                    k,
+                    Entry {
+                        value: e.value?,
+                        version: e.version,
+                        revision: e.revision,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    pub(crate) fn revision(&self) -> u64 {
+        self.store.revision()
+    }
+
+    pub(crate) fn members(&self) -> Vec<MemberInfo> {
+        self.members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn counters(&self) -> Vec<(String, u64)> {
+        self.counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) async fn changes_since(
+        &self,
+        revision: u64,
+        prefix: &str,
+    ) -> Result<Vec<Change>, Error> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::ChangesSince {
+            revision,
+            prefix: prefix.to_owned(),
+            reply,
+        };
+        self.cmd_tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    pub(crate) async fn wait_stopped(&self) {
+        let mut rx = self.stopped.subscribe();
+        // An error means the sender is gone, which only happens once the driver is done.
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub(crate) fn abort(&self) {
+        if let Some(handle) = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            handle.abort();
+        }
+        self.in_sync.send_replace(false);
+        self.stopped.send_replace(true);
+    }
+}
+
+/// Opens the real sockets the builder asks for.
+pub(crate) fn open_transport(builder: &NodeBuilder) -> Result<UdpTransport, Error> {
+    let mode = match &builder.mode {
+        Some(mode) => mode.clone(),
+        None => {
+            let group = builder.group.unwrap_or(DEFAULT_GROUP);
+            let interface = match (&builder.interface, group) {
+                (Some(iface), _) => iface.clone(),
+                (None, g) if g.is_ipv4() => Interface::loopback_v4(),
+                (None, _) => {
+                    return Err(Error::Config(
+                        "an IPv6 group needs an interface (name or index): IPv6 multicast does not route over lo".into(),
+                    ));
+                }
+            };
+            let on_loopback = match &interface {
+                Interface::Addr(a) => a.is_loopback(),
+                Interface::Name(n) => n == "lo",
+                _ => false,
+            };
+            let ttl = builder.ttl.unwrap_or(if on_loopback { 0 } else { 1 });
+            Mode::Multicast {
+                group,
+                interface,
+                ttl,
+                loopback: true,
+            }
+        }
+    };
+    let mut config = TransportConfig::loopback_multicast(DEFAULT_GROUP);
+    config.mode = mode;
+    Ok(UdpTransport::bind(config)?)
+}
+
+fn protocol_config(
+    builder: &NodeBuilder,
+    node: u64,
+    incarnation: u64,
+    seed: u64,
+    mtu: usize,
+) -> ProtocolConfig {
+    let cluster = ClusterId::from_name(&builder.cluster);
+    let (node, incarnation) = (NodeId(node), Incarnation(incarnation));
+    let mut config = match builder.preset {
+        Preset::Lan => ProtocolConfig::lan(cluster, node, incarnation, seed),
+        Preset::Lossy => ProtocolConfig::lossy(cluster, node, incarnation, seed),
+    };
+    config.mtu = config.mtu.min(mtu);
+    config
+}
+
+/// Starts the driver task for `builder` over `transport`.
+pub(crate) fn spawn<T: DatagramTransport>(
+    builder: NodeBuilder,
+    transport: T,
+) -> Result<Arc<Shared>, Error> {
+    let now_std = std::time::Instant::now();
+    let epoch_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map_err(|_| Error::Config("the system clock is before 1970".into()))?;
+    let mut seeder =
+        ChaCha8Rng::seed_from_u64(epoch_ms ^ u64::from(std::process::id()).rotate_left(32));
+    let node_id = builder
+        .node_id
+        .unwrap_or_else(|| seeder.random::<u64>() >> 1);
+    // A new incarnation on every start: the wall clock in microseconds is unique per start
+    // of one node id unless the clock goes backwards by exactly the same amount.
+    let incarnation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(1);
+    let seed = seeder.random::<u64>();
+    let protocol = protocol_config(
+        &builder,
+        node_id,
+        incarnation,
+        seed,
+        transport.max_datagram_size(),
+    );
+    protocol
+        .validate()
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let wall = WallClock {
+        epoch: now_std,
+        epoch_ms,
+    };
+    let core = NodeCore::new(NodeConfig::new(protocol, wall), now_std);
+    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+    let shared = Arc::new(Shared {
+        node_id,
+        incarnation,
+        store: core.store().clone(),
+        cmd_tx,
+        in_sync: watch::Sender::new(false),
+        changes: broadcast::Sender::new(WATCH_BUFFER),
+        members: Mutex::new(Vec::new()),
+        counters: Mutex::new(Vec::new()),
+        stopped: watch::Sender::new(false),
+        task: Mutex::new(None),
+    });
+    let loss = builder
+        .receive_loss
+        .filter(|(p, _)| *p > 0.0)
+        .map(|(p, s)| (p, ChaCha8Rng::seed_from_u64(s)));
+    let driver = Driver {
+        core,
+        transport,
+        shared: shared.clone(),
+        loss,
+        dropped_by_injection: 0,
+        send_errors: 0,
+        recv_errors: 0,
+    };
+    let span = tracing::info_span!("node", id = node_id);
+    let handle = tokio::spawn(tracing::Instrument::instrument(driver.run(cmd_rx), span));
+    *shared.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle.abort_handle());
+    Ok(shared)
+}
+
+struct Driver<T> {
+    core: NodeCore,
+    transport: T,
+    shared: Arc<Shared>,
+    loss: Option<(f64, ChaCha8Rng)>,
+    dropped_by_injection: u64,
+    send_errors: u64,
+    recv_errors: u64,
+}
+
+impl<T: DatagramTransport> Driver<T> {
+    async fn run(mut self, mut cmd_rx: mpsc::Receiver<Command>) {
+        let mut received: Vec<Received> = Vec::with_capacity(IO_BATCH);
+        let mut outgoing: Vec<Outgoing> = Vec::with_capacity(IO_BATCH);
+        let mut next_snapshot = TokioInstant::now();
+        let mut closing: Option<(TokioInstant, Vec<oneshot::Sender<()>>)> = None;
+        tracing::info!(incarnation = self.shared.incarnation, "node started");
+        loop {
+            let now = std::time::Instant::now();
+            self.flush(now, &mut outgoing).await;
+            self.drain_events();
+            if TokioInstant::now() >= next_snapshot {
+                self.publish_snapshots();
+                next_snapshot = TokioInstant::now() + SNAPSHOT_EVERY;
+            }
+            if let Some((deadline, _)) = &closing
+                && TokioInstant::now() >= *deadline
+            {
+                break;
+            }
+            let timer = self
+                .core
+                .poll_timeout()
+                .map(TokioInstant::from_std)
+                .unwrap_or_else(|| TokioInstant::now() + Duration::from_secs(1));
+            let timer = match &closing {
+                Some((deadline, _)) => timer.min(*deadline),
+                None => timer.min(next_snapshot),
+            };
+            tokio::select! {
+                cmd = cmd_rx.recv(), if closing.is_none() => match cmd {
+                    Some(Command::Shutdown { reply }) => {
+                        self.core.close(std::time::Instant::now());
+                        closing = Some((TokioInstant::now() + CLOSE_LINGER, vec![reply]));
+                    }
+                    Some(cmd) => self.command(cmd),
+                    None => {
+                        // Every handle is gone: shut down as if asked.
+                        self.core.close(std::time::Instant::now());
+                        closing = Some((TokioInstant::now() + CLOSE_LINGER, Vec::new()));
+                    }
+                },
+                res = self.transport.recv_batch(&mut received, IO_BATCH) => {
+                    match res {
+                        Ok(_) => self.receive(&mut received),
+                        Err(e) => {
+                            self.recv_errors += 1;
+                            tracing::warn!(error = %e, "receive failed");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(timer) => {
+                    self.core.handle_timeout(std::time::Instant::now());
+                }
+            }
+        }
+        // Answer commands that raced with shutdown, then publish the final state.
+        cmd_rx.close();
+        while let Ok(cmd) = cmd_rx.try_recv() {
+            match cmd {
+                Command::Shutdown { reply } => {
+                    let _ = reply.send(());
+                }
+                other => self.command(other),
+            }
+        }
+        self.drain_events();
+        self.publish_snapshots();
+        self.shared.in_sync.send_replace(false);
+        self.shared.stopped.send_replace(true);
+        if let Some((_, replies)) = closing {
+            for reply in replies {
+                let _ = reply.send(());
+            }
+        }
+        tracing::info!("node stopped");
+    }
+
+    fn receive(&mut self, received: &mut Vec<Received>) {
+        let now = std::time::Instant::now();
+        for datagram in received.drain(..) {
+            if let Some((p, rng)) = &mut self.loss
+                && rng.random_bool(*p)
+            {
+                self.dropped_by_injection += 1;
+                continue;
+            }
+            self.core
+                .handle_datagram(now, datagram.source, &datagram.payload);
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        let now = std::time::Instant::now();
+        let closed = |e: CoreError| match e {
+            CoreError::Replica(e) => Error::Replication(e),
+            CoreError::Closed => Error::Closed,
+        };
+        match cmd {
+            Command::Put { key, value, reply } => {
+                let _ = reply.send(self.core.put(now, key, value).map_err(closed));
+            }
+            Command::Delete { key, reply } => {
+                let _ = reply.send(self.core.delete(now, key).map_err(closed));
+            }
+            Command::Batch { ops, reply } => {
+                let ops = ops
+                    .into_iter()
+                    .map(|op| match op {
+                        Op::Put { key, value } => chorus_replication::Op::Put { key, value },
+                        Op::Delete { key } => chorus_replication::Op::Delete { key },
+                    })
+                    .collect();
+                let _ = reply.send(self.core.batch(now, ops).map_err(closed));
+            }
+            Command::ChangesSince {
+                revision,
+                prefix,
+                reply,
+            } => {
+                let result =
+                    self.core
+                        .changes_since(revision, &prefix)
+                        .map_err(|c| Error::Compacted {
+                            requested: revision,
+                            oldest: c.oldest_available,
+                        });
+                let _ = reply.send(result);
+            }
+            Command::Shutdown { reply } => {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Hands every datagram the state machine has ready to the transport, in batches.
+    async fn flush(&mut self, now: std::time::Instant, outgoing: &mut Vec<Outgoing>) {
+        loop {
+            while outgoing.len() < IO_BATCH {
+                let Some(t) = self.core.poll_transmit(now) else {
+                    break;
+                };
+                let destination = match t.destination {
+                    chorus_protocol::Destination::Group => Destination::Group,
+                    chorus_protocol::Destination::Addr(a) => Destination::Addr(a),
+                };
+                outgoing.push(Outgoing {
+                    destination,
+                    payload: t.payload,
+                });
+            }
+            if outgoing.is_empty() {
+                return;
+            }
+            let mut sent = 0;
+            while sent < outgoing.len() {
+                match self.transport.send_batch(&outgoing[sent..]).await {
+                    Ok(n) => sent += n.max(1),
+                    Err(e) => {
+                        // The datagram is dropped; NAK repair recovers it like any loss.
+                        self.send_errors += 1;
+                        tracing::debug!(error = %e, "send failed");
+                        sent += 1;
+                    }
+                }
+            }
+            outgoing.clear();
+        }
+    }
+
+    fn drain_events(&mut self) {
+        let mut members_changed = false;
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                NodeEvent::Change(change) => {
+                    // No receivers is fine: nobody watches.
+                    let _ = self.shared.changes.send(change);
+                }
+                NodeEvent::InSync => {
+                    self.shared.in_sync.send_replace(true);
+                }
+                NodeEvent::OutOfSync => {
+                    self.shared.in_sync.send_replace(false);
+                }
+                NodeEvent::Member(event) => {
+                    log_member(&event);
+                    members_changed = true;
+                }
+            }
+        }
+        if members_changed {
+            self.publish_members();
+        }
+    }
+
+    fn publish_members(&self) {
+        let mut members = vec![MemberInfo {
+            node_id: self.shared.node_id,
+            incarnation: self.shared.incarnation,
+            addr: self
+                .transport
+                .local_addr()
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+            state: "self".to_owned(),
+        }];
+        members.extend(self.core.members().into_iter().map(|m| {
+            MemberInfo {
+                node_id: m.node.0,
+                incarnation: m.incarnation.0,
+                addr: m.addr,
+                state: match m.state {
+                    MemberState::Alive => "alive",
+                    MemberState::Suspected => "suspected",
+                }
+                .to_owned(),
+            }
+        }));
+        members.sort_by_key(|m| m.node_id);
+        *self
+            .shared
+            .members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = members;
+    }
+
+    fn publish_snapshots(&self) {
+        self.publish_members();
+        let mut counters = counters(&self.core.stats());
+        counters.insert("driver_injected_drops".into(), self.dropped_by_injection);
+        counters.insert("driver_send_errors".into(), self.send_errors);
+        counters.insert("driver_recv_errors".into(), self.recv_errors);
+        counters.insert("store_keys".into(), self.core.store().len() as u64);
+        counters.insert("store_revision".into(), self.core.store().revision());
+        *self
+            .shared
+            .counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = counters.into_iter().collect();
+    }
+}
+
+fn log_member(event: &Event) {
+    match event {
+        Event::MemberJoined {
+            node,
+            incarnation,
+            addr,
+        } => {
+            tracing::info!(%node, %incarnation, %addr, "member joined");
+        }
+        Event::MemberSuspected { node, .. } => tracing::warn!(%node, "member suspected"),
+        Event::MemberAlive { node, .. } => tracing::info!(%node, "member alive again"),
+        Event::MemberLeft { node, reason, .. } => tracing::info!(%node, ?reason, "member left"),
+        Event::MemberRestarted { node, new, .. } => {
+            tracing::info!(%node, incarnation = %new, "member restarted");
+        }
+        _ => {}
+    }
+}
+
+/// Every counter of both layers under one flat, stable snake_case name.
+fn counters(stats: &NodeStats) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (name, value) in stats.protocol.counters() {
+        out.insert(format!("protocol_{name}"), value);
+    }
+    for (name, value) in stats.replication.counters() {
+        out.insert(format!("replication_{name}"), value);
+    }
+    out.insert("core_write_backlog".into(), stats.write_backlog as u64);
+    out.insert("core_sync_backlog".into(), stats.sync_backlog as u64);
+    out.insert("core_sync_dropped".into(), stats.sync_dropped);
+    out.insert("core_too_large".into(), stats.too_large);
+    out
+}
