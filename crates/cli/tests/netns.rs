@@ -211,9 +211,12 @@ impl Lab {
     }
 
     /// Drops `probability` of the UDP datagrams arriving on eth0 of every listed node.
-    fn set_loss(&self, nodes: &[u8], probability: f64) {
+    /// Returns how many datagrams the INPUT DROP rules it replaced had dropped, on all nodes.
+    fn set_loss(&self, nodes: &[u8], probability: f64) -> u64 {
+        let mut dropped = 0;
         for &node in nodes {
             for tool in ["iptables", "ip6tables"] {
+                dropped += self.kernel_drops(node, tool);
                 self.exec(node, tool, &["-F", "INPUT"]);
                 if probability > 0.0 {
                     self.iptables(
@@ -228,9 +231,21 @@ impl Lab {
             }
         }
         self.log(&format!(
-            "receive loss {:.0} % on nodes {nodes:?}",
+            "receive loss {:.0} % on nodes {nodes:?} (the rules replaced had dropped \
+             {dropped} datagrams)",
             probability * 100.0
         ));
+        dropped
+    }
+
+    /// Packets dropped so far by the INPUT DROP rules of `node` (`tool`: iptables, ip6tables).
+    fn kernel_drops(&self, node: u8, tool: &str) -> u64 {
+        let out = self.exec(node, tool, &["-L", "INPUT", "-v", "-x", "-n"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|line| line.split_whitespace().nth(2) == Some("DROP"))
+            .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
     }
 
     /// Cuts `a` from `b` in both directions (every packet, by source address).
@@ -325,6 +340,7 @@ impl Lab {
                 env!("CARGO_BIN_EXE_chorus"),
             ])
             .args(&args)
+            .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
                 std::env::var("CHORUS_NETNS_LOG").unwrap_or_else(|_| "info".to_owned()),
@@ -541,13 +557,24 @@ impl Lab {
                 return;
             }
             if start.elapsed() > timeout {
-                panic!(
-                    "nodes {nodes:?} did not converge within {timeout:?}:\n{problems}\n{}",
-                    nodes
+                let mut report = String::new();
+                for &node in nodes {
+                    let stats = self.stats(node);
+                    let nonzero: Vec<String> = stats
                         .iter()
-                        .map(|&n| self.log_tail(n))
-                        .collect::<Vec<_>>()
-                        .join("\n")
+                        .filter(|(_, v)| **v > 0)
+                        .map(|(k, v)| format!("{}={v}", k.trim_start_matches("counters.")))
+                        .collect();
+                    let health = self.http(node, "GET", "/v1/health", b"").0;
+                    let _ = writeln!(
+                        report,
+                        "node {node}: /v1/health {health}; counters: {}\n{}",
+                        nonzero.join(" "),
+                        self.log_tail(node)
+                    );
+                }
+                panic!(
+                    "nodes {nodes:?} did not converge within {timeout:?}:\n{problems}\n{report}"
                 );
             }
             if last_report.elapsed() > Duration::from_secs(5) {
@@ -1034,6 +1061,33 @@ fn counter_sum(stats: &BTreeMap<String, u64>, words: &[&str]) -> u64 {
         .sum()
 }
 
+/// Counter `name` (as listed under `counters` by `/v1/stats`); absent counts as 0.
+fn counter(stats: &BTreeMap<String, u64>, name: &str) -> u64 {
+    stats
+        .get(&format!("counters.{name}"))
+        .or_else(|| stats.get(name))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Every reason the protocol layer drops a datagram for, as counter names.
+const DROP_COUNTERS: [&str; 14] = [
+    "protocol_truncated",
+    "protocol_oversized",
+    "protocol_bad_magic",
+    "protocol_wrong_version",
+    "protocol_bad_checksum",
+    "protocol_wrong_cluster",
+    "protocol_unauthenticated",
+    "protocol_malformed",
+    "protocol_unknown_frame",
+    "protocol_own_datagrams",
+    "protocol_node_id_conflict",
+    "protocol_stale_incarnation",
+    "protocol_buffer_full",
+    "protocol_after_close",
+];
+
 // ---------------------------------------------------------------------------------------------
 // Workloads
 // ---------------------------------------------------------------------------------------------
@@ -1190,12 +1244,16 @@ fn scenario_loss() {
     write_from(&mut lab, &[1, 2, 3], "loss10", 1000, &mut expected);
     lab.await_stores(&nodes, &expected, Duration::from_secs(90));
 
-    lab.set_loss(&nodes, 0.30);
+    let dropped_10 = lab.set_loss(&nodes, 0.30);
     write_from(&mut lab, &[1, 2, 3], "loss30", 1000, &mut expected);
     lab.await_stores(&nodes, &expected, Duration::from_secs(120));
     assert_eq!(expected.len(), 2000);
 
-    lab.set_loss(&nodes, 0.0);
+    let dropped_30 = lab.set_loss(&nodes, 0.0);
+    assert!(
+        dropped_10 > 0 && dropped_30 > dropped_10,
+        "the kernel dropped {dropped_10} datagrams at 10 % and {dropped_30} at 30 %"
+    );
     let naks: u64 = nodes
         .iter()
         .map(|&n| counter_sum(&lab.stats(n), &["nak"]))
@@ -1233,8 +1291,11 @@ fn scenario_partition() {
     write_from(&mut lab, &[1], "side-a", 200, &mut view_a);
     write_from(&mut lab, &[4], "side-b", 200, &mut view_b);
 
-    // The same 100 keys written on both sides, alternating which side writes first.
+    // The same 100 keys written on both sides, alternating which side writes first, the second
+    // write 3 ms after the first. All namespaces share one clock, so the later write carries
+    // the higher version: half the keys must go to each side.
     let mut put_versions: BTreeMap<(String, u8), Version> = BTreeMap::new();
+    let mut later_write = BTreeMap::new();
     for i in 0..100 {
         let key = format!("conflict/{i:03}");
         let order = if i % 2 == 0 {
@@ -1242,8 +1303,12 @@ fn scenario_partition() {
         } else {
             [writer_b, writer_a]
         };
-        for writer in order {
+        for (n, writer) in order.into_iter().enumerate() {
             let value = format!("{}-{i}", if writer == writer_a { "a" } else { "b" });
+            if n == 1 {
+                thread::sleep(Duration::from_millis(3));
+                later_write.insert(key.clone(), value.clone());
+            }
             let version = lab.put_many(writer, &[(key.clone(), value.clone())])[0];
             put_versions.insert((key.clone(), writer), version);
             if writer == writer_a {
@@ -1322,15 +1387,21 @@ fn scenario_partition() {
         "conflicts by highest version: side A wins {a_wins} keys, side B {}",
         100 - a_wins
     ));
-    // The writers alternate, so the later write, and the higher version, alternates too.
-    assert!(
-        (1..100).contains(&a_wins),
-        "alternating writers yet one side wins every conflict ({a_wins} of 100 for side A)"
+    for (key, value) in &later_write {
+        assert_eq!(
+            merged.get(key),
+            Some(value),
+            "{key}: the later write must carry the higher version"
+        );
+    }
+    assert_eq!(
+        a_wins, 50,
+        "the sides alternate, so each must win half the keys"
     );
 
     lab.heal(&nodes);
     lab.await_stores(&nodes, &merged, Duration::from_secs(60));
-    report_counters(&mut lab, &nodes, &["sync", "conflict", "lost"]);
+    report_counters(&mut lab, &nodes, &["digests", "entries", "recover", "lost"]);
 }
 
 /// `kill -9` a node while writers stream, restart it: it resyncs. Then 50 000 keys and a late
@@ -1362,13 +1433,25 @@ fn scenario_restart_and_late_join() {
     let joined = Instant::now();
     lab.start_agent(5, AgentSpec::new(Transport::V4));
     lab.await_health(5, Duration::from_secs(120));
+    let held = lab.dump(5).entries.len();
+    lab.log(&format!(
+        "node 5 reports in sync holding {held} of {} keys",
+        expected.len()
+    ));
+    // /v1/health is what a load balancer or a deploy script waits for: 200 must mean the
+    // late joiner already holds the cluster's state.
+    assert_eq!(
+        held,
+        expected.len(),
+        "node 5 answered /v1/health 200 before it held every key"
+    );
     lab.await_stores(&[1, 2, 3, 4, 5], &expected, Duration::from_secs(120));
     lab.log(&format!(
         "late joiner holds all {} keys {:.1}s after it started",
         expected.len(),
         joined.elapsed().as_secs_f64()
     ));
-    report_counters(&mut lab, &[5], &["sync", "lost", "nak"]);
+    report_counters(&mut lab, &[5], &["digests", "entries", "requests", "lost"]);
 }
 
 /// The same cluster over IPv6 multicast (`ff15::77`), with 10 % loss.
@@ -1386,6 +1469,11 @@ fn scenario_ipv6() {
     let mut expected = BTreeMap::new();
     write_from(&mut lab, &[1, 4], "v6", 600, &mut expected);
     lab.await_stores(&nodes, &expected, Duration::from_secs(60));
+    let dropped = lab.set_loss(&nodes, 0.0);
+    assert!(
+        dropped > 0,
+        "ip6tables dropped nothing: the loss did not apply"
+    );
 }
 
 /// Broadcast mode, then unicast peers with every multicast datagram dropped by iptables.
@@ -1526,15 +1614,33 @@ fn scenario_hostile() {
         );
         lab.await_health(node, Duration::from_secs(10));
         let after = lab.stats(node);
-        let delta = |words: &[&str]| {
-            counter_sum(&after, words).saturating_sub(counter_sum(&stats_before[i], words))
-        };
-        let dropped = delta(&["drop"]);
+        let delta =
+            |name: &str| counter(&after, name).saturating_sub(counter(&stats_before[i], name));
+        let by_reason: Vec<String> = DROP_COUNTERS
+            .iter()
+            .chain(&["protocol_duplicates", "protocol_duplicate_fragments"])
+            .filter(|name| delta(name) > 0)
+            .map(|name| format!("{name}+{}", delta(name)))
+            .collect();
         lab.log(&format!(
-            "node {node}: {dropped} datagrams dropped during the attack"
+            "node {node}: during the attack {}",
+            by_reason.join(" ")
         ));
-        report_counters(&mut lab, &[node], &["drop", "dup", "replay", "invalid"]);
-        assert!(dropped > 0, "node {node}: no drop counted");
+        // Random bytes fail the magic, cut frames their length, flipped bits the CRC, the
+        // intruder's frames the cluster id; replays are recognised as duplicates or as the
+        // node's own datagrams.
+        for reason in [
+            "protocol_bad_magic",
+            "protocol_truncated",
+            "protocol_bad_checksum",
+            "protocol_wrong_cluster",
+        ] {
+            assert!(delta(reason) > 0, "node {node}: {reason} did not grow");
+        }
+        let replays = delta("protocol_duplicates")
+            + delta("protocol_duplicate_fragments")
+            + delta("protocol_own_datagrams");
+        assert!(replays > 0, "node {node}: no replayed frame recognised");
     }
 
     // The cluster still replicates.
