@@ -230,7 +230,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn show(&mut self, lines: &[String]) {
+    fn show(&mut self, lines: &[String], last: bool) {
         let mut err = std::io::stderr().lock();
         if self.tty {
             if self.drawn > 0 {
@@ -240,9 +240,10 @@ impl Progress {
                 let _ = writeln!(err, "\x1b[2K{l}");
             }
             self.drawn = lines.len();
-        } else if self
-            .last_plain
-            .is_none_or(|t| t.elapsed() > Duration::from_secs(2))
+        } else if last
+            || self
+                .last_plain
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(2))
         {
             self.last_plain = Some(Instant::now());
             for l in lines {
@@ -434,7 +435,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
                 if right { "in agreement" } else { "catching up" }
             ));
         }
-        progress.show(&lines);
+        progress.show(&lines, all_ok);
         if all_ok {
             break writes_done.elapsed();
         }
