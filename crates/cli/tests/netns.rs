@@ -1095,8 +1095,93 @@ const DROP_COUNTERS: [&str; 14] = [
 /// A writer thread's result: node, its connection back, the responses.
 type WriterResult = (u8, Http, io::Result<Vec<(u16, Vec<u8>)>>);
 
-/// Writes `total` distinct keys `prefix/<writer>/<i>`, split between the writers, all writers at
-/// the same time (one thread and connection each); records them in `expected`.
+/// Writes in flight: one thread per writer node, each on that node's connection.
+struct Writes {
+    writers: Vec<u8>,
+    total: usize,
+    start: Instant,
+    threads: Vec<thread::JoinHandle<WriterResult>>,
+}
+
+impl Writes {
+    /// Starts writing `total` distinct keys `prefix/<writer>/<i>`, split between the writers,
+    /// all writers at the same time; records them in `expected`.
+    fn start(
+        lab: &mut Lab,
+        writers: &[u8],
+        prefix: &str,
+        total: usize,
+        expected: &mut BTreeMap<String, String>,
+    ) -> Writes {
+        let mut threads = Vec::new();
+        for (j, &writer) in writers.iter().enumerate() {
+            let count = total / writers.len() + usize::from(j < total % writers.len());
+            let writes: Vec<(String, String)> = (0..count)
+                .map(|i| {
+                    (
+                        format!("{prefix}/{writer}/{i:06}"),
+                        format!("{prefix}-value-{writer}-{i}"),
+                    )
+                })
+                .collect();
+            expected.extend(writes.iter().cloned());
+            let mut http = lab
+                .agents
+                .get_mut(&writer)
+                .and_then(|a| a.http.take())
+                .unwrap_or_else(|| panic!("node {writer}: not connected"));
+            threads.push(thread::spawn(move || {
+                let requests: Vec<(String, Vec<u8>)> = writes
+                    .into_iter()
+                    .map(|(k, v)| (format!("/v1/kv/{k}"), v.into_bytes()))
+                    .collect();
+                let result = http.pipeline("PUT", &requests);
+                (writer, http, result)
+            }));
+        }
+        Writes {
+            writers: writers.to_vec(),
+            total,
+            start: Instant::now(),
+            threads,
+        }
+    }
+
+    /// Whether every writer is done.
+    fn is_finished(&self) -> bool {
+        self.threads.iter().all(thread::JoinHandle::is_finished)
+    }
+
+    /// Waits for the writers (each request is bounded by the connection's 30 s timeouts) and
+    /// asserts that every write was accepted.
+    fn finish(self, lab: &mut Lab) {
+        for handle in self.threads {
+            let (writer, http, result) = handle
+                .join()
+                .unwrap_or_else(|_| panic!("writer thread panicked"));
+            let responses = result.unwrap_or_else(|e| panic!("node {writer}: writes failed: {e}"));
+            for (status, body) in &responses {
+                assert!(
+                    *status < 300,
+                    "node {writer}: PUT answered {status}: {}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+            if let Some(agent) = lab.agents.get_mut(&writer) {
+                agent.http = Some(http);
+            }
+        }
+        let secs = self.start.elapsed().as_secs_f64();
+        lab.log(&format!(
+            "{} writes from nodes {:?} in {secs:.1}s ({:.0}/s)",
+            self.total,
+            self.writers,
+            self.total as f64 / secs.max(1e-3)
+        ));
+    }
+}
+
+/// [`Writes::start`] then [`Writes::finish`].
 fn write_from(
     lab: &mut Lab,
     writers: &[u8],
@@ -1104,66 +1189,7 @@ fn write_from(
     total: usize,
     expected: &mut BTreeMap<String, String>,
 ) {
-    let start = Instant::now();
-    let mut jobs = Vec::new();
-    for (j, &writer) in writers.iter().enumerate() {
-        let count = total / writers.len() + usize::from(j < total % writers.len());
-        let writes: Vec<(String, String)> = (0..count)
-            .map(|i| {
-                (
-                    format!("{prefix}/{writer}/{i:06}"),
-                    format!("{prefix}-value-{writer}-{i}"),
-                )
-            })
-            .collect();
-        expected.extend(writes.iter().cloned());
-        let http = lab
-            .agents
-            .get_mut(&writer)
-            .and_then(|a| a.http.take())
-            .unwrap_or_else(|| panic!("node {writer}: not connected"));
-        jobs.push((writer, writes, http));
-    }
-    let results: Vec<WriterResult> = thread::scope(|s| {
-        let handles: Vec<_> = jobs
-            .into_iter()
-            .map(|(writer, writes, mut http)| {
-                s.spawn(move || {
-                    let requests: Vec<(String, Vec<u8>)> = writes
-                        .into_iter()
-                        .map(|(k, v)| (format!("/v1/kv/{k}"), v.into_bytes()))
-                        .collect();
-                    let result = http.pipeline("PUT", &requests);
-                    (writer, http, result)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| panic!("writer thread panicked"))
-            })
-            .collect()
-    });
-    for (writer, http, result) in results {
-        let responses = result.unwrap_or_else(|e| panic!("node {writer}: writes failed: {e}"));
-        for (status, body) in &responses {
-            assert!(
-                *status < 300,
-                "node {writer}: PUT answered {status}: {}",
-                String::from_utf8_lossy(body)
-            );
-        }
-        if let Some(agent) = lab.agents.get_mut(&writer) {
-            agent.http = Some(http);
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    lab.log(&format!(
-        "{total} writes from nodes {writers:?} in {secs:.1}s ({:.0}/s)",
-        total as f64 / secs.max(1e-3)
-    ));
+    Writes::start(lab, writers, prefix, total, expected).finish(lab);
 }
 
 /// Prints the interesting counters of every listed node.
@@ -1404,7 +1430,7 @@ fn scenario_partition() {
     report_counters(&mut lab, &nodes, &["digests", "entries", "recover", "lost"]);
 }
 
-/// `kill -9` a node while writers stream, restart it: it resyncs. Then 50 000 keys and a late
+/// `kill -9` a node while two writers stream, restart it while they still do: it resyncs. Then 50 000 keys and a late
 /// joiner that catches all of them up.
 #[test]
 fn scenario_restart_and_late_join() {
@@ -1418,9 +1444,18 @@ fn scenario_restart_and_late_join() {
     lab.await_members(&nodes, Duration::from_secs(20));
     let mut expected = BTreeMap::new();
     write_from(&mut lab, &[1], "before", 300, &mut expected);
+    // Two writers stream 10 000 writes; node 3 dies in the middle and comes back while they
+    // are still writing.
+    let stream = Writes::start(&mut lab, &[1, 2], "stream", 10_000, &mut expected);
+    thread::sleep(Duration::from_millis(300));
     let spec = lab.kill9(3);
-    write_from(&mut lab, &[1, 2], "while-down", 600, &mut expected);
+    thread::sleep(Duration::from_millis(300));
     lab.start_agent(3, spec);
+    assert!(
+        !stream.is_finished(),
+        "the writers finished before node 3 was back: not a mid-stream restart"
+    );
+    stream.finish(&mut lab);
     write_from(&mut lab, &[1], "after", 300, &mut expected);
     lab.await_stores(&nodes, &expected, Duration::from_secs(60));
     lab.await_health(3, Duration::from_secs(30));
