@@ -27,8 +27,11 @@ use crate::node::{DEFAULT_GROUP, Entry, MemberInfo, NodeBuilder, Op, Preset};
 const IO_BATCH: usize = 64;
 /// How often the counter and member snapshots readers see are refreshed.
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
-/// How long a closing node keeps answering NAKs after its goodbye.
-const CLOSE_LINGER: Duration = Duration::from_millis(750);
+/// Longest a shutting-down node waits for every member to confirm (through heartbeats) that
+/// it delivered everything this node sent, answering NAKs meanwhile.
+const DRAIN_MAX: Duration = Duration::from_secs(3);
+/// How long the node keeps running after its goodbye so that the goodbye gets out.
+const GOODBYE_LINGER: Duration = Duration::from_millis(50);
 /// Live changes buffered per watcher before it must catch up from the change log.
 const WATCH_BUFFER: usize = 4096;
 
@@ -274,6 +277,24 @@ pub(crate) fn spawn<T: DatagramTransport>(
     Ok(shared)
 }
 
+/// A shutdown in progress: first drain (wait until every member has what we sent), then
+/// goodbye.
+struct Closing {
+    deadline: TokioInstant,
+    said_goodbye: bool,
+    reply: Option<oneshot::Sender<()>>,
+}
+
+impl Closing {
+    fn new(reply: Option<oneshot::Sender<()>>) -> Closing {
+        Closing {
+            deadline: TokioInstant::now() + DRAIN_MAX,
+            said_goodbye: false,
+            reply,
+        }
+    }
+}
+
 struct Driver<T> {
     core: NodeCore,
     transport: T,
@@ -289,7 +310,7 @@ impl<T: DatagramTransport> Driver<T> {
         let mut received: Vec<Received> = Vec::with_capacity(IO_BATCH);
         let mut outgoing: Vec<Outgoing> = Vec::with_capacity(IO_BATCH);
         let mut next_snapshot = TokioInstant::now();
-        let mut closing: Option<(TokioInstant, Vec<oneshot::Sender<()>>)> = None;
+        let mut closing: Option<Closing> = None;
         tracing::info!(incarnation = self.shared.incarnation, "node started");
         loop {
             let now = std::time::Instant::now();
@@ -299,10 +320,21 @@ impl<T: DatagramTransport> Driver<T> {
                 self.publish_snapshots();
                 next_snapshot = TokioInstant::now() + SNAPSHOT_EVERY;
             }
-            if let Some((deadline, _)) = &closing
-                && TokioInstant::now() >= *deadline
-            {
-                break;
+            if let Some(c) = &mut closing {
+                let now_t = TokioInstant::now();
+                if !c.said_goodbye
+                    && (now_t >= c.deadline
+                        || (self.core.endpoint().window_len() == 0 && !self.core.has_backlog()))
+                {
+                    // Everything sent is stable at every member (or we gave up waiting).
+                    self.core.close(std::time::Instant::now());
+                    c.said_goodbye = true;
+                    c.deadline = now_t + GOODBYE_LINGER;
+                    continue;
+                }
+                if c.said_goodbye && now_t >= c.deadline {
+                    break;
+                }
             }
             let timer = self
                 .core
@@ -310,21 +342,17 @@ impl<T: DatagramTransport> Driver<T> {
                 .map(TokioInstant::from_std)
                 .unwrap_or_else(|| TokioInstant::now() + Duration::from_secs(1));
             let timer = match &closing {
-                Some((deadline, _)) => timer.min(*deadline),
+                Some(c) => timer
+                    .min(c.deadline)
+                    .min(TokioInstant::now() + Duration::from_millis(20)),
                 None => timer.min(next_snapshot),
             };
             tokio::select! {
                 cmd = cmd_rx.recv(), if closing.is_none() => match cmd {
-                    Some(Command::Shutdown { reply }) => {
-                        self.core.close(std::time::Instant::now());
-                        closing = Some((TokioInstant::now() + CLOSE_LINGER, vec![reply]));
-                    }
+                    Some(Command::Shutdown { reply }) => closing = Some(Closing::new(Some(reply))),
                     Some(cmd) => self.command(cmd),
-                    None => {
-                        // Every handle is gone: shut down as if asked.
-                        self.core.close(std::time::Instant::now());
-                        closing = Some((TokioInstant::now() + CLOSE_LINGER, Vec::new()));
-                    }
+                    // Every handle is gone: shut down as if asked.
+                    None => closing = Some(Closing::new(None)),
                 },
                 res = self.transport.recv_batch(&mut received, IO_BATCH) => {
                     match res {
@@ -355,10 +383,8 @@ impl<T: DatagramTransport> Driver<T> {
         self.publish_snapshots();
         self.shared.in_sync.send_replace(false);
         self.shared.stopped.send_replace(true);
-        if let Some((_, replies)) = closing {
-            for reply in replies {
-                let _ = reply.send(());
-            }
+        if let Some(reply) = closing.and_then(|c| c.reply) {
+            let _ = reply.send(());
         }
         tracing::info!("node stopped");
     }

@@ -222,3 +222,44 @@ async fn watch_sees_every_change_of_its_prefix() {
     a.shutdown().await.expect("shutdown");
     b.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_loses_no_acknowledged_write() {
+    let port = 17_615;
+    let receiver = Node::builder()
+        .cluster("t-drain")
+        .group(group(port))
+        .interface("127.0.0.1")
+        .node_id(2)
+        .inject_receive_loss(0.2, 7)
+        .start()
+        .await
+        .expect("receiver starts");
+    let writer = start("t-drain", port, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while writer.members().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for k in 0..500 {
+        writer
+            .put(format!("d/{k:03}"), vec![b'v'; 200])
+            .await
+            .expect("put");
+    }
+    // Shut down at once: the writer must stay until the receiver has everything, repairing
+    // what the 20 % injected loss took, before it says goodbye.
+    writer.shutdown().await.expect("shutdown");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while receiver.scan("d/").len() < 500 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        receiver.scan("d/").len(),
+        500,
+        "every acknowledged write reached the receiver"
+    );
+    let counters: std::collections::HashMap<String, u64> =
+        receiver.counters().into_iter().collect();
+    assert!(counters["driver_injected_drops"] > 0, "loss was injected");
+    receiver.shutdown().await.expect("shutdown");
+}
