@@ -64,14 +64,24 @@ up() {
     trap - ERR
 }
 
+# Start time of process $1 in seconds since the epoch (boot time + start ticks; the fields
+# after the command name are counted from its closing parenthesis, the name may hold spaces).
+process_start() {
+    local ticks
+    ticks=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $20}')
+    [ -n "$ticks" ] || { echo 0; return; }
+    echo $(($(awk '/^btime/ {print $2}' /proc/stat) + ticks / $(getconf CLK_TCK)))
+}
+
 clean_stale() {
     local ns pid
     for ns in $(ip netns list | awk '{print $1}' | grep -E '^chorus-[0-9]+-' || true); do
         pid=${ns#chorus-}
         pid=${pid%%-*}
-        # Stale when its creator is gone, or when that pid now belongs to a younger process.
+        # Stale when its creator is gone, or when that pid now belongs to a process started
+        # after the namespace was made (pid reuse); 2 s of slack for clock rounding.
         if ! kill -0 "$pid" 2>/dev/null ||
-            [ "$(stat -c %Y "/run/netns/$ns")" -lt "$(stat -c %Y "/proc/$pid")" ]; then
+            [ $(($(stat -c %Y "/run/netns/$ns") + 2)) -lt "$(process_start "$pid")" ]; then
             echo "lab.sh: removing stale namespace $ns (pid $pid is gone)" >&2
             down "${ns%-*}"
         fi

@@ -1578,7 +1578,7 @@ fn scenario_hostile() {
         "--group",
         GROUP_V4,
         "--count",
-        "300",
+        "150",
         "--timeout",
         "10",
         "--out",
