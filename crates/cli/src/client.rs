@@ -227,7 +227,7 @@ pub fn get(args: &KeyArgs) -> anyhow::Result<Outcome> {
             Ok(text) => obj.insert("value".into(), Value::from(text)),
             Err(_) => obj.insert(
                 "value_base64".into(),
-                Value::from(crate::base64::encode(&reply.body)),
+                Value::from(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &reply.body)),
             ),
         };
         if let Some(rev) = reply

@@ -5,7 +5,6 @@
 //! everything else is a client of that HTTP API or of the loopback network.
 
 mod agent;
-mod base64;
 mod bench;
 mod cli;
 mod client;
