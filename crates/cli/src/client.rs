@@ -227,7 +227,10 @@ pub fn get(args: &KeyArgs) -> anyhow::Result<Outcome> {
             Ok(text) => obj.insert("value".into(), Value::from(text)),
             Err(_) => obj.insert(
                 "value_base64".into(),
-                Value::from(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &reply.body)),
+                Value::from(base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    &reply.body,
+                )),
             ),
         };
         if let Some(rev) = reply

@@ -169,7 +169,10 @@ fn value_fields(obj: &mut serde_json::Map<String, Value>, value: &[u8]) {
         Ok(text) => obj.insert("value".into(), Value::from(text)),
         Err(_) => obj.insert(
             "value_base64".into(),
-            Value::from(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, value)),
+            Value::from(base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                value,
+            )),
         ),
     };
 }
