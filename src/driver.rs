@@ -9,7 +9,8 @@ use chorus_protocol::{
     ClusterId, Config as ProtocolConfig, Event, Incarnation, MemberState, NodeId,
 };
 use chorus_replication::{
-    Change, CoreError, NodeConfig, NodeCore, NodeEvent, NodeStats, Store, Version, WallClock,
+    Change, CoreError, DiskLog, DiskOptions, NodeConfig, NodeCore, NodeEvent, NodeStats, Store,
+    Version, WallClock,
 };
 use chorus_transport::{
     DatagramTransport, Destination, Interface, Mode, Outgoing, Received, TransportConfig,
@@ -244,7 +245,24 @@ pub(crate) fn spawn<T: DatagramTransport>(
         epoch: now_std,
         epoch_ms,
     };
-    let core = NodeCore::new(NodeConfig::new(protocol, wall), now_std);
+    let config = NodeConfig::new(protocol, wall);
+    let core = match &builder.data_dir {
+        None => NodeCore::new(config, now_std),
+        Some(dir) => {
+            let (log, loaded) = DiskLog::open(dir, DiskOptions::new(builder.fsync))?;
+            tracing::info!(
+                node = node_id,
+                dir = %dir.display(),
+                entries = loaded.entries.len(),
+                generation = loaded.report.generation,
+                damaged_regions = loaded.report.corrupt_records,
+                torn_tail_bytes = loaded.report.torn_tail_bytes,
+                fsync = %builder.fsync,
+                "store loaded from the data directory"
+            );
+            NodeCore::with_durability(config, now_std, Box::new(log), loaded)
+        }
+    };
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let shared = Arc::new(Shared {
         node_id,
@@ -270,6 +288,7 @@ pub(crate) fn spawn<T: DatagramTransport>(
         dropped_by_injection: 0,
         send_errors: 0,
         recv_errors: 0,
+        acks: Vec::new(),
     };
     let span = tracing::info_span!("node", id = node_id);
     let handle = tokio::spawn(tracing::Instrument::instrument(driver.run(cmd_rx), span));
@@ -295,6 +314,12 @@ impl Closing {
     }
 }
 
+/// A write's reply and its result, held until the write is durable.
+type Ack = (
+    oneshot::Sender<Result<Version, Error>>,
+    Result<Version, Error>,
+);
+
 struct Driver<T> {
     core: NodeCore,
     transport: T,
@@ -303,6 +328,8 @@ struct Driver<T> {
     dropped_by_injection: u64,
     send_errors: u64,
     recv_errors: u64,
+    /// Write replies held until the writes are durable (group commit).
+    acks: Vec<Ack>,
 }
 
 impl<T: DatagramTransport> Driver<T> {
@@ -314,6 +341,7 @@ impl<T: DatagramTransport> Driver<T> {
         tracing::info!(incarnation = self.shared.incarnation, "node started");
         loop {
             let now = std::time::Instant::now();
+            self.persist(now, false);
             self.flush(now, &mut outgoing).await;
             self.drain_events();
             if TokioInstant::now() >= next_snapshot {
@@ -350,7 +378,21 @@ impl<T: DatagramTransport> Driver<T> {
             tokio::select! {
                 cmd = cmd_rx.recv(), if closing.is_none() => match cmd {
                     Some(Command::Shutdown { reply }) => closing = Some(Closing::new(Some(reply))),
-                    Some(cmd) => self.command(cmd),
+                    Some(cmd) => {
+                        self.command(cmd);
+                        // Group commit: take the commands already waiting (up to a shutdown),
+                        // so one fsync at the top of the loop covers them all.
+                        for _ in 1..IO_BATCH {
+                            match cmd_rx.try_recv() {
+                                Ok(Command::Shutdown { reply }) => {
+                                    closing = Some(Closing::new(Some(reply)));
+                                    break;
+                                }
+                                Ok(cmd) => self.command(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     // Every handle is gone: shut down as if asked.
                     None => closing = Some(Closing::new(None)),
                 },
@@ -379,6 +421,7 @@ impl<T: DatagramTransport> Driver<T> {
                 other => self.command(other),
             }
         }
+        self.persist(std::time::Instant::now(), true);
         self.drain_events();
         self.publish_snapshots();
         self.shared.in_sync.send_replace(false);
@@ -387,6 +430,24 @@ impl<T: DatagramTransport> Driver<T> {
             let _ = reply.send(());
         }
         tracing::info!("node stopped");
+    }
+
+    /// Makes the changes applied so far durable (one fsync for every write handled since the
+    /// last call, under `Fsync::Always`), then acknowledges the writes held for it. With
+    /// `force`, fsyncs whatever the policy (shutdown).
+    fn persist(&mut self, now: std::time::Instant, force: bool) {
+        let result = if force {
+            self.core.sync_durable(now)
+        } else {
+            self.core.flush_durable(now)
+        };
+        for (reply, res) in self.acks.drain(..) {
+            let res = match (&result, res) {
+                (Err(e), Ok(_)) => Err(Error::Durability(e.clone())),
+                (_, res) => res,
+            };
+            let _ = reply.send(res);
+        }
     }
 
     fn receive(&mut self, received: &mut Vec<Received>) {
@@ -411,10 +472,12 @@ impl<T: DatagramTransport> Driver<T> {
         };
         match cmd {
             Command::Put { key, value, reply } => {
-                let _ = reply.send(self.core.put(now, key, value).map_err(closed));
+                let result = self.core.put(now, key, value).map_err(closed);
+                self.acks.push((reply, result));
             }
             Command::Delete { key, reply } => {
-                let _ = reply.send(self.core.delete(now, key).map_err(closed));
+                let result = self.core.delete(now, key).map_err(closed);
+                self.acks.push((reply, result));
             }
             Command::Batch { ops, reply } => {
                 let ops = ops
@@ -424,7 +487,8 @@ impl<T: DatagramTransport> Driver<T> {
                         Op::Delete { key } => chorus_replication::Op::Delete { key },
                     })
                     .collect();
-                let _ = reply.send(self.core.batch(now, ops).map_err(closed));
+                let result = self.core.batch(now, ops).map_err(closed);
+                self.acks.push((reply, result));
             }
             Command::ChangesSince {
                 revision,
@@ -584,5 +648,10 @@ fn counters(stats: &NodeStats) -> BTreeMap<String, u64> {
     out.insert("core_sync_backlog".into(), stats.sync_backlog as u64);
     out.insert("core_sync_dropped".into(), stats.sync_dropped);
     out.insert("core_too_large".into(), stats.too_large);
+    if let Some(durable) = &stats.durable {
+        for (name, value) in durable.counters() {
+            out.insert(format!("durable_{name}"), value);
+        }
+    }
     out
 }

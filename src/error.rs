@@ -31,6 +31,9 @@ pub enum Error {
     /// The node has been shut down (or its driver stopped); the call had no effect.
     #[error("the node is shut down")]
     Closed,
+    /// The data directory could not be opened, read, locked or written.
+    #[error(transparent)]
+    Durability(#[from] chorus_replication::DurableError),
     /// The builder was given an invalid combination of settings.
     #[error("invalid configuration: {0}")]
     Config(String),

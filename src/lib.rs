@@ -6,8 +6,11 @@
 //! of `chorus-transport`. Reads ([`Node::get`], [`Node::scan`]) go straight to the shared
 //! store; writes and everything that touches protocol state go through the driver task.
 //!
-//! What it does not do: durable storage (the store lives in memory), cross-node transactions,
-//! or encryption (run it on a trusted network segment).
+//! With [`NodeBuilder::data_dir`] the store is also kept on disk (write-ahead log plus
+//! snapshots) and a restarted node starts from it; without, it lives in memory.
+//!
+//! What it does not do: cross-node transactions, or encryption (run it on a trusted network
+//! segment).
 //!
 //! # Examples
 //!
@@ -32,7 +35,7 @@ mod error;
 mod node;
 mod watch;
 
-pub use chorus_replication::{Change, Version};
+pub use chorus_replication::{Change, DurableError, Fsync, Version};
 pub use chorus_transport::{Interface, Mode};
 pub use error::Error;
 pub use node::{DEFAULT_GROUP, Entry, MemberInfo, Node, NodeBuilder, Op, Preset};

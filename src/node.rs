@@ -1,10 +1,12 @@
 //! The public handle ([`Node`]) and its builder.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chorus_replication::Fsync;
 use chorus_transport::{Interface, Mode};
 use tokio::sync::oneshot;
 
@@ -74,6 +76,8 @@ pub struct NodeBuilder {
     pub(crate) node_id: Option<u64>,
     pub(crate) preset: Preset,
     pub(crate) receive_loss: Option<(f64, u64)>,
+    pub(crate) data_dir: Option<PathBuf>,
+    pub(crate) fsync: Fsync,
 }
 
 /// The default multicast group when none is given.
@@ -91,6 +95,8 @@ impl Default for NodeBuilder {
             node_id: None,
             preset: Preset::Lan,
             receive_loss: None,
+            data_dir: None,
+            fsync: Fsync::Always,
         }
     }
 }
@@ -142,6 +148,24 @@ impl NodeBuilder {
         self
     }
 
+    /// Keep the store in `dir` (a write-ahead log plus snapshots, created if missing): the
+    /// node starts from what the directory holds, then syncs only what changed while it was
+    /// away. Without it the store lives in memory and a restarted node refills from its peers.
+    /// One node per directory (a lock file enforces it). See `docs/replication.md`,
+    /// Durability.
+    pub fn data_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.data_dir = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    /// When writes reach stable storage (only with [`data_dir`](Self::data_dir)). Default
+    /// [`Fsync::Always`]: `put`, `delete` and `batch` return after an fsync that covers them
+    /// (writes arriving together share one).
+    pub fn fsync(mut self, policy: Fsync) -> Self {
+        self.fsync = policy;
+        self
+    }
+
     /// Drop this share of received datagrams, chosen by a generator seeded with `seed`.
     /// For demonstrations and tests of loss repair; not for production.
     pub fn inject_receive_loss(mut self, probability: f64, seed: u64) -> Self {
@@ -157,7 +181,8 @@ impl NodeBuilder {
     ///
     /// [`Error::Transport`] when the sockets cannot be set up (unknown interface, no multicast
     /// route, port in use, ...); the message says how to fix it. [`Error::Config`] for an
-    /// invalid combination of settings.
+    /// invalid combination of settings. [`Error::Durability`] when the data directory cannot
+    /// be opened, read or locked.
     pub async fn start(self) -> Result<Node, Error> {
         let transport = driver::open_transport(&self)?;
         self.start_with_transport(transport).await
@@ -215,13 +240,16 @@ impl Node {
         rx.await.map_err(|_| Error::Closed)
     }
 
-    /// Set `key` to `value` on every node. Returns once the write is applied locally and
+    /// Set `key` to `value` on every node. Returns once the write is applied locally,
+    /// persisted as the [`fsync`](NodeBuilder::fsync) policy says (with a data directory) and
     /// queued for reliable multicast; other nodes apply it as it arrives.
     ///
     /// # Errors
     ///
     /// [`Error::Replication`] when the key or value breaks a limit (nothing changed);
-    /// [`Error::Closed`] after shutdown.
+    /// [`Error::Closed`] after shutdown; [`Error::Durability`] when the data directory could
+    /// not be written: the write is applied and replicated but may not survive a crash of
+    /// this node.
     ///
     /// # Cancel safety
     ///
@@ -321,9 +349,12 @@ impl Node {
     /// Graceful shutdown: send what is queued, multicast a goodbye, stop the driver.
     /// Calling it again is harmless.
     ///
+    /// With a data directory, everything written is fsynced before the driver stops.
+    ///
     /// # Errors
     ///
-    /// None today; the `Result` leaves room for a durable backend's flush.
+    /// None today: a failed final fsync is logged (the writes it covered were already
+    /// acknowledged under the chosen fsync policy).
     pub async fn shutdown(&self) -> Result<(), Error> {
         match self.command(|reply| Command::Shutdown { reply }).await {
             Ok(()) | Err(Error::Closed) => {}

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use chorus_protocol::{Endpoint, Event, Member, SendError, Transmit};
 
 use crate::config::ReplicaConfig;
+use crate::durable::{Durability, DurableError, DurableStats, Loaded};
 use crate::error::{Compacted, Error};
 use crate::hlc::Version;
 use crate::replica::{Change, Op, OutgoingKind, Replica, ReplicaEvent, ReplicaStats};
@@ -122,6 +123,8 @@ pub struct NodeStats {
     pub sync_dropped: u64,
     /// Messages the endpoint refused as too large (a configuration error; dropped).
     pub too_large: u64,
+    /// The durable backend's counters, when the node has one.
+    pub durable: Option<DurableStats>,
 }
 
 /// One node of a Chorus cluster as a sans-IO state machine: a `chorus_protocol::Endpoint`
@@ -154,9 +157,30 @@ pub struct NodeCore {
 }
 
 impl NodeCore {
-    /// A node created at `now`, with an empty store.
+    /// A node created at `now`, with an empty store kept in memory only.
     #[must_use]
     pub fn new(config: NodeConfig, now: Instant) -> NodeCore {
+        NodeCore::build(config, now, None)
+    }
+
+    /// A node created at `now` whose store starts as `loaded` (found on disk by the backend)
+    /// and persists every change to `durability` (see [`Replica::restore`]). The owner must
+    /// call [`flush_durable`](NodeCore::flush_durable) before it acknowledges writes.
+    #[must_use]
+    pub fn with_durability(
+        config: NodeConfig,
+        now: Instant,
+        durability: Box<dyn Durability>,
+        loaded: Loaded,
+    ) -> NodeCore {
+        NodeCore::build(config, now, Some((durability, loaded)))
+    }
+
+    fn build(
+        config: NodeConfig,
+        now: Instant,
+        durable: Option<(Box<dyn Durability>, Loaded)>,
+    ) -> NodeCore {
         let endpoint = Endpoint::new(config.protocol, now);
         let mut rcfg = config.replica;
         rcfg.node = endpoint.node_id().0;
@@ -164,8 +188,14 @@ impl NodeCore {
             .limits
             .max_write_bytes
             .min(endpoint.config().max_message_size);
+        let replica = match durable {
+            None => Replica::new(rcfg, now),
+            Some((d, loaded)) => {
+                Replica::restore(rcfg, now, config.wall_clock.wall_ms(now), d, loaded)
+            }
+        };
         NodeCore {
-            replica: Replica::new(rcfg, now),
+            replica,
             endpoint,
             wall: config.wall_clock,
             writes: VecDeque::new(),
@@ -254,6 +284,27 @@ impl NodeCore {
         Ok(version)
     }
 
+    /// Makes the changes applied so far durable as the fsync policy says (with
+    /// `Fsync::Always`, every local write accepted so far is fsynced when this returns `Ok`).
+    /// Call it once after a group of commands and before acknowledging them: one fsync then
+    /// covers the whole group. Does nothing without a durable backend.
+    ///
+    /// # Errors
+    /// The backend could not write or fsync: the writes are applied and replicated, but
+    /// may not survive a crash of this node.
+    pub fn flush_durable(&mut self, now: Instant) -> Result<(), DurableError> {
+        self.replica.flush_durable(now, false)
+    }
+
+    /// Like [`flush_durable`](NodeCore::flush_durable), but fsyncs whatever was written,
+    /// whatever the policy (for shutdown).
+    ///
+    /// # Errors
+    /// As [`flush_durable`](NodeCore::flush_durable).
+    pub fn sync_durable(&mut self, now: Instant) -> Result<(), DurableError> {
+        self.replica.flush_durable(now, true)
+    }
+
     /// Hands every queued write over, then says goodbye; later commands fail with `Closed`.
     /// Writes the send window could not take before the goodbye are dropped.
     pub fn close(&mut self, now: Instant) {
@@ -317,6 +368,7 @@ impl NodeCore {
             sync_backlog: self.sync.len(),
             sync_dropped: self.sync_dropped,
             too_large: self.too_large,
+            durable: self.replica.durable_stats(),
         }
     }
 

@@ -11,18 +11,23 @@
 //! - runs anti-entropy: bucketed digests, summaries, requests and entries, so nodes that
 //!   lost messages, were partitioned or joined late converge, and reports `InSync`;
 //! - collects tombstones after a grace period;
+//! - persists, when given a [`Durability`] backend ([`DiskLog`]: a write-ahead log plus
+//!   snapshots, the only file I/O of this crate, behind that explicit seam), every committed
+//!   change, and restores a replica from what was found on disk;
 //! - [`NodeCore`] wires a `chorus_protocol::Endpoint` and a [`Replica`] into one sans-IO
 //!   node that the tokio driver and the simulator both drive.
 //!
 //! What it does not do: it opens no socket, reads no clock, spawns no task and draws no
 //! unseeded randomness. Reliable multicast, membership and loss detection belong to
 //! `chorus-protocol`; the driver (production or simulator) feeds their outputs in. No
-//! cross-node transactions, no durability (the store lives in memory), no read quorum.
+//! cross-node transactions, no read quorum. Without a backend (the default, and always in
+//! the simulator) the store lives in memory and no file is touched.
 //!
 //! See `docs/replication.md` for the guarantees and the sync protocol.
 
 mod config;
 mod core;
+mod durable;
 mod error;
 mod hash;
 mod hlc;
@@ -38,6 +43,10 @@ pub mod wire {
 pub use crate::core::{CoreError, NodeConfig, NodeCore, NodeEvent, NodeStats, WallClock};
 pub use chorus_protocol;
 pub use config::{Limits, ReplicaConfig};
+pub use durable::{
+    DiskLog, DiskOptions, Durability, DurableError, DurableStats, Fsync, LoadReport, Loaded,
+    ParseFsyncError,
+};
 pub use error::{Compacted, Error};
 pub use hlc::{DriftError, Hlc, HlcClock, MAX_PHYSICAL_MS, Version};
 pub use replica::{Change, Op, Outgoing, OutgoingKind, Replica, ReplicaEvent, ReplicaStats};

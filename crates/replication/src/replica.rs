@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{Limits, ReplicaConfig};
+use crate::durable::{Durability, DurableError, Loaded};
 use crate::error::{Compacted, Error};
 use crate::hash::{bucket_of, entry_hash, rendezvous};
 use crate::hlc::{Hlc, HlcClock, Version};
@@ -262,6 +263,11 @@ pub struct Replica {
     recovering: bool,
     last_wall_ms: u64,
     stats: ReplicaStats,
+    /// Where committed changes are persisted; `None` keeps the store in memory only.
+    durability: Option<Box<dyn Durability>>,
+    /// Loaded from disk after an absence longer than the grace period: enter recovery when
+    /// the first peer comes up, as after a long isolation.
+    absent_too_long: bool,
 }
 
 impl Replica {
@@ -293,8 +299,111 @@ impl Replica {
             recovering: false,
             last_wall_ms: 0,
             stats: ReplicaStats::default(),
+            durability: None,
+            absent_too_long: false,
             cfg,
         }
+    }
+
+    /// A replica that persists every change to `durability` and starts from `loaded`, the
+    /// store as it was found on disk (see `docs/replication.md`, Durability).
+    ///
+    /// Loaded entries keep their versions, tombstones included (so a deleted key does not
+    /// come back), and get fresh local revisions `1..=n` in key order; the change log starts
+    /// empty (watchers resuming from an older life get `Compacted`). The clock is moved past
+    /// every loaded version, so new writes win over everything this node wrote before.
+    ///
+    /// A replica that loaded entries is not *fresh*: its store is evidence. It is fresh again
+    /// when `loaded` is empty or was damaged (records lost: its absences prove nothing), and
+    /// it enters recovery at the first peer if `loaded.last_wall_ms` is more than
+    /// `tombstone_grace` before `wall_ms` (it may hold keys deleted and collected meanwhile).
+    #[must_use]
+    pub fn restore(
+        cfg: ReplicaConfig,
+        now: Instant,
+        wall_ms: u64,
+        durability: Box<dyn Durability>,
+        loaded: Loaded,
+    ) -> Replica {
+        let mut r = Replica::new(cfg, now);
+        r.last_wall_ms = wall_ms;
+        let damaged = loaded.damaged();
+        let absent_ms = wall_ms.saturating_sub(loaded.last_wall_ms);
+        let grace = u64::try_from(r.cfg.tombstone_grace.as_millis()).unwrap_or(u64::MAX);
+        let mut commit = Vec::with_capacity(loaded.entries.len());
+        for (key, value, version) in loaded.entries {
+            let b = bucket_of(&key, r.cfg.buckets.get()) as usize;
+            let tombstone = value.is_none();
+            let bucket = &mut r.buckets[b];
+            if let Some(old) = bucket.keys.insert(key.clone(), Meta { version, tombstone }) {
+                // Keys come from a map, so this is unreachable; keep the sums right anyway.
+                bucket.sum = bucket
+                    .sum
+                    .wrapping_sub(entry_hash(&key, old.version, old.tombstone));
+            }
+            bucket.sum = bucket
+                .sum
+                .wrapping_add(entry_hash(&key, version, tombstone));
+            if tombstone {
+                r.tombstones.insert((version, key.clone()));
+            }
+            if version.hlc > r.clock.last() {
+                // Our own past: no drift check (the wall clock may have stepped back).
+                let _ = r.clock.observe(version.hlc, version.hlc.physical_ms());
+            }
+            let revision = r.next_revision;
+            r.next_revision += 1;
+            commit.push((
+                key,
+                Entry {
+                    value,
+                    version,
+                    revision,
+                },
+            ));
+        }
+        let had_data = !commit.is_empty();
+        if had_data {
+            r.store.commit(commit);
+        }
+        r.fresh = !had_data || damaged;
+        r.absent_too_long = had_data && loaded.last_wall_ms > 0 && absent_ms > grace;
+        r.durability = Some(durability);
+        r
+    }
+
+    /// Writes persisted changes out and fsyncs them as the backend's policy says; with
+    /// `force`, fsyncs whatever is written. Compacts the log when it has grown enough (a
+    /// failed compaction is logged and counted by the backend, and the old log stays in use).
+    /// Call before acknowledging local writes. Without a backend, does nothing.
+    ///
+    /// # Errors
+    /// The backend failed to write or fsync; the changes are applied in memory but may not
+    /// survive a crash of this node.
+    pub fn flush_durable(&mut self, now: Instant, force: bool) -> Result<(), DurableError> {
+        let Some(d) = self.durability.as_mut() else {
+            return Ok(());
+        };
+        d.flush(now, force)?;
+        if d.wants_compaction() {
+            let entries = self.store.entries();
+            if let Err(error) = d.compact(&entries, self.last_wall_ms) {
+                tracing::warn!(%error, "snapshot failed; the log keeps growing until the next attempt");
+            }
+        }
+        Ok(())
+    }
+
+    /// Counters of the durable backend, if there is one.
+    #[must_use]
+    pub fn durable_stats(&self) -> Option<crate::durable::DurableStats> {
+        self.durability.as_ref().map(|d| d.stats())
+    }
+
+    /// Whether this replica has a durable backend.
+    #[must_use]
+    pub fn is_durable(&self) -> bool {
+        self.durability.is_some()
     }
 
     /// This node's id.
@@ -431,7 +540,7 @@ impl Replica {
                 Op::Delete { key } => (key, None, version),
             })
             .collect();
-        self.apply(items, wall_ms);
+        self.apply(items, wall_ms, true);
         self.stats.local_writes += 1;
         self.outgoing.push_back(Outgoing {
             kind: OutgoingKind::Write,
@@ -480,15 +589,29 @@ impl Replica {
         if let Some(tr) = self.triggered_digest {
             t = t.min(tr);
         }
+        if let Some(d) = self.durability.as_ref().and_then(|d| d.poll_timeout()) {
+            t = t.min(d);
+        }
         if !self.in_sync && !self.has_live_peer() {
             t = t.min(self.created + self.cfg.solo_in_sync_after);
         }
         Some(t)
     }
 
-    /// Timers: periodic and triggered digests, tombstone collection, the solo in-sync rule.
+    /// Timers: periodic and triggered digests, tombstone collection, the solo in-sync rule,
+    /// the durable backend's fsync interval.
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
         self.last_wall_ms = self.last_wall_ms.max(wall_ms);
+        if self
+            .durability
+            .as_ref()
+            .and_then(|d| d.poll_timeout())
+            .is_some_and(|t| t <= now)
+        {
+            // An fsync the policy owes. A failure is logged by the backend and reported to the
+            // writers by the owner's next `flush_durable`.
+            let _ = self.flush_durable(now, false);
+        }
         let due = self.next_digest <= now || self.triggered_digest.is_some_and(|t| t <= now);
         if due {
             self.collect_tombstones(wall_ms);
@@ -509,10 +632,12 @@ impl Replica {
         if node == self.cfg.node {
             return;
         }
-        if let Some(since) = self.isolated_since.take()
-            && now.saturating_duration_since(since) > self.cfg.tombstone_grace
-            && !self.fresh
-        {
+        let long_isolation = self
+            .isolated_since
+            .take()
+            .is_some_and(|since| now.saturating_duration_since(since) > self.cfg.tombstone_grace);
+        let long_absence = std::mem::take(&mut self.absent_too_long);
+        if (long_isolation || long_absence) && !self.fresh {
             self.recovering = true;
             self.stats.recoveries += 1;
         }
@@ -610,7 +735,7 @@ impl Replica {
             .map(|op| (op.key, op.value, version))
             .collect();
         self.stats.remote_writes += 1;
-        self.apply(items, wall_ms);
+        self.apply(items, wall_ms, false);
     }
 
     fn on_digest(&mut self, now: Instant, from: u64, d: wire::Digest) {
@@ -790,7 +915,7 @@ impl Replica {
                 },
             ));
         }
-        let applied = self.apply(items, wall_ms);
+        let applied = self.apply(items, wall_ms, false);
         if applied > 0 && !self.in_sync {
             // Let the answers settle, then show the peers where this node stands.
             self.trigger_digest(now);
@@ -798,8 +923,9 @@ impl Replica {
     }
 
     /// Merges entries: each wins only over an older version. Applied as one change set, so
-    /// multi-key readers see all or none of it. Returns how many entries were stored.
-    fn apply(&mut self, items: Vec<Item>, wall_ms: u64) -> usize {
+    /// multi-key readers see all or none of it, after it was handed to the durable backend
+    /// (`local`: this node's own write). Returns how many entries were stored.
+    fn apply(&mut self, items: Vec<Item>, wall_ms: u64, local: bool) -> usize {
         let horizon = self.horizon_ms(wall_ms);
         let mut commit = Vec::with_capacity(items.len());
         for (key, value, version) in items {
@@ -851,6 +977,24 @@ impl Replica {
         }
         let n = commit.len();
         self.stats.changes_applied += n as u64;
+        if n > 0
+            && let Some(d) = self.durability.as_mut()
+        {
+            let record = wire::LogRecord {
+                wall_ms: self.last_wall_ms.max(wall_ms),
+                entries: commit
+                    .iter()
+                    .map(|(key, e)| wire::Entry {
+                        key: key.clone(),
+                        hlc: e.version.hlc.0,
+                        node: e.version.node,
+                        value: e.value.clone(),
+                    })
+                    .collect(),
+                removed: Vec::new(),
+            };
+            d.append(&record, local);
+        }
         if n > 0 {
             self.store.commit(commit);
         }
@@ -875,6 +1019,7 @@ impl Replica {
     /// Removes tombstones older than the grace period from the store and the digest.
     fn collect_tombstones(&mut self, wall_ms: u64) {
         let horizon = self.horizon_ms(wall_ms);
+        let mut removed = Vec::new();
         while let Some((version, key)) = self.tombstones.first().cloned() {
             if version.hlc.physical_ms() >= horizon {
                 break;
@@ -891,7 +1036,28 @@ impl Replica {
                 bucket.sum = bucket.sum.wrapping_sub(entry_hash(&key, version, true));
                 self.store.remove_tombstone(&key, version);
                 self.stats.tombstones_collected += 1;
+                removed.push(wire::KeyVersion {
+                    key,
+                    hlc: version.hlc.0,
+                    node: version.node,
+                });
             }
+        }
+        self.persist_removed(removed);
+    }
+
+    /// Hands removals (collected tombstones, forgotten entries) to the durable backend.
+    fn persist_removed(&mut self, removed: Vec<wire::KeyVersion>) {
+        if removed.is_empty() {
+            return;
+        }
+        if let Some(d) = self.durability.as_mut() {
+            let record = wire::LogRecord {
+                wall_ms: self.last_wall_ms,
+                entries: Vec::new(),
+                removed,
+            };
+            d.append(&record, false);
         }
     }
 
@@ -922,6 +1088,11 @@ impl Replica {
         }
         self.store.remove(key);
         self.stats.entries_forgotten += 1;
+        self.persist_removed(vec![wire::KeyVersion {
+            key: key.to_owned(),
+            hlc: m.version.hlc.0,
+            node: m.version.node,
+        }]);
         if !m.tombstone {
             let revision = self.next_revision;
             self.next_revision += 1;

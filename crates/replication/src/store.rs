@@ -44,8 +44,9 @@ impl Entry {
 /// # Durability seam
 /// Every mutation goes through [`Store::commit`] (and the tombstone collector's
 /// `Store::remove_tombstone`), called only by the owning replica after it decided the
-/// winner. A durable backend is added by writing the same change set to it inside `commit`
-/// (and loading it in the replica's constructor); the read API does not change.
+/// winner. The replica hands the same change set (and every removal) to its durable backend
+/// just before (see `durable.rs` and [`Replica::restore`](crate::Replica::restore), which
+/// loads a store from disk); the read API does not change.
 #[derive(Clone, Default)]
 pub struct Store {
     inner: Arc<Inner>,

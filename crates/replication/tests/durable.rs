@@ -1,0 +1,505 @@
+//! The durable backend (`DiskLog`) and restoring a `Replica` from it: reload equality, torn
+//! tails, flipped bytes in the log and in a snapshot, compaction, tombstones and freshness
+//! after a restart, and catching up with a peer after a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chorus_replication::{
+    DiskLog, DiskOptions, DurableError, Fsync, Loaded, Op, Replica, ReplicaConfig, Version, wire,
+};
+use prost::Message as _;
+
+const WALL: u64 = 1_700_000_000_000;
+
+/// A unique directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let p = std::env::temp_dir().join(format!(
+            "chorus-durable-{name}-{}-{nanos}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn options() -> DiskOptions {
+    DiskOptions::new(Fsync::Always)
+}
+
+fn cfg(node: u64) -> ReplicaConfig {
+    let mut c = ReplicaConfig::new(node, node * 7);
+    c.buckets = NonZeroU32::new(16).unwrap();
+    c
+}
+
+/// Opens `dir` and builds a durable replica from what it holds.
+fn open(dir: &Path, node: u64, opts: DiskOptions, now: Instant) -> (Replica, Loaded) {
+    let (log, loaded) = DiskLog::open(dir, opts).expect("open data dir");
+    let r = Replica::restore(cfg(node), now, WALL, Box::new(log), loaded.clone());
+    (r, loaded)
+}
+
+type Contents = BTreeMap<String, (Option<Bytes>, Version)>;
+
+fn contents(r: &Replica) -> Contents {
+    r.store()
+        .entries()
+        .into_iter()
+        .map(|(k, e)| (k, (e.value, e.version)))
+        .collect()
+}
+
+fn loaded_contents(l: &Loaded) -> Contents {
+    l.entries
+        .iter()
+        .map(|(k, v, ver)| (k.clone(), (v.clone(), *ver)))
+        .collect()
+}
+
+fn files(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix) && !n.ends_with(".corrupt"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn wal(dir: &Path) -> PathBuf {
+    files(dir, "wal-").pop().expect("a log file")
+}
+
+#[test]
+fn reload_gives_back_exactly_what_was_committed() {
+    let dir = TempDir::new("reload");
+    let now = Instant::now();
+    let (mut r, loaded) = open(&dir.0, 1, options(), now);
+    assert!(loaded.entries.is_empty());
+    for i in 0..50 {
+        r.put(WALL + i, format!("k/{i}"), format!("v{i}")).unwrap();
+    }
+    r.delete(WALL + 60, "k/3").unwrap();
+    r.batch(
+        WALL + 61,
+        vec![
+            Op::Put {
+                key: "b/1".into(),
+                value: Bytes::from_static(b"x"),
+            },
+            Op::Delete { key: "k/4".into() },
+        ],
+    )
+    .unwrap();
+    r.put(WALL + 62, "k/5", "newer").unwrap();
+    r.flush_durable(now, false).unwrap();
+    let before = contents(&r);
+    let digest = r.digest();
+    drop(r);
+
+    let (r2, loaded) = open(&dir.0, 1, options(), now);
+    assert!(!loaded.report.is_damaged());
+    assert_eq!(loaded.report.torn_tail_bytes, 0);
+    assert_eq!(loaded_contents(&loaded), before);
+    assert_eq!(contents(&r2), before);
+    assert_eq!(r2.digest(), digest, "digests rebuilt from the loaded store");
+    assert!(
+        r2.store()
+            .get_entry("k/3")
+            .is_some_and(|e| e.is_tombstone()),
+        "tombstones are loaded"
+    );
+    // Revisions restart locally: 1..=n.
+    assert_eq!(r2.store().revision(), before.len() as u64);
+}
+
+#[test]
+fn writes_after_a_restart_win_over_the_previous_life() {
+    let dir = TempDir::new("clock");
+    let now = Instant::now();
+    let (mut r, _) = open(&dir.0, 1, options(), now);
+    // Written with a wall clock far ahead of the one the next life sees.
+    let old = r.put(WALL + 10_000, "k", "old").unwrap();
+    r.flush_durable(now, false).unwrap();
+    drop(r);
+    let (mut r2, _) = open(&dir.0, 1, options(), now);
+    let new = r2.put(WALL, "k", "new").unwrap();
+    assert!(new > old, "{new:?} must beat {old:?}");
+    assert_eq!(r2.get("k"), Some(Bytes::from_static(b"new")));
+}
+
+#[test]
+fn a_torn_tail_is_truncated_and_the_log_stays_usable() {
+    let dir = TempDir::new("torn");
+    let now = Instant::now();
+    let (mut r, _) = open(&dir.0, 1, options(), now);
+    for i in 0..10 {
+        r.put(WALL + i, format!("k{i}"), "v").unwrap();
+        r.flush_durable(now, false).unwrap();
+    }
+    drop(r);
+    let path = wal(&dir.0);
+    let full = fs::read(&path).unwrap();
+    // Cut the last record short, as a crash in the middle of a write does.
+    fs::write(&path, &full[..full.len() - 5]).unwrap();
+
+    let (mut r2, loaded) = open(&dir.0, 1, options(), now);
+    assert!(loaded.report.torn_tail_bytes > 0);
+    assert!(!loaded.report.is_damaged());
+    assert_eq!(loaded.entries.len(), 9);
+    assert!(r2.get("k9").is_none() && r2.get("k8").is_some());
+    assert!(fs::metadata(&path).unwrap().len() < full.len() as u64 - 5);
+    // Appending after the repair gives a clean log.
+    r2.put(WALL + 100, "after", "v").unwrap();
+    r2.flush_durable(now, false).unwrap();
+    drop(r2);
+    let (_, loaded) = open(&dir.0, 1, options(), now);
+    assert_eq!(loaded.report.torn_tail_bytes, 0);
+    assert_eq!(loaded.report.corrupt_records, 0);
+    assert_eq!(loaded.entries.len(), 10);
+}
+
+#[test]
+fn garbage_after_the_last_record_is_a_torn_tail() {
+    let dir = TempDir::new("garbage");
+    let now = Instant::now();
+    let (mut r, _) = open(&dir.0, 1, options(), now);
+    r.put(WALL, "a", "1").unwrap();
+    r.flush_durable(now, false).unwrap();
+    drop(r);
+    let path = wal(&dir.0);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes.extend_from_slice(&[0u8; 100]);
+    fs::write(&path, &bytes).unwrap();
+    let (_, loaded) = open(&dir.0, 1, options(), now);
+    assert_eq!(loaded.report.torn_tail_bytes, 100);
+    assert_eq!(loaded.entries.len(), 1);
+}
+
+#[test]
+fn a_flipped_byte_in_the_middle_of_the_log_is_skipped_counted_and_set_aside() {
+    let dir = TempDir::new("flip");
+    let now = Instant::now();
+    let (mut r, _) = open(&dir.0, 1, options(), now);
+    let mut ends = Vec::new();
+    for i in 0..5 {
+        r.put(WALL + i, format!("k{i}"), format!("value-{i}"))
+            .unwrap();
+        r.flush_durable(now, false).unwrap();
+        ends.push(fs::metadata(wal(&dir.0)).unwrap().len() as usize);
+    }
+    drop(r);
+    let path = wal(&dir.0);
+    let mut bytes = fs::read(&path).unwrap();
+    // A byte inside the payload of the third record (k2).
+    let at = ends[1] + 20;
+    bytes[at] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+
+    let (r2, loaded) = open(&dir.0, 1, options(), now);
+    assert_eq!(loaded.report.corrupt_records, 1);
+    assert_eq!(loaded.report.corrupt_bytes, (ends[2] - ends[1]) as u64);
+    assert!(loaded.damaged());
+    let keys: Vec<&str> = loaded.entries.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(keys, ["k0", "k1", "k3", "k4"], "intact records kept");
+    assert!(r2.get("k2").is_none());
+    let mut aside = path.clone().into_os_string();
+    aside.push(".corrupt");
+    assert!(
+        Path::new(&aside).exists(),
+        "damaged log kept for inspection"
+    );
+    drop(r2);
+    // What was intact was rewritten: the next start is clean and has the same entries.
+    let (_, again) = open(&dir.0, 1, options(), now);
+    assert!(!again.report.is_damaged());
+    assert_eq!(loaded_contents(&again), loaded_contents(&loaded));
+}
+
+fn small_compaction() -> DiskOptions {
+    let mut o = DiskOptions::new(Fsync::Never);
+    o.compact_factor = NonZeroU32::new(2).unwrap();
+    o.compact_min_bytes = 16 * 1024;
+    o
+}
+
+#[test]
+fn compaction_bounds_the_log_and_keeps_the_state() {
+    let dir = TempDir::new("compact");
+    let now = Instant::now();
+    let (mut r, _) = open(&dir.0, 1, small_compaction(), now);
+    for i in 0..3000u64 {
+        r.put(WALL + i, format!("k{}", i % 20), vec![b'x'; 64])
+            .unwrap();
+        if i % 50 == 49 {
+            r.delete(WALL + i, format!("k{}", i % 20)).unwrap();
+        }
+        r.flush_durable(now, false).unwrap();
+    }
+    let stats = r.durable_stats().unwrap();
+    assert!(stats.snapshots >= 5, "{stats:?}");
+    assert!(
+        stats.wal_bytes <= 16 * 1024 + 512,
+        "log bounded by the compaction threshold: {stats:?}"
+    );
+    assert_eq!(files(&dir.0, "snapshot-").len(), 1, "old snapshots deleted");
+    assert_eq!(files(&dir.0, "wal-").len(), 1, "old logs deleted");
+    let before = contents(&r);
+    drop(r);
+    let (r2, loaded) = open(&dir.0, 1, small_compaction(), now);
+    assert!(!loaded.report.is_damaged());
+    assert!(loaded.report.generation >= 5);
+    assert_eq!(contents(&r2), before);
+}
+
+#[test]
+fn a_flipped_byte_in_a_snapshot_loses_one_chunk_only() {
+    let dir = TempDir::new("snapflip");
+    let now = Instant::now();
+    let mut o = DiskOptions::new(Fsync::Always);
+    o.compact_min_bytes = 0;
+    let (mut r, _) = open(&dir.0, 1, o, now);
+    let value = vec![b'v'; 1000];
+    let ops: Vec<Op> = (0..300)
+        .map(|i| Op::Put {
+            key: format!("key/{i:04}"),
+            value: Bytes::from(value.clone()),
+        })
+        .collect();
+    for chunk in ops.chunks(100) {
+        r.batch(WALL, chunk.to_vec()).unwrap();
+    }
+    // The first flush compacts (threshold 0): the whole store goes to a snapshot.
+    r.flush_durable(now, false).unwrap();
+    assert_eq!(r.durable_stats().unwrap().snapshots, 1);
+    drop(r);
+    let snap = files(&dir.0, "snapshot-").pop().unwrap();
+    let mut bytes = fs::read(&snap).unwrap();
+    assert!(bytes.len() > 4 * 64 * 1024, "several chunks");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x80;
+    fs::write(&snap, &bytes).unwrap();
+
+    let (log, loaded) = DiskLog::open(&dir.0, o).unwrap();
+    drop(log);
+    assert_eq!(loaded.report.corrupt_records, 1);
+    assert!(loaded.damaged());
+    let n = loaded.entries.len();
+    assert!(
+        (200..300).contains(&n),
+        "one chunk (~64 entries) lost, the rest kept: {n}"
+    );
+}
+
+#[test]
+fn the_data_directory_is_locked() {
+    let dir = TempDir::new("lock");
+    let (_log, _) = DiskLog::open(&dir.0, options()).unwrap();
+    match DiskLog::open(&dir.0, options()) {
+        Err(DurableError::Locked { .. }) => {}
+        other => panic!("expected Locked, got {other:?}"),
+    }
+}
+
+#[test]
+fn fsync_policies_sync_when_they_say() {
+    let dir = TempDir::new("fsync");
+    let now = Instant::now();
+    let interval = DiskOptions::new(Fsync::Interval(Duration::from_millis(100)));
+    let (mut r, _) = open(&dir.0, 1, interval, now);
+    r.put(WALL, "a", "1").unwrap();
+    r.flush_durable(now, false).unwrap();
+    assert_eq!(r.durable_stats().unwrap().fsyncs, 0, "not yet due");
+    assert_eq!(
+        r.poll_timeout()
+            .map(|t| t <= now + Duration::from_millis(100)),
+        Some(true)
+    );
+    r.handle_timeout(now + Duration::from_millis(100), WALL + 100);
+    assert_eq!(
+        r.durable_stats().unwrap().fsyncs,
+        1,
+        "due after the interval"
+    );
+    drop(r);
+
+    let dir = TempDir::new("fsync-always");
+    let (mut r, _) = open(&dir.0, 1, options(), now);
+    // Three writes in one group: one fsync.
+    r.put(WALL, "a", "1").unwrap();
+    r.put(WALL, "b", "1").unwrap();
+    r.put(WALL, "c", "1").unwrap();
+    r.flush_durable(now, false).unwrap();
+    let s = r.durable_stats().unwrap();
+    assert_eq!((s.records_written, s.fsyncs), (3, 1));
+    // A change from a peer takes the relaxed path: written now, fsynced within a second.
+    let write = wire::Envelope {
+        body: Some(wire::envelope::Body::Write(wire::Write {
+            hlc: chorus_replication::Hlc::new(WALL, 0).0,
+            ops: vec![wire::Op {
+                key: "remote".into(),
+                value: Some(Bytes::from_static(b"r")),
+            }],
+        })),
+    };
+    r.handle_message(now, WALL, 2, &write.encode_to_vec());
+    r.flush_durable(now, false).unwrap();
+    assert_eq!(r.durable_stats().unwrap().fsyncs, 1);
+    r.flush_durable(now + Duration::from_secs(1), false)
+        .unwrap();
+    assert_eq!(r.durable_stats().unwrap().fsyncs, 2);
+}
+
+/// Delivers every outgoing message of each replica to the others, and runs timers, until
+/// `done` holds or the virtual time runs out.
+fn converge(
+    reps: &mut [&mut Replica],
+    mut now: Instant,
+    done: impl Fn(&[&mut Replica]) -> bool,
+) -> Instant {
+    let end = now + Duration::from_secs(120);
+    let start = now;
+    while now < end {
+        loop {
+            let mut moved = false;
+            for i in 0..reps.len() {
+                while let Some(out) = reps[i].poll_outgoing() {
+                    moved = true;
+                    let from = reps[i].node();
+                    let wall = WALL + (now - start).as_millis() as u64;
+                    for (j, r) in reps.iter_mut().enumerate() {
+                        if j != i {
+                            r.handle_message(now, wall, from, &out.payload);
+                        }
+                    }
+                }
+                while reps[i].poll_event().is_some() {}
+            }
+            if !moved {
+                break;
+            }
+        }
+        if done(reps) {
+            return now;
+        }
+        now += Duration::from_millis(20);
+        let wall = WALL + (now - start).as_millis() as u64;
+        for r in reps.iter_mut() {
+            r.handle_timeout(now, wall);
+        }
+    }
+    panic!("did not converge");
+}
+
+fn digest_of(r: &mut Replica, now: Instant) -> wire::Digest {
+    r.handle_peer_up(now, 99);
+    let later = now + Duration::from_secs(1);
+    r.handle_timeout(later, WALL + 1000);
+    while let Some(out) = r.poll_outgoing() {
+        let env = wire::Envelope::decode(out.payload).unwrap();
+        if let Some(wire::envelope::Body::Digest(d)) = env.body {
+            return d;
+        }
+    }
+    panic!("no digest sent");
+}
+
+#[test]
+fn a_replica_with_loaded_data_is_not_fresh_and_an_empty_or_damaged_one_is() {
+    let now = Instant::now();
+    let dir = TempDir::new("fresh");
+    let (mut empty, _) = open(&dir.0, 1, options(), now);
+    assert!(digest_of(&mut empty, now).fresh, "nothing loaded: fresh");
+    empty.put(WALL, "a", "1").unwrap();
+    empty.put(WALL, "b", "1").unwrap();
+    empty.put(WALL, "c", "1").unwrap();
+    empty.flush_durable(now, false).unwrap();
+    drop(empty);
+    let (mut loaded, _) = open(&dir.0, 1, options(), now);
+    assert!(
+        !digest_of(&mut loaded, now).fresh,
+        "loaded data is evidence"
+    );
+    drop(loaded);
+    // Damage the middle record: the store may lack keys, so it must not claim otherwise.
+    let path = wal(&dir.0);
+    let mut bytes = fs::read(&path).unwrap();
+    let third = bytes.len() / 2;
+    bytes[third] ^= 0xff;
+    fs::write(&path, &bytes).unwrap();
+    let (mut damaged, l) = open(&dir.0, 1, options(), now);
+    assert!(l.damaged());
+    assert!(digest_of(&mut damaged, now).fresh);
+}
+
+#[test]
+fn a_restarted_replica_catches_up_and_a_deleted_key_stays_deleted() {
+    let now = Instant::now();
+    let dir = TempDir::new("catchup");
+    let (mut a, _) = open(&dir.0, 1, options(), now);
+    let mut b = Replica::new(cfg(2), now);
+    a.handle_peer_up(now, 2);
+    b.handle_peer_up(now, 1);
+    for i in 0..100 {
+        a.put(WALL, format!("k{i}"), "v1").unwrap();
+    }
+    a.delete(WALL, "k7").unwrap();
+    a.flush_durable(now, false).unwrap();
+    let now = converge(&mut [&mut a, &mut b], now, |r| {
+        r[0].digest() == r[1].digest() && r[0].is_in_sync() && r[1].is_in_sync()
+    });
+    assert_eq!(contents(&a), contents(&b));
+    // a goes away; b writes meanwhile, including deleting a key a holds.
+    drop(a);
+    b.handle_peer_down(now, 1);
+    b.put(WALL + 5000, "k1", "v2").unwrap();
+    b.delete(WALL + 5000, "k2").unwrap();
+    b.put(WALL + 5000, "new", "n").unwrap();
+    while b.poll_outgoing().is_some() {}
+
+    let (mut a, loaded) = open(&dir.0, 1, options(), now);
+    assert_eq!(loaded.entries.len(), 100, "99 values and 1 tombstone");
+    a.handle_peer_up(now, 2);
+    b.handle_peer_up(now, 1);
+    converge(&mut [&mut a, &mut b], now, |r| {
+        r[0].digest() == r[1].digest() && r[0].is_in_sync() && r[1].is_in_sync()
+    });
+    assert_eq!(contents(&a), contents(&b));
+    assert_eq!(a.get("k1"), Some(Bytes::from_static(b"v2")));
+    assert_eq!(a.get("k2"), None);
+    assert_eq!(
+        a.get("k7"),
+        None,
+        "the tombstone loaded from disk keeps k7 deleted"
+    );
+    assert_eq!(b.get("k7"), None);
+    // What a learned from b was persisted too (relaxed path): a second restart has it.
+    a.flush_durable(now, true).unwrap();
+    let expect = contents(&a);
+    drop(a);
+    let (a, _) = open(&dir.0, 1, options(), now);
+    assert_eq!(contents(&a), expect);
+}
