@@ -4,7 +4,7 @@ use std::num::{NonZeroU64, NonZeroUsize};
 use std::time::Duration;
 
 use crate::wire::{MAX_UDP_PAYLOAD, MIN_MTU};
-use crate::{ClusterId, Incarnation, NodeId};
+use crate::{ClusterId, Incarnation, Keyring, NodeId};
 
 /// Configuration of one [`Endpoint`](crate::Endpoint).
 ///
@@ -67,6 +67,12 @@ pub struct Config {
     /// Memory for complete messages received out of order, all senders together. Beyond it,
     /// out-of-order messages are dropped (and NAKed again later).
     pub max_receive_buffer_bytes: usize,
+    /// Cluster keys. With a keyring every datagram is sealed (authenticated and encrypted)
+    /// and only sealed datagrams under an accepted key are taken; without one (the presets'
+    /// default, for trusted networks) datagrams are plain and anyone on the segment can read
+    /// and forge them. Sealing takes [`auth::SEAL_OVERHEAD`](crate::auth::SEAL_OVERHEAD)
+    /// bytes of every datagram's `mtu`.
+    pub keyring: Option<Keyring>,
 }
 
 /// Contradictions found by [`Config::validate`].
@@ -118,6 +124,7 @@ impl Config {
             rate_burst_bytes: NonZeroU64::MIN.saturating_add((256 << 10) - 1),
             max_reassembly_bytes: 16 << 20,
             max_receive_buffer_bytes: 64 << 20,
+            keyring: None,
         }
     }
 

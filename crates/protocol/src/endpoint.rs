@@ -8,6 +8,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::auth::{Ciphers, ReplayWindow, SEAL_OVERHEAD};
 use crate::proto::{self, frame::Kind};
 use crate::rate::TokenBucket;
 use crate::recv::{Budget, NakTimer, Out, RecvStream};
@@ -15,8 +16,8 @@ use crate::send::{SendWindow, Sent};
 use crate::stats::Stats;
 use crate::wire::{self, DropReason, Header};
 use crate::{
-    Config, Destination, Event, Incarnation, LeaveReason, Member, MemberState, NodeId, SendError,
-    Transmit,
+    Config, Destination, Event, Incarnation, Keyring, KeyringError, LeaveReason, Member,
+    MemberState, NodeId, SendError, Transmit,
 };
 
 /// Bytes one `PeerProgress` entry can take in a heartbeat (3 tagged varints + framing).
@@ -67,6 +68,13 @@ pub struct Endpoint {
     blocked: bool,
     closing: bool,
     closed: bool,
+    /// Sealing and opening keys when [`Config::keyring`] is set.
+    ciphers: Option<Ciphers>,
+    /// Counter of the next sealed datagram (part of its nonce): starts at 1, never repeats.
+    next_counter: u64,
+    /// Per sender: the newest authenticated incarnation and its replay window. Kept when a
+    /// member leaves, so that its captured datagrams cannot bring it back.
+    replay: HashMap<NodeId, (Incarnation, ReplayWindow)>,
 }
 
 impl Endpoint {
@@ -75,12 +83,17 @@ impl Endpoint {
     pub fn new(config: Config, now: Instant) -> Endpoint {
         let cfg = config.sanitized();
         let header = Header::new(cfg.cluster, cfg.node, cfg.incarnation);
+        let ciphers = cfg.keyring.as_ref().map(Ciphers::new);
+        let payload_mtu = payload_mtu(&cfg);
         Endpoint {
+            ciphers,
+            next_counter: 1,
+            replay: HashMap::new(),
             rng: ChaCha8Rng::seed_from_u64(cfg.rng_seed),
             stats: Stats::default(),
             events: VecDeque::new(),
             control: VecDeque::new(),
-            window: SendWindow::new(header, cfg.mtu),
+            window: SendWindow::new(header, payload_mtu),
             bucket: TokenBucket::new(cfg.rate_bytes_per_sec, cfg.rate_burst_bytes, now),
             peers: HashMap::new(),
             departed: HashMap::new(),
@@ -116,6 +129,24 @@ impl Endpoint {
     /// The configuration in force (after repairs by [`Endpoint::new`]).
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Replaces the cluster keys (a key rotation step) without a restart: datagrams are sealed
+    /// with the new sending key from now on, and only the new keyring's keys are accepted.
+    /// Replay windows are kept.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyringError::NotKeyed`] if the endpoint was created without a keyring (turning
+    /// encryption on changes the datagram budget); nothing changes then.
+    pub fn set_keyring(&mut self, keyring: Keyring) -> Result<(), KeyringError> {
+        if self.ciphers.is_none() {
+            return Err(KeyringError::NotKeyed);
+        }
+        self.ciphers = Some(Ciphers::new(&keyring));
+        tracing::info!(node = %self.cfg.node, send = %keyring.send_id(), "keyring replaced");
+        self.cfg.keyring = Some(keyring);
+        Ok(())
     }
 
     /// Counters.
@@ -212,7 +243,7 @@ impl Endpoint {
             return None;
         }
         if let Some(t) = self.control.pop_front() {
-            return Some(self.count_sent(t));
+            return self.emit(t);
         }
         let now = self.now;
         let data_due = self
@@ -226,10 +257,10 @@ impl Endpoint {
             if let Some(datagram) = self.window.build_repair(now) {
                 self.stats.repairs_sent += 1;
                 self.bucket.consume(datagram.len());
-                return Some(self.count_sent(Transmit {
+                return self.emit(Transmit {
                     destination: Destination::Group,
                     payload: datagram,
-                }));
+                });
             }
             if data_due && let Some((datagram, sent)) = self.window.build_data(now) {
                 self.stats.data_datagrams_sent += 1;
@@ -239,10 +270,10 @@ impl Endpoint {
                     Sent::Fragment => self.stats.fragments_sent += 1,
                 }
                 self.bucket.consume(datagram.len());
-                return Some(self.count_sent(Transmit {
+                return self.emit(Transmit {
                     destination: Destination::Group,
                     payload: datagram,
-                }));
+                });
             }
         }
         if self.closing && self.window.highest_sent() + 1 == self.window.next_seq() {
@@ -253,18 +284,33 @@ impl Endpoint {
                 highest_sent: self.window.highest_sent(),
             });
             let payload = wire::encode(&self.header, &proto::Frame { kind: Some(frame) });
-            return Some(self.count_sent(Transmit {
+            return self.emit(Transmit {
                 destination: Destination::Group,
                 payload,
-            }));
+            });
         }
         None
     }
 
-    fn count_sent(&mut self, t: Transmit) -> Transmit {
+    /// Every datagram leaves through here: sealed when keyed, then counted.
+    fn emit(&mut self, mut t: Transmit) -> Option<Transmit> {
+        if let Some(ciphers) = &self.ciphers {
+            let sealed = match self.next_counter.checked_add(1) {
+                Some(next) => ciphers
+                    .seal(&t.payload, self.next_counter)
+                    .map(|d| (d, next)),
+                None => None,
+            };
+            let Some((payload, next)) = sealed else {
+                self.stats.seal_failed += 1;
+                return None;
+            };
+            self.next_counter = next;
+            t.payload = payload;
+        }
         self.stats.datagrams_sent += 1;
         self.stats.bytes_sent += t.payload.len() as u64;
-        t
+        Some(t)
     }
 
     /// When [`Endpoint::handle_timeout`] (or, for rate-limited or batched data,
@@ -447,7 +493,7 @@ impl Endpoint {
     }
 
     fn queue_heartbeat(&mut self) {
-        let room = self.cfg.mtu.saturating_sub(wire::OVERHEAD + 40) / PROGRESS_ENTRY_MAX;
+        let room = payload_mtu(&self.cfg).saturating_sub(wire::OVERHEAD + 40) / PROGRESS_ENTRY_MAX;
         let mut streams: Vec<(&NodeId, &Peer)> = self
             .peers
             .iter()
@@ -523,12 +569,24 @@ impl Endpoint {
             Ok(h) => h,
             Err(reason) => return self.drop_datagram(reason),
         };
-        let frame = match wire::decode_checked(&Bytes::copy_from_slice(datagram)) {
-            Ok(frame) => frame,
-            Err(reason) => return self.drop_datagram(reason),
-        };
-        let Some(kind) = frame.kind else {
-            return self.drop_datagram(DropReason::UnknownFrame);
+        // Authenticate (and decrypt) before anything else looks at the sender or the body.
+        let body = match (&self.ciphers, header.key_id) {
+            (None, 0) => {
+                let body_len = datagram.len() - wire::OVERHEAD;
+                Bytes::copy_from_slice(&datagram[wire::HEADER_LEN..wire::HEADER_LEN + body_len])
+            }
+            (Some(ciphers), key_id) if key_id != 0 => {
+                if header.node == self.cfg.node && header.incarnation == self.cfg.incarnation {
+                    // Our own multicast looped back: not worth decrypting.
+                    self.stats.own_datagrams += 1;
+                    return;
+                }
+                match ciphers.open(datagram, key_id, header.counter) {
+                    Ok(body) => body,
+                    Err(reason) => return self.drop_datagram(reason),
+                }
+            }
+            _ => return self.drop_datagram(DropReason::Unauthenticated),
         };
         if header.node == self.cfg.node {
             if header.incarnation == self.cfg.incarnation {
@@ -538,6 +596,16 @@ impl Endpoint {
             }
             return;
         }
+        if self.ciphers.is_some() && !self.check_replay(&header) {
+            return;
+        }
+        let frame = match wire::decode_body(body) {
+            Ok(frame) => frame,
+            Err(reason) => return self.drop_datagram(reason),
+        };
+        let Some(kind) = frame.kind else {
+            return self.drop_datagram(DropReason::UnknownFrame);
+        };
         if let Kind::Goodbye(_) = kind
             && !self.peers.contains_key(&header.node)
         {
@@ -572,6 +640,29 @@ impl Endpoint {
             self.drop_datagram(reason);
         }
         self.after_receive(node);
+    }
+
+    /// Replay protection of an authenticated datagram: refuses (and counts) a counter already
+    /// seen from this (sender, incarnation) or below its window, and any datagram of an
+    /// incarnation older than the newest authenticated one; otherwise records the counter.
+    fn check_replay(&mut self, header: &Header) -> bool {
+        let entry = self
+            .replay
+            .entry(header.node)
+            .or_insert_with(|| (header.incarnation, ReplayWindow::default()));
+        if header.incarnation < entry.0 {
+            self.stats.stale_incarnation += 1;
+            return false;
+        }
+        if header.incarnation > entry.0 {
+            *entry = (header.incarnation, ReplayWindow::default());
+        }
+        if entry.1.is_fresh(header.counter) {
+            entry.1.accept(header.counter);
+            return true;
+        }
+        self.drop_datagram(DropReason::Replayed);
+        false
     }
 
     fn drop_datagram(&mut self, reason: DropReason) {
@@ -827,6 +918,15 @@ impl Peer {
             acked,
             stream: RecvStream::new(node, incarnation),
         }
+    }
+}
+
+/// The datagram size the encoders may fill: the MTU less the sealing overhead when keyed.
+fn payload_mtu(cfg: &Config) -> usize {
+    if cfg.keyring.is_some() {
+        cfg.mtu - SEAL_OVERHEAD
+    } else {
+        cfg.mtu
     }
 }
 

@@ -12,14 +12,18 @@
 //! flow control (a bounded send window with backpressure and a token-bucket rate shared by data
 //! and repairs). Every datagram is framed by [`wire`]: a fixed header, a protobuf body
 //! (`proto/chorus.proto`) and a CRC32; anything malformed is dropped and counted in [`Stats`].
+//! With a [`Keyring`] in [`Config::keyring`], every datagram is sealed with
+//! XChaCha20-Poly1305 ([`auth`]): the header is authenticated, the body encrypted, and each
+//! sender's datagram counter is checked against a replay window, all before any state changes;
+//! datagrams without a valid tag are dropped and counted.
 //!
 //! # What it does not do
 //!
-//! No sockets, no tokio, no clock reads, no unseeded randomness: time comes in as `now`,
+//! No sockets, no tokio, no clock reads, no unseeded randomness (keys come in through
+//! [`Config::keyring`]; generating them is the caller's job): time comes in as `now`,
 //! randomness from [`Config::rng_seed`], datagrams in through [`Endpoint::handle_datagram`] and
 //! out through [`Endpoint::poll_transmit`] (quinn-proto style). It does not order messages
-//! *across* senders, does not authenticate or encrypt (the header reserves a key id and a tag
-//! length for that), and does not resynchronise state after a loss — that is the replication
+//! *across* senders, and does not resynchronise state after a loss — that is the replication
 //! layer's job, triggered by [`Event::Lost`] and membership events.
 //!
 //! # Driving an endpoint
@@ -32,6 +36,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod auth;
 mod config;
 mod endpoint;
 mod rate;
@@ -43,6 +48,7 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
+pub use auth::{Key, KeyId, Keyring, KeyringError};
 pub use config::{Config, ConfigError};
 pub use endpoint::Endpoint;
 pub use stats::Stats;

@@ -87,8 +87,19 @@ pub struct Stats {
     pub bad_checksum: u64,
     /// Dropped: another cluster.
     pub wrong_cluster: u64,
-    /// Dropped: carries an authentication tag or key id this endpoint cannot verify.
+    /// Dropped: a plain datagram while this endpoint has a keyring, or a sealed one (key id,
+    /// tag) while it has none.
     pub unauthenticated: u64,
+    /// Dropped: sealed with a key id this endpoint does not accept.
+    pub unknown_key: u64,
+    /// Dropped: the authentication tag did not verify (wrong key, tampered datagram).
+    pub auth_failed: u64,
+    /// Dropped: an authentic datagram whose counter was already seen from this (sender,
+    /// incarnation), or is older than the replay window.
+    pub replayed: u64,
+    /// Datagrams not sent because they could not be sealed (the datagram counter is exhausted
+    /// after 2^64 - 1 datagrams: never in practice).
+    pub seal_failed: u64,
     /// Dropped: the body is not a valid frame, or the frame contradicts itself or earlier ones.
     pub malformed: u64,
     /// Dropped: no frame kind this version knows.
@@ -115,6 +126,9 @@ impl Stats {
             DropReason::BadChecksum => &mut self.bad_checksum,
             DropReason::WrongCluster => &mut self.wrong_cluster,
             DropReason::Unauthenticated => &mut self.unauthenticated,
+            DropReason::UnknownKey => &mut self.unknown_key,
+            DropReason::AuthFailed => &mut self.auth_failed,
+            DropReason::Replayed => &mut self.replayed,
             DropReason::Malformed => &mut self.malformed,
             DropReason::UnknownFrame => &mut self.unknown_frame,
         };
@@ -167,6 +181,10 @@ impl Stats {
             bad_checksum,
             wrong_cluster,
             unauthenticated,
+            unknown_key,
+            auth_failed,
+            replayed,
+            seal_failed,
             malformed,
             unknown_frame,
             own_datagrams,
@@ -217,6 +235,10 @@ impl Stats {
             ("bad_checksum", *bad_checksum),
             ("wrong_cluster", *wrong_cluster),
             ("unauthenticated", *unauthenticated),
+            ("unknown_key", *unknown_key),
+            ("auth_failed", *auth_failed),
+            ("replayed", *replayed),
+            ("seal_failed", *seal_failed),
             ("malformed", *malformed),
             ("unknown_frame", *unknown_frame),
             ("own_datagrams", *own_datagrams),
@@ -236,6 +258,9 @@ impl Stats {
             + self.bad_checksum
             + self.wrong_cluster
             + self.unauthenticated
+            + self.unknown_key
+            + self.auth_failed
+            + self.replayed
             + self.malformed
             + self.unknown_frame
             + self.own_datagrams

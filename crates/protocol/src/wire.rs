@@ -13,17 +13,23 @@
 //!     24    8 sender node id, big-endian
 //!     32    8 sender incarnation, big-endian
 //!     40    n body: protobuf `chorus.v1.Frame`
-//!   40+n    t authentication tag (t = tag length)
+//!   40+n    t authentication tag (t = tag length, 0 when key id = 0)
 //! 40+n+t    4 CRC32 (IEEE, as zlib) of bytes [0, 40+n+t), big-endian
 //! ```
 //!
+//! A datagram with a non-zero key id is *sealed* (see [`crate::auth`]): an 8-byte datagram
+//! counter follows the fixed header, the body is encrypted and the tag is 16 bytes.
+//!
 //! [`decode`] checks, in this order: length limits, magic, version, declared lengths, CRC,
 //! cluster, authentication fields, then the protobuf body. Every failure is a [`DropReason`].
+//! [`open`] is the same for sealed datagrams, with authentication and decryption in place of
+//! the authentication-field check.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use prost::encoding::{encode_varint, encoded_len_varint};
 
+use crate::auth::{COUNTER_LEN, Ciphers, Keyring, TAG_LEN};
 use crate::proto;
 use crate::{ClusterId, Incarnation, NodeId};
 
@@ -68,9 +74,21 @@ pub enum DropReason {
     /// Another cluster.
     #[error("wrong cluster")]
     WrongCluster,
-    /// Carries a key id or authentication tag, which version 1 cannot verify.
+    /// Carries a key id or authentication tag while this endpoint has no key, or carries none
+    /// while it has one.
     #[error("unauthenticated")]
     Unauthenticated,
+    /// Sealed with a key id this endpoint does not accept.
+    #[error("unknown key")]
+    UnknownKey,
+    /// The authentication tag does not verify: another key with the same id, or a tampered
+    /// header, counter or body.
+    #[error("authentication failed")]
+    AuthFailed,
+    /// A sealed datagram whose counter was already accepted from this (sender, incarnation),
+    /// or is older than the replay window.
+    #[error("replayed")]
+    Replayed,
     /// The body is not a valid frame, or has bytes after its declared end.
     #[error("malformed")]
     Malformed,
@@ -92,6 +110,9 @@ pub struct Header {
     pub node: NodeId,
     /// Sender incarnation.
     pub incarnation: Incarnation,
+    /// Datagram counter of a sealed datagram (0 when `key_id` is 0). Written by sealing, not
+    /// by the plain encoders.
+    pub counter: u64,
 }
 
 impl Header {
@@ -103,6 +124,7 @@ impl Header {
             cluster,
             node,
             incarnation,
+            counter: 0,
         }
     }
 }
@@ -121,13 +143,45 @@ pub fn decode(
     cluster: ClusterId,
 ) -> Result<(Header, proto::Frame), DropReason> {
     let header = check(datagram, max_len, cluster)?;
+    if header.key_id != 0 {
+        return Err(DropReason::Unauthenticated);
+    }
     Ok((header, decode_checked(datagram)?))
 }
 
-/// Decodes the body of a datagram that already passed [`check`].
+/// The authenticated decoder: checks, authenticates and decrypts one sealed datagram with any
+/// key of `keyring`, then decodes its body. Plain datagrams are refused.
+///
+/// Replay protection needs per-sender memory and is the endpoint's job; this function checks
+/// one datagram on its own.
+///
+/// # Errors
+///
+/// The first failed check as a [`DropReason`]: those of [`check`], then
+/// [`DropReason::Unauthenticated`] for a plain datagram, [`DropReason::UnknownKey`],
+/// [`DropReason::AuthFailed`], then the body's. Never panics, whatever the input.
+pub fn open(
+    datagram: &[u8],
+    max_len: usize,
+    cluster: ClusterId,
+    keyring: &Keyring,
+) -> Result<(Header, proto::Frame), DropReason> {
+    let header = check(datagram, max_len, cluster)?;
+    if header.key_id == 0 {
+        return Err(DropReason::Unauthenticated);
+    }
+    let body = Ciphers::new(keyring).open(datagram, header.key_id, header.counter)?;
+    Ok((header, decode_body(body)?))
+}
+
+/// Decodes the body of a plain datagram that already passed [`check`].
 pub(crate) fn decode_checked(datagram: &Bytes) -> Result<proto::Frame, DropReason> {
     let body_len = be_u32(datagram, 12) as usize;
-    let body = datagram.slice(HEADER_LEN..HEADER_LEN + body_len);
+    decode_body(datagram.slice(HEADER_LEN..HEADER_LEN + body_len))
+}
+
+/// Decodes a (plaintext) body.
+pub(crate) fn decode_body(body: Bytes) -> Result<proto::Frame, DropReason> {
     let frame = proto::Frame::decode(body).map_err(|_| DropReason::Malformed)?;
     if frame.kind.is_none() {
         return Err(DropReason::UnknownFrame);
@@ -135,7 +189,9 @@ pub(crate) fn decode_checked(datagram: &Bytes) -> Result<proto::Frame, DropReaso
     Ok(frame)
 }
 
-/// Checks everything but the body: lengths, magic, version, CRC, cluster, authentication.
+/// Checks everything but the body and the authentication tag: lengths, magic, version, CRC,
+/// cluster, and that a sealed datagram (key id ≠ 0) has a 16-byte tag and a plain one none.
+/// Says nothing about authenticity.
 ///
 /// # Errors
 ///
@@ -154,9 +210,11 @@ pub fn check(datagram: &[u8], max_len: usize, cluster: ClusterId) -> Result<Head
     if datagram[4] != VERSION {
         return Err(DropReason::WrongVersion);
     }
+    let key_id = be_u16(datagram, 6);
     let tag_len = usize::from(be_u16(datagram, 8));
     let body_len = be_u32(datagram, 12) as usize;
-    let declared = OVERHEAD + body_len + tag_len;
+    let counter_len = if key_id != 0 { COUNTER_LEN } else { 0 };
+    let declared = OVERHEAD + counter_len + body_len + tag_len;
     if declared > len {
         return Err(DropReason::Truncated);
     }
@@ -169,15 +227,21 @@ pub fn check(datagram: &[u8], max_len: usize, cluster: ClusterId) -> Result<Head
     }
     let header = Header {
         flags: datagram[5],
-        key_id: be_u16(datagram, 6),
+        key_id,
         cluster: ClusterId(be_u64(datagram, 16)),
         node: NodeId(be_u64(datagram, 24)),
         incarnation: Incarnation(be_u64(datagram, 32)),
+        counter: if key_id != 0 {
+            be_u64(datagram, HEADER_LEN)
+        } else {
+            0
+        },
     };
     if header.cluster != cluster {
         return Err(DropReason::WrongCluster);
     }
-    if header.key_id != 0 || tag_len != 0 {
+    let expected_tag = if key_id != 0 { TAG_LEN } else { 0 };
+    if tag_len != expected_tag {
         return Err(DropReason::Unauthenticated);
     }
     Ok(header)
@@ -290,7 +354,7 @@ impl Writer {
         buf.put_slice(&MAGIC);
         buf.put_u8(VERSION);
         buf.put_u8(header.flags);
-        buf.put_u16(header.key_id);
+        buf.put_u16(0); // key id: the encoders build plain datagrams; sealing sets it
         buf.put_u16(0); // authentication tag length
         buf.put_u16(0); // reserved
         buf.put_u32(0); // body length, patched in finish()
@@ -477,12 +541,33 @@ mod tests {
             decode(&w.finish(), max, c).unwrap_err(),
             DropReason::UnknownFrame
         );
-        // Key id set.
-        let mut h = header();
-        h.key_id = 3;
-        let keyed = encode_data(&h, 1, [Bytes::from_static(b"hi")].iter(), None);
+        // Sealed: the plain decoder refuses it, the authenticated one opens it.
+        let key = crate::Key::new(crate::KeyId::new(3).unwrap(), [9; 32]);
+        let ring = Keyring::single(key);
+        let sealed = Ciphers::new(&ring).seal(&good, 1).unwrap();
         assert_eq!(
-            decode(&keyed, max, c).unwrap_err(),
+            decode(&sealed, max, c).unwrap_err(),
+            DropReason::Unauthenticated
+        );
+        assert_eq!(
+            open(&sealed, max, c, &ring).unwrap().1,
+            decode(&good, max, c).unwrap().1
+        );
+        assert_eq!(
+            open(&good, max, c, &ring).unwrap_err(),
+            DropReason::Unauthenticated
+        );
+        // A tag length that does not match the key id.
+        let mut m = good.to_vec();
+        m[9] = 0; // tag length stays 0 ...
+        m[6..8].copy_from_slice(&0u16.to_be_bytes());
+        let mut t = m[..m.len() - 4].to_vec();
+        t[8..10].copy_from_slice(&1u16.to_be_bytes());
+        t.push(0); // ... now 1 byte of tag on a plain datagram
+        let crc = crc32(&t);
+        t.extend_from_slice(&crc.to_be_bytes());
+        assert_eq!(
+            decode(&Bytes::from(t), max, c).unwrap_err(),
             DropReason::Unauthenticated
         );
     }
