@@ -206,6 +206,7 @@ fn protocol_config(
         Preset::Lossy => ProtocolConfig::lossy(cluster, node, incarnation, seed),
     };
     config.mtu = config.mtu.min(mtu);
+    config.keyring = builder.keyring.clone();
     config
 }
 
@@ -241,6 +242,18 @@ pub(crate) fn spawn<T: DatagramTransport>(
     protocol
         .validate()
         .map_err(|e| Error::Config(e.to_string()))?;
+    match &protocol.keyring {
+        Some(keys) => tracing::info!(
+            send_key = %keys.send_id(),
+            accepted = ?keys.accepted_ids().iter().map(|k| k.get()).collect::<Vec<_>>(),
+            "cluster traffic is authenticated and encrypted"
+        ),
+        None => tracing::warn!(
+            "no cluster key: traffic is neither authenticated nor encrypted, so any host on the \
+             network segment can read every value and inject writes; use only on a trusted \
+             network, or configure a key (chorus keygen, --key-file)"
+        ),
+    }
     let wall = WallClock {
         epoch: now_std,
         epoch_ms,

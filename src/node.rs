@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chorus_protocol::Keyring;
 use chorus_replication::Fsync;
 use chorus_transport::{Interface, Mode};
 use tokio::sync::oneshot;
@@ -78,6 +79,7 @@ pub struct NodeBuilder {
     pub(crate) receive_loss: Option<(f64, u64)>,
     pub(crate) data_dir: Option<PathBuf>,
     pub(crate) fsync: Fsync,
+    pub(crate) keyring: Option<Keyring>,
 }
 
 /// The default multicast group when none is given.
@@ -97,6 +99,7 @@ impl Default for NodeBuilder {
             receive_loss: None,
             data_dir: None,
             fsync: Fsync::Always,
+            keyring: None,
         }
     }
 }
@@ -163,6 +166,15 @@ impl NodeBuilder {
     /// (writes arriving together share one).
     pub fn fsync(mut self, policy: Fsync) -> Self {
         self.fsync = policy;
+        self
+    }
+
+    /// Seal every datagram with these cluster keys (XChaCha20-Poly1305: headers authenticated,
+    /// bodies encrypted, replays refused) and accept only datagrams sealed with one of them.
+    /// Without a keyring anyone on the network segment can read and forge the cluster's
+    /// traffic; the node then logs a warning at start. See `docs/security.md`.
+    pub fn keyring(mut self, keyring: Keyring) -> Self {
+        self.keyring = Some(keyring);
         self
     }
 
