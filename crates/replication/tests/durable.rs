@@ -503,3 +503,121 @@ fn a_restarted_replica_catches_up_and_a_deleted_key_stays_deleted() {
     let (a, _) = open(&dir.0, 1, options(), now);
     assert_eq!(contents(&a), expect);
 }
+
+/// Figures for `docs/performance.md` (Durability): write latency and throughput per fsync
+/// policy, group commit, and start-up time for 1 M keys. Not a timed assertion; run in
+/// release:
+/// `cargo test -p chorus-replication --release --test durable -- --ignored --nocapture`
+/// (`CHORUS_BENCH_DIR` picks the file system; default the system temp dir).
+#[test]
+#[ignore = "measurement: run explicitly in release"]
+fn durability_figures() {
+    let base = std::env::var_os("CHORUS_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let dir = |name: &str| {
+        let d = TempDir(base.join(format!("chorus-bench-{name}-{}", std::process::id())));
+        let _ = fs::remove_dir_all(&d.0);
+        d
+    };
+    let value = Bytes::from(vec![b'v'; 100]);
+    let policies = [
+        ("always", Fsync::Always, 2_000u64),
+        (
+            "interval:100",
+            Fsync::Interval(Duration::from_millis(100)),
+            50_000,
+        ),
+        ("never", Fsync::Never, 50_000),
+    ];
+    println!("| policy | writes | acknowledged writes/s | mean latency | fsyncs |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, fsync, n) in policies {
+        let d = dir(name);
+        let (mut r, _) = open(&d.0, 1, DiskOptions::new(fsync), Instant::now());
+        let start = Instant::now();
+        for i in 0..n {
+            r.put(WALL + i, format!("key/{i:08}"), value.clone())
+                .unwrap();
+            // One write per flush: what a lone client that waits for each ack sees.
+            r.flush_durable(Instant::now(), false).unwrap();
+        }
+        let took = start.elapsed();
+        let s = r.durable_stats().unwrap();
+        println!(
+            "| {name} (1 write per flush) | {n} | {:.0} | {:.1} µs | {} |",
+            n as f64 / took.as_secs_f64(),
+            took.as_secs_f64() * 1e6 / n as f64,
+            s.fsyncs
+        );
+    }
+    {
+        let d = dir("group");
+        let (mut r, _) = open(&d.0, 1, DiskOptions::new(Fsync::Always), Instant::now());
+        let n = 64_000u64;
+        let start = Instant::now();
+        for i in 0..n {
+            r.put(WALL + i, format!("key/{i:08}"), value.clone())
+                .unwrap();
+            if i % 64 == 63 {
+                r.flush_durable(Instant::now(), false).unwrap();
+            }
+        }
+        let took = start.elapsed();
+        println!(
+            "| always, group commit of 64 | {n} | {:.0} | {:.1} µs per group | {} |",
+            n as f64 / took.as_secs_f64(),
+            took.as_secs_f64() * 1e6 / (n / 64) as f64,
+            r.durable_stats().unwrap().fsyncs
+        );
+    }
+    // Start-up with 1 M keys: once from the log alone, once from a snapshot.
+    let d = dir("startup");
+    let n = 1_000_000u64;
+    let mut opts = DiskOptions::new(Fsync::Never);
+    opts.compact_min_bytes = u64::MAX;
+    let (mut r, _) = open(&d.0, 1, opts, Instant::now());
+    for chunk in 0..n / 1000 {
+        let ops = (0..1000)
+            .map(|i| Op::Put {
+                key: format!("key/{:08}", chunk * 1000 + i),
+                value: value.clone(),
+            })
+            .collect();
+        r.batch(WALL + chunk, ops).unwrap();
+        r.flush_durable(Instant::now(), false).unwrap();
+    }
+    r.flush_durable(Instant::now(), true).unwrap();
+    let wal_bytes = r.durable_stats().unwrap().wal_bytes;
+    drop(r);
+    let start = Instant::now();
+    let (r, loaded) = open(&d.0, 1, opts, Instant::now());
+    let from_log = start.elapsed();
+    assert_eq!(loaded.entries.len(), n as usize);
+    assert_eq!(r.store().len(), n as usize);
+    // Compact: snapshot the whole store.
+    let mut r = r;
+    let entries = r.store().entries();
+    let (mut log, _) = {
+        drop(r);
+        DiskLog::open(&d.0, DiskOptions::new(Fsync::Never)).unwrap()
+    };
+    let start = Instant::now();
+    chorus_replication::Durability::compact(&mut log, &entries, WALL).unwrap();
+    let snap_took = start.elapsed();
+    let snap_bytes = chorus_replication::Durability::stats(&log).snapshot_bytes;
+    drop(log);
+    let start = Instant::now();
+    let (r2, loaded) = open(&d.0, 1, opts, Instant::now());
+    let from_snapshot = start.elapsed();
+    assert_eq!(loaded.entries.len(), n as usize);
+    r = r2;
+    assert_eq!(r.store().len(), n as usize);
+    println!();
+    println!(
+        "1 M keys (100 B values): start from the log ({} MB) {:.2} s; snapshot write ({} MB) {:.2} s; start from the snapshot {:.2} s",
+        wal_bytes / 1_000_000,
+        from_log.as_secs_f64(),
+        snap_bytes / 1_000_000,
+        snap_took.as_secs_f64(),
+        from_snapshot.as_secs_f64()
+    );
+}
