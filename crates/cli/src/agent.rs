@@ -61,6 +61,9 @@ pub fn builder(cfg: &AgentConfig) -> chorus::NodeBuilder {
     if let Some(loss) = cfg.loss {
         b = b.inject_receive_loss(loss.probability, loss.seed);
     }
+    if let Some(dir) = &cfg.data_dir {
+        b = b.data_dir(dir).fsync(cfg.fsync);
+    }
     b
 }
 

@@ -162,6 +162,14 @@ pub struct AgentArgs {
     /// How long sync-dir changes must be quiet before --on-change runs, in milliseconds (default 300).
     #[arg(long)]
     pub debounce_ms: Option<u64>,
+    /// Keep the store in this directory (write-ahead log + snapshots) and start from it;
+    /// without it the store lives in memory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// When writes reach the disk: `always` (default: fsync before a write is acknowledged),
+    /// `interval:MS` or `never`. Needs --data-dir.
+    #[arg(long)]
+    pub fsync: Option<String>,
 }
 
 /// `chorus demo`.

@@ -56,6 +56,8 @@ pub struct FileConfig {
     preset: Option<String>,
     loss: Option<f64>,
     loss_seed: Option<u64>,
+    data_dir: Option<PathBuf>,
+    fsync: Option<String>,
     sync: Option<FileSync>,
 }
 
@@ -143,6 +145,10 @@ pub struct AgentConfig {
     pub loss: Option<Loss>,
     /// Directory mirror, if any.
     pub sync: Option<SyncConfig>,
+    /// Data directory of the durable store; `None` keeps it in memory.
+    pub data_dir: Option<PathBuf>,
+    /// fsync policy of the data directory.
+    pub fsync: chorus::Fsync,
 }
 
 impl AgentConfig {
@@ -272,6 +278,19 @@ impl AgentConfig {
             }),
         };
 
+        let data_dir = args.data_dir.clone().or(file.data_dir);
+        let fsync = match args.fsync.clone().or(file.fsync) {
+            None => chorus::Fsync::default(),
+            Some(_) if data_dir.is_none() => {
+                return Err(ConfigError::Invalid("--fsync needs --data-dir".into()));
+            }
+            Some(text) => text
+                .parse()
+                .map_err(|e: chorus_replication::ParseFsyncError| {
+                    ConfigError::Invalid(e.to_string())
+                })?,
+        };
+
         Ok(Self {
             cluster: args
                 .cluster
@@ -284,6 +303,8 @@ impl AgentConfig {
             preset,
             loss,
             sync,
+            data_dir,
+            fsync,
         })
     }
 }
@@ -362,6 +383,39 @@ mod tests {
         let sync = cfg.sync.unwrap();
         assert_eq!(sync.prefix, "app/");
         assert_eq!(sync.debounce, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn data_dir_and_fsync_from_file_and_flags() {
+        let cfg = merge(AgentArgs::default(), "").unwrap();
+        assert!(cfg.data_dir.is_none());
+        let cfg = merge(
+            AgentArgs::default(),
+            "data_dir = \"/var/lib/chorus\"\nfsync = \"interval:200\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.data_dir, Some(PathBuf::from("/var/lib/chorus")));
+        assert_eq!(
+            cfg.fsync,
+            chorus::Fsync::Interval(Duration::from_millis(200))
+        );
+        let args = AgentArgs {
+            fsync: Some("never".into()),
+            ..AgentArgs::default()
+        };
+        let cfg = merge(args, "data_dir = \"/d\"").unwrap();
+        assert_eq!(cfg.fsync, chorus::Fsync::Never);
+        let bad = AgentArgs {
+            data_dir: Some("/d".into()),
+            fsync: Some("sometimes".into()),
+            ..AgentArgs::default()
+        };
+        assert!(merge(bad, "").is_err());
+        let alone = AgentArgs {
+            fsync: Some("always".into()),
+            ..AgentArgs::default()
+        };
+        assert!(merge(alone, "").is_err(), "--fsync needs --data-dir");
     }
 
     #[test]
