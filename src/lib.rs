@@ -35,7 +35,7 @@ mod error;
 mod node;
 mod watch;
 
-pub use chorus_protocol::{Key, KeyId, Keyring};
+pub use chorus_protocol::{Key, KeyId, Keyring, KeyringError};
 pub use chorus_replication::{Change, DurableError, Fsync, Version};
 pub use chorus_transport::{Interface, Mode};
 pub use error::Error;

@@ -22,11 +22,17 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// address that cannot be bound.
 pub fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let cfg = AgentConfig::load(args)?;
+    let keyring = if args.key_file.is_empty() {
+        None
+    } else {
+        Some(crate::keys::load_keyring(&args.key_file)?)
+    };
+    crate::keys::check_http_exposure(cfg.http, args.http_token.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    runtime.block_on(serve(cfg))
+    runtime.block_on(serve(cfg, keyring, args.http_token.clone()))
 }
 
 /// The node builder for a configuration.
@@ -67,8 +73,16 @@ pub fn builder(cfg: &AgentConfig) -> chorus::NodeBuilder {
     b
 }
 
-async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
-    let node = builder(&cfg)
+async fn serve(
+    cfg: AgentConfig,
+    keyring: Option<chorus::Keyring>,
+    http_token: Option<String>,
+) -> anyhow::Result<()> {
+    let mut node_builder = builder(&cfg);
+    if let Some(keyring) = keyring {
+        node_builder = node_builder.keyring(keyring);
+    }
+    let node = node_builder
         .start()
         .await
         .context("cannot start the node")?;
@@ -85,7 +99,7 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     };
     if !cfg.http.ip().is_loopback() {
-        tracing::warn!(http = %cfg.http, "HTTP API is reachable from the network and has no authentication");
+        tracing::warn!(http = %cfg.http, "HTTP API is reachable from the network (bearer token required)");
     }
     tracing::info!(
         node_id = node.node_id(),
@@ -106,7 +120,10 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     });
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let app = crate::http::router(node.clone());
+    let mut app = crate::http::router(node.clone());
+    if let Some(token) = &http_token {
+        app = crate::keys::require_token(app, token);
+    }
     let mut server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {

@@ -42,6 +42,18 @@ pub enum Command {
     Bench(BenchArgs),
     /// Check that multicast works on this host and explain what to fix when it does not.
     Doctor(DoctorArgs),
+    /// Write a new cluster key file (mode 0600) for `chorus agent --key-file`.
+    Keygen(KeygenArgs),
+}
+
+/// `chorus keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the key (created, never overwritten); stdout when absent.
+    pub path: Option<PathBuf>,
+    /// Key id 1..65535 (default: random). Keys used together in a rotation need distinct ids.
+    #[arg(long)]
+    pub id: Option<u16>,
 }
 
 /// Options shared by every client command.
@@ -150,6 +162,15 @@ pub struct AgentArgs {
     /// Seed of the injected loss (default: random).
     #[arg(long)]
     pub loss_seed: Option<u64>,
+    /// Cluster key file (from `chorus keygen`, mode 0600). Repeat it (or list several, comma
+    /// separated) during a key rotation: the first file's first key sends, every key is
+    /// accepted. Without one, cluster traffic is neither authenticated nor encrypted.
+    #[arg(long = "key-file", env = "CHORUS_KEY_FILE", value_delimiter = ',')]
+    pub key_file: Vec<PathBuf>,
+    /// Bearer token the HTTP API requires (`Authorization: Bearer TOKEN`); mandatory when
+    /// --http is not a loopback address.
+    #[arg(long, env = "CHORUS_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
     /// Mirror the keys under --prefix as files in this directory.
     #[arg(long)]
     pub sync_dir: Option<PathBuf>,

@@ -12,6 +12,7 @@ mod config;
 mod demo;
 mod doctor;
 mod http;
+mod keys;
 mod syncdir;
 
 use std::process::ExitCode;
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         Command::Stats(opts) => client::stats(&opts),
         Command::Demo(args) => demo::run(&args).map(|()| Outcome::Ok),
         Command::Bench(args) => bench::run(&args).map(|()| Outcome::Ok),
+        Command::Keygen(args) => keys::keygen(args.path.as_deref(), args.id).map(|()| Outcome::Ok),
         Command::Doctor(args) => {
             doctor::run(&args).map(|ok| if ok { Outcome::Ok } else { Outcome::NotFound })
         }
