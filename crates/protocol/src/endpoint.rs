@@ -20,6 +20,9 @@ use crate::{
     MemberState, NodeId, SendError, Transmit,
 };
 
+/// Least time between two log warnings about refused (unauthenticated) datagrams.
+const AUTH_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Bytes one `PeerProgress` entry can take in a heartbeat (3 tagged varints + framing).
 const PROGRESS_ENTRY_MAX: usize = 36;
 
@@ -75,6 +78,8 @@ pub struct Endpoint {
     /// Per sender: the newest authenticated incarnation and its replay window. Kept when a
     /// member leaves, so that its captured datagrams cannot bring it back.
     replay: HashMap<NodeId, (Incarnation, ReplayWindow)>,
+    /// When the last authentication refusal was logged.
+    last_auth_warning: Option<Instant>,
 }
 
 impl Endpoint {
@@ -89,6 +94,7 @@ impl Endpoint {
             ciphers,
             next_counter: 1,
             replay: HashMap::new(),
+            last_auth_warning: None,
             rng: ChaCha8Rng::seed_from_u64(cfg.rng_seed),
             stats: Stats::default(),
             events: VecDeque::new(),
@@ -583,10 +589,10 @@ impl Endpoint {
                 }
                 match ciphers.open(datagram, key_id, header.counter) {
                     Ok(body) => body,
-                    Err(reason) => return self.drop_datagram(reason),
+                    Err(reason) => return self.refuse(reason, from, key_id),
                 }
             }
-            _ => return self.drop_datagram(DropReason::Unauthenticated),
+            (_, key_id) => return self.refuse(DropReason::Unauthenticated, from, key_id),
         };
         if header.node == self.cfg.node {
             if header.incarnation == self.cfg.incarnation {
@@ -663,6 +669,37 @@ impl Endpoint {
         }
         self.drop_datagram(DropReason::Replayed);
         false
+    }
+
+    /// Drops a datagram that failed authentication, and says why in the log (at most once per
+    /// [`AUTH_WARN_EVERY`]: a flood must not flood the log too).
+    fn refuse(&mut self, reason: DropReason, from: SocketAddr, key_id: u16) {
+        self.drop_datagram(reason);
+        if self
+            .last_auth_warning
+            .is_some_and(|t| self.now < t + AUTH_WARN_EVERY)
+        {
+            return;
+        }
+        self.last_auth_warning = Some(self.now);
+        let why = match (reason, self.cfg.keyring.as_ref()) {
+            (DropReason::UnknownKey, _) => {
+                "it is sealed with a key id this node does not have (another cluster key?)"
+            }
+            (DropReason::AuthFailed, _) => {
+                "its authentication tag does not verify: the sender has a different key under \
+                 the same key id, or the datagram was forged or altered"
+            }
+            (_, Some(_)) => "it is not sealed, but this node requires a cluster key",
+            (_, None) => "it is sealed with a cluster key, but this node has none",
+        };
+        tracing::warn!(
+            node = %self.cfg.node,
+            %from,
+            key_id,
+            %reason,
+            "refused a datagram: {why} (further refusals are only counted for {AUTH_WARN_EVERY:?})"
+        );
     }
 
     fn drop_datagram(&mut self, reason: DropReason) {
