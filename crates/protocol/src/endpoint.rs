@@ -443,15 +443,33 @@ impl Endpoint {
             .map(|(n, _)| *n)
             .collect();
         nodes.sort_unstable();
+        // Room for ranges in one NAK: the datagram less the header and the NAK's other fields.
+        let budget = payload_mtu(&self.cfg).saturating_sub(wire::OVERHEAD + 48);
         for node in nodes {
             let Some(peer) = self.peers.get_mut(&node) else {
                 continue;
             };
-            let missing = peer.stream.missing();
+            // Before the retry of the last NAK is due, ask only for gaps found since (new
+            // losses are not held back by the retry backoff; repairs in flight are not asked
+            // for twice).
+            let retry_at = peer.stream.retry_at.filter(|r| now < *r);
+            let from = retry_at.map_or(0, |_| peer.stream.naked_upto.saturating_add(1));
+            let missing = peer.stream.missing(from, budget);
             let Some(timer) = peer.stream.nak else {
                 continue;
             };
-            if missing.is_empty() {
+            if let Some(retry) = retry_at {
+                if !missing.is_empty() {
+                    peer.stream.naked_upto = peer.stream.naked_upto.max(missing.upto);
+                }
+                peer.stream.nak = Some(NakTimer {
+                    at: retry,
+                    attempts: timer.attempts,
+                });
+                if missing.is_empty() {
+                    continue;
+                }
+            } else if missing.is_empty() {
                 // Only a message still being transmitted is incomplete: look again later.
                 peer.stream.nak = if peer.stream.has_gap() {
                     let at = now
@@ -469,13 +487,27 @@ impl Endpoint {
                 };
                 continue;
             }
-            let attempts = if std::mem::take(&mut peer.stream.filled) {
-                1
+            let attempts = if retry_at.is_some() {
+                timer.attempts
             } else {
-                timer.attempts + 1
+                let attempts = if std::mem::take(&mut peer.stream.filled) {
+                    1
+                } else {
+                    timer.attempts + 1
+                };
+                let at = now + retry_delay(&self.cfg, &mut self.rng, attempts);
+                peer.stream.nak = Some(NakTimer { at, attempts });
+                peer.stream.retry_at = Some(at);
+                peer.stream.naked_upto = peer.stream.naked_upto.max(missing.upto);
+                attempts
             };
-            let at = now + retry_delay(&self.cfg, &mut self.rng, attempts);
-            peer.stream.nak = Some(NakTimer { at, attempts });
+            if peer.stream.has_new_gap() {
+                // The NAK was full: ask for the rest soon rather than at the retry.
+                let soon = now + self.cfg.nak_delay_min;
+                if let Some(t) = &mut peer.stream.nak {
+                    t.at = t.at.min(soon);
+                }
+            }
             let nak = proto::Nak {
                 target_node: node.0,
                 target_incarnation: peer.incarnation.0,
@@ -912,6 +944,7 @@ impl Endpoint {
             let stream = &mut peer.stream;
             if !stream.has_gap() {
                 stream.nak = None;
+                stream.retry_at = None;
             } else if stream.nak.is_none() {
                 let at = now
                     + random_between(
@@ -920,6 +953,22 @@ impl Endpoint {
                         self.cfg.nak_delay_max,
                     );
                 stream.nak = Some(NakTimer { at, attempts: 0 });
+            } else if let Some(timer) = stream.nak
+                && stream.has_new_gap()
+                && timer.at > now + self.cfg.nak_delay_max
+            {
+                // A new loss while an older NAK waits for its retry: NAK it after the usual
+                // short random delay, not after the backoff.
+                let at = now
+                    + random_between(
+                        &mut self.rng,
+                        self.cfg.nak_delay_min,
+                        self.cfg.nak_delay_max,
+                    );
+                stream.nak = Some(NakTimer {
+                    at,
+                    attempts: timer.attempts,
+                });
             }
         }
         let (messages, bytes) = self.delivered_since_heartbeat;

@@ -16,8 +16,8 @@ use crate::{Event, Incarnation, NodeId};
 
 /// Most whole-message ranges one NAK carries.
 pub(crate) const MAX_NAK_RANGES: usize = 48;
-/// Most partially received messages one NAK carries.
-pub(crate) const MAX_NAK_PARTIALS: usize = 4;
+/// Most partially received messages one NAK carries (the byte budget usually binds first).
+pub(crate) const MAX_NAK_PARTIALS: usize = 128;
 /// Most missing byte ranges per partially received message in one NAK.
 pub(crate) const MAX_NAK_BYTE_RANGES: usize = 24;
 
@@ -112,6 +112,14 @@ impl Reassembly {
 pub(crate) struct Missing {
     pub(crate) ranges: Vec<proto::SeqRange>,
     pub(crate) partial: Vec<proto::PartialNak>,
+    /// Highest sequence number this list accounts for (everything missing up to it is in it).
+    pub(crate) upto: u64,
+}
+
+/// Encoded size of one repeated NAK entry: the entry, its tag and its length prefix.
+fn entry_len(m: &impl prost::Message) -> usize {
+    let len = m.encoded_len();
+    len + 1 + prost::length_delimiter_len(len)
 }
 
 impl Missing {
@@ -135,6 +143,11 @@ pub(crate) struct RecvStream {
     buffered: BTreeMap<u64, Bytes>,
     partial: BTreeMap<u64, Reassembly>,
     pub(crate) nak: Option<NakTimer>,
+    /// Highest sequence number a NAK of this endpoint has asked for so far.
+    pub(crate) naked_upto: u64,
+    /// When the last NAK's retry (of everything still missing) is due; a NAK before it asks
+    /// only for gaps above [`RecvStream::naked_upto`].
+    pub(crate) retry_at: Option<Instant>,
     /// Set when a message filled a gap (a repair or a late arrival): NAKs are being
     /// answered, so the NAK backoff restarts.
     pub(crate) filled: bool,
@@ -152,6 +165,8 @@ impl RecvStream {
             buffered: BTreeMap::new(),
             partial: BTreeMap::new(),
             nak: None,
+            naked_upto: 0,
+            retry_at: None,
             filled: false,
         }
     }
@@ -178,6 +193,11 @@ impl RecvStream {
     /// Whether anything known to exist is not delivered yet.
     pub(crate) fn has_gap(&self) -> bool {
         self.started() && self.next_expected <= self.highest_seen.max(self.sender_highest_sent)
+    }
+
+    /// Whether something known to exist is beyond what the last NAK asked for (a new loss).
+    pub(crate) fn has_new_gap(&self) -> bool {
+        self.has_gap() && self.highest_seen.max(self.sender_highest_sent) > self.naked_upto
     }
 
     fn deliver(&mut self, seq: u64, payload: Bytes, out: &mut Out<'_>) {
@@ -385,16 +405,20 @@ impl RecvStream {
         }
     }
 
-    /// What to ask for in a NAK.
-    pub(crate) fn missing(&self) -> Missing {
+    /// What to ask for in a NAK: what is missing from `from` on (at least from the delivery
+    /// cursor), in at most `budget` encoded bytes of ranges. [`Missing::upto`] says how far
+    /// the list got.
+    pub(crate) fn missing(&self, from: u64, budget: usize) -> Missing {
         let mut missing = Missing::default();
         if !self.has_gap() {
             return missing;
         }
         let end = self.highest_seen.max(self.sender_highest_sent);
-        let mut cursor = self.next_expected;
-        let mut held = self.buffered.keys().copied().peekable();
-        let mut partial = self.partial.iter().peekable();
+        let mut cursor = self.next_expected.max(from);
+        let mut used = 0usize;
+        missing.upto = end;
+        let mut held = self.buffered.range(cursor..).map(|(s, _)| *s).peekable();
+        let mut partial = self.partial.range(cursor..).peekable();
         while cursor <= end {
             let next_buffered = held.peek().copied();
             let next_partial = partial.peek().map(|(s, _)| **s);
@@ -404,13 +428,16 @@ impl RecvStream {
             };
             let gap_end = next_held.map_or(end, |h| h.saturating_sub(1).min(end));
             if next_held != Some(cursor) && cursor <= gap_end {
-                if missing.ranges.len() == MAX_NAK_RANGES {
-                    break;
-                }
-                missing.ranges.push(proto::SeqRange {
+                let range = proto::SeqRange {
                     first: cursor,
                     last: gap_end,
-                });
+                };
+                used += entry_len(&range);
+                if missing.ranges.len() == MAX_NAK_RANGES || used > budget {
+                    missing.upto = cursor - 1;
+                    break;
+                }
+                missing.ranges.push(range);
             }
             let Some(held_seq) = next_held else { break };
             if next_partial == Some(held_seq) {
@@ -418,11 +445,17 @@ impl RecvStream {
                     let fully_sent = *seq < self.highest_seen || *seq <= self.sender_highest_sent;
                     let limit = if fully_sent { r.total_len } else { r.max_end };
                     let bytes = r.missing(limit);
-                    if !bytes.is_empty() && missing.partial.len() < MAX_NAK_PARTIALS {
-                        missing.partial.push(proto::PartialNak {
+                    if *seq >= cursor && !bytes.is_empty() {
+                        let nak = proto::PartialNak {
                             seq: *seq,
                             missing: bytes,
-                        });
+                        };
+                        used += entry_len(&nak);
+                        if missing.partial.len() == MAX_NAK_PARTIALS || used > budget {
+                            missing.upto = seq - 1;
+                            break;
+                        }
+                        missing.partial.push(nak);
                     }
                 }
             } else {
@@ -438,7 +471,7 @@ impl RecvStream {
 
     /// Whether a NAK heard from another receiver asks for everything this stream misses.
     pub(crate) fn covered_by(&self, nak: &proto::Nak) -> bool {
-        let mine = self.missing();
+        let mine = self.missing(0, usize::MAX);
         if mine.is_empty() {
             return false;
         }
@@ -486,7 +519,7 @@ mod tests {
             s.on_message(seq, Bytes::from_static(b"x"), &mut out);
         }
         s.on_highest_sent(10);
-        let m = s.missing();
+        let m = s.missing(0, usize::MAX);
         let ranges: Vec<(u64, u64)> = m.ranges.iter().map(|r| (r.first, r.last)).collect();
         assert_eq!(ranges, vec![(2, 3), (6, 7), (9, 10)]);
         assert_eq!(out.budget.buffered, 3);
@@ -516,7 +549,7 @@ mod tests {
         s.on_fragment(&frag(0), &mut out).unwrap();
         s.on_fragment(&frag(20), &mut out).unwrap();
         // Only bytes 10..20 are known missing while the message is still in flight.
-        let m = s.missing();
+        let m = s.missing(0, usize::MAX);
         assert!(m.ranges.is_empty());
         assert_eq!(
             m.partial[0].missing,
@@ -526,7 +559,7 @@ mod tests {
             }]
         );
         s.on_highest_sent(3);
-        let m = s.missing();
+        let m = s.missing(0, usize::MAX);
         assert_eq!(
             m.partial[0].missing,
             vec![
