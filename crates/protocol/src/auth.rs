@@ -289,6 +289,17 @@ pub(crate) struct ReplayWindow {
 }
 
 impl ReplayWindow {
+    /// The window of a stream first heard at `counter`: it and everything below count as
+    /// seen, so datagrams captured before this receiver heard the sender cannot be replayed
+    /// to it either (a datagram merely reordered across that first one is lost, and repaired
+    /// like any loss).
+    pub(crate) fn starting_at(counter: u64) -> ReplayWindow {
+        ReplayWindow {
+            top: counter,
+            bits: [u64::MAX; (REPLAY_WINDOW / 64) as usize],
+        }
+    }
+
     /// Whether `counter` is new (not accepted before, not older than the window). Read-only.
     pub(crate) fn is_fresh(&self, counter: u64) -> bool {
         if counter == 0 {
@@ -390,6 +401,17 @@ mod tests {
                 top = top.max(c);
             }
         }
+    }
+
+    #[test]
+    fn a_window_started_at_a_counter_refuses_everything_below() {
+        let mut w = ReplayWindow::starting_at(500);
+        for c in [1u64, 10, 499, 500] {
+            assert!(!w.is_fresh(c), "{c}");
+        }
+        assert!(w.is_fresh(501));
+        w.accept(503);
+        assert!(w.is_fresh(501) && w.is_fresh(502) && !w.is_fresh(500));
     }
 
     #[test]

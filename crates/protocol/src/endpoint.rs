@@ -78,8 +78,9 @@ pub struct Endpoint {
     /// Per sender: the newest authenticated incarnation and its replay window. Kept when a
     /// member leaves, so that its captured datagrams cannot bring it back.
     replay: HashMap<NodeId, (Incarnation, ReplayWindow)>,
-    /// When the last authentication refusal was logged.
-    last_auth_warning: Option<Instant>,
+    /// When the last authentication refusal was logged, per kind (unknown key, bad tag,
+    /// unsealed or unexpectedly sealed).
+    last_auth_warning: [Option<Instant>; 3],
 }
 
 impl Endpoint {
@@ -94,7 +95,7 @@ impl Endpoint {
             ciphers,
             next_counter: 1,
             replay: HashMap::new(),
-            last_auth_warning: None,
+            last_auth_warning: [None; 3],
             rng: ChaCha8Rng::seed_from_u64(cfg.rng_seed),
             stats: Stats::default(),
             events: VecDeque::new(),
@@ -681,13 +682,21 @@ impl Endpoint {
     }
 
     /// Replay protection of an authenticated datagram: refuses (and counts) a counter already
-    /// seen from this (sender, incarnation) or below its window, and any datagram of an
-    /// incarnation older than the newest authenticated one; otherwise records the counter.
+    /// seen from this (sender, incarnation), at or below the first one heard from it, or below
+    /// its window, and any datagram of an incarnation older than the newest authenticated one;
+    /// otherwise records the counter.
     fn check_replay(&mut self, header: &Header) -> bool {
-        let entry = self
-            .replay
-            .entry(header.node)
-            .or_insert_with(|| (header.incarnation, ReplayWindow::default()));
+        let first = (
+            header.incarnation,
+            ReplayWindow::starting_at(header.counter),
+        );
+        let entry = match self.replay.entry(header.node) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(first);
+                return true;
+            }
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+        };
         if header.incarnation < entry.0 {
             self.stats.stale_incarnation += 1;
             return false;
@@ -703,17 +712,19 @@ impl Endpoint {
         false
     }
 
-    /// Drops a datagram that failed authentication, and says why in the log (at most once per
-    /// [`AUTH_WARN_EVERY`]: a flood must not flood the log too).
+    /// Drops a datagram that failed authentication, and says why in the log (each kind of
+    /// refusal at most once per [`AUTH_WARN_EVERY`]: a flood must not flood the log too).
     fn refuse(&mut self, reason: DropReason, from: SocketAddr, key_id: u16) {
         self.drop_datagram(reason);
-        if self
-            .last_auth_warning
-            .is_some_and(|t| self.now < t + AUTH_WARN_EVERY)
-        {
+        let kind = match reason {
+            DropReason::UnknownKey => 0,
+            DropReason::AuthFailed => 1,
+            _ => 2,
+        };
+        if self.last_auth_warning[kind].is_some_and(|t| self.now < t + AUTH_WARN_EVERY) {
             return;
         }
-        self.last_auth_warning = Some(self.now);
+        self.last_auth_warning[kind] = Some(self.now);
         let why = match (reason, self.cfg.keyring.as_ref()) {
             (DropReason::UnknownKey, _) => {
                 "it is sealed with a key id this node does not have (another cluster key?)"
