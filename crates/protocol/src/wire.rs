@@ -174,6 +174,19 @@ pub fn open(
     Ok((header, decode_body(body)?))
 }
 
+/// Seals a plain datagram (as built by [`encode`], [`encode_data`] or [`encode_fragment`])
+/// with `keyring`'s sending key and datagram counter `counter`, as an endpoint with that
+/// keyring does before sending. For tests, tools and fuzzing; an endpoint keeps its own
+/// counter, which must never repeat under one key for one (node, incarnation).
+///
+/// Returns `None` if `plain` is not a plain datagram (shorter than header + CRC, or sealed).
+pub fn seal(plain: &[u8], keyring: &Keyring, counter: u64) -> Option<Bytes> {
+    if plain.len() < OVERHEAD || be_u16(plain, 6) != 0 || be_u16(plain, 8) != 0 {
+        return None;
+    }
+    Ciphers::new(keyring).seal(plain, counter)
+}
+
 /// Decodes the body of a plain datagram that already passed [`check`].
 pub(crate) fn decode_checked(datagram: &Bytes) -> Result<proto::Frame, DropReason> {
     let body_len = be_u32(datagram, 12) as usize;
