@@ -28,6 +28,8 @@ pub struct Client {
     base: String,
     agent: ureq::Agent,
     streaming: ureq::Agent,
+    /// `Bearer TOKEN` from `CHORUS_HTTP_TOKEN`, for an agent started with `--http-token`.
+    authorization: Option<String>,
 }
 
 /// A response: status, headers of interest, body.
@@ -88,6 +90,10 @@ impl Client {
             base: base.trim_end_matches('/').to_string(),
             agent: make(Some(REQUEST_TIMEOUT)),
             streaming: make(None),
+            authorization: std::env::var("CHORUS_HTTP_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(|t| format!("Bearer {t}")),
         }
     }
 
@@ -125,24 +131,35 @@ impl Client {
         })
     }
 
+    /// Adds the bearer token, if any.
+    fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.authorization {
+            Some(value) => req.header("authorization", value),
+            None => req,
+        }
+    }
+
     /// `GET path` (path starts with `/`).
     pub fn get(&self, path: &str) -> anyhow::Result<Reply> {
-        self.finish(self.agent.get(format!("{}{path}", self.base)).call())
+        self.finish(
+            self.auth(self.agent.get(format!("{}{path}", self.base)))
+                .call(),
+        )
     }
 
     /// `GET /v1/kv/{key}`.
     pub fn get_key(&self, key: &str) -> anyhow::Result<Reply> {
-        self.finish(self.agent.get(self.key_url(key)).call())
+        self.finish(self.auth(self.agent.get(self.key_url(key))).call())
     }
 
     /// `PUT /v1/kv/{key}`.
     pub fn put_key(&self, key: &str, value: &[u8]) -> anyhow::Result<Reply> {
-        self.finish(self.agent.put(self.key_url(key)).send(value))
+        self.finish(self.auth(self.agent.put(self.key_url(key))).send(value))
     }
 
     /// `DELETE /v1/kv/{key}`.
     pub fn delete_key(&self, key: &str) -> anyhow::Result<Reply> {
-        self.finish(self.agent.delete(self.key_url(key)).call())
+        self.finish(self.auth(self.agent.delete(self.key_url(key))).call())
     }
 
     /// `GET /v1/kv?prefix=P`, parsed.
@@ -299,8 +316,7 @@ pub fn watch(args: &WatchArgs) -> anyhow::Result<Outcome> {
         url.push_str(&format!("&from={from}"));
     }
     let resp = client
-        .streaming
-        .get(&url)
+        .auth(client.streaming.get(&url))
         .header("accept", "text/event-stream")
         .call()
         .with_context(|| format!("cannot reach the agent at {}", client.base))?;

@@ -495,4 +495,28 @@ fn readable_key_file_and_open_http_are_refused_with_the_fix() {
         401,
         "a write without the token"
     );
+    // The client commands send CHORUS_HTTP_TOKEN.
+    let client = |token: &str, args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("CHORUS_AGENT", format!("http://{http_addr}"))
+            .env("CHORUS_HTTP_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let put = client("s3cret", &["put", "app/k", "v1"]);
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let get = client("s3cret", &["get", "app/k"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "v1");
+    let refused = client("nope", &["get", "app/k"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }
