@@ -117,6 +117,7 @@ pub async fn raw(
     receivers: usize,
     messages: usize,
     max: Duration,
+    rate: Option<u64>,
 ) -> anyhow::Result<Figures> {
     let size = size.max(HEADER);
     let base = Instant::now();
@@ -149,9 +150,13 @@ pub async fn raw(
     let target = SocketAddr::V4(group);
     let mut payload = vec![0xA5u8; size];
     let start = base.elapsed();
+    let t0 = tokio::time::Instant::now();
     for seq in 0..messages as u64 {
         if tokio::time::Instant::now() >= deadline {
             break;
+        }
+        if let Some(at) = slot(t0, seq, rate) {
+            tokio::time::sleep_until(at).await;
         }
         stamp(&mut payload, seq, base);
         sender.send_to(&payload, target).await?;
@@ -178,6 +183,12 @@ pub async fn raw(
         repairs: None,
         naks: None,
     })
+}
+
+/// When message `seq` is due at a paced `rate` (messages per second) from `t0`.
+fn slot(t0: tokio::time::Instant, seq: u64, rate: Option<u64>) -> Option<tokio::time::Instant> {
+    let rate = rate.filter(|r| *r > 0)?;
+    Some(t0 + Duration::from_nanos(seq.saturating_mul(1_000_000_000) / rate))
 }
 
 /// A random administratively-scoped group and port for one run.
@@ -219,6 +230,7 @@ pub async fn chorus(
     messages: usize,
     loss: f64,
     max: Duration,
+    rate: Option<u64>,
 ) -> anyhow::Result<Figures> {
     let size = size.max(HEADER);
     let base = Instant::now();
@@ -273,14 +285,23 @@ pub async fn chorus(
             }));
         }
         let start = base.elapsed();
+        let t0 = tokio::time::Instant::now();
         // Up to 32 writes in flight: a put returns once applied locally and queued, so a
         // pipelined sender measures the protocol rather than one round trip per message.
         let sent = futures_util::stream::iter(0..messages as u64)
             .take_while(|_| std::future::ready(tokio::time::Instant::now() < deadline))
             .map(|seq| {
-                let mut payload = vec![0x5Au8; size];
-                stamp(&mut payload, seq, base);
-                sender.put(format!("bench/{}", seq % 1024), bytes::Bytes::from(payload))
+                let sender = &sender;
+                async move {
+                    if let Some(at) = slot(t0, seq, rate) {
+                        tokio::time::sleep_until(at).await;
+                    }
+                    let mut payload = vec![0x5Au8; size];
+                    stamp(&mut payload, seq, base);
+                    sender
+                        .put(format!("bench/{}", seq % 1024), bytes::Bytes::from(payload))
+                        .await
+                }
             })
             .buffer_unordered(32)
             .try_fold(0u64, |n, _| std::future::ready(Ok(n + 1)))
@@ -321,6 +342,73 @@ pub async fn chorus(
     result
 }
 
+/// Late joiner: one node writes `keys` keys of `size` bytes, then a second node starts.
+/// Returns (seconds the writes took, seconds from the joiner's start until it holds every key,
+/// keys it holds at the end).
+///
+/// # Errors
+/// When a node cannot start or a write fails.
+pub async fn late_join(
+    group: SocketAddrV4,
+    keys: usize,
+    size: usize,
+    max: Duration,
+) -> anyhow::Result<(f64, f64, u64)> {
+    let cluster = format!("bench-join-{:016x}", rand::random::<u64>());
+    let start_node = |id: u64| {
+        chorus::Node::builder()
+            .cluster(&cluster)
+            .group(SocketAddr::V4(group))
+            .interface("127.0.0.1")
+            .ttl(0)
+            .node_id(id)
+            .start()
+    };
+    let writer = start_node(1).await?;
+    let value = bytes::Bytes::from(vec![0x3Cu8; size]);
+    let t = Instant::now();
+    // Batches of 64 puts, 8 batches in flight: the load phase is not what is measured.
+    futures_util::stream::iter(
+        (0..keys)
+            .collect::<Vec<_>>()
+            .chunks(64)
+            .map(<[usize]>::to_vec),
+    )
+    .map(|chunk| {
+        let ops = chunk
+            .iter()
+            .map(|i| chorus::Op::Put {
+                key: format!("join/{i:08}"),
+                value: value.clone(),
+            })
+            .collect();
+        writer.batch(ops)
+    })
+    .buffer_unordered(8)
+    .try_for_each(|_| std::future::ready(Ok(())))
+    .await?;
+    let write_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let joiner = start_node(2).await?;
+    let deadline = t + max;
+    let mut held = 0u64;
+    while Instant::now() < deadline {
+        held = joiner.revision();
+        if held >= keys as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let join_secs = t.elapsed().as_secs_f64();
+    let held_keys = joiner.scan("join/").len() as u64;
+    if held < keys as u64 {
+        eprintln!("late joiner: {held} of {keys} after {join_secs:.1} s (bound)");
+    }
+    let _ = joiner.shutdown().await;
+    let _ = writer.shutdown().await;
+    Ok((write_secs, join_secs, held_keys))
+}
+
 /// `chorus bench`: prints a markdown table.
 pub fn run(args: &crate::cli::BenchArgs) -> anyhow::Result<()> {
     if args.receivers == 0 || args.messages == 0 {
@@ -337,6 +425,16 @@ pub fn run(args: &crate::cli::BenchArgs) -> anyhow::Result<()> {
         .build()?;
     let seed = args.seed.unwrap_or_else(rand::random);
     let max = Duration::from_secs(args.max_secs.max(1));
+    if let Some(keys) = args.late_join {
+        let size = args.sizes.first().copied().unwrap_or(100);
+        let (write, join, held) =
+            runtime.block_on(late_join(pick_group(seed, 99), keys, size, max))?;
+        println!(
+            "late joiner: {keys} keys of {size} B written in {write:.2} s; the joiner held \
+             {held} of them {join:.2} s after it started (loopback)"
+        );
+        return Ok(());
+    }
     eprintln!(
         "bench: 1 sender, {} receivers, {} messages per size, loopback multicast TTL 0{}",
         args.receivers,
@@ -364,6 +462,7 @@ pub fn run(args: &crate::cli::BenchArgs) -> anyhow::Result<()> {
             args.receivers,
             args.messages,
             max,
+            args.rate,
         ))?;
         lines.push(row("raw UDP", size, &raw));
         if !args.raw_only {
@@ -375,6 +474,7 @@ pub fn run(args: &crate::cli::BenchArgs) -> anyhow::Result<()> {
                 args.messages,
                 args.loss,
                 max,
+                args.rate,
             ))?;
             lines.push(row("chorus", size, &ch));
             let ratio = if raw.msgs_per_sec() > 0.0 {
@@ -419,7 +519,7 @@ mod tests {
     #[tokio::test]
     async fn raw_loopback_delivers() {
         let group = pick_group(rand::random(), 1);
-        let f = raw(group, 64, 2, 200, Duration::from_secs(5))
+        let f = raw(group, 64, 2, 200, Duration::from_secs(5), None)
             .await
             .unwrap();
         assert_eq!(f.sent, 200);

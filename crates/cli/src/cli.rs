@@ -240,6 +240,14 @@ pub struct BenchArgs {
     /// Only measure raw UDP multicast (skip Chorus).
     #[arg(long)]
     pub raw_only: bool,
+    /// Pace both senders at this many messages per second (latency at a moderate rate)
+    /// instead of sending as fast as possible.
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Instead of the throughput table: write this many keys (of the first --sizes bytes) on
+    /// one node, start a second node, and time until it holds them all.
+    #[arg(long)]
+    pub late_join: Option<usize>,
 }
 
 /// `chorus doctor`.

@@ -57,6 +57,8 @@ pub(crate) struct SendWindow {
     pending_repairs: BTreeMap<u64, Want>,
     pub(crate) repair_deadline: Option<Instant>,
     repairs: VecDeque<RepairItem>,
+    /// When the last first-transmission datagram left (batching waits only while busy).
+    last_data: Option<Instant>,
 }
 
 impl SendWindow {
@@ -72,6 +74,7 @@ impl SendWindow {
             pending_repairs: BTreeMap::new(),
             repair_deadline: None,
             repairs: VecDeque::new(),
+            last_data: None,
         }
     }
 
@@ -137,7 +140,9 @@ impl SendWindow {
     }
 
     /// When unsent data becomes due (`None` if there is none). A datagram that is already due
-    /// reports the time it was queued.
+    /// reports the time it was queued. A batch that is not full goes `batch_delay` after the
+    /// previous data datagram (at most one partial batch per `batch_delay`), or at once when
+    /// that has passed: small messages wait for company only while the stream is busy.
     pub(crate) fn data_deadline(&self, batch_delay: Duration, flush: bool) -> Option<Instant> {
         let first = self.entry(self.next_tx)?;
         if flush || !self.is_small(first.payload.len()) || self.frag_offset > 0 {
@@ -154,11 +159,13 @@ impl SendWindow {
                 return Some(first.at);
             }
         }
-        Some(first.at + batch_delay)
+        let busy_until = self.last_data.map_or(first.at, |t| t + batch_delay);
+        Some(first.at.max(busy_until))
     }
 
     /// Builds the next first-transmission datagram, which the caller has checked is due.
     pub(crate) fn build_data(&mut self, now: Instant) -> Option<(Bytes, Sent)> {
+        self.last_data = Some(now);
         let first_seq = self.next_tx;
         let first_len = self.entry(first_seq)?.payload.len();
         if !self.is_small(first_len) {
