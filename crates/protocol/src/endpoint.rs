@@ -702,7 +702,8 @@ impl Endpoint {
             return false;
         }
         if header.incarnation > entry.0 {
-            *entry = (header.incarnation, ReplayWindow::default());
+            *entry = first;
+            return true;
         }
         if entry.1.is_fresh(header.counter) {
             entry.1.accept(header.counter);
