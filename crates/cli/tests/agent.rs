@@ -5,31 +5,18 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_chorus");
+mod common;
 
-/// A running `chorus agent`; SIGKILLed on drop unless it already exited.
-struct Agent {
-    child: Child,
-    http: SocketAddr,
-    log: PathBuf,
-}
+use common::{Agent, BIN, TempDir, free_port, http, random_group, spawn_agent};
 
 impl Agent {
-    fn url(&self) -> String {
-        format!("http://{}", self.http)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
     /// Runs a client command against this agent.
     fn cli(&self, args: &[&str]) -> Output {
         cli_with_stdin(args, &self.url(), None)
@@ -47,32 +34,6 @@ impl Agent {
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p =
-            std::env::temp_dir().join(format!("chorus-cli-{tag}-{:016x}", rand::random::<u64>()));
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A cluster name and loopback group no other test uses.
 struct Net {
     cluster: String,
@@ -81,14 +42,10 @@ struct Net {
 
 impl Net {
     fn new() -> Self {
-        let r: u64 = rand::random();
-        let b = r.to_le_bytes();
+        let (r, group) = random_group();
         Self {
             cluster: format!("test-{r:016x}"),
-            group: SocketAddr::from((
-                Ipv4Addr::new(239, 255, b[0], b[1].max(1)),
-                20_000 + u16::from_le_bytes([b[2], b[3]]) % 30_000,
-            )),
+            group,
         }
     }
 
@@ -118,46 +75,6 @@ impl Net {
         let mut args = self.base_args(node_id, http);
         args.extend(extra.iter().map(|s| (*s).to_string()));
         spawn_agent(&args, http)
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn_agent(args: &[String], http: SocketAddr) -> Agent {
-    let log = std::env::temp_dir().join(format!(
-        "chorus-cli-agent-{:016x}.log",
-        rand::random::<u64>()
-    ));
-    let file = std::fs::File::create(&log).unwrap();
-    let child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    let mut agent = Agent { child, http, log };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(status)) = agent.child.try_wait() {
-            panic!("agent exited early ({status}):\n{}", agent.log_text());
-        }
-        if TcpStream::connect(http).is_ok() && http_get_status(http, "/v1/stats") == 200 {
-            return agent;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent never answered:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -198,65 +115,6 @@ fn wait_output(mut child: Child, timeout: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// One raw HTTP/1.1 request (Connection: close); returns status and body.
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    // The server may answer (413) before reading a large body; a failed write is fine then.
-    let _ = s.write_all(body);
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp);
-    let text = String::from_utf8_lossy(&resp).into_owned();
-    let status: u16 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in response to {method} {path}: {text:?}"));
-    let body_start = resp
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(resp.len(), |p| p + 4);
-    let mut body = resp[body_start..].to_vec();
-    if text
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
-    (status, body)
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
-                .unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = line_end + 2;
-        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
-        data = &data[(start + size + 2).min(data.len())..];
-    }
-    out
 }
 
 fn http_get_status(addr: SocketAddr, path: &str) -> u16 {

@@ -10,66 +10,17 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_chorus");
+mod common;
 
-/// A running `chorus agent`; SIGKILLed on drop unless it already exited.
-struct Agent {
-    child: Child,
-    http: SocketAddr,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `kill -9`: `Child::kill` sends SIGKILL on Unix; waits until the process is gone.
-    fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(!status.success(), "a SIGKILLed agent cannot exit cleanly");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "chorus-cli-{tag}-{}-{:016x}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{Agent, TempDir, free_port, http, random_group, spawn_agent, try_http};
 
 /// One single-node "cluster" on a loopback group no other test uses, with its data directory.
 struct Node {
@@ -80,14 +31,10 @@ struct Node {
 
 impl Node {
     fn new(tag: &str) -> Self {
-        let r: u64 = rand::random();
-        let b = r.to_le_bytes();
+        let (r, group) = random_group();
         Self {
             cluster: format!("kill-{r:016x}"),
-            group: SocketAddr::from((
-                Ipv4Addr::new(239, 255, b[0], b[1].max(1)),
-                20_000 + u16::from_le_bytes([b[2], b[3]]) % 30_000,
-            )),
+            group,
             data: TempDir::new(tag),
         }
     }
@@ -119,106 +66,15 @@ impl Node {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn_agent(args: &[String], http: SocketAddr) -> Agent {
-    let log = std::env::temp_dir().join(format!(
-        "chorus-cli-kill-agent-{:016x}.log",
-        rand::random::<u64>()
-    ));
-    let file = std::fs::File::create(&log).unwrap();
-    let child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    let mut agent = Agent { child, http, log };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(status)) = agent.child.try_wait() {
-            panic!("agent exited early ({status}):\n{}", agent.log_text());
-        }
-        if matches!(try_http(http, "GET", "/v1/stats", b""), Ok((200, _))) {
-            return agent;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent never answered:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-/// One raw HTTP/1.1 request (Connection: close); returns status and body, or the I/O error
-/// (the writer sees those when the agent is killed under it).
-fn try_http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.set_nodelay(true)?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
-    s.write_all(&req)?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
-    let head_end = resp
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("response without a complete head"))?;
-    let head = String::from_utf8_lossy(&resp[..head_end]).to_ascii_lowercase();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
-    let mut body = resp[head_end + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
-    Ok((status, body))
-}
-
-fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    try_http(addr, method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
-                .unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = line_end + 2;
-        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
-        data = &data[(start + size + 2).min(data.len())..];
-    }
-    out
-}
-
 /// Every live key under `prefix` with its value, from `GET /v1/kv?prefix=`.
 fn list(agent: &Agent, prefix: &str) -> HashMap<String, String> {
-    let (status, body) = http(agent.http, "GET", &format!("/v1/kv?prefix={prefix}"), b"");
+    let (status, body) = http(
+        agent.http,
+        "GET",
+        &format!("/v1/kv?prefix={prefix}"),
+        &[],
+        b"",
+    );
     assert_eq!(status, 200, "list: {}", String::from_utf8_lossy(&body));
     let json: Value = serde_json::from_slice(&body).unwrap();
     let entries = json["entries"].as_array().unwrap();
@@ -269,6 +125,7 @@ fn write_until_killed(http: SocketAddr, round: usize, stop: &AtomicBool) -> Vec<
             http,
             "PUT",
             &format!("/v1/kv/{key}"),
+            &[],
             value_of(&key).as_bytes(),
         ) {
             Ok((status, _)) if (200..300).contains(&status) => acked.push(key),
@@ -371,7 +228,7 @@ fn acknowledged_delete_survives_kill_9() {
         ("PUT", "/v1/kv/kept", &b"stays"[..]),
         ("DELETE", "/v1/kv/gone", &b""[..]),
     ] {
-        let (status, resp) = http(agent.http, method, path, body);
+        let (status, resp) = http(agent.http, method, path, &[], body);
         assert_eq!(
             status,
             200,
@@ -379,20 +236,20 @@ fn acknowledged_delete_survives_kill_9() {
             String::from_utf8_lossy(&resp)
         );
     }
-    assert_eq!(http(agent.http, "GET", "/v1/kv/gone", b"").0, 404);
+    assert_eq!(http(agent.http, "GET", "/v1/kv/gone", &[], b"").0, 404);
     agent.kill9();
     drop(agent);
 
     let agent = node.start();
     // The control key proves the restart read the directory; the deleted key stays deleted.
-    let (status, body) = http(agent.http, "GET", "/v1/kv/kept", b"");
+    let (status, body) = http(agent.http, "GET", "/v1/kv/kept", &[], b"");
     assert_eq!(
         (status, body.as_slice()),
         (200, &b"stays"[..]),
         "{}",
         agent.log_text()
     );
-    let (status, _) = http(agent.http, "GET", "/v1/kv/gone", b"");
+    let (status, _) = http(agent.http, "GET", "/v1/kv/gone", &[], b"");
     assert_eq!(status, 404, "deleted key came back:\n{}", agent.log_text());
     let keys: Vec<String> = list(&agent, "").into_keys().collect();
     assert_eq!(keys, ["kept"]);
