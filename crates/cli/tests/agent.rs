@@ -45,7 +45,7 @@ impl Net {
         let (r, group) = random_group();
         Self {
             cluster: format!("test-{r:016x}"),
-            group,
+            group: group.into(),
         }
     }
 

@@ -34,7 +34,7 @@ impl Node {
         let (r, group) = random_group();
         Self {
             cluster: format!("kill-{r:016x}"),
-            group,
+            group: group.into(),
             data: TempDir::new(tag),
         }
     }

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use socket2::{Domain, Protocol, Socket, Type};
 
-const BIN: &str = env!("CARGO_BIN_EXE_chorus");
+mod common;
+
+use common::{BIN, TempDir, free_port, random_group};
 
 struct Agent {
     child: Child,
@@ -81,22 +83,6 @@ impl Drop for Agent {
     }
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(format!("chorus-sec-{:016x}", rand::random::<u64>()));
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Net {
     cluster: String,
     group: SocketAddrV4,
@@ -104,14 +90,10 @@ struct Net {
 
 impl Net {
     fn new() -> Self {
-        let r: u64 = rand::random();
-        let b = r.to_le_bytes();
+        let (r, group) = random_group();
         Self {
             cluster: format!("sec-{r:016x}"),
-            group: SocketAddrV4::new(
-                Ipv4Addr::new(239, 255, b[0], b[1].max(1)),
-                20_000 + u16::from_le_bytes([b[2], b[3]]) % 30_000,
-            ),
+            group,
         }
     }
 
@@ -175,14 +157,6 @@ impl Net {
         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         s.into()
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -267,7 +241,7 @@ fn capture(sock: UdpSocket) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<Vec
 
 #[test]
 fn keyed_cluster_refuses_outsiders_shows_nothing_and_rejects_replays() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("sec");
     let key = dir.0.join("cluster.key");
     let wrong = dir.0.join("wrong.key");
     keygen(&key, 1);
@@ -434,7 +408,7 @@ fn keyed_cluster_refuses_outsiders_shows_nothing_and_rejects_replays() {
 
 #[test]
 fn readable_key_file_and_open_http_are_refused_with_the_fix() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("sec");
     let key = dir.0.join("k");
     keygen(&key, 5);
     use std::os::unix::fs::PermissionsExt;

@@ -5,7 +5,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -68,13 +68,13 @@ impl Drop for TempDir {
 
 /// A random value (for a cluster name) and a loopback multicast group derived from it that no
 /// other test uses: 239.255.x.y on a port in 20 000..50 000.
-pub fn random_group() -> (u64, SocketAddr) {
+pub fn random_group() -> (u64, SocketAddrV4) {
     let r: u64 = rand::random();
     let b = r.to_le_bytes();
-    let group = SocketAddr::from((
+    let group = SocketAddrV4::new(
         Ipv4Addr::new(239, 255, b[0], b[1].max(1)),
         20_000 + u16::from_le_bytes([b[2], b[3]]) % 30_000,
-    ));
+    );
     (r, group)
 }
 
