@@ -380,8 +380,10 @@ mod tests {
         assert!(dir.apply("app/a/b.conf", Some(b"two")).unwrap());
         assert_eq!(read(&tmp.0, "a/b.conf").as_deref(), Some("two"));
         assert!(!dir.apply("other/x", Some(b"x")).unwrap());
-        assert!(dir.apply("app/../x", Some(b"x")).is_err());
-        assert!(!tmp.0.parent().unwrap().join("x").exists());
+        // A name of its own, so an unrelated file next to the temp dir cannot fail the check.
+        let escape = format!("{}-escape", tmp.0.file_name().unwrap().to_string_lossy());
+        assert!(dir.apply(&format!("app/../{escape}"), Some(b"x")).is_err());
+        assert!(!tmp.0.parent().unwrap().join(&escape).exists());
         assert!(dir.apply("app/a/b.conf", None).unwrap());
         assert!(read(&tmp.0, "a/b.conf").is_none());
         assert!(!tmp.0.join("a").exists(), "empty parent directory pruned");
