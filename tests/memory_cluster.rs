@@ -70,8 +70,8 @@ async fn nodes_converge_over_a_lossy_partitioned_memory_hub() {
     // Cut node 3 off, write on both sides (conflicting on one key), heal.
     hub.partition(addr(1), addr(3));
     hub.partition(addr(2), addr(3));
-    nodes[0].put("m/conflict", "left").await.expect("put");
-    nodes[2].put("m/conflict", "right").await.expect("put");
+    let left = nodes[0].put("m/conflict", "left").await.expect("put");
+    let right = nodes[2].put("m/conflict", "right").await.expect("put");
     nodes[2].put("m/only-right", "x").await.expect("put");
     nodes[1].delete("m/000").await.expect("delete");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -81,11 +81,11 @@ async fn nodes_converge_over_a_lossy_partitioned_memory_hub() {
         converged(&nodes, 201, Duration::from_secs(30)).await,
         "stores agree after the partition heals (hub seed {seed:#x})"
     );
-    // Last writer wins: node 3 wrote "right" after node 1 wrote "left".
-    assert_eq!(
-        nodes[0].get("m/conflict").map(|e| e.value),
-        Some("right".into())
-    );
+    // Last writer wins by version (HLC, then node id), the same answer on every node.
+    let winner = if right > left { "right" } else { "left" };
+    for n in &nodes {
+        assert_eq!(n.get("m/conflict").map(|e| e.value), Some(winner.into()));
+    }
     assert!(
         nodes[2].get("m/000").is_none(),
         "the delete crossed the healed partition"
