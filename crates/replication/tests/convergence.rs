@@ -1,9 +1,26 @@
 //! Phase 3: convergence of real `NodeCore`s over chorus-sim under loss, duplication,
-//! reordering, partitions, crash/restart and late joins, checked against a
-//! last-writer-wins reference model.
+//! reordering, partitions, crash/restart and late joins, as a `proptest-state-machine` test.
+//!
+//! - The reference machine ([`World`]) knows the topology (which nodes exist and are up, which
+//!   partitions are in force) and the last-writer-wins model: every acknowledged put, delete
+//!   and batch applied to a `BTreeMap`. Its preconditions keep every transition valid (writes
+//!   and crashes only on nodes that are up, restarts only of crashed nodes, at most
+//!   [`MAX_NODES`] nodes, heal only while partitioned), also while shrinking.
+//! - The system under test ([`Cluster`]) is a `Sim` of real `NodeCore`s on lossy links (up to
+//!   50 % loss, duplication, reordering). Versions are stamped by the nodes' HLCs, so it keeps
+//!   every write with the version the node returned, and marks the writes a crash may have
+//!   taken with it (no other live node held them or anything newer).
+//! - After every transition the topology of the simulator must match the reference and no
+//!   watch may have seen a key go backwards. At the end everything is healed and restarted
+//!   and must settle; then every node's store must equal the LWW model by version (exactly for
+//!   keys with no possibly-lost write, otherwise a write at least as new as every surviving
+//!   one), no deleted key may come back, and every watch (prefixes [`WATCHES`], from the start
+//!   of each node's life) must have seen every change of its prefix exactly once, per key in
+//!   version order, ending at the store's contents.
 //!
 //! `PROPTEST_CASES` sets the number of random scenarios (default 64). A failing case prints
-//! the simulation seed (the simulator also prints `seed=...` when a run panics).
+//! the simulation seed in its message and in the reduced initial state (the simulator also
+//! prints `seed=...` when a run panics).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -12,14 +29,36 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chorus_replication::{Op, Version};
+use chorus_replication::{Change, Op, Version};
 use chorus_sim::{LinkConfig, Sim, SimConfig};
 use common::{SimNode, run_until_settled, sim};
 use proptest::prelude::*;
+use proptest::strategy::Union;
 use proptest::test_runner::FileFailurePersistence;
+use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 
+/// Most nodes a scenario grows to by late joins.
+const MAX_NODES: usize = 6;
+/// Keys are drawn from `0..KEYS` (see [`key`]).
+const KEYS: u8 = 10;
+/// Prefixes every node is watched on: everything, two disjoint groups, one single key.
+const WATCHES: [&str; 4] = ["", "app/", "sys/", "app/3"];
+
+fn key(k: u8) -> String {
+    if k < 6 {
+        format!("app/{k}")
+    } else {
+        format!("sys/{k}")
+    }
+}
+
+fn val(v: u8) -> Bytes {
+    Bytes::from(vec![v; 1 + usize::from(v % 7)])
+}
+
+/// One transition of a scenario.
 #[derive(Debug, Clone)]
-enum Action {
+enum Step {
     Put {
         node: usize,
         key: u8,
@@ -29,6 +68,7 @@ enum Action {
         node: usize,
         key: u8,
     },
+    /// Atomic batch: `None` deletes the key.
     Batch {
         node: usize,
         ops: BTreeMap<u8, Option<u8>>,
@@ -36,8 +76,9 @@ enum Action {
     Wait {
         ms: u16,
     },
+    /// Cuts `side` off from every other node existing now (both directions).
     Partition {
-        mask: u8,
+        side: Vec<usize>,
     },
     Heal,
     Crash {
@@ -49,27 +90,161 @@ enum Action {
     AddNode,
 }
 
-fn action() -> impl Strategy<Value = Action> {
-    prop_oneof![
-        6 => (0usize..8, 0u8..10, any::<u8>()).prop_map(|(node, key, value)| Action::Put { node, key, value }),
-        3 => (0usize..8, 0u8..10).prop_map(|(node, key)| Action::Delete { node, key }),
-        2 => (0usize..8, proptest::collection::btree_map(0u8..10, proptest::option::of(any::<u8>()), 1..5))
-            .prop_map(|(node, ops)| Action::Batch { node, ops }),
-        5 => (0u16..800).prop_map(|ms| Action::Wait { ms }),
-        // Long enough for suspicion and leave (lossy preset: 3 s / 15 s) inside a partition.
-        1 => (4_000u16..20_000).prop_map(|ms| Action::Wait { ms }),
-        1 => any::<u8>().prop_map(|mask| Action::Partition { mask }),
-        1 => Just(Action::Heal),
-        1 => (0usize..8).prop_map(|node| Action::Crash { node }),
-        1 => (0usize..8).prop_map(|node| Action::Restart { node }),
-        1 => Just(Action::AddNode),
-    ]
+/// The reference state.
+#[derive(Debug, Clone)]
+struct World {
+    /// Seed of the simulation (network draws and every node's RNG).
+    seed: u64,
+    /// Loss of every link, in percent, until the final heal.
+    loss_pct: u8,
+    /// Per node (simulator index): whether it is up.
+    up: Vec<bool>,
+    /// Partitions in force: the two sides of each cut.
+    cuts: Vec<(Vec<usize>, Vec<usize>)>,
+    /// Last writer wins over every acknowledged write, applied in the order of issue. Every
+    /// node stamps versions from one shared virtual clock and writes are at least 20 ms apart,
+    /// so issue order is version order (the system under test asserts it).
+    model: BTreeMap<u8, Option<u8>>,
 }
 
-/// One acknowledged write of the reference model.
+impl World {
+    fn is_up(&self, node: usize) -> bool {
+        self.up.get(node).copied().unwrap_or(false)
+    }
+}
+
+impl ReferenceStateMachine for World {
+    type State = World;
+    type Transition = Step;
+
+    fn init_state() -> BoxedStrategy<World> {
+        (
+            any::<u64>(),
+            2usize..=4,
+            prop_oneof![Just(0u8), Just(20u8), Just(50u8)],
+        )
+            .prop_map(|(seed, nodes, loss_pct)| World {
+                seed,
+                loss_pct,
+                up: vec![true; nodes],
+                cuts: Vec::new(),
+                model: BTreeMap::new(),
+            })
+            .boxed()
+    }
+
+    fn transitions(w: &World) -> BoxedStrategy<Step> {
+        let n = w.up.len();
+        let up: Vec<usize> = (0..n).filter(|&i| w.up[i]).collect();
+        let down: Vec<usize> = (0..n).filter(|&i| !w.up[i]).collect();
+        let mut options: Vec<(u32, BoxedStrategy<Step>)> = vec![
+            (5, (0u16..800).prop_map(|ms| Step::Wait { ms }).boxed()),
+            // Long enough for suspicion and leave (lossy preset: 3 s / 15 s) inside a partition.
+            (
+                1,
+                (4_000u16..20_000).prop_map(|ms| Step::Wait { ms }).boxed(),
+            ),
+            (
+                1,
+                proptest::sample::subsequence((0..n).collect::<Vec<_>>(), 1..n)
+                    .prop_map(|side| Step::Partition { side })
+                    .boxed(),
+            ),
+        ];
+        if !up.is_empty() {
+            let on = || proptest::sample::select(up.clone());
+            options.extend([
+                (
+                    6,
+                    (on(), 0..KEYS, any::<u8>())
+                        .prop_map(|(node, key, value)| Step::Put { node, key, value })
+                        .boxed(),
+                ),
+                (
+                    3,
+                    (on(), 0..KEYS)
+                        .prop_map(|(node, key)| Step::Delete { node, key })
+                        .boxed(),
+                ),
+                (
+                    2,
+                    (
+                        on(),
+                        proptest::collection::btree_map(
+                            0..KEYS,
+                            proptest::option::of(any::<u8>()),
+                            1..5,
+                        ),
+                    )
+                        .prop_map(|(node, ops)| Step::Batch { node, ops })
+                        .boxed(),
+                ),
+                (1, on().prop_map(|node| Step::Crash { node }).boxed()),
+            ]);
+        }
+        if !w.cuts.is_empty() {
+            options.push((1, Just(Step::Heal).boxed()));
+        }
+        if !down.is_empty() {
+            options.push((
+                1,
+                proptest::sample::select(down)
+                    .prop_map(|node| Step::Restart { node })
+                    .boxed(),
+            ));
+        }
+        if n < MAX_NODES {
+            options.push((1, Just(Step::AddNode).boxed()));
+        }
+        Union::new_weighted(options).boxed()
+    }
+
+    fn preconditions(w: &World, step: &Step) -> bool {
+        let n = w.up.len();
+        match step {
+            Step::Put { node, .. }
+            | Step::Delete { node, .. }
+            | Step::Batch { node, .. }
+            | Step::Crash { node } => w.is_up(*node),
+            Step::Restart { node } => *node < n && !w.up[*node],
+            Step::Partition { side } => {
+                !side.is_empty() && side.len() < n && side.iter().all(|&i| i < n)
+            }
+            Step::Heal => !w.cuts.is_empty(),
+            Step::AddNode => n < MAX_NODES,
+            Step::Wait { .. } => true,
+        }
+    }
+
+    fn apply(mut w: World, step: &Step) -> World {
+        match step {
+            Step::Put { key, value, .. } => {
+                w.model.insert(*key, Some(*value));
+            }
+            Step::Delete { key, .. } => {
+                w.model.insert(*key, None);
+            }
+            Step::Batch { ops, .. } => w.model.extend(ops.iter().map(|(k, v)| (*k, *v))),
+            Step::Wait { .. } => {}
+            Step::Partition { side } => {
+                let other = (0..w.up.len()).filter(|i| !side.contains(i)).collect();
+                w.cuts.push((side.clone(), other));
+            }
+            Step::Heal => w.cuts.clear(),
+            Step::Crash { node } => w.up[*node] = false,
+            Step::Restart { node } => w.up[*node] = true,
+            Step::AddNode => w.up.push(true),
+        }
+        w
+    }
+}
+
+/// One acknowledged write, as the node stamped it.
 #[derive(Debug, Clone)]
 struct Rec {
     version: Version,
+    /// Key number of the reference model.
+    id: u8,
     key: String,
     value: Option<Bytes>,
     /// The write may have been lost with a crashed node (no live node held it or anything
@@ -77,193 +252,311 @@ struct Rec {
     at_risk: bool,
 }
 
-fn key(k: u8) -> String {
-    format!("key/{k}")
-}
-
-fn val(v: u8) -> Bytes {
-    Bytes::from(vec![v; 1 + usize::from(v % 7)])
-}
-
-/// Marks every write that no live node other than `crashed` holds (or supersedes) as at risk.
-fn mark_at_risk(sim: &Sim<SimNode>, crashed: usize, model: &mut [Rec]) {
-    let others: Vec<_> = sim
-        .live_nodes()
-        .into_iter()
-        .filter(|i| *i != crashed)
-        .filter_map(|i| sim.node(i).machine().map(|m| m.core.store().clone()))
-        .collect();
-    for rec in model.iter_mut().filter(|r| !r.at_risk) {
-        let held = others.iter().any(|s| {
-            s.get_entry(&rec.key)
-                .is_some_and(|e| e.version >= rec.version)
-        });
-        if !held {
-            rec.at_risk = true;
-        }
-    }
-}
-
-fn run_scenario(
+/// The system under test.
+struct Cluster {
     seed: u64,
-    nodes: usize,
-    loss: f64,
-    actions: &[Action],
-) -> Result<(), TestCaseError> {
-    let link = LinkConfig::lan()
-        .with_loss(loss)
-        .with_duplicate(0.05)
-        .with_reorder(0.1, Duration::from_millis(20));
-    let mut s = sim(SimConfig::new(seed, nodes).with_link(link), |_| {});
-    let mut model: Vec<Rec> = Vec::new();
-    let record = |model: &mut Vec<Rec>, version: Version, ops: Vec<Op>| {
-        for op in ops {
-            let (k, v) = match op {
-                Op::Put { key, value } => (key, Some(value)),
-                Op::Delete { key } => (key, None),
-            };
-            model.push(Rec {
-                version,
-                key: k,
-                value: v,
-                at_risk: false,
-            });
-        }
-    };
-    s.run_for(Duration::from_millis(500));
-    for a in actions {
-        let n = s.len();
-        match a {
-            Action::Put {
-                node,
-                key: k,
-                value,
-            } => {
-                let ops = vec![Op::Put {
-                    key: key(*k),
-                    value: val(*value),
-                }];
-                if let Some(v) = s.act(node % n, |m, now| m.core.batch(now, ops.clone()).unwrap()) {
-                    record(&mut model, v, ops);
-                }
-            }
-            Action::Delete { node, key: k } => {
-                let ops = vec![Op::Delete { key: key(*k) }];
-                if let Some(v) = s.act(node % n, |m, now| m.core.batch(now, ops.clone()).unwrap()) {
-                    record(&mut model, v, ops);
-                }
-            }
-            Action::Batch { node, ops } => {
-                let ops: Vec<Op> = ops
-                    .iter()
-                    .map(|(k, v)| match v {
-                        Some(v) => Op::Put {
-                            key: key(*k),
-                            value: val(*v),
-                        },
-                        None => Op::Delete { key: key(*k) },
-                    })
-                    .collect();
-                if let Some(v) = s.act(node % n, |m, now| m.core.batch(now, ops.clone()).unwrap()) {
-                    record(&mut model, v, ops);
-                }
-            }
-            Action::Wait { ms } => s.run_for(Duration::from_millis(u64::from(*ms))),
-            Action::Partition { mask } => {
-                let (a, b): (Vec<usize>, Vec<usize>) =
-                    (0..n).partition(|i| mask & (1 << (i % 8)) != 0);
-                if !a.is_empty() && !b.is_empty() {
-                    s.partition(&a, &b);
-                }
-            }
-            Action::Heal => s.heal(),
-            Action::Crash { node } => {
-                let i = node % n;
-                if s.node(i).is_up() {
-                    mark_at_risk(&s, i, &mut model);
-                    s.crash(i);
-                }
-            }
-            Action::Restart { node } => {
-                let i = node % n;
-                if s.node(i).is_up() {
-                    mark_at_risk(&s, i, &mut model);
-                }
-                s.restart(i);
-            }
-            Action::AddNode => {
-                if n < 6 {
-                    s.add_node();
-                }
-            }
-        }
-        s.run_for(Duration::from_millis(20));
-    }
-    // Heal everything, bring every node back, let it settle.
-    s.heal();
-    s.clear_link_overrides();
-    s.set_default_link(LinkConfig::lan());
-    for i in 0..s.len() {
-        if !s.node(i).is_up() {
-            s.restart(i);
-        }
-    }
-    let ok = run_until_settled(&mut s, Duration::from_millis(250), Duration::from_secs(120));
-    prop_assert!(
-        ok,
-        "seed={seed}: did not settle within 120 s of virtual time"
-    );
-    let reference = s.node(0).machine().unwrap().contents();
-    for i in 0..s.len() {
-        let m = s.node(i).machine().unwrap();
-        prop_assert!(
-            m.order_violations.is_empty(),
-            "seed={seed}: node {i} events out of order: {:?}",
-            m.order_violations
-        );
-        prop_assert_eq!(
-            &m.contents(),
-            &reference,
-            "seed={}: node {} differs",
-            seed,
-            i
-        );
-    }
-    // Every key: the winner over certain writes, or a newer write that may have escaped.
-    let mut keys: Vec<&String> = model.iter().map(|r| &r.key).collect();
-    keys.sort();
-    keys.dedup();
-    for k in keys {
-        let certain = model
+    sim: Sim<SimNode>,
+    /// Every acknowledged write, in issue (and so version) order.
+    writes: Vec<Rec>,
+    /// The reference model after the latest transition (teardown sees no reference state).
+    model: BTreeMap<u8, Option<u8>>,
+}
+
+impl Cluster {
+    /// Issues `ops` as one batch on `node` and records what it acknowledged.
+    fn write(&mut self, node: usize, ops: &BTreeMap<u8, Option<u8>>) {
+        let seed = self.seed;
+        let wire: Vec<Op> = ops
             .iter()
-            .filter(|r| &r.key == k && !r.at_risk)
-            .map(|r| r.version)
-            .max();
-        match reference.get(k) {
-            None => prop_assert!(
+            .map(|(k, v)| match v {
+                Some(v) => Op::Put {
+                    key: key(*k),
+                    value: val(*v),
+                },
+                None => Op::Delete { key: key(*k) },
+            })
+            .collect();
+        let version = self
+            .sim
+            .act(node, |m, now| m.core.batch(now, wire))
+            .unwrap_or_else(|| panic!("seed={seed}: node {node} is down, the reference has it up"))
+            .unwrap_or_else(|e| panic!("seed={seed}: node {node} refused a write: {e}"));
+        if let Some(last) = self.writes.last() {
+            assert!(
+                version > last.version,
+                "seed={seed}: a later write on node {node} got version {version}, not above {}",
+                last.version
+            );
+        }
+        self.writes.extend(ops.iter().map(|(k, v)| Rec {
+            version,
+            id: *k,
+            key: key(*k),
+            value: v.map(val),
+            at_risk: false,
+        }));
+    }
+
+    /// Marks every write that no live node other than `crashed` holds (or supersedes) as at
+    /// risk.
+    fn mark_at_risk(&mut self, crashed: usize) {
+        let others: Vec<_> = self
+            .sim
+            .live_nodes()
+            .into_iter()
+            .filter(|i| *i != crashed)
+            .filter_map(|i| self.sim.node(i).machine().map(|m| m.core.store().clone()))
+            .collect();
+        for rec in self.writes.iter_mut().filter(|r| !r.at_risk) {
+            let held = others.iter().any(|s| {
+                s.get_entry(&rec.key)
+                    .is_some_and(|e| e.version >= rec.version)
+            });
+            if !held {
+                rec.at_risk = true;
+            }
+        }
+    }
+}
+
+impl StateMachineTest for Cluster {
+    type SystemUnderTest = Cluster;
+    type Reference = World;
+
+    fn init_test(w: &World) -> Cluster {
+        let link = LinkConfig::lan()
+            .with_loss(f64::from(w.loss_pct) / 100.0)
+            .with_duplicate(0.05)
+            .with_reorder(0.1, Duration::from_millis(20));
+        let mut sim = sim(SimConfig::new(w.seed, w.up.len()).with_link(link), |_| {});
+        sim.run_for(Duration::from_millis(500));
+        Cluster {
+            seed: w.seed,
+            sim,
+            writes: Vec::new(),
+            model: w.model.clone(),
+        }
+    }
+
+    fn apply(mut c: Cluster, w: &World, step: Step) -> Cluster {
+        match step {
+            Step::Put { node, key, value } => c.write(node, &BTreeMap::from([(key, Some(value))])),
+            Step::Delete { node, key } => c.write(node, &BTreeMap::from([(key, None)])),
+            Step::Batch { node, ops } => c.write(node, &ops),
+            Step::Wait { ms } => c.sim.run_for(Duration::from_millis(u64::from(ms))),
+            Step::Partition { side } => {
+                let other: Vec<usize> = (0..c.sim.len()).filter(|i| !side.contains(i)).collect();
+                c.sim.partition(&side, &other);
+            }
+            Step::Heal => c.sim.heal(),
+            Step::Crash { node } => {
+                c.mark_at_risk(node);
+                c.sim.crash(node);
+            }
+            Step::Restart { node } => c.sim.restart(node),
+            Step::AddNode => {
+                c.sim.add_node();
+            }
+        }
+        c.sim.run_for(Duration::from_millis(20));
+        c.model = w.model.clone();
+        c
+    }
+
+    fn check_invariants(c: &Cluster, w: &World) {
+        let seed = c.seed;
+        let s = &c.sim;
+        assert_eq!(s.len(), w.up.len(), "seed={seed}: node count");
+        for (i, up) in w.up.iter().enumerate() {
+            assert_eq!(s.node(i).is_up(), *up, "seed={seed}: node {i} up");
+        }
+        assert_eq!(
+            s.is_partitioned(),
+            !w.cuts.is_empty(),
+            "seed={seed}: partitioned"
+        );
+        for (a, b) in &w.cuts {
+            for (x, y) in a.iter().flat_map(|x| b.iter().map(move |y| (*x, *y))) {
+                assert!(
+                    s.is_blocked(x, y) && s.is_blocked(y, x),
+                    "seed={seed}: {x} and {y} should be cut"
+                );
+            }
+        }
+        for i in s.live_nodes() {
+            let m = s.node(i).machine().unwrap();
+            assert!(
+                m.order_violations.is_empty(),
+                "seed={seed}: node {i} events out of order: {:?}",
+                m.order_violations
+            );
+        }
+    }
+
+    fn teardown(c: Cluster) {
+        let Cluster {
+            seed,
+            mut sim,
+            writes,
+            model,
+        } = c;
+        // Heal everything, bring every node back, let it settle.
+        sim.heal();
+        sim.clear_link_overrides();
+        sim.set_default_link(LinkConfig::lan());
+        for i in 0..sim.len() {
+            if !sim.node(i).is_up() {
+                sim.restart(i);
+            }
+        }
+        let ok = run_until_settled(
+            &mut sim,
+            Duration::from_millis(250),
+            Duration::from_secs(120),
+        );
+        assert!(
+            ok,
+            "seed={seed}: did not settle within 120 s of virtual time"
+        );
+        for i in 0..sim.len() {
+            sim.act(i, |m, _| m.drain());
+        }
+        let reference = sim.node(0).machine().unwrap().contents();
+        for i in 0..sim.len() {
+            let m = sim.node(i).machine().unwrap();
+            assert!(
+                m.order_violations.is_empty(),
+                "seed={seed}: node {i} events out of order: {:?}",
+                m.order_violations
+            );
+            assert_eq!(m.contents(), reference, "seed={seed}: node {i} differs");
+            check_watches(seed, i, m);
+        }
+        check_lww(seed, &writes, &model, &reference);
+    }
+}
+
+/// Every watch of node `i` saw every change of its prefix exactly once (the same changes as
+/// the node's change log), per key in version order, and ends at the store's contents.
+fn check_watches(seed: u64, i: usize, m: &SimNode) {
+    let revisions: Vec<u64> = m.events.iter().map(|c| c.revision).collect();
+    let expected: Vec<u64> = (1..=m.core.store().revision()).collect();
+    assert_eq!(
+        revisions, expected,
+        "seed={seed}: node {i}: change events are not every revision exactly once"
+    );
+    let contents = m.contents();
+    for prefix in WATCHES {
+        let seen: Vec<Change> = m
+            .events
+            .iter()
+            .filter(|c| c.key.starts_with(prefix))
+            .cloned()
+            .collect();
+        let log = m
+            .core
+            .changes_since(0, prefix)
+            .unwrap_or_else(|e| panic!("seed={seed}: node {i}: change log compacted: {e:?}"));
+        assert_eq!(
+            seen, log,
+            "seed={seed}: node {i}: watch {prefix:?} differs from the change log"
+        );
+        let mut view: BTreeMap<String, (Version, Option<Bytes>)> = BTreeMap::new();
+        for c in seen {
+            if let Some((prev, _)) = view.get(&c.key) {
+                assert!(
+                    c.version > *prev,
+                    "seed={seed}: node {i}: watch {prefix:?} saw {} at {} after {prev}",
+                    c.key,
+                    c.version
+                );
+            }
+            view.insert(c.key, (c.version, c.value));
+        }
+        let stored: BTreeMap<String, (Version, Option<Bytes>)> = contents
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        assert_eq!(
+            view, stored,
+            "seed={seed}: node {i}: watch {prefix:?} does not end at the store's contents"
+        );
+    }
+}
+
+/// The converged store against the acknowledged writes and the reference model.
+fn check_lww(
+    seed: u64,
+    writes: &[Rec],
+    model: &BTreeMap<u8, Option<u8>>,
+    store: &BTreeMap<String, (Version, Option<Bytes>)>,
+) {
+    let mut by_key: BTreeMap<u8, Vec<&Rec>> = BTreeMap::new();
+    for r in writes {
+        by_key.entry(r.id).or_default().push(r);
+    }
+    assert_eq!(
+        by_key.keys().collect::<Vec<_>>(),
+        model.keys().collect::<Vec<_>>(),
+        "seed={seed}: keys written differ from the reference's"
+    );
+    for (id, recs) in &by_key {
+        let k = key(*id);
+        // The LWW winner by version over every acknowledged write: the reference's value.
+        let newest = recs.iter().max_by_key(|r| r.version).unwrap();
+        assert_eq!(
+            newest.value,
+            model[id].map(val),
+            "seed={seed}: {k}: the newest version is not the reference's last write"
+        );
+        let certain = recs.iter().filter(|r| !r.at_risk).max_by_key(|r| r.version);
+        let held = store.get(&k);
+        if recs.iter().all(|r| !r.at_risk) {
+            // Nothing of this key can have been lost: the store holds exactly the model.
+            assert_eq!(
+                held,
+                Some(&(newest.version, newest.value.clone())),
+                "seed={seed}: {k} differs from the LWW model"
+            );
+        }
+        // Otherwise: the winner over certain writes, or a newer write that may have escaped.
+        match held {
+            None => assert!(
                 certain.is_none(),
-                "seed={seed}: {k} missing, expected {certain:?}"
+                "seed={seed}: {k} missing, expected {:?}",
+                certain.map(|r| r.version)
             ),
             Some((v, value)) => {
-                prop_assert!(
-                    certain.is_none_or(|c| *v >= c),
-                    "seed={seed}: {k} at {v} older than acknowledged {certain:?}"
+                assert!(
+                    certain.is_none_or(|c| *v >= c.version),
+                    "seed={seed}: {k} at {v} older than acknowledged {:?}",
+                    certain.map(|r| r.version)
                 );
-                let rec = model.iter().find(|r| &r.key == k && r.version == *v);
-                prop_assert!(
+                let rec = recs.iter().find(|r| r.version == *v);
+                assert!(
                     rec.is_some_and(|r| &r.value == value),
                     "seed={seed}: {k} holds {value:?} at {v}, not a write of the model"
                 );
             }
         }
+        // No deleted key resurrects: after a surviving delete, only a newer put may show.
+        if let Some(d) = certain.filter(|r| r.value.is_none())
+            && let Some((v, Some(_))) = held
+        {
+            assert!(
+                *v > d.version,
+                "seed={seed}: {k} deleted at {} came back at {v}",
+                d.version
+            );
+        }
     }
-    for k in reference.keys() {
-        prop_assert!(
-            model.iter().any(|r| &r.key == k),
+    for k in store.keys() {
+        assert!(
+            writes.iter().any(|r| &r.key == k),
             "seed={seed}: {k} was never written"
         );
     }
-    Ok(())
 }
 
 fn cases() -> u32 {
@@ -273,7 +566,7 @@ fn cases() -> u32 {
         .unwrap_or(64)
 }
 
-proptest! {
+prop_state_machine! {
     #![proptest_config(ProptestConfig {
         cases: cases(),
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
@@ -283,14 +576,7 @@ proptest! {
     })]
 
     #[test]
-    fn stores_converge_to_the_lww_model_under_faults(
-        seed in any::<u64>(),
-        nodes in 2usize..=4,
-        loss in prop_oneof![Just(0.0), Just(0.2), Just(0.5)],
-        actions in proptest::collection::vec(action(), 5..60),
-    ) {
-        run_scenario(seed, nodes, loss, &actions)?;
-    }
+    fn stores_converge_to_the_lww_model_under_faults(sequential 5..60 => Cluster);
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus_replication::chorus_protocol::{ClusterId, Config, Incarnation, NodeId, Transmit};
-use chorus_replication::{NodeConfig, NodeCore, NodeEvent, Version, WallClock};
+use chorus_replication::{Change, NodeConfig, NodeCore, NodeEvent, Version, WallClock};
 use chorus_sim::{Machine, Sim, SimConfig, Spawn};
 
 /// One simulated node: the real `NodeCore`, plus what the test observed of its events.
@@ -21,12 +21,17 @@ pub struct SimNode {
     /// Change events that went backwards in version order.
     pub order_violations: Vec<String>,
     pub changes: u64,
+    /// Every change event of this machine's life, in the order it was reported: what a
+    /// watcher subscribed from the start would have received.
+    pub events: Vec<Change>,
     pub in_sync: bool,
     pub in_sync_events: u64,
 }
 
 impl SimNode {
-    fn drain(&mut self) {
+    /// Drains the core's events (the simulator does it after every input; call it after a
+    /// command issued through `Sim::act` to see that command's events at once).
+    pub fn drain(&mut self) {
         while let Some(e) = self.core.poll_event() {
             match e {
                 NodeEvent::Change(c) => {
@@ -37,7 +42,8 @@ impl SimNode {
                         self.order_violations
                             .push(format!("{}: {} after {}", c.key, c.version, prev));
                     }
-                    self.last_version.insert(c.key, c.version);
+                    self.last_version.insert(c.key.clone(), c.version);
+                    self.events.push(c);
                 }
                 NodeEvent::InSync => {
                     self.in_sync = true;
@@ -101,6 +107,7 @@ pub fn sim(config: SimConfig, tune: impl Fn(&mut NodeConfig) + 'static) -> Sim<S
             last_version: HashMap::new(),
             order_violations: Vec::new(),
             changes: 0,
+            events: Vec::new(),
             in_sync: false,
             in_sync_events: 0,
         }
