@@ -138,6 +138,11 @@ impl Shared {
         rx.await.map_err(|_| Error::Closed)?
     }
 
+    /// A receiver that turns true once the driver has stopped.
+    pub(crate) fn stopped_signal(&self) -> watch::Receiver<bool> {
+        self.stopped.subscribe()
+    }
+
     pub(crate) async fn wait_stopped(&self) {
         let mut rx = self.stopped.subscribe();
         // An error means the sender is gone, which only happens once the driver is done.
@@ -205,7 +210,9 @@ fn protocol_config(
         Preset::Lan => ProtocolConfig::lan(cluster, node, incarnation, seed),
         Preset::Lossy => ProtocolConfig::lossy(cluster, node, incarnation, seed),
     };
-    config.mtu = config.mtu.min(mtu);
+    // Datagrams as large as the path carries whole: the transport reads the interface's MTU
+    // (64 KiB on lo, so dozens of messages share one system call there).
+    config.mtu = mtu;
     // The driver batches by itself: every command waiting is handed to the core before the
     // datagrams are built, so messages queued together share datagrams without a timer
     // (tokio's 1 ms timer granularity made that timer cost small messages ~1 ms of latency).
@@ -307,6 +314,8 @@ pub(crate) fn spawn<T: DatagramTransport>(
         recv_errors: 0,
         acks: Vec::new(),
     };
+    // Readers see this node as a member, and the counters, from the moment start returns.
+    driver.publish_snapshots();
     let span = tracing::info_span!("node", id = node_id);
     let handle = tokio::spawn(tracing::Instrument::instrument(driver.run(cmd_rx), span));
     *shared.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle.abort_handle());

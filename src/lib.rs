@@ -9,8 +9,11 @@
 //! With [`NodeBuilder::data_dir`] the store is also kept on disk (write-ahead log plus
 //! snapshots) and a restarted node starts from it; without, it lives in memory.
 //!
-//! What it does not do: cross-node transactions, or encryption (run it on a trusted network
-//! segment).
+//! With [`NodeBuilder::keyring`] every datagram is authenticated and encrypted
+//! (XChaCha20-Poly1305); without, run it only on a trusted network segment.
+//!
+//! What it does not do: cross-node transactions or strong (linearizable) reads; see
+//! `docs/replication.md` for what is and is not guaranteed.
 //!
 //! # Examples
 //!

@@ -67,6 +67,29 @@ pub struct MemberInfo {
 }
 
 /// Builds and starts a [`Node`].
+///
+/// Every setting has a default that works on one host (cluster `chorus`, group
+/// `239.255.77.1:7400` on the loopback with TTL 0, the LAN preset, the store in memory).
+///
+/// # Examples
+///
+/// ```
+/// # use chorus::Node;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let node = Node::builder()
+///     .cluster("prod-config")
+///     .group("239.255.77.41:17941".parse()?)
+///     .interface("127.0.0.1")
+///     .node_id(7)
+///     .preset(chorus::Preset::Lan)
+///     .start()
+///     .await?;
+/// assert_eq!(node.node_id(), 7);
+/// node.shutdown().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct NodeBuilder {
     pub(crate) cluster: String,
@@ -195,6 +218,28 @@ impl NodeBuilder {
     /// route, port in use, ...); the message says how to fix it. [`Error::Config`] for an
     /// invalid combination of settings. [`Error::Durability`] when the data directory cannot
     /// be opened, read or locked.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let node = Node::builder()
+    ///     .cluster("docs-start")
+    ///     .group("239.255.77.42:17942".parse()?)
+    ///     .start()
+    ///     .await?;
+    /// // A node alone is its only member.
+    /// assert_eq!(node.members().len(), 1);
+    /// node.shutdown().await?;
+    ///
+    /// // A clear error, naming the problem, for an interface this host does not have.
+    /// let err = Node::builder().interface("no-such-if0").start().await.unwrap_err();
+    /// assert!(matches!(err, chorus::Error::Transport(_)), "{err}");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn start(self) -> Result<Node, Error> {
         let transport = driver::open_transport(&self)?;
         self.start_with_transport(transport).await
@@ -205,6 +250,31 @@ impl NodeBuilder {
     /// # Errors
     ///
     /// [`Error::Config`] for an invalid combination of settings.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Two nodes over an in-memory network: no sockets at all.
+    /// let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// let a = Node::builder()
+    ///     .node_id(1)
+    ///     .start_with_transport(hub.endpoint("10.0.0.1:7400".parse()?)?)
+    ///     .await?;
+    /// let b = Node::builder()
+    ///     .node_id(2)
+    ///     .start_with_transport(hub.endpoint("10.0.0.2:7400".parse()?)?)
+    ///     .await?;
+    /// let mut on_b = b.watch("");
+    /// a.put("greeting", "hello").await?;
+    /// assert_eq!(on_b.next().await.map(|c| c.key), Some("greeting".to_owned()));
+    /// a.shutdown().await?;
+    /// b.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn start_with_transport<T>(self, transport: T) -> Result<Node, Error>
     where
         T: chorus_transport::DatagramTransport,
@@ -217,6 +287,34 @@ impl NodeBuilder {
 }
 
 /// A running member of a Chorus cluster. Cheap to clone; every clone is the same node.
+///
+/// Writes ([`put`](Node::put), [`delete`](Node::delete), [`batch`](Node::batch)) apply
+/// locally at once and reach every other node by reliable multicast; reads
+/// ([`get`](Node::get), [`scan`](Node::scan)) see the local store. Concurrent writes of one
+/// key converge on the one with the highest version (last writer wins) on every node.
+///
+/// # Examples
+///
+/// ```
+/// # use chorus::Node;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+/// # let node = |id: u8| {
+/// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+/// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+/// # };
+/// let (a, b) = (node(1).await?, node(2).await?);
+/// let mut on_b = b.watch("app/");
+/// a.put("app/db/url", "postgres://db1/app").await?;
+/// let change = on_b.next().await.expect("the node is running");
+/// assert_eq!(change.key, "app/db/url");
+/// assert_eq!(b.get("app/db/url").map(|e| e.value), Some("postgres://db1/app".into()));
+/// a.shutdown().await?;
+/// b.shutdown().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Node {
     inner: Arc<Inner>,
@@ -267,6 +365,42 @@ impl Node {
     ///
     /// Not cancel safe: if cancelled after the command reached the driver, the write may
     /// still happen.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// let (a, b) = (node(1).await?, node(2).await?);
+    /// let mut on_b = b.watch("");
+    /// let v1 = a.put("app/mode", "blue").await?;
+    /// let v2 = b.put("app/mode", "green").await?;
+    /// // Both writes reach both nodes; the higher version wins everywhere.
+    /// let winner = if v2 > v1 { "green" } else { "blue" };
+    /// let mut seen = 0;
+    /// while seen < 2 {
+    ///     if on_b.next().await.is_some() { seen += 1; }
+    /// }
+    /// while a.get("app/mode").map(|e| e.version) != Some(v1.max(v2)) {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    /// }
+    /// assert_eq!(a.get("app/mode").map(|e| e.value), Some(winner.into()));
+    /// assert_eq!(b.get("app/mode").map(|e| e.value), Some(winner.into()));
+    ///
+    /// // Limits give a clear error and change nothing.
+    /// let err = a.put("", "no key").await.unwrap_err();
+    /// assert!(matches!(err, chorus::Error::Replication(_)), "{err}");
+    /// a.shutdown().await?;
+    /// b.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn put(
         &self,
         key: impl Into<String>,
@@ -282,6 +416,29 @@ impl Node {
     /// # Errors
     ///
     /// As for [`Node::put`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// let node = node(1).await?;
+    /// node.put("app/feature", "on").await?;
+    /// let version = node.delete("app/feature").await?;
+    /// assert!(node.get("app/feature").is_none());
+    /// // The delete is a change like any other, with its own version.
+    /// let change = node.watch_from("app/", 1).await?.next().await.expect("logged");
+    /// assert_eq!((change.version, change.value), (version, None));
+    /// node.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn delete(&self, key: impl Into<String>) -> Result<Version, Error> {
         let key = key.into();
         self.command(|reply| Command::Delete { key, reply }).await?
@@ -293,26 +450,146 @@ impl Node {
     /// # Errors
     ///
     /// As for [`Node::put`]; also when the batch is larger than the batch limit.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// use chorus::Op;
+    /// let node = node(1).await?;
+    /// node.put("db/old-replica", "10.0.0.9").await?;
+    /// let version = node
+    ///     .batch(vec![
+    ///         Op::Put { key: "db/primary".into(), value: "10.0.0.1".into() },
+    ///         Op::Put { key: "db/replica".into(), value: "10.0.0.2".into() },
+    ///         Op::Delete { key: "db/old-replica".into() },
+    ///     ])
+    ///     .await?;
+    /// // One version for the whole batch.
+    /// assert_eq!(node.get("db/primary").map(|e| e.version), Some(version));
+    /// assert_eq!(node.get("db/replica").map(|e| e.version), Some(version));
+    /// assert!(node.get("db/old-replica").is_none());
+    /// node.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn batch(&self, ops: Vec<Op>) -> Result<Version, Error> {
         self.command(|reply| Command::Batch { ops, reply }).await?
     }
 
     /// The live value of `key` in the local store, if any.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// let node = node(1).await?;
+    /// let version = node.put("app/port", "8080").await?;
+    /// let entry = node.get("app/port").expect("just written");
+    /// assert_eq!((entry.value, entry.version), ("8080".into(), version));
+    /// assert!(node.get("app/missing").is_none());
+    /// node.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn get(&self, key: &str) -> Option<Entry> {
         self.inner.shared.get(key)
     }
 
     /// Every live key starting with `prefix`, sorted by key.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// let node = node(1).await?;
+    /// for (key, value) in [("svc/b", "2"), ("svc/a", "1"), ("other", "x")] {
+    ///     node.put(key, value).await?;
+    /// }
+    /// let keys: Vec<String> = node.scan("svc/").into_iter().map(|(k, _)| k).collect();
+    /// assert_eq!(keys, ["svc/a", "svc/b"]);
+    /// node.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn scan(&self, prefix: &str) -> Vec<(String, Entry)> {
         self.inner.shared.scan(prefix)
     }
 
     /// The local revision: how many changes this node has applied.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// let node = node(1).await?;
+    /// let before = node.revision();
+    /// node.put("a", "1").await?;
+    /// assert_eq!(node.revision(), before + 1);
+    /// assert_eq!(node.get("a").map(|e| e.revision), Some(before + 1));
+    /// node.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn revision(&self) -> u64 {
         self.inner.shared.revision()
     }
 
     /// A stream of the changes under `prefix` from now on.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// let (a, b) = (node(1).await?, node(2).await?);
+    /// let mut watch = b.watch("cfg/");
+    /// a.put("unrelated", "x").await?;
+    /// a.put("cfg/level", "debug").await?;
+    /// a.delete("cfg/level").await?;
+    /// let first = watch.next().await.expect("running");
+    /// let second = watch.next().await.expect("running");
+    /// assert_eq!((first.key.as_str(), first.value), ("cfg/level", Some("debug".into())));
+    /// assert_eq!((second.key.as_str(), second.value), ("cfg/level", None));
+    /// a.shutdown().await?;
+    /// b.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn watch(&self, prefix: &str) -> Watch {
         Watch::new(self.inner.shared.clone(), prefix, self.revision())
     }
@@ -323,6 +600,29 @@ impl Node {
     ///
     /// [`Error::Compacted`] when `revision` is older than the retained change log;
     /// [`Error::Closed`] after shutdown.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// let node = node(1).await?;
+    /// node.put("jobs/1", "queued").await?;
+    /// let seen = node.revision();
+    /// node.put("jobs/2", "queued").await?;
+    /// // Resume after the last revision a consumer handled: nothing is missed.
+    /// let mut watch = node.watch_from("jobs/", seen).await?;
+    /// assert_eq!(watch.next().await.map(|c| c.key), Some("jobs/2".to_owned()));
+    /// node.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn watch_from(&self, prefix: &str, revision: u64) -> Result<Watch, Error> {
         let mut watch = Watch::new(self.inner.shared.clone(), prefix, revision);
         watch.backfill().await?;
@@ -330,11 +630,57 @@ impl Node {
     }
 
     /// The members this node currently knows, itself included.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// let (a, b) = (node(1).await?, node(2).await?);
+    /// while a.members().len() < 2 {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    /// }
+    /// let states: Vec<(u64, String)> = a.members().into_iter().map(|m| (m.node_id, m.state)).collect();
+    /// assert_eq!(states, [(1, "self".to_owned()), (2, "alive".to_owned())]);
+    /// a.shutdown().await?;
+    /// b.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn members(&self) -> Vec<MemberInfo> {
         self.inner.shared.members()
     }
 
-    /// Every counter of the protocol, the replication layer and the driver.
+    /// Every counter of the protocol, the replication layer and the driver, refreshed every
+    /// 100 ms, by stable snake_case name.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// let node = node(1).await?;
+    /// node.put("k", "v").await?;
+    /// tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    /// let counters = node.counters();
+    /// let keys = counters.iter().find(|(name, _)| name == "store_keys").map(|(_, v)| *v);
+    /// assert_eq!(keys, Some(1));
+    /// node.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn counters(&self) -> Vec<(String, u64)> {
         self.inner.shared.counters()
     }
@@ -344,11 +690,39 @@ impl Node {
         *self.inner.shared.in_sync.borrow()
     }
 
-    /// Wait until [`Node::is_in_sync`] holds.
+    /// Wait until [`Node::is_in_sync`] holds: the first digest exchange after start (or after
+    /// a loss the protocol could not repair) found nothing missing.
     ///
     /// # Errors
     ///
     /// [`Error::Timeout`] when it does not within `timeout`; [`Error::Closed`] if the node stops.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// use std::time::Duration;
+    /// let a = node(1).await?;
+    /// for i in 0..100 {
+    ///     a.put(format!("key/{i}"), "value").await?;
+    /// }
+    /// // A late joiner catches up by anti-entropy, then says it is in sync.
+    /// let b = node(2).await?;
+    /// b.wait_in_sync(Duration::from_secs(10)).await?;
+    /// assert!(b.is_in_sync());
+    /// assert_eq!(b.scan("key/").len(), 100);
+    /// a.shutdown().await?;
+    /// b.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn wait_in_sync(&self, timeout: Duration) -> Result<(), Error> {
         let mut rx = self.inner.shared.in_sync.subscribe();
         match tokio::time::timeout(timeout, rx.wait_for(|v| *v)).await {
@@ -367,6 +741,27 @@ impl Node {
     ///
     /// None today: a failed final fsync is logged (the writes it covered were already
     /// acknowledged under the chosen fsync policy).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// let node = node(1).await?;
+    /// node.put("k", "v").await?;
+    /// node.shutdown().await?;
+    /// node.shutdown().await?; // harmless
+    /// // Writes after shutdown are refused.
+    /// assert!(matches!(node.put("k", "w").await, Err(chorus::Error::Closed)));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn shutdown(&self) -> Result<(), Error> {
         match self.command(|reply| Command::Shutdown { reply }).await {
             Ok(()) | Err(Error::Closed) => {}
@@ -378,6 +773,31 @@ impl Node {
 
     /// Stop the driver at once, without a goodbye: what a crash looks like to the peers.
     /// For tests and demonstrations.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
+    /// # };
+    /// let (a, b) = (node(1).await?, node(2).await?);
+    /// while b.members().len() < 2 {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    /// }
+    /// a.abort();
+    /// // b notices through missed heartbeats (suspected, then gone).
+    /// while b.members().iter().any(|m| m.node_id == 1 && m.state == "alive") {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    /// }
+    /// b.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn abort(&self) {
         self.inner.shared.abort();
     }

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::driver::Shared;
 use crate::{Change, Error};
@@ -20,6 +20,9 @@ pub struct Watch {
     prefix: String,
     last: u64,
     live: broadcast::Receiver<Change>,
+    /// Turns true when the node stops: the stream then ends after what is already buffered
+    /// (the broadcast channel itself never closes while a watch holds the node's state).
+    stopped: watch::Receiver<bool>,
     backlog: VecDeque<Change>,
     needs_backfill: bool,
     error: Option<Error>,
@@ -31,7 +34,9 @@ impl Watch {
         // "now" needs no backfill: the subscription starts after `after` was read.
         let live = shared.changes.subscribe();
         let needs_backfill = after < shared.revision();
+        let stopped = shared.stopped_signal();
         Watch {
+            stopped,
             shared,
             prefix: prefix.to_owned(),
             last: after,
@@ -71,6 +76,28 @@ impl Watch {
     /// # Cancel safety
     ///
     /// Cancel safe: a change is only consumed when it is returned.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let transport = hub.endpoint("10.0.0.1:7400".parse()?)?;
+    /// let node = chorus::Node::builder().start_with_transport(transport).await?;
+    /// let mut watch = node.watch("cfg/");
+    /// node.put("cfg/a", "1").await?;
+    /// node.put("cfg/b", "2").await?;
+    /// let a = watch.next().await.expect("running");
+    /// let b = watch.next().await.expect("running");
+    /// assert_eq!((a.key.as_str(), b.key.as_str()), ("cfg/a", "cfg/b"));
+    /// assert!(b.revision > a.revision);
+    /// node.shutdown().await?;
+    /// // The stream ends when the node stops.
+    /// assert!(watch.next().await.is_none());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn next(&mut self) -> Option<Change> {
         loop {
             if self.error.is_some() {
@@ -92,7 +119,19 @@ impl Watch {
                 }
                 continue;
             }
-            match self.live.recv().await {
+            let received = tokio::select! {
+                biased;
+                received = self.live.recv() => received,
+                _ = self.stopped.wait_for(|stopped| *stopped) => match self.live.try_recv() {
+                    // The node stopped: hand out what was published before it did, then end.
+                    Ok(change) => Ok(change),
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                        Err(broadcast::error::RecvError::Lagged(n))
+                    }
+                    Err(_) => return None,
+                },
+            };
+            match received {
                 Ok(change) => {
                     if change.revision <= self.last || !change.key.starts_with(&self.prefix) {
                         continue;
@@ -107,6 +146,26 @@ impl Watch {
     }
 
     /// This watch as a [`futures_util::Stream`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures_util::StreamExt;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus_transport::MemoryHub::new(Default::default())?;
+    /// # let transport = hub.endpoint("10.0.0.1:7400".parse()?)?;
+    /// let node = chorus::Node::builder().start_with_transport(transport).await?;
+    /// let stream = node.watch("").into_stream();
+    /// for i in 0..3 {
+    ///     node.put(format!("k{i}"), "v").await?;
+    /// }
+    /// let keys: Vec<String> = stream.take(3).map(|c| c.key).collect().await;
+    /// assert_eq!(keys, ["k0", "k1", "k2"]);
+    /// node.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn into_stream(self) -> impl futures_util::Stream<Item = Change> + Send + Unpin {
         Box::pin(futures_util::stream::unfold(self, |mut w| async move {
             let change = w.next().await?;

@@ -57,8 +57,10 @@ pub struct TransportConfig {
     pub send_buffer: Option<usize>,
     /// Largest payload this transport sends; larger sends fail with
     /// [`TransportError::DatagramTooLarge`](crate::TransportError::DatagramTooLarge).
-    /// Default: an Ethernet MTU of 1500 less the IP and UDP headers (1472 for IPv4, 1452 for IPv6).
-    /// Receiving accepts any size up to 65 535.
+    /// Default in multicast mode: the interface's link MTU less the IP and UDP headers (1472 on
+    /// IPv4 Ethernet, 1452 on IPv6, 8 972 with jumbo frames, 65 507 on `lo`), capped at
+    /// [`TransportConfig::MAX_DEFAULT_DATAGRAM`]; elsewhere, or when the MTU cannot be read, an
+    /// Ethernet MTU of 1500 less the headers. Receiving accepts any size up to 65 535.
     pub max_datagram_size: Option<usize>,
     /// `SO_REUSEADDR` + `SO_REUSEPORT`, so several nodes on one host share the
     /// port. Default on. Note: unicast to a shared port reaches only one of the
@@ -75,6 +77,10 @@ impl TransportConfig {
     pub const DEFAULT_RECV_BUFFER: usize = 4 * 1024 * 1024;
     /// Default send buffer asked for.
     pub const DEFAULT_SEND_BUFFER: usize = 1024 * 1024;
+    /// The largest datagram chosen by default from an interface's MTU (on `lo`, whose MTU is
+    /// 64 KiB): large enough that dozens of 1400-byte messages share one system call, small
+    /// enough that one lost datagram is a modest repair.
+    pub const MAX_DEFAULT_DATAGRAM: usize = 32 * 1024;
 
     fn with_mode(mode: Mode) -> Self {
         TransportConfig {
@@ -136,10 +142,24 @@ impl TransportConfig {
     /// The maximum payload in force: [`max_datagram_size`](Self::max_datagram_size)
     /// or the family's Ethernet default.
     pub fn effective_max_datagram_size(&self) -> usize {
+        self.effective_max_datagram_size_for(None)
+    }
+
+    /// The maximum payload in force on an interface whose link MTU is `link_mtu`:
+    /// [`max_datagram_size`](Self::max_datagram_size) if set, else the MTU less the IP and
+    /// UDP headers (at most [`MAX_DEFAULT_DATAGRAM`](Self::MAX_DEFAULT_DATAGRAM)), else the
+    /// family's Ethernet default.
+    pub fn effective_max_datagram_size_for(&self, link_mtu: Option<usize>) -> usize {
+        let headers = match self.bind_addr() {
+            SocketAddr::V4(_) => 20 + 8,
+            SocketAddr::V6(_) => 40 + 8,
+        };
         self.max_datagram_size
-            .unwrap_or(match self.bind_addr() {
-                SocketAddr::V4(_) => 1500 - 20 - 8,
-                SocketAddr::V6(_) => 1500 - 40 - 8,
+            .unwrap_or_else(|| {
+                link_mtu.map_or(1500 - headers, |mtu| {
+                    mtu.saturating_sub(headers)
+                        .clamp(1280 - 48, Self::MAX_DEFAULT_DATAGRAM)
+                })
             })
             .min(crate::MAX_UDP_PAYLOAD)
     }

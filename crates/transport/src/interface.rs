@@ -126,6 +126,19 @@ pub struct ResolvedInterface {
     pub up: bool,
 }
 
+impl ResolvedInterface {
+    /// The interface's link MTU in bytes (65 536 for Linux's `lo`, 1 500 for Ethernet and
+    /// veth, 9 000 with jumbo frames), read from `/sys/class/net/<name>/mtu`. `None` for
+    /// [`Interface::Default`] or where the kernel does not say.
+    pub fn mtu(&self) -> Option<usize> {
+        if self.index == 0 || self.name.contains('/') || self.name.starts_with('.') {
+            return None;
+        }
+        let text = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", self.name)).ok()?;
+        text.trim().parse().ok().filter(|mtu: &usize| *mtu >= 576)
+    }
+}
+
 /// One interface of this host and its state; see [`list_interfaces`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfaceInfo {

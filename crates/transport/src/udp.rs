@@ -309,7 +309,13 @@ impl UdpTransport {
             .unwrap_or_default();
         let slots = quinn_udp::BATCH_SIZE.max(1);
         let transport = UdpTransport {
-            max_datagram_size: config.effective_max_datagram_size(),
+            max_datagram_size: match (&config.mode, &interface) {
+                // Multicast goes out of one known interface: its MTU is the path's.
+                (Mode::Multicast { .. }, Some(iface)) => {
+                    config.effective_max_datagram_size_for(iface.mtu())
+                }
+                _ => config.effective_max_datagram_size(),
+            },
             socket,
             state,
             group_targets,

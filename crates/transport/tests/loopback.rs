@@ -71,6 +71,57 @@ async fn two_receivers_on_one_port_both_get_every_multicast_datagram() {
 }
 
 #[tokio::test]
+async fn multicast_datagrams_follow_the_interface_mtu() {
+    // lo's MTU is 64 KiB: datagrams up to the default cap travel whole, one call each.
+    let g = group(3, 47103);
+    let rx = UdpTransport::bind(TransportConfig::loopback_multicast(g)).unwrap();
+    let tx = UdpTransport::bind(TransportConfig::loopback_multicast(g)).unwrap();
+    let lo_mtu = Interface::loopback_v4().resolve().unwrap().mtu();
+    if lo_mtu.is_some_and(|m| m >= TransportConfig::MAX_DEFAULT_DATAGRAM + 28) {
+        assert_eq!(
+            tx.max_datagram_size(),
+            TransportConfig::MAX_DEFAULT_DATAGRAM
+        );
+    }
+    let big = vec![7u8; tx.max_datagram_size()];
+    assert_eq!(
+        tx.send_batch(&[Outgoing::to_group(big.clone())])
+            .await
+            .unwrap(),
+        1
+    );
+    let mut got = Vec::new();
+    tokio::time::timeout(TIMEOUT, rx.recv_batch(&mut got, 8))
+        .await
+        .expect("timed out waiting for the large datagram")
+        .unwrap();
+    assert_eq!(got[0].payload.as_ref(), big.as_slice());
+    // One byte more is refused with a clear error, not truncated.
+    let err = tx
+        .send_batch(&[Outgoing::to_group(vec![0u8; tx.max_datagram_size() + 1])])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransportError::DatagramTooLarge { .. }),
+        "{err}"
+    );
+    // An explicit size wins over the interface's MTU.
+    let mut c = TransportConfig::loopback_multicast(g);
+    c.max_datagram_size = Some(1400);
+    assert_eq!(UdpTransport::bind(c).unwrap().max_datagram_size(), 1400);
+    // The MTU arithmetic: headers off, at most the cap, never below IPv6's minimum.
+    let c = TransportConfig::loopback_multicast(g);
+    assert_eq!(c.effective_max_datagram_size_for(Some(1500)), 1472);
+    assert_eq!(c.effective_max_datagram_size_for(Some(9000)), 8972);
+    assert_eq!(
+        c.effective_max_datagram_size_for(Some(65_536)),
+        TransportConfig::MAX_DEFAULT_DATAGRAM
+    );
+    assert_eq!(c.effective_max_datagram_size_for(Some(600)), 1232);
+    assert_eq!(c.effective_max_datagram_size_for(None), 1472);
+}
+
+#[tokio::test]
 async fn a_batch_of_equal_datagrams_arrives_whole_and_in_order() {
     let g = group(2, 47102);
     let rx = UdpTransport::bind(TransportConfig::loopback_multicast(g)).unwrap();
