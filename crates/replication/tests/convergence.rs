@@ -18,7 +18,7 @@
 //!   of each node's life) must have seen every change of its prefix exactly once, per key in
 //!   version order, ending at the store's contents.
 //!
-//! `PROPTEST_CASES` sets the number of random scenarios (default 64). A failing case prints
+//! `PROPTEST_CASES` sets the number of random scenarios (default 256). A failing case prints
 //! the simulation seed in its message and in the reduced initial state (the simulator also
 //! prints `seed=...` when a run panics).
 #![allow(clippy::unwrap_used)]
@@ -563,7 +563,7 @@ fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(64)
+        .unwrap_or(256)
 }
 
 prop_state_machine! {
