@@ -579,14 +579,23 @@ prop_state_machine! {
     fn stores_converge_to_the_lww_model_under_faults(sequential 5..60 => Cluster);
 }
 
+/// Keys the late joiner catches up: `CHORUS_LATE_JOIN_KEYS` (a multiple of 100), default 10 000.
+fn late_join_keys() -> usize {
+    std::env::var("CHORUS_LATE_JOIN_KEYS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(10_000, |k| k.max(100) / 100 * 100)
+}
+
 #[test]
 fn late_joiner_catches_up_ten_thousand_keys() {
+    let keys = late_join_keys();
     let mut s = sim(SimConfig::new(2024, 3).with_link(LinkConfig::lan()), |_| {});
     s.run_for(Duration::from_secs(1));
-    for batch in 0..100 {
+    for batch in 0..keys / 100 {
         let ops: Vec<Op> = (0..100)
             .map(|i| Op::Put {
-                key: format!("app/{batch:03}/{i:03}"),
+                key: format!("app/{batch:04}/{i:03}"),
                 value: Bytes::from(vec![b'x'; 100]),
             })
             .collect();
@@ -606,11 +615,11 @@ fn late_joiner_catches_up_ten_thousand_keys() {
     );
     let took = s.elapsed() - joined_at;
     let m = s.node(j).machine().unwrap();
-    assert_eq!(m.core.store().len(), 10_000);
+    assert_eq!(m.core.store().len(), keys);
     assert!(m.in_sync);
     let st = m.core.stats();
     println!(
-        "late joiner caught up 10000 keys in {took:?} of virtual time ({} entries received, {} digests received)",
+        "late joiner caught up {keys} keys in {took:?} of virtual time ({} entries received, {} digests received)",
         st.replication.entries_received, st.replication.digests_received
     );
     let answered: Vec<u64> = (0..3)
