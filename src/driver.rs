@@ -13,7 +13,7 @@ use chorus_replication::{
     Version, WallClock,
 };
 use chorus_transport::{
-    DatagramTransport, Destination, Interface, Mode, Outgoing, Received, TransportConfig,
+    DatagramTransport, Destination, Interface, LinkRate, Mode, Outgoing, Received, TransportConfig,
     UdpTransport,
 };
 use rand::{Rng, SeedableRng};
@@ -203,6 +203,7 @@ fn protocol_config(
     incarnation: u64,
     seed: u64,
     mtu: usize,
+    link: LinkRate,
 ) -> ProtocolConfig {
     let cluster = ClusterId::from_name(&builder.cluster);
     let (node, incarnation) = (NodeId(node), Incarnation(incarnation));
@@ -213,6 +214,21 @@ fn protocol_config(
     // Datagrams as large as the path carries whole: the transport reads the interface's MTU
     // (64 KiB on lo, so dozens of messages share one system call there).
     config.mtu = mtu;
+    // The LAN preset paces to what the link carries: the loopback has no wire (the CPU paces
+    // it; the send window still bounds what is in flight), Ethernet and veth report their
+    // speed. The lossy preset keeps its own, lower pace unless the link is slower still.
+    let link_bytes = match link {
+        LinkRate::Unlimited => None,
+        LinkRate::BitsPerSec(bits) => std::num::NonZeroU64::new(bits / 8),
+        LinkRate::Unknown => config.rate_bytes_per_sec,
+    };
+    config.rate_bytes_per_sec = match builder.preset {
+        Preset::Lan => link_bytes,
+        Preset::Lossy => match (config.rate_bytes_per_sec, link_bytes) {
+            (Some(preset), Some(link)) => Some(preset.min(link)),
+            (preset, _) => preset,
+        },
+    };
     // The driver batches by itself: every command waiting is handed to the core before the
     // datagrams are built, so messages queued together share datagrams without a timer
     // (tokio's 1 ms timer granularity made that timer cost small messages ~1 ms of latency).
@@ -249,6 +265,7 @@ pub(crate) fn spawn<T: DatagramTransport>(
         incarnation,
         seed,
         transport.max_datagram_size(),
+        transport.link_rate(),
     );
     protocol
         .validate()

@@ -48,6 +48,7 @@ impl Interface {
                 index: 0,
                 ipv4: None,
                 up: true,
+                loopback: false,
             });
         }
         let all = list_interfaces()?;
@@ -72,6 +73,7 @@ impl Interface {
             index: info.index,
             ipv4,
             up: info.up,
+            loopback: info.loopback,
         })
     }
 }
@@ -124,9 +126,30 @@ pub struct ResolvedInterface {
     pub ipv4: Option<Ipv4Addr>,
     /// Whether it is administratively up (always true for [`Interface::Default`]).
     pub up: bool,
+    /// Whether it is a loopback interface (`lo`): nothing it carries leaves the host.
+    pub loopback: bool,
 }
 
 impl ResolvedInterface {
+    /// How fast this interface can carry data: [`LinkRate::Unlimited`] for loopback (there is
+    /// no wire; the CPU is the limit), the speed the driver reports in
+    /// `/sys/class/net/<name>/speed` (Ethernet, veth), or [`LinkRate::Unknown`].
+    pub fn link_rate(&self) -> LinkRate {
+        if self.loopback {
+            return LinkRate::Unlimited;
+        }
+        if self.index == 0 || self.name.contains('/') || self.name.starts_with('.') {
+            return LinkRate::Unknown;
+        }
+        std::fs::read_to_string(format!("/sys/class/net/{}/speed", self.name))
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .filter(|mbit| *mbit > 0)
+            .map_or(LinkRate::Unknown, |mbit| {
+                LinkRate::BitsPerSec(mbit.saturating_mul(1_000_000))
+            })
+    }
+
     /// The interface's link MTU in bytes (65 536 for Linux's `lo`, 1 500 for Ethernet and
     /// veth, 9 000 with jumbo frames), read from `/sys/class/net/<name>/mtu`. `None` for
     /// [`Interface::Default`] or where the kernel does not say.
@@ -137,6 +160,19 @@ impl ResolvedInterface {
         let text = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", self.name)).ok()?;
         text.trim().parse().ok().filter(|mtu: &usize| *mtu >= 576)
     }
+}
+
+/// How fast a transport's link can carry data, as far as the host knows; the protocol's send
+/// rate limit follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinkRate {
+    /// The host does not say (no interface, or a driver without a speed).
+    #[default]
+    Unknown,
+    /// No wire to overrun: the loopback, or an in-memory network.
+    Unlimited,
+    /// The link's nominal speed in bits per second.
+    BitsPerSec(u64),
 }
 
 /// One interface of this host and its state; see [`list_interfaces`].

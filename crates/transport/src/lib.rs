@@ -54,7 +54,7 @@ use std::sync::Arc;
 pub use bytes::Bytes;
 pub use config::{Mode, TransportConfig};
 pub use error::TransportError;
-pub use interface::{Interface, InterfaceInfo, ResolvedInterface, list_interfaces};
+pub use interface::{Interface, InterfaceInfo, LinkRate, ResolvedInterface, list_interfaces};
 pub use memory::{HubConfig, HubStats, MemoryHub, MemoryTransport};
 pub use udp::{BufferSizes, TransportStats, UdpTransport};
 
@@ -169,6 +169,12 @@ pub trait DatagramTransport: Send + Sync + 'static {
 
     /// The largest payload [`send_batch`](Self::send_batch) accepts.
     fn max_datagram_size(&self) -> usize;
+
+    /// How fast the link under this transport can carry data; the default is
+    /// [`LinkRate::Unknown`].
+    fn link_rate(&self) -> LinkRate {
+        LinkRate::Unknown
+    }
 }
 
 impl<T: DatagramTransport> DatagramTransport for Arc<T> {
@@ -193,5 +199,9 @@ impl<T: DatagramTransport> DatagramTransport for Arc<T> {
 
     fn max_datagram_size(&self) -> usize {
         (**self).max_datagram_size()
+    }
+
+    fn link_rate(&self) -> LinkRate {
+        (**self).link_rate()
     }
 }

@@ -117,6 +117,7 @@ pub struct UdpTransport {
     interface: Option<ResolvedInterface>,
     broadcasts: Vec<Ipv4Addr>,
     max_datagram_size: usize,
+    link_rate: crate::LinkRate,
     buffers: BufferSizes,
     recv: Mutex<RecvState>,
     counters: Counters,
@@ -309,6 +310,10 @@ impl UdpTransport {
             .unwrap_or_default();
         let slots = quinn_udp::BATCH_SIZE.max(1);
         let transport = UdpTransport {
+            link_rate: match (&config.mode, &interface) {
+                (Mode::Multicast { .. }, Some(iface)) => iface.link_rate(),
+                _ => crate::LinkRate::Unknown,
+            },
             max_datagram_size: match (&config.mode, &interface) {
                 // Multicast goes out of one known interface: its MTU is the path's.
                 (Mode::Multicast { .. }, Some(iface)) => {
@@ -799,5 +804,9 @@ impl DatagramTransport for UdpTransport {
 
     fn max_datagram_size(&self) -> usize {
         self.max_datagram_size
+    }
+
+    fn link_rate(&self) -> crate::LinkRate {
+        self.link_rate
     }
 }
