@@ -34,7 +34,7 @@ const DRAIN_MAX: Duration = Duration::from_secs(3);
 /// How long the node keeps running after its goodbye so that the goodbye gets out.
 const GOODBYE_LINGER: Duration = Duration::from_millis(50);
 /// Live changes buffered per watcher before it must catch up from the change log.
-const WATCH_BUFFER: usize = 4096;
+const WATCH_BUFFER: usize = 16_384;
 
 /// A request from a [`Node`](crate::Node) handle to its driver.
 #[derive(Debug)]

@@ -56,8 +56,12 @@ pub struct ReplicaConfig {
     /// Largest sync message (summary, request, entries) in bytes; a single entry larger than
     /// this travels alone.
     pub max_sync_message: usize,
-    /// Number of changes kept for [`Replica::changes_since`](crate::Replica::changes_since).
+    /// Number of changes kept for [`Replica::changes_since`](crate::Replica::changes_since)
+    /// (a watcher that falls further behind than the log reaches gets `Compacted`).
     pub change_log_capacity: usize,
+    /// Bytes of keys and values the change log may hold; the oldest changes go first when
+    /// either this or [`change_log_capacity`](Self::change_log_capacity) is exceeded.
+    pub change_log_max_bytes: usize,
     /// Tombstones older than this (by their HLC against the local wall clock) are collected,
     /// and a node that had no live peer for longer than this forgets its entries older than
     /// this before syncing again. See `docs/replication.md`.
@@ -81,7 +85,8 @@ impl ReplicaConfig {
             trigger_delay: Duration::from_millis(50),
             resend_holdoff: Duration::from_secs(1),
             max_sync_message: 60 * 1024,
-            change_log_capacity: 10_000,
+            change_log_capacity: 100_000,
+            change_log_max_bytes: 64 << 20,
             tombstone_grace: Duration::from_secs(24 * 3600),
             solo_in_sync_after: Duration::from_secs(3),
         }

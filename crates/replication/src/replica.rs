@@ -244,6 +244,8 @@ pub struct Replica {
     tombstones: BTreeSet<(Version, String)>,
     next_revision: u64,
     log: VecDeque<Change>,
+    /// Key and value bytes held by `log`.
+    log_bytes: usize,
     events: VecDeque<ReplicaEvent>,
     outgoing: VecDeque<Outgoing>,
     peers: BTreeMap<u64, Peer>,
@@ -285,6 +287,7 @@ impl Replica {
             tombstones: BTreeSet::new(),
             next_revision: 1,
             log: VecDeque::new(),
+            log_bytes: 0,
             events: VecDeque::new(),
             outgoing: VecDeque::new(),
             peers: BTreeMap::new(),
@@ -1003,10 +1006,17 @@ impl Replica {
 
     fn record(&mut self, change: Change) {
         if self.cfg.change_log_capacity > 0 {
-            if self.log.len() >= self.cfg.change_log_capacity {
-                self.log.pop_front();
-            }
+            let cost = |c: &Change| c.key.len() + c.value.as_ref().map_or(0, Bytes::len);
+            self.log_bytes += cost(&change);
             self.log.push_back(change.clone());
+            while self.log.len() > self.cfg.change_log_capacity
+                || (self.log_bytes > self.cfg.change_log_max_bytes && self.log.len() > 1)
+            {
+                match self.log.pop_front() {
+                    Some(old) => self.log_bytes -= cost(&old),
+                    None => break,
+                }
+            }
         }
         self.events.push_back(ReplicaEvent::Change(change));
     }

@@ -405,6 +405,35 @@ fn change_log_resumes_filters_and_compacts() {
 }
 
 #[test]
+fn change_log_is_bounded_by_bytes_too() {
+    let mut c = cfg(1);
+    c.change_log_capacity = 1000;
+    // Keys "k/N" (3 bytes) with 1000-byte values: three changes fit in 3 100 bytes.
+    c.change_log_max_bytes = 3100;
+    let mut r = Replica::new(c, Instant::now());
+    for i in 0..6 {
+        r.put(WALL0, format!("k/{i}"), vec![b'x'; 1000]).unwrap();
+    }
+    let kept: Vec<u64> = r
+        .changes_since(3, "")
+        .unwrap()
+        .iter()
+        .map(|c| c.revision)
+        .collect();
+    assert_eq!(kept, [4, 5, 6]);
+    assert_eq!(r.changes_since(2, "").unwrap_err().oldest_available, 4);
+    // One change larger than the bound is still kept, alone.
+    r.put(WALL0, "big", vec![b'y'; 10_000]).unwrap();
+    let kept: Vec<u64> = r
+        .changes_since(6, "")
+        .unwrap()
+        .iter()
+        .map(|c| c.revision)
+        .collect();
+    assert_eq!(kept, [7]);
+}
+
+#[test]
 fn late_joiner_catches_up_through_sync_and_reports_in_sync() {
     let mut c = Cluster::new(3, cfg);
     for i in 0..500 {
