@@ -17,6 +17,11 @@ mod syncdir;
 
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc malloc: buffers allocated on one runtime thread and freed on
+/// another made malloc/free the largest user-space cost in the throughput profile.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
