@@ -1,6 +1,6 @@
 //! Command-line definitions (clap derive).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -219,13 +219,14 @@ pub struct DemoArgs {
 /// `chorus bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Number of receivers.
-    #[arg(long, default_value_t = 3)]
-    pub receivers: usize,
+    /// Number of receivers (default 3). With `--role send --transport chorus`: how many
+    /// receiver nodes to wait for before sending, and for whose results (default 1).
+    #[arg(long)]
+    pub receivers: Option<usize>,
     /// Messages sent per payload size.
     #[arg(long, default_value_t = 5000)]
     pub messages: usize,
-    /// Payload sizes in bytes (comma separated).
+    /// Payload sizes in bytes (comma separated); with --role exactly one.
     #[arg(long, value_delimiter = ',', default_value = "64,1400,8192")]
     pub sizes: Vec<usize>,
     /// Injected receive loss on the Chorus receivers (0.0..1.0).
@@ -248,6 +249,30 @@ pub struct BenchArgs {
     /// one node, start a second node, and time until it holds them all.
     #[arg(long)]
     pub late_join: Option<usize>,
+    /// Run only one side, for a measurement between two hosts or network namespaces on one
+    /// machine (both sides read the same clock): `send` or `receive`. Needs --transport,
+    /// --group and --interface; prints one machine-readable `RESULT key=value ...` line.
+    #[arg(long, value_parser = ["send", "receive"])]
+    pub role: Option<String>,
+    /// With --role: `raw` (a plain UDP socket) or `chorus` (a node).
+    #[arg(long, value_parser = ["raw", "chorus"], requires = "role")]
+    pub transport: Option<String>,
+    /// With --role: the IPv4 multicast group and port, the same on both sides.
+    #[arg(long, requires = "role")]
+    pub group: Option<SocketAddrV4>,
+    /// With --role: the IPv4 address of the local interface to multicast on.
+    #[arg(long, requires = "role")]
+    pub interface: Option<Ipv4Addr>,
+    /// With --role: multicast TTL (default 1).
+    #[arg(long, requires = "role")]
+    pub ttl: Option<u32>,
+    /// With --role and chorus: the cluster name, the same on both sides (default `bench`).
+    #[arg(long, requires = "role")]
+    pub cluster: Option<String>,
+    /// With --role receive: stop after this many milliseconds without a message once the
+    /// first one arrived (default 500 for raw, 3000 for chorus).
+    #[arg(long, requires = "role")]
+    pub idle_ms: Option<u64>,
 }
 
 /// `chorus doctor`.
