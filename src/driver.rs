@@ -247,8 +247,9 @@ pub(crate) fn spawn<T: DatagramTransport>(
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .map_err(|_| Error::Config("the system clock is before 1970".into()))?;
-    let mut seeder =
-        ChaCha8Rng::seed_from_u64(epoch_ms ^ u64::from(std::process::id()).rotate_left(32));
+    // Node ids and protocol seeds come from the operating system's generator: two nodes
+    // started in the same millisecond by one process must not draw the same id.
+    let mut seeder = ChaCha8Rng::from_os_rng();
     let node_id = builder
         .node_id
         .unwrap_or_else(|| seeder.random::<u64>() >> 1);

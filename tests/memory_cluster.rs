@@ -95,3 +95,25 @@ async fn nodes_converge_over_a_lossy_partitioned_memory_hub() {
         n.shutdown().await.expect("shutdown");
     }
 }
+
+/// Nodes started together in one process without an explicit id draw distinct ids (they
+/// used to be derived from the clock's milliseconds and the pid, so nodes started in the same
+/// millisecond collided and never saw each other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_at_once_get_distinct_ids() {
+    let hub = MemoryHub::new(HubConfig::default()).expect("hub");
+    let starts = (1..=40u8).map(|i| {
+        let transport = hub.endpoint(addr(i)).expect("endpoint");
+        Node::builder()
+            .cluster("ids")
+            .start_with_transport(transport)
+    });
+    let nodes: Vec<Node> = futures_util::future::try_join_all(starts)
+        .await
+        .expect("nodes start");
+    let ids: std::collections::BTreeSet<u64> = nodes.iter().map(Node::node_id).collect();
+    assert_eq!(ids.len(), nodes.len(), "duplicate node ids: {ids:?}");
+    for node in &nodes {
+        node.abort();
+    }
+}
