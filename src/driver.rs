@@ -35,6 +35,9 @@ const DRAIN_MAX: Duration = Duration::from_secs(3);
 const GOODBYE_LINGER: Duration = Duration::from_millis(50);
 /// Live changes buffered per watcher before it must catch up from the change log.
 const WATCH_BUFFER: usize = 16_384;
+/// How long the driver stops waiting for watchers after one made no progress while it
+/// yielded (an application that stopped reading its watch must not slow the node).
+const WATCH_PATIENCE: Duration = Duration::from_millis(100);
 
 /// A request from a [`Node`](crate::Node) handle to its driver.
 #[derive(Debug)]
@@ -331,6 +334,7 @@ pub(crate) fn spawn<T: DatagramTransport>(
         send_errors: 0,
         recv_errors: 0,
         acks: Vec::new(),
+        watch_patience_until: TokioInstant::now(),
     };
     // Readers see this node as a member, and the counters, from the moment start returns.
     driver.publish_snapshots();
@@ -374,6 +378,8 @@ struct Driver<T> {
     recv_errors: u64,
     /// Write replies held until the writes are durable (group commit).
     acks: Vec<Ack>,
+    /// Until when the driver does not yield to lagging watchers (see `let_watchers_catch_up`).
+    watch_patience_until: TokioInstant,
 }
 
 impl<T: DatagramTransport> Driver<T> {
@@ -407,6 +413,9 @@ impl<T: DatagramTransport> Driver<T> {
                 if c.said_goodbye && now_t >= c.deadline {
                     break;
                 }
+            }
+            if closing.is_none() {
+                self.let_watchers_catch_up().await;
             }
             let timer = self
                 .core
@@ -474,6 +483,34 @@ impl<T: DatagramTransport> Driver<T> {
             let _ = reply.send(());
         }
         tracing::info!("node stopped");
+    }
+
+    /// Yields to the runtime while the slowest watcher is more than a quarter of its live
+    /// buffer behind, before taking more datagrams or commands.
+    ///
+    /// Without this a busy driver starves its watchers: tokio runs a woken watcher task only
+    /// when the driver yields, and the driver yields only when its cooperative budget runs out,
+    /// after having delivered thousands of changes for the watcher's 128. Under sustained load
+    /// (or the burst after a repair) watchers then fell out of the change log and ended with
+    /// `Compacted`. A watcher that makes no progress over a yield (its owner stopped reading)
+    /// is not waited for again for `WATCH_PATIENCE`.
+    async fn let_watchers_catch_up(&mut self) {
+        let mut behind = self.shared.changes.len();
+        if behind <= WATCH_BUFFER / 4 || TokioInstant::now() < self.watch_patience_until {
+            return;
+        }
+        for _ in 0..256 {
+            tokio::task::yield_now().await;
+            let now_behind = self.shared.changes.len();
+            if now_behind <= WATCH_BUFFER / 4 {
+                return;
+            }
+            if now_behind >= behind {
+                break;
+            }
+            behind = now_behind;
+        }
+        self.watch_patience_until = TokioInstant::now() + WATCH_PATIENCE;
     }
 
     /// Makes the changes applied so far durable (one fsync for every write handled since the

@@ -589,7 +589,13 @@ pub async fn chorus(
             .map(|node| tokio::spawn(chorus_receive(node.clone(), node.watch("bench/"), bounds)))
             .collect();
         let start = now_ns();
-        let sent = chorus_send(&sender, size, messages, deadline, rate).await?;
+        // The writer is a task on the runtime, as an application's would be (and as the
+        // receivers are): from `block_on`'s thread every put and every reply would cross
+        // threads (a futex wake each).
+        let writer = sender.clone();
+        let sent =
+            tokio::spawn(async move { chorus_send(&writer, size, messages, deadline, rate).await })
+                .await??;
         let mut tallies = Vec::new();
         for t in tasks {
             tallies.push(t.await?);
@@ -603,7 +609,43 @@ pub async fn chorus(
             );
         }
         let mut figures = Figures::from_tallies(sent, start, &tallies);
+        // Counter snapshots are refreshed every 100 ms.
+        tokio::time::sleep(Duration::from_millis(150)).await;
         let sum = |name: &str| all_nodes.iter().map(|n| counter(n, name)).sum::<u64>();
+        // Delivered = the writes each receiver's replication layer got from the protocol
+        // (exactly once each). A watch can see fewer: when anti-entropy brings a key's newer
+        // value first, the older in-flight writes of that key arrive stale and are not changes
+        // of the store (last writer wins), so no watch reports them.
+        let protocol_delivered: u64 = nodes
+            .iter()
+            .map(|n| counter(n, "remote_writes").min(sent))
+            .sum();
+        let watched = figures.delivered;
+        if protocol_delivered > watched {
+            figures.delivered = protocol_delivered;
+            eprintln!(
+                "  note: every receiver's replication layer got {protocol_delivered} of {} \
+                 writes from the protocol; the watches saw {watched} of them as changes (the \
+                 rest were superseded by a newer value of the same key that anti-entropy \
+                 brought first: {} entries); latency is measured on what the watches saw",
+                sent * nodes.len() as u64,
+                sum("entries_received"),
+            );
+        }
+        if figures.delivered < sent * nodes.len() as u64 {
+            let stops: Vec<&str> = tallies.iter().map(|t| t.stop).collect();
+            eprintln!(
+                "  note: not every receiver got every message (stopped by: {stops:?}); \
+                 messages the protocol gave up as lost: {}",
+                sum("lost_messages"),
+            );
+            if std::env::var_os("CHORUS_BENCH_DEBUG").is_some() {
+                for n in &all_nodes {
+                    let c: Vec<_> = n.counters().into_iter().filter(|(_, v)| *v > 0).collect();
+                    eprintln!("  node {}: {c:?}", n.node_id());
+                }
+            }
+        }
         figures.repairs = Some(sum("repairs_sent"));
         figures.naks = Some(sum("naks_sent"));
         Ok(figures)
@@ -885,7 +927,10 @@ async fn chorus_send_side(side: &Side) -> anyhow::Result<Fields> {
         let start = now_ns();
         let deadline = start.saturating_add(nanos(side.max));
         let messages = usize::try_from(side.messages).unwrap_or(usize::MAX);
-        let sent = chorus_send(&node, side.size, messages, deadline, side.rate).await?;
+        let (writer, size, rate) = (node.clone(), side.size, side.rate);
+        let sent =
+            tokio::spawn(async move { chorus_send(&writer, size, messages, deadline, rate).await })
+                .await??;
         let mut fields = send_fields("chorus", side, sent, start);
         // The receivers stop at their own bound at the latest: --max-secs after the first
         // message, plus their idle time.
