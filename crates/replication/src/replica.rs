@@ -244,6 +244,8 @@ pub struct Replica {
     tombstones: BTreeSet<(Version, String)>,
     next_revision: u64,
     log: VecDeque<Change>,
+    /// Reused by `apply` for the entries handed to the store.
+    commit_scratch: Vec<(String, Entry)>,
     /// Key and value bytes held by `log`.
     log_bytes: usize,
     events: VecDeque<ReplicaEvent>,
@@ -287,6 +289,7 @@ impl Replica {
             tombstones: BTreeSet::new(),
             next_revision: 1,
             log: VecDeque::new(),
+            commit_scratch: Vec::new(),
             log_bytes: 0,
             events: VecDeque::new(),
             outgoing: VecDeque::new(),
@@ -367,7 +370,7 @@ impl Replica {
         }
         let had_data = !commit.is_empty();
         if had_data {
-            r.store.commit(commit);
+            r.store.commit(commit.into_iter());
         }
         r.fresh = !had_data || damaged;
         r.absent_too_long = had_data && loaded.last_wall_ms > 0 && absent_ms > grace;
@@ -930,7 +933,9 @@ impl Replica {
     /// (`local`: this node's own write). Returns how many entries were stored.
     fn apply(&mut self, items: Vec<Item>, wall_ms: u64, local: bool) -> usize {
         let horizon = self.horizon_ms(wall_ms);
-        let mut commit = Vec::with_capacity(items.len());
+        // A scratch vector kept between calls: no allocation per applied write.
+        let mut commit = std::mem::take(&mut self.commit_scratch);
+        commit.clear();
         for (key, value, version) in items {
             let b = bucket_of(&key, self.cfg.buckets.get()) as usize;
             let bucket = &mut self.buckets[b];
@@ -956,7 +961,14 @@ impl Replica {
             bucket.sum = bucket
                 .sum
                 .wrapping_add(entry_hash(&key, version, tombstone));
-            bucket.keys.insert(key.clone(), Meta { version, tombstone });
+            let meta = Meta { version, tombstone };
+            // Overwriting a known key (the common case) needs no new copy of the key.
+            match bucket.keys.get_mut(&key) {
+                Some(m) => *m = meta,
+                None => {
+                    bucket.keys.insert(key.clone(), meta);
+                }
+            }
             if tombstone {
                 self.tombstones.insert((version, key.clone()));
             }
@@ -999,8 +1011,9 @@ impl Replica {
             d.append(&record, local);
         }
         if n > 0 {
-            self.store.commit(commit);
+            self.store.commit(commit.drain(..));
         }
+        self.commit_scratch = commit;
         n
     }
 

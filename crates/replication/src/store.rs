@@ -179,7 +179,7 @@ impl Store {
     /// Stores already-decided winners. Multi-entry change sets are applied behind the gate,
     /// so multi-key readers see all of them or none. The published revision moves to the
     /// highest revision in the set once every entry is visible.
-    pub(crate) fn commit(&self, changes: Vec<(String, Entry)>) {
+    pub(crate) fn commit(&self, changes: impl ExactSizeIterator<Item = (String, Entry)>) {
         let _gate = (changes.len() > 1).then(|| {
             self.inner
                 .gate
@@ -246,17 +246,20 @@ mod tests {
     #[test]
     fn commit_counts_live_values_and_publishes_revision() {
         let s = Store::new();
-        s.commit(vec![
-            ("a".into(), entry(Some("1"), 1, 1)),
-            ("b".into(), entry(None, 1, 2)),
-        ]);
+        s.commit(
+            vec![
+                ("a".into(), entry(Some("1"), 1, 1)),
+                ("b".into(), entry(None, 1, 2)),
+            ]
+            .into_iter(),
+        );
         assert_eq!(s.len(), 1);
         assert_eq!(s.entry_count(), 2);
         assert_eq!(s.revision(), 2);
         assert_eq!(s.get("a"), Some(Bytes::from_static(b"1")));
         assert_eq!(s.get("b"), None);
         assert!(s.get_entry("b").is_some_and(|e| e.is_tombstone()));
-        s.commit(vec![("a".into(), entry(None, 2, 3))]);
+        s.commit(vec![("a".into(), entry(None, 2, 3))].into_iter());
         assert!(s.is_empty());
         assert!(s.remove_tombstone(
             "a",
@@ -278,12 +281,15 @@ mod tests {
     #[test]
     fn scan_prefix_is_sorted_and_skips_tombstones() {
         let s = Store::new();
-        s.commit(vec![
-            ("app/z".into(), entry(Some("z"), 1, 1)),
-            ("app/a".into(), entry(Some("a"), 1, 2)),
-            ("app/d".into(), entry(None, 1, 3)),
-            ("other".into(), entry(Some("o"), 1, 4)),
-        ]);
+        s.commit(
+            vec![
+                ("app/z".into(), entry(Some("z"), 1, 1)),
+                ("app/a".into(), entry(Some("a"), 1, 2)),
+                ("app/d".into(), entry(None, 1, 3)),
+                ("other".into(), entry(Some("o"), 1, 4)),
+            ]
+            .into_iter(),
+        );
         let keys: Vec<String> = s.scan_prefix("app/").into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["app/a", "app/z"]);
         assert_eq!(s.scan_prefix("").len(), 3);
