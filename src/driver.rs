@@ -35,6 +35,9 @@ const DRAIN_MAX: Duration = Duration::from_secs(3);
 const GOODBYE_LINGER: Duration = Duration::from_millis(50);
 /// Live changes buffered per watcher before it must catch up from the change log.
 const WATCH_BUFFER: usize = 16_384;
+/// Local writes waiting for room in the send window beyond which the driver takes no new
+/// commands (callers of `put` then wait): back-pressure from the slowest member to the writer.
+const WRITE_BACKLOG_MAX: usize = 1 << 20;
 /// How long the driver stops waiting for watchers after one made no progress while it
 /// yielded (an application that stopped reading its watch must not slow the node).
 const WATCH_PATIENCE: Duration = Duration::from_millis(100);
@@ -72,7 +75,10 @@ pub(crate) struct Shared {
     pub(crate) node_id: u64,
     pub(crate) incarnation: u64,
     store: Store,
-    pub(crate) cmd_tx: mpsc::Sender<Command>,
+    /// Writes: not read while the write backlog is full (back-pressure).
+    write_tx: mpsc::Sender<Command>,
+    /// Everything else (watch backfill, shutdown): always read.
+    control_tx: mpsc::Sender<Command>,
     pub(crate) in_sync: watch::Sender<bool>,
     pub(crate) changes: broadcast::Sender<Change>,
     members: Mutex<Vec<MemberInfo>>,
@@ -137,13 +143,22 @@ impl Shared {
             prefix: prefix.to_owned(),
             reply,
         };
-        self.cmd_tx.send(cmd).await.map_err(|_| Error::Closed)?;
+        self.send(cmd).await?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
     /// A receiver that turns true once the driver has stopped.
     pub(crate) fn stopped_signal(&self) -> watch::Receiver<bool> {
         self.stopped.subscribe()
+    }
+
+    /// Hands `cmd` to the driver: writes on the write channel, the rest on the control one.
+    pub(crate) async fn send(&self, cmd: Command) -> Result<(), Error> {
+        let channel = match cmd {
+            Command::Put { .. } | Command::Delete { .. } | Command::Batch { .. } => &self.write_tx,
+            Command::ChangesSince { .. } | Command::Shutdown { .. } => &self.control_tx,
+        };
+        channel.send(cmd).await.map_err(|_| Error::Closed)
     }
 
     pub(crate) async fn wait_stopped(&self) {
@@ -207,6 +222,7 @@ fn protocol_config(
     seed: u64,
     mtu: usize,
     link: LinkRate,
+    receive_buffer: Option<usize>,
 ) -> ProtocolConfig {
     let cluster = ClusterId::from_name(&builder.cluster);
     let (node, incarnation) = (NodeId(node), Incarnation(incarnation));
@@ -217,6 +233,15 @@ fn protocol_config(
     // Datagrams as large as the path carries whole: the transport reads the interface's MTU
     // (64 KiB on lo, so dozens of messages share one system call there).
     config.mtu = mtu;
+    // Keep no more in flight than a peer's socket holds: Linux reports twice the payload it
+    // grants (the rest is accounting overhead). A sender far ahead of a busy receiver
+    // otherwise overruns its socket and pays in NAKs and repairs; early heartbeats at a
+    // quarter of the window keep the stream moving.
+    if let Some(buffer) = receive_buffer {
+        let bytes = (buffer / 2).clamp(1 << 20, config.window_max_bytes.get());
+        config.window_max_bytes =
+            std::num::NonZeroUsize::new(bytes).unwrap_or(config.window_max_bytes);
+    }
     // The LAN preset paces to what the link carries: the loopback has no wire (the CPU paces
     // it; the send window still bounds what is in flight), Ethernet and veth report their
     // speed. The lossy preset keeps its own, lower pace unless the link is slower still.
@@ -270,6 +295,7 @@ pub(crate) fn spawn<T: DatagramTransport>(
         seed,
         transport.max_datagram_size(),
         transport.link_rate(),
+        transport.receive_buffer(),
     );
     protocol
         .validate()
@@ -308,12 +334,14 @@ pub(crate) fn spawn<T: DatagramTransport>(
             NodeCore::with_durability(config, now_std, Box::new(log), loaded)
         }
     };
-    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+    let (write_tx, cmd_rx) = mpsc::channel(1024);
+    let (control_tx, control_rx) = mpsc::channel(64);
     let shared = Arc::new(Shared {
         node_id,
         incarnation,
         store: core.store().clone(),
-        cmd_tx,
+        write_tx,
+        control_tx,
         in_sync: watch::Sender::new(false),
         changes: broadcast::Sender::new(WATCH_BUFFER),
         members: Mutex::new(Vec::new()),
@@ -339,7 +367,10 @@ pub(crate) fn spawn<T: DatagramTransport>(
     // Readers see this node as a member, and the counters, from the moment start returns.
     driver.publish_snapshots();
     let span = tracing::info_span!("node", id = node_id);
-    let handle = tokio::spawn(tracing::Instrument::instrument(driver.run(cmd_rx), span));
+    let handle = tokio::spawn(tracing::Instrument::instrument(
+        driver.run(cmd_rx, control_rx),
+        span,
+    ));
     *shared.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle.abort_handle());
     Ok(shared)
 }
@@ -383,7 +414,11 @@ struct Driver<T> {
 }
 
 impl<T: DatagramTransport> Driver<T> {
-    async fn run(mut self, mut cmd_rx: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        mut cmd_rx: mpsc::Receiver<Command>,
+        mut control_rx: mpsc::Receiver<Command>,
+    ) {
         let mut received: Vec<Received> = Vec::with_capacity(IO_BATCH);
         let mut outgoing: Vec<Outgoing> = Vec::with_capacity(IO_BATCH);
         let mut next_snapshot = TokioInstant::now();
@@ -429,7 +464,14 @@ impl<T: DatagramTransport> Driver<T> {
                 None => timer.min(next_snapshot),
             };
             tokio::select! {
-                cmd = cmd_rx.recv(), if closing.is_none() => match cmd {
+                cmd = control_rx.recv(), if closing.is_none() => match cmd {
+                    Some(Command::Shutdown { reply }) => closing = Some(Closing::new(Some(reply))),
+                    Some(cmd) => self.command(cmd),
+                    None => closing = Some(Closing::new(None)),
+                },
+                cmd = cmd_rx.recv(),
+                    if closing.is_none() && self.core.write_backlog_bytes() < WRITE_BACKLOG_MAX =>
+                match cmd {
                     Some(Command::Shutdown { reply }) => closing = Some(Closing::new(Some(reply))),
                     Some(cmd) => {
                         self.command(cmd);
@@ -466,7 +508,8 @@ impl<T: DatagramTransport> Driver<T> {
         }
         // Answer commands that raced with shutdown, then publish the final state.
         cmd_rx.close();
-        while let Ok(cmd) = cmd_rx.try_recv() {
+        control_rx.close();
+        while let Ok(cmd) = cmd_rx.try_recv().or_else(|_| control_rx.try_recv()) {
             match cmd {
                 Command::Shutdown { reply } => {
                     let _ = reply.send(());

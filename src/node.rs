@@ -341,12 +341,7 @@ impl Node {
         make: impl FnOnce(oneshot::Sender<R>) -> Command,
     ) -> Result<R, Error> {
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .shared
-            .cmd_tx
-            .send(make(tx))
-            .await
-            .map_err(|_| Error::Closed)?;
+        self.inner.shared.send(make(tx)).await?;
         rx.await.map_err(|_| Error::Closed)
     }
 

@@ -147,6 +147,8 @@ pub struct NodeCore {
     replica: Replica,
     wall: WallClock,
     writes: VecDeque<Bytes>,
+    /// Bytes of `writes`.
+    write_bytes: usize,
     sync: VecDeque<Bytes>,
     sync_bytes: usize,
     max_sync_backlog: usize,
@@ -199,6 +201,7 @@ impl NodeCore {
             endpoint,
             wall: config.wall_clock,
             writes: VecDeque::new(),
+            write_bytes: 0,
             sync: VecDeque::new(),
             sync_bytes: 0,
             max_sync_backlog: config.max_sync_backlog_bytes,
@@ -358,6 +361,14 @@ impl NodeCore {
         !self.writes.is_empty() || !self.sync.is_empty()
     }
 
+    /// Bytes of local writes applied but waiting for room in the send window. A driver stops
+    /// taking new writes while this is large, so a writer faster than the slowest member is
+    /// slowed down instead of queueing without bound.
+    #[must_use]
+    pub fn write_backlog_bytes(&self) -> usize {
+        self.write_bytes
+    }
+
     /// Counters of both layers.
     #[must_use]
     pub fn stats(&self) -> NodeStats {
@@ -379,7 +390,10 @@ impl NodeCore {
             while let Some(out) = self.replica.poll_outgoing() {
                 moved = true;
                 match out.kind {
-                    OutgoingKind::Write => self.writes.push_back(out.payload),
+                    OutgoingKind::Write => {
+                        self.write_bytes += out.payload.len();
+                        self.writes.push_back(out.payload);
+                    }
                     OutgoingKind::Sync
                         if self.sync_bytes + out.payload.len() > self.max_sync_backlog =>
                     {
@@ -449,7 +463,9 @@ impl NodeCore {
                     self.too_large += 1;
                 }
             }
-            self.writes.pop_front();
+            if let Some(sent) = self.writes.pop_front() {
+                self.write_bytes -= sent.len();
+            }
         }
         while let Some(payload) = self.sync.front() {
             match self.endpoint.send(now, payload.clone()) {

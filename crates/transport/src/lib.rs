@@ -175,6 +175,14 @@ pub trait DatagramTransport: Send + Sync + 'static {
     fn link_rate(&self) -> LinkRate {
         LinkRate::Unknown
     }
+
+    /// Bytes of received datagrams the transport can hold before it drops (for a socket, the
+    /// receive buffer the kernel granted, overhead included); `None` if unbounded or unknown.
+    /// Peers are assumed to hold about as much: a sender that keeps more than this in flight
+    /// overruns them.
+    fn receive_buffer(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl<T: DatagramTransport> DatagramTransport for Arc<T> {
@@ -203,5 +211,9 @@ impl<T: DatagramTransport> DatagramTransport for Arc<T> {
 
     fn link_rate(&self) -> LinkRate {
         (**self).link_rate()
+    }
+
+    fn receive_buffer(&self) -> Option<usize> {
+        (**self).receive_buffer()
     }
 }

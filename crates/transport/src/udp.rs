@@ -809,4 +809,8 @@ impl DatagramTransport for UdpTransport {
     fn link_rate(&self) -> crate::LinkRate {
         self.link_rate
     }
+
+    fn receive_buffer(&self) -> Option<usize> {
+        Some(self.buffers.recv_granted)
+    }
 }
