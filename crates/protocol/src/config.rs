@@ -114,7 +114,7 @@ impl Config {
             leave_after: Duration::from_secs(5),
             nak_delay_min: Duration::from_millis(2),
             nak_delay_max: Duration::from_millis(20),
-            nak_retry_base: Duration::from_millis(50),
+            nak_retry_base: Duration::from_millis(15),
             nak_retry_max: Duration::from_secs(1),
             repair_holdoff: Duration::from_millis(5),
             window_max_messages: nz(65_536),
