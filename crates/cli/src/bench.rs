@@ -1087,6 +1087,7 @@ pub fn run(args: &crate::cli::BenchArgs) -> anyhow::Result<()> {
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|".to_string(),
     ];
     let mut ratios = Vec::new();
+    let mut peer_notes: Vec<String> = Vec::new();
     for (i, &size) in args.sizes.iter().enumerate() {
         let salt = i as u64 * 2;
         eprintln!("  {size} B: raw UDP ...");
@@ -1118,6 +1119,43 @@ pub fn run(args: &crate::cli::BenchArgs) -> anyhow::Result<()> {
             };
             ratios.push(format!("{size} B: chorus/raw = {ratio:.2}"));
         }
+        if args.peer.is_some() {
+            match crate::peer::unavailable() {
+                Some(why) => {
+                    if !peer_notes.contains(&why) {
+                        peer_notes.push(why);
+                    }
+                }
+                None => {
+                    eprintln!("  {size} B: ddsperf (Cyclone DDS) ...");
+                    match crate::peer::ddsperf(
+                        size,
+                        receivers,
+                        Duration::from_secs(args.peer_secs.max(2)),
+                    ) {
+                        Ok(p) => {
+                            lines.push(format!(
+                                "| ddsperf (Cyclone DDS, reliable) | {size} | {:.0} | {:.2} | {} | - | - | - | - |",
+                                p.msgs_per_sec,
+                                p.msgs_per_sec * size as f64 / 1e6,
+                                if p.lost == 0 {
+                                    "0 lost".to_owned()
+                                } else {
+                                    format!("{} lost", p.lost)
+                                },
+                            ));
+                            if raw.msgs_per_sec() > 0.0 {
+                                ratios.push(format!(
+                                    "{size} B: ddsperf/raw = {:.2}",
+                                    p.msgs_per_sec / raw.msgs_per_sec()
+                                ));
+                            }
+                        }
+                        Err(e) => peer_notes.push(format!("ddsperf at {size} B failed: {e}")),
+                    }
+                }
+            }
+        }
     }
     println!("{}", lines.join("\n"));
     if !ratios.is_empty() {
@@ -1126,6 +1164,18 @@ pub fn run(args: &crate::cli::BenchArgs) -> anyhow::Result<()> {
             ratios.join(", ")
         );
         println!("raw UDP has no repair: its 'delivered' column is what the kernel did not drop.");
+    }
+    if args.peer.is_some() {
+        if peer_notes.is_empty() {
+            println!(
+                "ddsperf ran with its own defaults (reliable; its own history and batching) in a \
+                 private network namespace holding only lo; its 'delivered' column is the \
+                 samples its subscribers reported lost; no latency is taken from it."
+            );
+        }
+        for note in &peer_notes {
+            println!("peer not measured: {note}");
+        }
     }
     Ok(())
 }

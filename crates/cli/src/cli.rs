@@ -241,6 +241,14 @@ pub struct BenchArgs {
     /// Only measure raw UDP multicast (skip Chorus).
     #[arg(long)]
     pub raw_only: bool,
+    /// Also run a peer system's own benchmark side by side, where it is installed: `ddsperf`
+    /// (Cyclone DDS, Debian package cyclonedds-tools), reliable, one publisher and
+    /// --receivers subscribers, in a private network namespace; says so when it is missing.
+    #[arg(long, value_parser = ["ddsperf"])]
+    pub peer: Option<String>,
+    /// Seconds each peer measurement runs.
+    #[arg(long, default_value_t = 5)]
+    pub peer_secs: u64,
     /// Pace both senders at this many messages per second (latency at a moderate rate)
     /// instead of sending as fast as possible.
     #[arg(long)]

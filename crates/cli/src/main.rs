@@ -13,6 +13,7 @@ mod demo;
 mod doctor;
 mod http;
 mod keys;
+mod peer;
 mod syncdir;
 
 use std::process::ExitCode;
