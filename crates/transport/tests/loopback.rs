@@ -73,7 +73,7 @@ async fn two_receivers_on_one_port_both_get_every_multicast_datagram() {
 #[tokio::test]
 async fn multicast_datagrams_follow_the_interface_mtu() {
     // lo's MTU is 64 KiB: datagrams up to the default cap travel whole, one call each.
-    let g = group(3, 47103);
+    let g = group(19, 47199);
     let rx = UdpTransport::bind(TransportConfig::loopback_multicast(g)).unwrap();
     let tx = UdpTransport::bind(TransportConfig::loopback_multicast(g)).unwrap();
     let lo_mtu = Interface::loopback_v4().resolve().unwrap().mtu();
