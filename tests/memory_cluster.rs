@@ -117,3 +117,68 @@ async fn nodes_started_at_once_get_distinct_ids() {
         node.abort();
     }
 }
+
+/// Back-pressure: while a member cannot acknowledge (partitioned, not yet declared gone), a
+/// writer fills the send window (64 MiB on this transport) plus the driver's 1 MiB write
+/// backlog, and then `put` waits instead of queueing without bound; after the heal it goes on
+/// and the member catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_waits_while_a_silent_member_holds_the_window() {
+    let hub = MemoryHub::new(HubConfig::default()).expect("hub");
+    let start = |i: u8| {
+        let transport = hub.endpoint(addr(i)).expect("endpoint");
+        Node::builder()
+            .cluster("backpressure")
+            .node_id(u64::from(i))
+            // 15 s before a silent member is declared gone: the window stays held meanwhile.
+            .preset(chorus::Preset::Lossy)
+            .start_with_transport(transport)
+    };
+    let (a, b) = (start(1).await.expect("a"), start(2).await.expect("b"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.members().len() < 2 || b.members().len() < 2 {
+        assert!(Instant::now() < deadline, "the two nodes never met");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hub.partition(addr(1), addr(2));
+    let value = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    let mut accepted = 0u32;
+    let blocked = loop {
+        let put = a.put(format!("big/{accepted:05}"), value.clone());
+        match tokio::time::timeout(Duration::from_millis(700), put).await {
+            Ok(result) => {
+                result.expect("put");
+                accepted += 1;
+                if accepted > 3000 {
+                    break false;
+                }
+            }
+            Err(_) => break true,
+        }
+    };
+    // 64 MiB of window = 1024 messages of 64 KiB, then up to 1 MiB (16 more) waiting.
+    assert!(
+        blocked,
+        "put never waited: {accepted} writes of 64 KiB accepted"
+    );
+    assert!(
+        (1000..=1100).contains(&accepted),
+        "put waited after {accepted} writes of 64 KiB (expected the window plus 1 MiB)"
+    );
+    hub.heal(addr(1), addr(2));
+    tokio::time::timeout(Duration::from_secs(30), a.put("after-heal", "ok"))
+        .await
+        .expect("put goes on once the member acknowledges again")
+        .expect("put");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while b.get("after-heal").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "b never caught up after the heal"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in [&a, &b] {
+        node.abort();
+    }
+}
