@@ -215,14 +215,12 @@ pub(crate) fn open_transport(builder: &NodeBuilder) -> Result<UdpTransport, Erro
     Ok(UdpTransport::bind(config)?)
 }
 
-fn protocol_config(
+fn protocol_config<T: DatagramTransport>(
     builder: &NodeBuilder,
     node: u64,
     incarnation: u64,
     seed: u64,
-    mtu: usize,
-    link: LinkRate,
-    receive_buffer: Option<usize>,
+    transport: &T,
 ) -> ProtocolConfig {
     let cluster = ClusterId::from_name(&builder.cluster);
     let (node, incarnation) = (NodeId(node), Incarnation(incarnation));
@@ -232,12 +230,12 @@ fn protocol_config(
     };
     // Datagrams as large as the path carries whole: the transport reads the interface's MTU
     // (64 KiB on lo, so dozens of messages share one system call there).
-    config.mtu = mtu;
+    config.mtu = transport.max_datagram_size();
     // Keep no more in flight than a peer's socket holds: Linux reports twice the payload it
     // grants (the rest is accounting overhead). A sender far ahead of a busy receiver
     // otherwise overruns its socket and pays in NAKs and repairs; early heartbeats at a
     // quarter of the window keep the stream moving.
-    if let Some(buffer) = receive_buffer {
+    if let Some(buffer) = transport.receive_buffer() {
         let bytes = (buffer / 2).clamp(1 << 20, config.window_max_bytes.get());
         config.window_max_bytes =
             std::num::NonZeroUsize::new(bytes).unwrap_or(config.window_max_bytes);
@@ -245,7 +243,7 @@ fn protocol_config(
     // The LAN preset paces to what the link carries: the loopback has no wire (the CPU paces
     // it; the send window still bounds what is in flight), Ethernet and veth report their
     // speed. The lossy preset keeps its own, lower pace unless the link is slower still.
-    let link_bytes = match link {
+    let link_bytes = match transport.link_rate() {
         LinkRate::Unlimited => None,
         LinkRate::BitsPerSec(bits) => std::num::NonZeroU64::new(bits / 8),
         LinkRate::Unknown => config.rate_bytes_per_sec,
@@ -288,15 +286,7 @@ pub(crate) fn spawn<T: DatagramTransport>(
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(1);
     let seed = seeder.random::<u64>();
-    let protocol = protocol_config(
-        &builder,
-        node_id,
-        incarnation,
-        seed,
-        transport.max_datagram_size(),
-        transport.link_rate(),
-        transport.receive_buffer(),
-    );
+    let protocol = protocol_config(&builder, node_id, incarnation, seed, &transport);
     protocol
         .validate()
         .map_err(|e| Error::Config(e.to_string()))?;

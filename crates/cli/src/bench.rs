@@ -468,6 +468,21 @@ async fn chorus_send(
     deadline: u64,
     rate: Option<u64>,
 ) -> anyhow::Result<u64> {
+    // The writer is a task on the runtime, as an application's would be (and as the
+    // receivers are): from `block_on`'s thread every put and every reply would cross
+    // threads (a futex wake each).
+    let sender = sender.clone();
+    tokio::spawn(async move { chorus_write(&sender, size, messages, deadline, rate).await }).await?
+}
+
+/// The write loop of [`chorus_send`].
+async fn chorus_write(
+    sender: &chorus::Node,
+    size: usize,
+    messages: usize,
+    deadline: u64,
+    rate: Option<u64>,
+) -> anyhow::Result<u64> {
     let deadline = tokio_at(deadline);
     let t0 = tokio::time::Instant::now();
     // Up to 32 writes in flight: a put returns once applied locally and queued, so a
@@ -536,6 +551,14 @@ fn counter(node: &chorus::Node, name: &str) -> u64 {
     crate::demo::counter(&node.counters().into_iter().collect(), name)
 }
 
+/// The NAK and repair counters of `node` as `RESULT` fields.
+fn repair_fields(node: &chorus::Node) -> [(&'static str, String); 2] {
+    [
+        ("naks_sent", counter(node, "naks_sent").to_string()),
+        ("repairs_sent", counter(node, "repairs_sent").to_string()),
+    ]
+}
+
 /// Chorus: one sender node and `receivers` receiver nodes in this process, all on the loopback
 /// group; each receiver watches the keys and measures latency from the stamped values.
 ///
@@ -589,13 +612,7 @@ pub async fn chorus(
             .map(|node| tokio::spawn(chorus_receive(node.clone(), node.watch("bench/"), bounds)))
             .collect();
         let start = now_ns();
-        // The writer is a task on the runtime, as an application's would be (and as the
-        // receivers are): from `block_on`'s thread every put and every reply would cross
-        // threads (a futex wake each).
-        let writer = sender.clone();
-        let sent =
-            tokio::spawn(async move { chorus_send(&writer, size, messages, deadline, rate).await })
-                .await??;
+        let sent = chorus_send(&sender, size, messages, deadline, rate).await?;
         let mut tallies = Vec::new();
         for t in tasks {
             tallies.push(t.await?);
@@ -897,8 +914,7 @@ async fn chorus_receive_side(side: &Side) -> anyhow::Result<Fields> {
         }
         let mut fields = receive_fields("chorus", side, &tally);
         fields.push(("unobserved", tally.unobserved.to_string()));
-        fields.push(("naks_sent", counter(&node, "naks_sent").to_string()));
-        fields.push(("repairs_sent", counter(&node, "repairs_sent").to_string()));
+        fields.extend(repair_fields(&node));
         Ok(fields)
     }
     .await;
@@ -927,10 +943,7 @@ async fn chorus_send_side(side: &Side) -> anyhow::Result<Fields> {
         let start = now_ns();
         let deadline = start.saturating_add(nanos(side.max));
         let messages = usize::try_from(side.messages).unwrap_or(usize::MAX);
-        let (writer, size, rate) = (node.clone(), side.size, side.rate);
-        let sent =
-            tokio::spawn(async move { chorus_send(&writer, size, messages, deadline, rate).await })
-                .await??;
+        let sent = chorus_send(&node, side.size, messages, deadline, side.rate).await?;
         let mut fields = send_fields("chorus", side, sent, start);
         // The receivers stop at their own bound at the latest: --max-secs after the first
         // message, plus their idle time.
@@ -944,8 +957,7 @@ async fn chorus_send_side(side: &Side) -> anyhow::Result<Fields> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         fields.push(("receivers_done", done.to_string()));
-        fields.push(("naks_sent", counter(&node, "naks_sent").to_string()));
-        fields.push(("repairs_sent", counter(&node, "repairs_sent").to_string()));
+        fields.extend(repair_fields(&node));
         Ok(fields)
     }
     .await;

@@ -138,11 +138,7 @@ impl ResolvedInterface {
         if self.loopback {
             return LinkRate::Unlimited;
         }
-        if self.index == 0 || self.name.contains('/') || self.name.starts_with('.') {
-            return LinkRate::Unknown;
-        }
-        std::fs::read_to_string(format!("/sys/class/net/{}/speed", self.name))
-            .ok()
+        self.sysfs("speed")
             .and_then(|text| text.trim().parse::<u64>().ok())
             .filter(|mbit| *mbit > 0)
             .map_or(LinkRate::Unknown, |mbit| {
@@ -154,11 +150,16 @@ impl ResolvedInterface {
     /// veth, 9 000 with jumbo frames), read from `/sys/class/net/<name>/mtu`. `None` for
     /// [`Interface::Default`] or where the kernel does not say.
     pub fn mtu(&self) -> Option<usize> {
+        let text = self.sysfs("mtu")?;
+        text.trim().parse().ok().filter(|mtu: &usize| *mtu >= 576)
+    }
+
+    /// `/sys/class/net/<name>/<attribute>`, for a real interface with a plain name.
+    fn sysfs(&self, attribute: &str) -> Option<String> {
         if self.index == 0 || self.name.contains('/') || self.name.starts_with('.') {
             return None;
         }
-        let text = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", self.name)).ok()?;
-        text.trim().parse().ok().filter(|mtu: &usize| *mtu >= 576)
+        std::fs::read_to_string(format!("/sys/class/net/{}/{attribute}", self.name)).ok()
     }
 }
 

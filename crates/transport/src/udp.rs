@@ -308,19 +308,21 @@ impl UdpTransport {
         let broadcasts = crate::list_interfaces()
             .map(|all| all.into_iter().flat_map(|i| i.ipv4_broadcast).collect())
             .unwrap_or_default();
+        // Multicast goes out of one known interface: its MTU and speed are the path's.
+        let (max_datagram_size, link_rate) = match (&config.mode, &interface) {
+            (Mode::Multicast { .. }, Some(iface)) => (
+                config.effective_max_datagram_size_for(iface.mtu()),
+                iface.link_rate(),
+            ),
+            _ => (
+                config.effective_max_datagram_size(),
+                crate::LinkRate::Unknown,
+            ),
+        };
         let slots = quinn_udp::BATCH_SIZE.max(1);
         let transport = UdpTransport {
-            link_rate: match (&config.mode, &interface) {
-                (Mode::Multicast { .. }, Some(iface)) => iface.link_rate(),
-                _ => crate::LinkRate::Unknown,
-            },
-            max_datagram_size: match (&config.mode, &interface) {
-                // Multicast goes out of one known interface: its MTU is the path's.
-                (Mode::Multicast { .. }, Some(iface)) => {
-                    config.effective_max_datagram_size_for(iface.mtu())
-                }
-                _ => config.effective_max_datagram_size(),
-            },
+            link_rate,
+            max_datagram_size,
             socket,
             state,
             group_targets,
