@@ -621,3 +621,390 @@ fn durability_figures() {
         from_snapshot.as_secs_f64()
     );
 }
+
+// ---- Damage, repair and record limits (issue 13) ----
+
+/// A record of the previous on-disk format (`CHL1`): magic, length, crc32, payload.
+fn chl1_record(r: &wire::LogRecord) -> Vec<u8> {
+    let payload = r.encode_to_vec();
+    let len = u32::try_from(payload.len()).unwrap().to_le_bytes();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&len);
+    crc.update(&payload);
+    [&b"CHL1"[..], &len, &crc.finalize().to_le_bytes(), &payload].concat()
+}
+
+/// A frame of the current format, written out from its description in `durable.rs`:
+/// COBS(crc32("CHLOG2" ++ payload) LE ++ payload), then a zero byte.
+fn chlog2_frame(r: &wire::LogRecord) -> Vec<u8> {
+    let payload = r.encode_to_vec();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(b"CHLOG2");
+    crc.update(&payload);
+    let body = [&crc.finalize().to_le_bytes()[..], &payload].concat();
+    let mut out = Vec::new();
+    for block in body.split(|b| *b == 0) {
+        let mut block = block;
+        loop {
+            let n = block.len().min(254);
+            out.push(n as u8 + 1);
+            out.extend_from_slice(&block[..n]);
+            block = &block[n..];
+            if n < 254 {
+                break;
+            }
+        }
+    }
+    out.push(0);
+    out
+}
+
+fn evil_record() -> wire::LogRecord {
+    wire::LogRecord {
+        wall_ms: WALL,
+        entries: vec![wire::Entry {
+            key: "evil".into(),
+            hlc: chorus_replication::Hlc::new(WALL + 1_000_000, 0).0,
+            node: 9,
+            value: Some(Bytes::from_static(b"adopted from inside a value")),
+        }],
+        removed: vec![wire::KeyVersion {
+            key: "a".into(),
+            hlc: 0,
+            node: 0,
+        }],
+    }
+}
+
+/// A value that holds valid records of both formats, at several alignments.
+fn forged_value() -> Vec<u8> {
+    let mut v = Vec::new();
+    for pad in 0..6 {
+        v.extend(std::iter::repeat_n(b'.', pad));
+        v.extend(chl1_record(&evil_record()));
+        v.extend(b"CHLOG2\r\n\0");
+        v.extend(chlog2_frame(&evil_record()));
+    }
+    v
+}
+
+#[test]
+fn resync_after_damage_never_adopts_a_record_held_in_a_value() {
+    let now = Instant::now();
+    for offset in [0usize, 2, 5, 9, 13, 40] {
+        let dir = TempDir::new("forged");
+        let (mut r, _) = open(&dir.0, 1, options(), now);
+        r.put(WALL, "a", "1").unwrap();
+        r.flush_durable(now, false).unwrap();
+        let host_at = fs::metadata(wal(&dir.0)).unwrap().len() as usize;
+        r.put(WALL + 1, "host", forged_value()).unwrap();
+        r.put(WALL + 2, "after", "2").unwrap();
+        r.flush_durable(now, false).unwrap();
+        drop(r);
+        let path = wal(&dir.0);
+        let mut bytes = fs::read(&path).unwrap();
+        // Damage the record that holds the value, near its start.
+        bytes[host_at + offset] ^= 0x21;
+        fs::write(&path, &bytes).unwrap();
+
+        let (r, loaded) = open(&dir.0, 1, options(), now);
+        assert!(loaded.damaged(), "offset {offset}");
+        assert_eq!(
+            r.get("evil"),
+            None,
+            "offset {offset}: a record inside a value was adopted"
+        );
+        assert_eq!(
+            r.get("a"),
+            Some(Bytes::from_static(b"1")),
+            "offset {offset}"
+        );
+        assert_eq!(
+            r.get("after"),
+            Some(Bytes::from_static(b"2")),
+            "offset {offset}"
+        );
+        assert_eq!(r.get("host"), None);
+    }
+}
+
+/// Every entry of `dir` and below (relative path → bytes; directories as `None`).
+fn tree(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(dir).unwrap().to_owned();
+            if p.is_dir() {
+                todo.push(p);
+                out.insert(rel, None);
+            } else {
+                out.insert(rel, Some(fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// A data directory (generation 0, log only) whose middle record is damaged.
+fn damaged_log_dir(name: &str) -> TempDir {
+    let dir = TempDir::new(name);
+    let now = Instant::now();
+    let (mut r, _) = open(&dir.0, 1, options(), now);
+    for i in 0..5 {
+        r.put(WALL + i, format!("k{i}"), format!("value-{i}"))
+            .unwrap();
+        r.flush_durable(now, false).unwrap();
+    }
+    drop(r);
+    let path = wal(&dir.0);
+    let mut bytes = fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+    dir
+}
+
+#[test]
+fn a_repair_blocked_by_a_directory_in_the_way_changes_nothing_and_says_so() {
+    let dir = damaged_log_dir("blocked");
+    // The repair's snapshot is written as snapshot-<1>.tmp: put a non-empty directory there.
+    let obstacle = dir.0.join("snapshot-00000000000000000001.tmp");
+    fs::create_dir(&obstacle).unwrap();
+    fs::write(obstacle.join("keep"), b"x").unwrap();
+    let before = tree(&dir.0);
+
+    let err = DiskLog::open(&dir.0, options()).unwrap_err();
+    let text = err.to_string();
+    match &err {
+        DurableError::Repair {
+            why, undo_error, ..
+        } => {
+            assert_eq!(*why, "is damaged");
+            assert!(undo_error.is_none(), "{text}");
+        }
+        other => panic!("expected Repair, got {other:?}"),
+    }
+    assert!(text.contains("snapshot-00000000000000000001.tmp"), "{text}");
+    assert!(text.contains("left exactly as it was"), "{text}");
+    assert!(text.contains("move the directory away"), "{text}");
+    assert_eq!(
+        tree(&dir.0),
+        before,
+        "a failed repair changed the directory"
+    );
+
+    // With the obstacle gone the repair goes through: intact records kept, damaged log aside.
+    fs::remove_dir_all(&obstacle).unwrap();
+    let (log, loaded) = DiskLog::open(&dir.0, options()).unwrap();
+    drop(log);
+    assert!(loaded.damaged());
+    assert_eq!(loaded.entries.len(), 4);
+    assert!(dir.0.join("wal-00000000000000000000.corrupt").exists());
+    let (_, again) = DiskLog::open(&dir.0, options()).unwrap();
+    assert!(!again.damaged());
+    assert_eq!(loaded_contents(&again), loaded_contents(&loaded));
+}
+
+#[test]
+fn a_second_repair_keeps_the_first_ones_damaged_file() {
+    let dir = damaged_log_dir("twice");
+    // An earlier repair's file of the same name.
+    fs::write(dir.0.join("wal-00000000000000000000.corrupt"), b"older").unwrap();
+    let (log, loaded) = DiskLog::open(&dir.0, options()).unwrap();
+    drop(log);
+    assert!(loaded.damaged());
+    assert_eq!(
+        fs::read(dir.0.join("wal-00000000000000000000.corrupt")).unwrap(),
+        b"older"
+    );
+    assert!(dir.0.join("wal-00000000000000000000.corrupt.1").exists());
+}
+
+#[test]
+fn many_tombstones_collected_at_once_reload_cleanly() {
+    let dir = TempDir::new("tombstones");
+    let now = Instant::now();
+    let mut c = cfg(1);
+    c.tombstone_grace = Duration::from_secs(1);
+    let mut opts = DiskOptions::new(Fsync::Never);
+    opts.compact_min_bytes = u64::MAX;
+    let (log, loaded) = DiskLog::open(&dir.0, opts).unwrap();
+    let mut r = Replica::restore(c.clone(), now, WALL, Box::new(log), loaded);
+    let n = 3000;
+    for i in 0..n {
+        r.put(WALL, format!("{i:0>300}"), "v").unwrap();
+    }
+    r.put(WALL, "kept", "v").unwrap();
+    for i in 0..n {
+        r.delete(WALL, format!("{i:0>300}")).unwrap();
+    }
+    while r.poll_event().is_some() {}
+    // One digest timer later, past the grace: every tombstone is collected at once.
+    r.handle_timeout(now + Duration::from_secs(60), WALL + 60_000);
+    assert_eq!(r.stats().tombstones_collected, n);
+    r.flush_durable(now, true).unwrap();
+    drop(r);
+
+    let (log, loaded) = DiskLog::open(&dir.0, opts).unwrap();
+    assert!(!loaded.damaged());
+    assert_eq!(loaded.report.torn_tail_bytes, 0);
+    let keys: Vec<&str> = loaded.entries.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(keys, ["kept"], "every collected tombstone stays collected");
+    // No frame (the bytes between two zero bytes) grows with the number collected.
+    drop(log);
+    let bytes = fs::read(wal(&dir.0)).unwrap();
+    let largest = bytes.split(|b| *b == 0).map(<[u8]>::len).max().unwrap();
+    assert!(largest < 128 * 1024, "largest record {largest} B");
+}
+
+#[test]
+fn a_removal_record_larger_than_the_old_64_mib_limit_loads() {
+    // The previous loader rejected any record over 64 MiB, which a tombstone collection
+    // can exceed: the record was then taken for a torn tail and the removals were lost.
+    let dir = TempDir::new("huge-removal");
+    let opts = DiskOptions::new(Fsync::Never);
+    let (mut log, _) = DiskLog::open(&dir.0, opts).unwrap();
+    let version = chorus_replication::Hlc::new(WALL, 0).0;
+    let put = |key: &str| wire::LogRecord {
+        wall_ms: WALL,
+        entries: vec![wire::Entry {
+            key: key.into(),
+            hlc: version,
+            node: 1,
+            value: Some(Bytes::from_static(b"v")),
+        }],
+        removed: vec![],
+    };
+    chorus_replication::Durability::append(&mut log, &put("victim"), true);
+    let key = "k".repeat(1000);
+    let mut removed: Vec<wire::KeyVersion> = (0..68_000)
+        .map(|_| wire::KeyVersion {
+            key: key.clone(),
+            hlc: version,
+            node: 1,
+        })
+        .collect();
+    removed.push(wire::KeyVersion {
+        key: "victim".into(),
+        hlc: version,
+        node: 1,
+    });
+    let huge = wire::LogRecord {
+        wall_ms: WALL,
+        entries: vec![],
+        removed,
+    };
+    assert!(huge.encoded_len() > 64 << 20);
+    chorus_replication::Durability::append(&mut log, &huge, false);
+    drop(huge);
+    chorus_replication::Durability::append(&mut log, &put("after"), true);
+    chorus_replication::Durability::flush(&mut log, Instant::now(), true).unwrap();
+    drop(log);
+
+    let (_, loaded) = DiskLog::open(&dir.0, opts).unwrap();
+    assert!(!loaded.damaged(), "{:?}", loaded.report);
+    assert_eq!(loaded.report.torn_tail_bytes, 0);
+    let keys: Vec<&str> = loaded.entries.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(keys, ["after"]);
+}
+
+const MAX_GEN: &str = "18446744073709551615";
+
+/// A data directory whose only snapshot and log have generation `u64::MAX`.
+fn max_generation_dir(name: &str) -> TempDir {
+    let dir = TempDir::new(name);
+    let now = Instant::now();
+    let mut o = DiskOptions::new(Fsync::Always);
+    o.compact_min_bytes = 0;
+    let (mut r, _) = open(&dir.0, 1, o, now);
+    for i in 0..3 {
+        r.put(WALL + i, format!("k{i}"), "v").unwrap();
+    }
+    // Threshold 0: this flush compacts.
+    r.flush_durable(now, false).unwrap();
+    // Five records in the log: damage to its middle is followed by valid records.
+    for i in 3..8 {
+        r.put(WALL + 10 + i, format!("k{i}"), "v").unwrap();
+        r.flush_durable(now, false).unwrap();
+    }
+    drop(r);
+    let snap = files(&dir.0, "snapshot-").pop().unwrap();
+    let log = wal(&dir.0);
+    fs::rename(snap, dir.0.join(format!("snapshot-{MAX_GEN}"))).unwrap();
+    fs::rename(log, dir.0.join(format!("wal-{MAX_GEN}"))).unwrap();
+    dir
+}
+
+#[test]
+fn a_snapshot_at_generation_u64_max_fails_cleanly_instead_of_overflowing() {
+    let dir = max_generation_dir("maxgen");
+    let now = Instant::now();
+    let (log, loaded) = DiskLog::open(&dir.0, DiskOptions::new(Fsync::Always)).unwrap();
+    assert_eq!(loaded.report.generation, u64::MAX);
+    let mut log = log;
+    let entries = BTreeMap::new();
+    let err = chorus_replication::Durability::compact(&mut log, &entries, WALL).unwrap_err();
+    assert!(err.to_string().contains("u64::MAX"), "{err}");
+    let stats = chorus_replication::Durability::stats(&log);
+    assert_eq!((stats.compaction_errors, stats.failed), (1, 0));
+    // The log stays in use.
+    drop(log);
+    let (mut r, _) = open(&dir.0, 1, options(), now);
+    r.put(WALL + 20, "k8", "v").unwrap();
+    r.flush_durable(now, false).unwrap();
+    drop(r);
+    let (_, loaded) = DiskLog::open(&dir.0, options()).unwrap();
+    assert_eq!(loaded.entries.len(), 9);
+}
+
+#[test]
+fn a_damaged_directory_at_generation_u64_max_is_reported_not_overflowed() {
+    let dir = max_generation_dir("maxgen-damaged");
+    let path = dir.0.join(format!("wal-{MAX_GEN}"));
+    let mut bytes = fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    fs::write(&path, &bytes).unwrap();
+    let before = tree(&dir.0);
+    let err = DiskLog::open(&dir.0, options()).unwrap_err();
+    assert!(matches!(err, DurableError::Repair { .. }), "{err:?}");
+    assert!(err.to_string().contains("u64::MAX"), "{err}");
+    assert_eq!(tree(&dir.0), before);
+}
+
+#[test]
+fn a_directory_of_the_previous_format_is_loaded_and_rewritten() {
+    let dir = TempDir::new("chl1");
+    let entry = |key: &str, t: u64, value: Option<&'static [u8]>| wire::LogRecord {
+        wall_ms: WALL + t,
+        entries: vec![wire::Entry {
+            key: key.into(),
+            hlc: chorus_replication::Hlc::new(WALL + t, 0).0,
+            node: 1,
+            value: value.map(Bytes::from_static),
+        }],
+        removed: vec![],
+    };
+    let old = [
+        chl1_record(&entry("a", 1, Some(b"1"))),
+        chl1_record(&entry("b", 2, Some(b"2"))),
+        chl1_record(&entry("a", 3, None)),
+    ]
+    .concat();
+    fs::write(dir.0.join("wal-00000000000000000000"), &old).unwrap();
+    let (log, loaded) = DiskLog::open(&dir.0, options()).unwrap();
+    drop(log);
+    assert!(!loaded.damaged(), "{:?}", loaded.report);
+    let expect = loaded_contents(&loaded);
+    assert_eq!(expect.len(), 2);
+    assert_eq!(expect["a"].0, None, "the tombstone is kept");
+    assert_eq!(expect["b"].0.as_deref(), Some(&b"2"[..]));
+    assert!(!dir.0.join("wal-00000000000000000000").exists());
+    let snap = files(&dir.0, "snapshot-").pop().unwrap();
+    assert!(fs::read(snap).unwrap().starts_with(b"CHLOG2\r\n\0"));
+    let (_, again) = DiskLog::open(&dir.0, options()).unwrap();
+    assert_eq!(loaded_contents(&again), expect);
+    assert_eq!(again.report.generation, 1);
+}
