@@ -492,7 +492,7 @@ impl DiskLog {
         let snap_path = dir.join(snapshot_name(generation));
         let mut snapshot_bytes = 0;
         if found.snapshots.contains(&generation) {
-            let bytes = fs::read(&snap_path).map_err(io_err("read", &snap_path))?;
+            let bytes = read_file(&snap_path)?;
             snapshot_bytes = bytes.len() as u64;
             let scan = replay(&bytes, &snap_path, &mut loader);
             legacy |= scan.legacy;
@@ -516,7 +516,7 @@ impl DiskLog {
         let wal_path = dir.join(wal_name(generation));
         let mut truncate_wal_to = None;
         if found.wals.contains(&generation) {
-            let bytes = fs::read(&wal_path).map_err(io_err("read", &wal_path))?;
+            let bytes = read_file(&wal_path)?;
             let scan = replay(&bytes, &wal_path, &mut loader);
             legacy |= scan.legacy;
             if scan.torn_tail > 0 {
@@ -888,6 +888,44 @@ impl Listing {
             );
         }
     }
+}
+
+/// Reads a data file whole. Only a regular file is read, and never more than the size it
+/// had when opened: a FIFO, a device or a symbolic link to one (`/dev/zero`) in place of a
+/// data file is an error, not an endless read; a size that cannot be held is an error, not
+/// an abort.
+fn read_file(path: &Path) -> Result<Vec<u8>, DurableError> {
+    let not_regular = || DurableError::Io {
+        op: "read",
+        path: path.to_owned(),
+        source: Arc::new(io::Error::other(
+            "not a regular file (a data file must be one); move it away",
+        )),
+    };
+    // Checked before opening: opening a FIFO would wait for a writer.
+    if !fs::metadata(path).map_err(io_err("stat", path))?.is_file() {
+        return Err(not_regular());
+    }
+    let file = File::open(path).map_err(io_err("open", path))?;
+    let meta = file.metadata().map_err(io_err("stat", path))?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    let mut bytes = Vec::new();
+    usize::try_from(meta.len())
+        .ok()
+        .and_then(|len| bytes.try_reserve_exact(len).ok())
+        .ok_or_else(|| DurableError::Io {
+            op: "read",
+            path: path.to_owned(),
+            source: Arc::new(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("{} bytes do not fit in memory", meta.len()),
+            )),
+        })?;
+    io::Read::read_to_end(&mut io::Read::take(file, meta.len()), &mut bytes)
+        .map_err(io_err("read", path))?;
+    Ok(bytes)
 }
 
 fn open_append(path: &Path) -> Result<File, DurableError> {

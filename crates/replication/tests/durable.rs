@@ -1008,3 +1008,16 @@ fn a_directory_of_the_previous_format_is_loaded_and_rewritten() {
     assert_eq!(loaded_contents(&again), expect);
     assert_eq!(again.report.generation, 1);
 }
+
+#[test]
+fn a_data_file_that_is_not_a_regular_file_is_refused_not_read_forever() {
+    // A symbolic link to /dev/zero in place of the log: reading it would never end (and
+    // fill memory). Open refuses it and names it.
+    let dir = TempDir::new("devzero");
+    let path = dir.0.join("wal-00000000000000000000");
+    std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+    let err = DiskLog::open(&dir.0, options()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("not a regular file"), "{text}");
+    assert!(text.contains("wal-00000000000000000000"), "{text}");
+}
