@@ -7,7 +7,8 @@ use chorus::{Mode, Node, Preset};
 use tokio::sync::{mpsc, watch};
 
 use crate::cli::AgentArgs;
-use crate::config::{AgentConfig, PresetName, Transport};
+use crate::config::{AgentConfig, ClusterKeys, PresetName, Transport};
+use crate::server::{AllowedHosts, HEADER_TIMEOUT, ServeLimits};
 use crate::syncdir::{self, SyncDir, SyncEvent};
 
 /// How long the mirror waits for the node to be in sync before writing the initial state.
@@ -22,10 +23,17 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// address that cannot be bound.
 pub fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let cfg = AgentConfig::load(args)?;
-    let keyring = if args.key_file.is_empty() {
-        None
-    } else {
-        Some(crate::keys::load_keyring(&args.key_file)?)
+    let keyring = match &cfg.keys {
+        ClusterKeys::Files(files) => Some(crate::keys::load_keyring(files)?),
+        ClusterKeys::LoopbackOnly => None,
+        ClusterKeys::Insecure => {
+            tracing::warn!(
+                transport = ?cfg.transport,
+                "--insecure: running without a cluster key off the loopback; any host on \
+                 this network can read and write the store"
+            );
+            None
+        }
     };
     crate::keys::check_http_exposure(cfg.http, args.http_token.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -121,15 +129,24 @@ async fn serve(
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let mut app = crate::http::router(node.clone());
-    if let Some(token) = &http_token {
-        app = crate::keys::require_token(app, token);
+    match &http_token {
+        Some(token) => app = crate::keys::require_token(app, token),
+        // Without a token the API is on the loopback (checked at start); a browser on this
+        // host must not reach it under another site's name.
+        None => {
+            app =
+                crate::server::check_host(app, AllowedHosts::new(cfg.http, &cfg.http_allow_hosts));
+        }
     }
+    let limits = ServeLimits {
+        max_connections: cfg.http_max_connections,
+        header_timeout: HEADER_TIMEOUT,
+    };
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            })
-            .await
+        crate::server::serve(listener, app, limits, async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        })
+        .await
     });
 
     tokio::select! {
