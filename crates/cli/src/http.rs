@@ -6,11 +6,12 @@
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +20,8 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use chorus::{Change, Entry, Node};
+
+use crate::syncdir::{Kind, SyncStats};
 
 /// Largest request body accepted (the node's own value limit may be lower).
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -374,22 +377,33 @@ fn key_count(counters: &[(String, u64)]) -> u64 {
         .map_or(0, |(_, v)| *v)
 }
 
-async fn stats(State(node): State<Node>) -> Response {
+/// The mirror's figures, when the agent runs `--sync-dir`.
+type SyncFigures = Option<Extension<Arc<SyncStats>>>;
+
+async fn stats(State(node): State<Node>, sync: SyncFigures) -> Response {
     let snapshot = node.counters();
     let keys = key_count(&snapshot);
     let counters: serde_json::Map<String, Value> = snapshot
         .into_iter()
         .map(|(name, v)| (name, Value::from(v)))
         .collect();
-    axum::Json(json!({
+    let mut answer = json!({
         "node_id": node.node_id(),
         "revision": node.revision(),
         "in_sync": node.is_in_sync(),
         "keys": keys,
         "members": node.members().len(),
         "counters": counters,
-    }))
-    .into_response()
+    });
+    if let Some(Extension(sync)) = sync {
+        let figures: serde_json::Map<String, Value> = sync
+            .figures()
+            .into_iter()
+            .map(|(name, _, v)| (name.to_owned(), Value::from(v)))
+            .collect();
+        answer["sync_dir"] = Value::Object(figures);
+    }
+    axum::Json(answer).into_response()
 }
 
 /// A metric name made of `[a-zA-Z0-9_]` only, prefixed `chorus_`.
@@ -405,7 +419,7 @@ pub fn metric_name(name: &str) -> String {
     out
 }
 
-async fn metrics(State(node): State<Node>) -> Response {
+async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
     let counters = node.counters();
     let mut text = String::new();
     let mut gauge = |name: &str, help: &str, v: u64| {
@@ -441,6 +455,18 @@ async fn metrics(State(node): State<Node>) -> Response {
             continue;
         }
         let _ = writeln!(text, "# TYPE {metric} counter\n{metric} {v}");
+    }
+    if let Some(Extension(sync)) = sync {
+        for (name, kind, v) in sync.figures() {
+            let kind = match kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+            };
+            let _ = writeln!(
+                text,
+                "# TYPE chorus_sync_dir_{name} {kind}\nchorus_sync_dir_{name} {v}"
+            );
+        }
     }
     (
         [(
@@ -509,7 +535,7 @@ mod tests {
         }
         // Neither handler awaits anything: polled once, it runs on this thread alone.
         let before = crate::test_alloc::allocated();
-        let answer = stats(State(node.clone())).await;
+        let answer = stats(State(node.clone()), None).await;
         let stats_cost = crate::test_alloc::allocated() - before;
         let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
             .await
@@ -518,7 +544,7 @@ mod tests {
         assert_eq!(json["keys"], 10_000);
 
         let before = crate::test_alloc::allocated();
-        let answer = metrics(State(node.clone())).await;
+        let answer = metrics(State(node.clone()), None).await;
         let metrics_cost = crate::test_alloc::allocated() - before;
         let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
             .await

@@ -292,7 +292,8 @@ fn watch_streams_changes_and_resumes() {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET /v1/watch?prefix=cfg/ HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {first}\r\n\r\n"
+        "GET /v1/watch?prefix=cfg/ HTTP/1.1\r\nHost: {}\r\nLast-Event-ID: {first}\r\n\r\n",
+        b.http
     )
     .unwrap();
     let mut got = String::new();
