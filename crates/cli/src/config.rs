@@ -18,6 +18,8 @@ pub const DEFAULT_HTTP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALH
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(300);
 /// Default time the sync-dir hook may run before it is killed.
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most HTTP connections `--http-max-connections` may allow (each holds a file descriptor).
+pub const MAX_HTTP_CONNECTIONS: usize = 65_536;
 /// Default number of HTTP connections served at once.
 pub const DEFAULT_HTTP_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::MIN.saturating_add(255);
 
@@ -374,6 +376,11 @@ impl AgentConfig {
         }
         let http_max_connections = match args.http_max_connections.or(file.http_max_connections) {
             None => DEFAULT_HTTP_MAX_CONNECTIONS,
+            Some(n) if n > MAX_HTTP_CONNECTIONS => {
+                return Err(ConfigError::Invalid(format!(
+                    "--http-max-connections {n} is above {MAX_HTTP_CONNECTIONS}"
+                )));
+            }
             Some(n) => NonZeroUsize::new(n).ok_or_else(|| {
                 ConfigError::Invalid("--http-max-connections must be above 0".into())
             })?,
@@ -679,6 +686,14 @@ mod tests {
             assert!(merge(args, "").is_err(), "{bad:?} accepted");
         }
         assert!(merge(AgentArgs::default(), "http_max_connections = 0").is_err());
+        // A semaphore that large would panic; the config refuses it first.
+        assert!(
+            merge(
+                AgentArgs::default(),
+                "http_max_connections = 4611686018427387904"
+            )
+            .is_err()
+        );
     }
 
     #[test]
