@@ -1,16 +1,19 @@
 //! `chorus agent`: a long-running node with the local HTTP API and the optional directory mirror.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use chorus::{Mode, Node, Preset};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::cli::AgentArgs;
-use crate::config::{AgentConfig, PresetName, Transport};
-use crate::syncdir::{self, SyncDir, SyncEvent};
+use crate::config::{AgentConfig, ClusterKeys, PresetName, Transport};
+use crate::server::{AllowedHosts, HEADER_TIMEOUT, ServeLimits};
+use crate::syncdir::{Hook, SyncDir, SyncStats};
 
-/// How long the mirror waits for the node to be in sync before writing the initial state.
+/// How long the mirror waits for the node to be in sync (with a peer, or alone after its solo
+/// delay) before writing the initial state.
 const SYNC_WAIT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for HTTP connections and the mirror to finish.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -22,10 +25,17 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// address that cannot be bound.
 pub fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let cfg = AgentConfig::load(args)?;
-    let keyring = if args.key_file.is_empty() {
-        None
-    } else {
-        Some(crate::keys::load_keyring(&args.key_file)?)
+    let keyring = match &cfg.keys {
+        ClusterKeys::Files(files) => Some(crate::keys::load_keyring(files)?),
+        ClusterKeys::LoopbackOnly => None,
+        ClusterKeys::Insecure => {
+            tracing::warn!(
+                transport = ?cfg.transport,
+                "--insecure: running without a cluster key off the loopback; any host on \
+                 this network can read and write the store"
+            );
+            None
+        }
     };
     crate::keys::check_http_exposure(cfg.http, args.http_token.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -110,26 +120,56 @@ async fn serve(
         "agent started"
     );
 
-    let mirror = cfg.sync.clone().map(|sync| {
-        let node = node.clone();
-        tokio::spawn(async move {
-            if let Err(e) = run_mirror(node, sync).await {
-                tracing::error!(error = %e, "sync-dir stopped");
-            }
-        })
-    });
+    let mut sync_stats = None;
+    let mirror = match cfg.sync.clone() {
+        None => None,
+        Some(sync) => {
+            let stats = Arc::new(SyncStats::default());
+            let dir = match SyncDir::open(&sync.dir, sync.prefix, Arc::clone(&stats)) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    let _ = node.shutdown().await;
+                    return Err(e).context("cannot start --sync-dir");
+                }
+            };
+            sync_stats = Some(stats);
+            let hook = Hook {
+                command: sync.on_change,
+                debounce: sync.debounce,
+                timeout: sync.hook_timeout,
+            };
+            Some(tokio::spawn(crate::syncdir::mirror(
+                node.clone(),
+                dir,
+                hook,
+                SYNC_WAIT,
+            )))
+        }
+    };
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let mut app = crate::http::router(node.clone());
-    if let Some(token) = &http_token {
-        app = crate::keys::require_token(app, token);
+    if let Some(stats) = sync_stats {
+        app = app.layer(axum::Extension(stats));
     }
+    match &http_token {
+        Some(token) => app = crate::keys::require_token(app, token),
+        // Without a token the API is on the loopback (checked at start); a browser on this
+        // host must not reach it under another site's name.
+        None => {
+            app =
+                crate::server::check_host(app, AllowedHosts::new(cfg.http, &cfg.http_allow_hosts));
+        }
+    }
+    let limits = ServeLimits {
+        max_connections: cfg.http_max_connections,
+        header_timeout: HEADER_TIMEOUT,
+    };
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            })
-            .await
+        crate::server::serve(listener, app, limits, async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        })
+        .await
     });
 
     tokio::select! {
@@ -176,35 +216,4 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     })
-}
-
-/// Mirrors the prefix into the directory until the node stops.
-async fn run_mirror(node: Node, sync: crate::config::SyncConfig) -> anyhow::Result<()> {
-    // Subscribe before reading the state so no change falls between the two.
-    let mut changes = node.watch(&sync.prefix);
-    if let Err(e) = node.wait_in_sync(SYNC_WAIT).await {
-        tracing::warn!(error = %e, "sync-dir: writing the local state although the node is not in sync yet");
-    }
-    let mut dir = SyncDir::open(&sync.dir, &sync.prefix)?;
-    let state = node
-        .scan(&sync.prefix)
-        .into_iter()
-        .map(|(k, e)| (k, e.value));
-    let changed = dir.reconcile(state)?;
-    tracing::info!(dir = %sync.dir.display(), prefix = sync.prefix, changed, "sync-dir: initial state written");
-    let (tx, rx) = mpsc::channel(1024);
-    let forward = tokio::spawn(async move {
-        while let Some(change) = changes.next().await {
-            let event = SyncEvent {
-                key: change.key,
-                value: change.value,
-            };
-            if tx.send(event).await.is_err() {
-                break;
-            }
-        }
-    });
-    syncdir::run(dir, rx, sync.on_change, sync.debounce, changed > 0).await;
-    forward.abort();
-    Ok(())
 }

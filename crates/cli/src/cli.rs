@@ -167,10 +167,22 @@ pub struct AgentArgs {
     /// accepted. Without one, cluster traffic is neither authenticated nor encrypted.
     #[arg(long = "key-file", env = "CHORUS_KEY_FILE", value_delimiter = ',')]
     pub key_file: Vec<PathBuf>,
+    /// Run without a cluster key on an interface other than the loopback, where the agent
+    /// otherwise refuses to start: any host on that network can then read and write the store.
+    #[arg(long, env = "CHORUS_INSECURE")]
+    pub insecure: bool,
     /// Bearer token the HTTP API requires (`Authorization: Bearer TOKEN`); mandatory when
     /// --http is not a loopback address.
     #[arg(long, env = "CHORUS_HTTP_TOKEN", hide_env_values = true)]
     pub http_token: Option<String>,
+    /// Another name the HTTP API answers to without a token (besides `localhost`, 127.0.0.1,
+    /// [::1] and the --http address); repeat it or list several, comma separated. Requests
+    /// naming any other host get 403 (a defence against DNS rebinding from a browser).
+    #[arg(long = "http-allow-host", value_delimiter = ',')]
+    pub http_allow_host: Vec<String>,
+    /// Most HTTP connections open at once (default 256); further ones wait to be accepted.
+    #[arg(long)]
+    pub http_max_connections: Option<usize>,
     /// Mirror the keys under --prefix as files in this directory.
     #[arg(long)]
     pub sync_dir: Option<PathBuf>,
@@ -183,6 +195,9 @@ pub struct AgentArgs {
     /// How long sync-dir changes must be quiet before --on-change runs, in milliseconds (default 300).
     #[arg(long)]
     pub debounce_ms: Option<u64>,
+    /// How long --on-change may run before it is killed, in milliseconds (default 60000).
+    #[arg(long)]
+    pub on_change_timeout_ms: Option<u64>,
     /// Keep the store in this directory (write-ahead log + snapshots) and start from it;
     /// without it the store lives in memory.
     #[arg(long)]

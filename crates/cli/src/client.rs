@@ -83,6 +83,9 @@ impl Client {
                 .http_status_as_error(false)
                 .timeout_global(timeout)
                 .timeout_connect(Some(Duration::from_secs(5)))
+                // The agent closes a connection idle for its header timeout (10 s): never
+                // reuse one that may be about to close.
+                .max_idle_age(crate::server::HEADER_TIMEOUT / 2)
                 .build()
                 .into()
         };

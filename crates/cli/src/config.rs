@@ -1,6 +1,7 @@
 //! Agent configuration: a TOML file merged with command-line flags (flags win).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,6 +16,12 @@ pub const DEFAULT_GROUP: SocketAddr =
 pub const DEFAULT_HTTP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7480);
 /// Default quiet time before the sync-dir hook runs.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(300);
+/// Default time the sync-dir hook may run before it is killed.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most HTTP connections `--http-max-connections` may allow (each holds a file descriptor).
+pub const MAX_HTTP_CONNECTIONS: usize = 65_536;
+/// Default number of HTTP connections served at once.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::MIN.saturating_add(255);
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +45,19 @@ pub enum ConfigError {
     /// The values do not make sense together.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// The node would talk on a network without a cluster key, and `--insecure` was not given.
+    #[error(
+        "refusing to run without a cluster key on {network}, which is not the loopback: any \
+         host there could read every value and write any key. Make a key with \
+         `chorus keygen /etc/chorus/cluster.key`, copy it to every node (mode 0600) and start \
+         with --key-file /etc/chorus/cluster.key (or CHORUS_KEY_FILE); or pass --insecure \
+         (`insecure = true` in the config file, CHORUS_INSECURE=1) to run without one on a \
+         network you trust"
+    )]
+    Unkeyed {
+        /// Where the node would send and receive.
+        network: String,
+    },
 }
 
 /// The agent's TOML file: every field optional, same names as the flags.
@@ -58,6 +78,10 @@ pub struct FileConfig {
     loss_seed: Option<u64>,
     data_dir: Option<PathBuf>,
     fsync: Option<String>,
+    key_file: Option<Vec<PathBuf>>,
+    insecure: Option<bool>,
+    http_allow_hosts: Option<Vec<String>>,
+    http_max_connections: Option<usize>,
     sync: Option<FileSync>,
 }
 
@@ -69,6 +93,7 @@ struct FileSync {
     prefix: Option<String>,
     on_change: Option<String>,
     debounce_ms: Option<u64>,
+    on_change_timeout_ms: Option<u64>,
 }
 
 /// How the agent reaches the other nodes.
@@ -126,6 +151,19 @@ pub struct SyncConfig {
     pub on_change: Option<String>,
     /// Quiet time before the command runs.
     pub debounce: Duration,
+    /// How long the command may run before it is killed.
+    pub hook_timeout: Duration,
+}
+
+/// Whether the node's traffic is sealed with a cluster key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterKeys {
+    /// Sealed with the keys of these files (at least one; the first file's first key sends).
+    Files(Vec<PathBuf>),
+    /// No key, and every datagram stays on this host (the loopback).
+    LoopbackOnly,
+    /// No key off the loopback, because `--insecure` said so.
+    Insecure,
 }
 
 /// The complete, validated agent configuration.
@@ -139,6 +177,12 @@ pub struct AgentConfig {
     pub node_id: Option<u64>,
     /// Address of the HTTP API.
     pub http: SocketAddr,
+    /// Names the tokenless HTTP API also answers to (`--http-allow-host`), lower case.
+    pub http_allow_hosts: Vec<String>,
+    /// Most HTTP connections served at once.
+    pub http_max_connections: NonZeroUsize,
+    /// The cluster key(s), or why there is none.
+    pub keys: ClusterKeys,
     /// Tuning preset, if any.
     pub preset: Option<PresetName>,
     /// Injected receive loss, if any.
@@ -275,7 +319,71 @@ impl AgentConfig {
                     .or(sync_file.debounce_ms)
                     .map(Duration::from_millis)
                     .unwrap_or(DEFAULT_DEBOUNCE),
+                hook_timeout: match args.on_change_timeout_ms.or(sync_file.on_change_timeout_ms) {
+                    None => DEFAULT_HOOK_TIMEOUT,
+                    Some(0) => {
+                        return Err(ConfigError::Invalid(
+                            "--on-change-timeout-ms must be above 0".into(),
+                        ));
+                    }
+                    Some(ms) => Duration::from_millis(ms),
+                },
             }),
+        };
+        if sync.is_none() && args.on_change_timeout_ms.is_some() {
+            return Err(ConfigError::Invalid(
+                "--on-change-timeout-ms needs --sync-dir".into(),
+            ));
+        }
+
+        let key_files = if args.key_file.is_empty() {
+            file.key_file.unwrap_or_default()
+        } else {
+            args.key_file.clone()
+        };
+        let insecure = args.insecure || file.insecure.unwrap_or(false);
+        let keys = match (key_files.is_empty(), insecure) {
+            (false, true) => {
+                return Err(ConfigError::Invalid(
+                    "--insecure and --key-file contradict each other: give one of them".into(),
+                ));
+            }
+            (false, false) => ClusterKeys::Files(key_files),
+            (true, true) => ClusterKeys::Insecure,
+            (true, false) => match off_loopback(&transport) {
+                None => ClusterKeys::LoopbackOnly,
+                Some(network) => return Err(ConfigError::Unkeyed { network }),
+            },
+        };
+
+        let mut http_allow_hosts = Vec::new();
+        for name in args
+            .http_allow_host
+            .iter()
+            .chain(file.http_allow_hosts.iter().flatten())
+        {
+            let host = name.trim().trim_end_matches('.').to_ascii_lowercase();
+            let plain = !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+            if !plain {
+                return Err(ConfigError::Invalid(format!(
+                    "--http-allow-host {name:?} is not a host name (letters, digits, `.`, `-`, `_`; no port)"
+                )));
+            }
+            http_allow_hosts.push(host);
+        }
+        let http_max_connections = match args.http_max_connections.or(file.http_max_connections) {
+            None => DEFAULT_HTTP_MAX_CONNECTIONS,
+            Some(n) if n > MAX_HTTP_CONNECTIONS => {
+                return Err(ConfigError::Invalid(format!(
+                    "--http-max-connections {n} is above {MAX_HTTP_CONNECTIONS}"
+                )));
+            }
+            Some(n) => NonZeroUsize::new(n).ok_or_else(|| {
+                ConfigError::Invalid("--http-max-connections must be above 0".into())
+            })?,
         };
 
         let data_dir = args.data_dir.clone().or(file.data_dir);
@@ -300,12 +408,43 @@ impl AgentConfig {
             transport,
             node_id: args.node_id.or(file.node_id),
             http: args.http.or(file.http).unwrap_or(DEFAULT_HTTP),
+            http_allow_hosts,
+            http_max_connections,
+            keys,
             preset,
             loss,
             sync,
             data_dir,
             fsync,
         })
+    }
+}
+
+/// Where the node would send and receive when that is not only this host, or `None` when every
+/// datagram stays on the loopback.
+///
+/// An interface name other than `lo` is looked up, and counts as the loopback only when the
+/// system says it is one; a name that cannot be found counts as a network (the node would not
+/// start on it anyway).
+fn off_loopback(transport: &Transport) -> Option<String> {
+    match transport {
+        Transport::Multicast { iface, .. } => {
+            let on_loopback = match chorus_transport::Interface::from(iface.as_str()) {
+                _ if iface.is_empty() => true,
+                chorus_transport::Interface::Addr(addr) => addr.is_loopback(),
+                chorus_transport::Interface::Name(name) if name == "lo" => true,
+                other => other.resolve().is_ok_and(|found| found.loopback),
+            };
+            (!on_loopback).then(|| format!("interface {iface}"))
+        }
+        Transport::Broadcast { addr } => {
+            (!addr.ip().is_loopback()).then(|| format!("broadcast address {addr}"))
+        }
+        // A socket bound to the loopback only exchanges datagrams with this host; bound to any
+        // other address (0.0.0.0 included) it hears the network, whoever the peers are.
+        Transport::Peers { bind, .. } => {
+            (!bind.ip().is_loopback()).then(|| format!("bind address {bind}"))
+        }
     }
 }
 
@@ -357,6 +496,7 @@ mod tests {
             cluster = "from-file"
             group = "239.1.2.3:9000"
             iface = "eth0"
+            insecure = true
             ttl = 2
             http = "127.0.0.1:9999"
             [sync]
@@ -462,6 +602,97 @@ mod tests {
                 bind: "127.0.0.1:7400".parse().unwrap(),
                 peers: vec!["127.0.0.1:7401".parse().unwrap()]
             }
+        );
+    }
+
+    #[test]
+    fn off_the_loopback_an_unkeyed_agent_is_refused_with_the_fix() {
+        let unkeyed = [
+            "iface = \"10.0.0.7\"",
+            "iface = \"no-such-if0\"",
+            "broadcast = \"10.1.2.255:7400\"",
+            "peers = [\"127.0.0.1:7401\"]\nbind = \"0.0.0.0:7400\"",
+            "peers = [\"10.0.0.2:7400\"]\nbind = \"10.0.0.1:7400\"",
+        ];
+        for toml in unkeyed {
+            let err = merge(AgentArgs::default(), toml).unwrap_err();
+            assert!(matches!(err, ConfigError::Unkeyed { .. }), "{toml}: {err}");
+            let text = err.to_string();
+            for fix in ["chorus keygen", "--key-file", "--insecure"] {
+                assert!(text.contains(fix), "{toml}: {text}");
+            }
+            // --insecure (flag or file) lets it start without a key, and says so.
+            let insecure = AgentArgs {
+                insecure: true,
+                ..AgentArgs::default()
+            };
+            assert_eq!(merge(insecure, toml).unwrap().keys, ClusterKeys::Insecure);
+            let cfg = merge(AgentArgs::default(), &format!("insecure = true\n{toml}")).unwrap();
+            assert_eq!(cfg.keys, ClusterKeys::Insecure);
+            // A key file (flag or file) is what it asks for.
+            let keyed = AgentArgs {
+                key_file: vec!["/k".into()],
+                ..AgentArgs::default()
+            };
+            assert_eq!(
+                merge(keyed, toml).unwrap().keys,
+                ClusterKeys::Files(vec!["/k".into()])
+            );
+            let cfg = merge(
+                AgentArgs::default(),
+                &format!("key_file = [\"/f\"]\n{toml}"),
+            )
+            .unwrap();
+            assert_eq!(cfg.keys, ClusterKeys::Files(vec!["/f".into()]));
+        }
+        // Everything that stays on this host needs no key.
+        for toml in [
+            "",
+            "iface = \"127.0.0.1\"",
+            "iface = \"lo\"",
+            "broadcast = \"127.255.255.255:7400\"",
+            "peers = [\"127.0.0.1:7401\"]\nbind = \"127.0.0.1:7400\"",
+        ] {
+            let cfg = merge(AgentArgs::default(), toml).unwrap();
+            assert_eq!(cfg.keys, ClusterKeys::LoopbackOnly, "{toml}");
+        }
+        // Both at once is a contradiction, not a choice made for the user.
+        let both = AgentArgs {
+            insecure: true,
+            key_file: vec!["/k".into()],
+            ..AgentArgs::default()
+        };
+        assert!(matches!(merge(both, ""), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn http_names_and_connection_limit() {
+        let cfg = merge(AgentArgs::default(), "").unwrap();
+        assert!(cfg.http_allow_hosts.is_empty());
+        assert_eq!(cfg.http_max_connections, DEFAULT_HTTP_MAX_CONNECTIONS);
+        let args = AgentArgs {
+            http_allow_host: vec!["Chorus.Internal.".into()],
+            http_max_connections: Some(8),
+            ..AgentArgs::default()
+        };
+        let cfg = merge(args, "http_allow_hosts = [\"box-1\"]").unwrap();
+        assert_eq!(cfg.http_allow_hosts, ["chorus.internal", "box-1"]);
+        assert_eq!(cfg.http_max_connections.get(), 8);
+        for bad in ["evil.example:80", "", "a b", "[::1]"] {
+            let args = AgentArgs {
+                http_allow_host: vec![bad.into()],
+                ..AgentArgs::default()
+            };
+            assert!(merge(args, "").is_err(), "{bad:?} accepted");
+        }
+        assert!(merge(AgentArgs::default(), "http_max_connections = 0").is_err());
+        // A semaphore that large would panic; the config refuses it first.
+        assert!(
+            merge(
+                AgentArgs::default(),
+                "http_max_connections = 4611686018427387904"
+            )
+            .is_err()
         );
     }
 

@@ -6,11 +6,12 @@
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +20,8 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use chorus::{Change, Entry, Node};
+
+use crate::syncdir::{Kind, SyncStats};
 
 /// Largest request body accepted (the node's own value limit may be lower).
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -49,18 +52,39 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The HTTP status of every error a node call can return: the one place where node errors
+/// become statuses (every handler goes through `From<chorus::Error> for ApiError`).
+///
+/// The replication layer's refusals are listed one by one, so a new one does not compile
+/// until it is given a status here; `chorus::Error` is `#[non_exhaustive]`, so its new
+/// variants fall to 500 until they get an arm of their own.
+fn status_of(e: &chorus::Error) -> StatusCode {
+    use chorus_replication::Error as R;
+    match e {
+        chorus::Error::Replication(refused) => match refused {
+            R::ValueTooLarge { .. } | R::WriteTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            R::EmptyKey
+            | R::KeyTooLong { .. }
+            | R::EmptyBatch
+            | R::BatchTooLarge { .. }
+            | R::DuplicateKey { .. } => StatusCode::BAD_REQUEST,
+        },
+        chorus::Error::Compacted { .. } => StatusCode::GONE,
+        chorus::Error::Closed => StatusCode::SERVICE_UNAVAILABLE,
+        chorus::Error::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+        chorus::Error::Transport(_) | chorus::Error::Durability(_) | chorus::Error::Config(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl From<chorus::Error> for ApiError {
     fn from(e: chorus::Error) -> Self {
-        use chorus_replication::Error as R;
-        let status = match &e {
-            chorus::Error::Replication(R::ValueTooLarge { .. } | R::WriteTooLarge { .. }) => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
-            chorus::Error::Replication(_) => StatusCode::BAD_REQUEST,
-            chorus::Error::Compacted { .. } => StatusCode::GONE,
-            chorus::Error::Closed => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+        let status = status_of(&e);
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(error = %e, "HTTP API: node error");
+        }
         Self::new(status, e.to_string())
     }
 }
@@ -343,21 +367,43 @@ async fn members(State(node): State<Node>) -> Response {
     axum::Json(json!({ "node_id": node.node_id(), "members": list })).into_response()
 }
 
-async fn stats(State(node): State<Node>) -> Response {
-    let counters: serde_json::Map<String, Value> = node
-        .counters()
+/// Live keys in the store, from the node's counter snapshot (`store_keys`, refreshed every
+/// 100 ms): a scrape costs the same for ten keys or ten million, where `scan("")` copied every
+/// key of the store to count them.
+fn key_count(counters: &[(String, u64)]) -> u64 {
+    counters
+        .iter()
+        .find(|(name, _)| name == "store_keys")
+        .map_or(0, |(_, v)| *v)
+}
+
+/// The mirror's figures, when the agent runs `--sync-dir`.
+type SyncFigures = Option<Extension<Arc<SyncStats>>>;
+
+async fn stats(State(node): State<Node>, sync: SyncFigures) -> Response {
+    let snapshot = node.counters();
+    let keys = key_count(&snapshot);
+    let counters: serde_json::Map<String, Value> = snapshot
         .into_iter()
         .map(|(name, v)| (name, Value::from(v)))
         .collect();
-    axum::Json(json!({
+    let mut answer = json!({
         "node_id": node.node_id(),
         "revision": node.revision(),
         "in_sync": node.is_in_sync(),
-        "keys": node.scan("").len(),
+        "keys": keys,
         "members": node.members().len(),
         "counters": counters,
-    }))
-    .into_response()
+    });
+    if let Some(Extension(sync)) = sync {
+        let figures: serde_json::Map<String, Value> = sync
+            .figures()
+            .into_iter()
+            .map(|(name, _, v)| (name.to_owned(), Value::from(v)))
+            .collect();
+        answer["sync_dir"] = Value::Object(figures);
+    }
+    axum::Json(answer).into_response()
 }
 
 /// A metric name made of `[a-zA-Z0-9_]` only, prefixed `chorus_`.
@@ -373,7 +419,8 @@ pub fn metric_name(name: &str) -> String {
     out
 }
 
-async fn metrics(State(node): State<Node>) -> Response {
+async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
+    let counters = node.counters();
     let mut text = String::new();
     let mut gauge = |name: &str, help: &str, v: u64| {
         let _ = writeln!(
@@ -389,7 +436,7 @@ async fn metrics(State(node): State<Node>) -> Response {
     gauge(
         "keys",
         "Live keys in the local store.",
-        node.scan("").len() as u64,
+        key_count(&counters),
     );
     gauge(
         "members",
@@ -402,12 +449,24 @@ async fn metrics(State(node): State<Node>) -> Response {
         u64::from(node.is_in_sync()),
     );
     let mut seen = std::collections::BTreeSet::new();
-    for (name, v) in node.counters() {
+    for (name, v) in counters {
         let metric = metric_name(&name);
         if !seen.insert(metric.clone()) {
             continue;
         }
         let _ = writeln!(text, "# TYPE {metric} counter\n{metric} {v}");
+    }
+    if let Some(Extension(sync)) = sync {
+        for (name, kind, v) in sync.figures() {
+            let kind = match kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+            };
+            let _ = writeln!(
+                text,
+                "# TYPE chorus_sync_dir_{name} {kind}\nchorus_sync_dir_{name} {v}"
+            );
+        }
     }
     (
         [(
@@ -447,6 +506,59 @@ mod tests {
         assert!(parse_query(Some("nope=1"), &["prefix"]).is_err());
         assert!(parse_query(Some("prefix=a&prefix=b"), &["prefix"]).is_err());
         assert!(parse_query(None, &["prefix"]).unwrap().is_empty());
+    }
+
+    /// A scrape of `/v1/stats` or `/metrics` allocates about the same for 10 000 keys as for
+    /// none: counting the keys with `scan("")` copied every key (more than 800 KB here).
+    #[tokio::test]
+    async fn a_scrape_does_not_copy_the_store() {
+        let hub = chorus_transport::MemoryHub::new(Default::default()).unwrap();
+        let transport = hub.endpoint("10.0.0.1:7400".parse().unwrap()).unwrap();
+        let node = Node::builder()
+            .cluster("scrape")
+            .node_id(1)
+            .start_with_transport(transport)
+            .await
+            .unwrap();
+        for chunk in 0..10 {
+            let ops = (0..1000)
+                .map(|i| chorus::Op::Put {
+                    key: format!("app/key-{chunk:02}-{i:04}"),
+                    value: bytes::Bytes::from_static(b"v"),
+                })
+                .collect();
+            node.batch(ops).await.unwrap();
+        }
+        // The counter snapshot the answers read is refreshed every 100 ms.
+        while key_count(&node.counters()) < 10_000 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // Neither handler awaits anything: polled once, it runs on this thread alone.
+        let before = crate::test_alloc::allocated();
+        let answer = stats(State(node.clone()), None).await;
+        let stats_cost = crate::test_alloc::allocated() - before;
+        let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["keys"], 10_000);
+
+        let before = crate::test_alloc::allocated();
+        let answer = metrics(State(node.clone()), None).await;
+        let metrics_cost = crate::test_alloc::allocated() - before;
+        let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("\nchorus_keys 10000\n"));
+
+        for (what, cost) in [("/v1/stats", stats_cost), ("/metrics", metrics_cost)] {
+            eprintln!("{what}: {cost} bytes allocated for one scrape of 10 000 keys");
+            assert!(
+                cost < 128 * 1024,
+                "{what} allocated {cost} bytes for one scrape"
+            );
+        }
+        node.shutdown().await.unwrap();
     }
 
     #[test]

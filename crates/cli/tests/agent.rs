@@ -292,7 +292,8 @@ fn watch_streams_changes_and_resumes() {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET /v1/watch?prefix=cfg/ HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {first}\r\n\r\n"
+        "GET /v1/watch?prefix=cfg/ HTTP/1.1\r\nHost: {}\r\nLast-Event-ID: {first}\r\n\r\n",
+        b.http
     )
     .unwrap();
     let mut got = String::new();
@@ -437,6 +438,85 @@ fn bad_http_input_gets_a_json_4xx() {
     assert_eq!((status, body.as_slice()), (200, b"v".as_slice()));
     let list = a.get_json("/v1/kv?prefix=a%2Fb");
     assert_eq!(list["entries"][0]["key"], "a/b c/d");
+}
+
+#[test]
+fn an_unkeyed_agent_off_the_loopback_refuses_to_start_and_says_how_to_fix_it() {
+    let (_, group) = random_group();
+    let group = group.to_string();
+    let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port())).to_string();
+    // An interface that does not exist: were the check missing, the node would fail to start
+    // on it, so this test never sends a datagram either way.
+    let base = [
+        "agent",
+        "--group",
+        &group,
+        "--iface",
+        "no-such-if0",
+        "--http",
+        &http,
+    ];
+    let run = |extra: &[&str]| {
+        let child = Command::new(BIN)
+            .args(base)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_output(child, Duration::from_secs(30));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(2), "{err}");
+    for fix in ["chorus keygen", "--key-file", "--insecure", "no-such-if0"] {
+        assert!(err.contains(fix), "the refusal does not say {fix:?}: {err}");
+    }
+    // --insecure gets past the check; the node then fails on the interface, and says that.
+    let (code, err) = run(&["--insecure"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!err.contains("chorus keygen"), "{err}");
+    assert!(err.contains("no-such-if0"), "{err}");
+}
+
+/// One raw request with the given `Host` header; the status.
+fn status_with_host(addr: SocketAddr, host: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /v1/stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"))
+}
+
+#[test]
+fn a_tokenless_api_answers_only_to_its_own_names() {
+    let net = Net::new();
+    let a = net.agent(1, &["--http-allow-host", "chorus.test"]);
+    let port = a.http.port();
+    for (host, expected) in [
+        (format!("127.0.0.1:{port}"), 200),
+        (format!("localhost:{port}"), 200),
+        (format!("[::1]:{port}"), 200),
+        (format!("chorus.test:{port}"), 200),
+        // A page on evil.example, its name rebound to 127.0.0.1 (DNS rebinding).
+        (format!("evil.example:{port}"), 403),
+        (format!("localhost:{}", port.wrapping_add(1)), 403),
+    ] {
+        assert_eq!(status_with_host(a.http, &host), expected, "Host: {host}");
+    }
 }
 
 #[test]
