@@ -80,12 +80,24 @@ impl Traffic {
     }
 }
 
-/// One valid datagram of `cluster`: its header, its traffic class, and the heartbeat's
-/// `(highest_sent, low_retained)` if it is a plain heartbeat.
-fn classify(d: &[u8], cluster: ClusterId) -> Option<(Header, usize, Option<(u64, u64)>)> {
+/// One valid datagram heard.
+struct Heard {
+    header: Header,
+    /// Its traffic class (index in [`KINDS`]).
+    class: usize,
+    /// A plain heartbeat's `(highest_sent, low_retained)`.
+    heartbeat: Option<(u64, u64)>,
+}
+
+/// A datagram, if it is a valid one of `cluster`.
+fn classify(d: &[u8], cluster: ClusterId) -> Option<Heard> {
     let header = wire::check(d, wire::MAX_UDP_PAYLOAD, cluster).ok()?;
     if header.key_id != 0 {
-        return Some((header, SEALED, None));
+        return Some(Heard {
+            header,
+            class: SEALED,
+            heartbeat: None,
+        });
     }
     let (_, frame) =
         wire::decode(&Bytes::copy_from_slice(d), wire::MAX_UDP_PAYLOAD, cluster).ok()?;
@@ -97,7 +109,11 @@ fn classify(d: &[u8], cluster: ClusterId) -> Option<(Header, usize, Option<(u64,
         Kind::Repair(_) => (REPAIR, None),
         Kind::Goodbye(_) => (GOODBYE, None),
     };
-    Some((header, class, hb))
+    Some(Heard {
+        header,
+        class,
+        heartbeat: hb,
+    })
 }
 
 /// A node heard on the group.
@@ -149,7 +165,12 @@ impl Observed {
         if self.cluster.is_none() {
             self.cluster = learn_cluster(d);
         }
-        let Some((header, class, hb)) = self.cluster.and_then(|c| classify(d, c)) else {
+        let Some(Heard {
+            header,
+            class,
+            heartbeat: hb,
+        }) = self.cluster.and_then(|c| classify(d, c))
+        else {
             self.other += 1;
             return;
         };
@@ -310,7 +331,12 @@ fn count(
                 break;
             }
         };
-        let Some((header, class, hb)) = classify(&buf[..n], cluster) else {
+        let Some(Heard {
+            header,
+            class,
+            heartbeat: hb,
+        }) = classify(&buf[..n], cluster)
+        else {
             continue;
         };
         if header.node.0 != view.node {

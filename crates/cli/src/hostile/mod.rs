@@ -352,9 +352,13 @@ pub fn run(args: &HostileArgs) -> anyhow::Result<()> {
     let errors = attack.errors + sent.errors;
     println!(
         "hostile: sent {total_datagrams} datagrams, {total_bytes} bytes in {attack_secs:.2} s \
-         ({:.0}/s) from {} node id(s){}",
+         ({:.0}/s) from {}{}",
         rate(total_datagrams, attack_secs),
-        attacker.ids(),
+        if attacker.is_member() {
+            format!("node {} posing as a member", attacker.node())
+        } else {
+            format!("{} fresh node ids", attacker.ids())
+        },
         match &attack.first_error {
             Some(e) => format!("; {errors} sends failed (first: {e})"),
             None => String::new(),
