@@ -26,7 +26,7 @@ pub const KINDS: [&str; 7] = [
     "nak",
     "repair",
     "goodbye",
-    "sealed",
+    "other",
 ];
 const DATA: usize = 0;
 const FRAGMENT: usize = 1;
@@ -34,7 +34,8 @@ pub const HEARTBEAT: usize = 2;
 pub const NAK: usize = 3;
 pub const REPAIR: usize = 4;
 const GOODBYE: usize = 5;
-const SEALED: usize = 6;
+/// Sealed (the cluster has a key), or a kind this version does not know.
+const OTHER: usize = 6;
 
 /// How long a blocking receive waits before the loop looks at its bounds.
 const POLL: Duration = Duration::from_millis(20);
@@ -89,30 +90,34 @@ struct Heard {
     heartbeat: Option<(u64, u64)>,
 }
 
-/// A datagram, if it is a valid one of `cluster`.
+/// A datagram, if it is a valid one of `cluster` (CRC and header checked). Only heartbeats
+/// are decoded whole: a frame is one protobuf `oneof`, so the first byte of a plain body is the
+/// tag of its kind, and the listener must keep up with a target that may multicast repairs as
+/// fast as the loopback carries them.
 fn classify(d: &[u8], cluster: ClusterId) -> Option<Heard> {
     let header = wire::check(d, wire::MAX_UDP_PAYLOAD, cluster).ok()?;
-    if header.key_id != 0 {
-        return Some(Heard {
-            header,
-            class: SEALED,
-            heartbeat: None,
-        });
-    }
-    let (_, frame) =
-        wire::decode(&Bytes::copy_from_slice(d), wire::MAX_UDP_PAYLOAD, cluster).ok()?;
-    let (class, hb) = match frame.kind? {
-        Kind::Data(_) => (DATA, None),
-        Kind::Fragment(_) => (FRAGMENT, None),
-        Kind::Heartbeat(hb) => (HEARTBEAT, Some((hb.highest_sent, hb.low_retained))),
-        Kind::Nak(_) => (NAK, None),
-        Kind::Repair(_) => (REPAIR, None),
-        Kind::Goodbye(_) => (GOODBYE, None),
+    let tag = d.get(wire::HEADER_LEN).map_or(0, |t| t >> 3);
+    let class = match (header.key_id, tag) {
+        (0, 1) => DATA,
+        (0, 2) => FRAGMENT,
+        (0, 3) => HEARTBEAT,
+        (0, 4) => NAK,
+        (0, 5) => REPAIR,
+        (0, 6) => GOODBYE,
+        _ => OTHER,
     };
+    let mut heartbeat = None;
+    if class == HEARTBEAT {
+        let (_, frame) =
+            wire::decode(&Bytes::copy_from_slice(d), wire::MAX_UDP_PAYLOAD, cluster).ok()?;
+        if let Some(Kind::Heartbeat(hb)) = frame.kind {
+            heartbeat = Some((hb.highest_sent, hb.low_retained));
+        }
+    }
     Some(Heard {
         header,
         class,
-        heartbeat: hb,
+        heartbeat,
     })
 }
 
@@ -188,7 +193,7 @@ impl Observed {
         }
         seen.incarnation = header.incarnation.0;
         seen.addr = from;
-        seen.sealed |= class == SEALED;
+        seen.sealed |= header.key_id != 0;
         seen.traffic.add(class, d.len());
         if let Some((highest, low)) = hb {
             seen.highest_sent = highest;
@@ -371,6 +376,56 @@ mod tests {
                 kind: Some(Kind::Heartbeat(hb)),
             },
         )
+    }
+
+    #[test]
+    fn classes_by_first_tag_match_the_decoded_kind() {
+        let cluster = ClusterId(7);
+        let header = Header::new(cluster, NodeId(1), Incarnation(1));
+        let data = proto::Data {
+            first_seq: 1,
+            messages: vec![Bytes::from_static(b"x")],
+        };
+        let fragment = proto::Fragment {
+            seq: 1,
+            total_len: 10,
+            chunk: Bytes::from_static(b"abc"),
+            ..Default::default()
+        };
+        let kinds = [
+            (Kind::Data(data.clone()), DATA),
+            (Kind::Fragment(fragment), FRAGMENT),
+            (
+                Kind::Heartbeat(proto::Heartbeat {
+                    highest_sent: 9,
+                    low_retained: 3,
+                    ..Default::default()
+                }),
+                HEARTBEAT,
+            ),
+            (Kind::Nak(proto::Nak::default()), NAK),
+            (
+                Kind::Repair(proto::Repair {
+                    low_retained: 1,
+                    payload: Some(proto::repair::Payload::Data(data)),
+                }),
+                REPAIR,
+            ),
+            (Kind::Goodbye(proto::Goodbye { highest_sent: 1 }), GOODBYE),
+        ];
+        for (kind, class) in kinds {
+            let d = wire::encode(&header, &proto::Frame { kind: Some(kind) });
+            let heard = classify(&d, cluster).expect("valid");
+            assert_eq!(heard.class, class, "{}", KINDS[class]);
+            assert_eq!(heard.heartbeat.is_some(), class == HEARTBEAT);
+        }
+        let hb = heartbeat(cluster, 1, 9);
+        assert_eq!(
+            classify(&hb, cluster).and_then(|h| h.heartbeat),
+            Some((9, 1))
+        );
+        assert!(classify(&hb, ClusterId(8)).is_none());
+        assert!(classify(&hb[..hb.len() - 1], cluster).is_none());
     }
 
     #[test]
