@@ -332,7 +332,7 @@ fn count(
             Ok(n) => n,
             Err(e) if is_idle(&e) => continue,
             Err(e) => {
-                eprintln!("hostile: listening for the target failed: {e}");
+                super::say!("hostile: listening for the target failed: {e}");
                 break;
             }
         };

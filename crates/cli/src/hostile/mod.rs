@@ -38,6 +38,16 @@ const SEND_BUFFER: usize = 8 << 20;
 /// Byte ranges per `PartialNak` in the NAK attack.
 const PARTS_PER_PARTIAL: usize = 32;
 
+/// `println!` that cannot panic: a closed stdout (`chorus hostile ... | head -1`) loses the
+/// line, not the run.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+pub(crate) use say;
+
 /// The attacks `chorus hostile` plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Attack {
@@ -207,7 +217,7 @@ pub fn run(args: &HostileArgs) -> anyhow::Result<()> {
         .context("the sending socket has no address")?;
     let listener = listen::group_listener(args.group, args.interface)
         .with_context(|| format!("cannot listen on {} via {}", args.group, args.interface))?;
-    println!(
+    say!(
         "hostile: {} against {} via {} (TTL 0), seed {seed}; listening {:.1} s first",
         args.attack.name(),
         args.group,
@@ -258,12 +268,12 @@ pub fn run(args: &HostileArgs) -> anyhow::Result<()> {
     let target = args.target.or_else(|| seen.order.first().copied());
     let target_seen = target.and_then(|t| seen.nodes.get(&t).map(|s| (t, s.clone())));
     let heard: Vec<String> = seen.order.iter().map(|n| n.to_string()).collect();
-    println!(
+    say!(
         "hostile: cluster {cluster}, heard node(s) [{}] in {warm_secs:.1} s",
         heard.join(", ")
     );
     if target_seen.as_ref().is_some_and(|(_, s)| s.sealed) {
-        println!(
+        say!(
             "hostile: the target seals its datagrams (it has a cluster key): every datagram of \
              this attack will be refused by it"
         );
@@ -350,7 +360,7 @@ pub fn run(args: &HostileArgs) -> anyhow::Result<()> {
     let total_datagrams = attack.datagrams + sent.datagrams;
     let total_bytes = attack.bytes + sent.bytes;
     let errors = attack.errors + sent.errors;
-    println!(
+    say!(
         "hostile: sent {total_datagrams} datagrams, {total_bytes} bytes in {attack_secs:.2} s \
          ({:.0}/s) from {}{}",
         rate(total_datagrams, attack_secs),
@@ -383,7 +393,7 @@ pub fn run(args: &HostileArgs) -> anyhow::Result<()> {
             let baseline =
                 (before.traffic.total_bytes() as f64 * window_secs / warm_secs.max(1e-3)) as u64;
             let ratio = answer as f64 / total_bytes.max(1) as f64;
-            println!(
+            say!(
                 "hostile: target {node} multicast {} datagrams, {} bytes in {window_secs:.2} s \
                  ({}); its normal traffic would have been {baseline} bytes; answer {answer} \
                  bytes = {ratio:.3} x what was sent",
@@ -400,11 +410,11 @@ pub fn run(args: &HostileArgs) -> anyhow::Result<()> {
             ));
         }
         _ => {
-            println!("hostile: no target heard, so no answer counted");
+            say!("hostile: no target heard, so no answer counted");
             result.push_str(" target=none");
         }
     }
-    println!("{result}");
+    say!("{result}");
     Ok(())
 }
 
