@@ -9,10 +9,10 @@
 //!
 //! - RSS growth of either agent ≤ the receive budget it runs with + 64 MiB;
 //! - `GET` p99 on the target ≤ 50 ms during the attack (a failed GET counts as infinitely slow);
-//! - bytes the target multicast in answer ≤ 3 × the bytes it received from the attacker
-//!   (answers counted by the tool, which listens to the target during the attack, above its
-//!   normal traffic; received bytes are what the tool sent, or the growth of the target's
-//!   `protocol_bytes_received` if smaller);
+//! - bytes the target multicast in answer ≤ 3 × the bytes the attacker sent (answers counted
+//!   by the tool, which listens to the target during the attack, above its normal traffic; a
+//!   flood is partly dropped by the kernel before the target reads it, so the slow request
+//!   test is the strict one);
 //! - the target and its peer still converge.
 //!
 //! An agent whose RSS passes that bound by 256 MiB is SIGKILLed at once (the test then fails):
@@ -294,9 +294,10 @@ struct Figures {
     get_max: Option<Duration>,
     tool_ok: bool,
     tool_output: String,
-    /// Bytes the target received meanwhile from others than itself (the growth of its
-    /// `protocol_bytes_received`, less its own multicast looped back: the kernel drops what
-    /// it cannot take of a flood), when its counters could be read.
+    /// The growth of the target's `protocol_bytes_received` meanwhile, when its counters
+    /// could be read: every source, its own multicast looped back included, and only what it
+    /// got to (the kernel drops what it cannot take of a flood; a stalled driver counts
+    /// late). Printed for information: the bound is checked against what the attacker sent.
     received: Option<u64>,
     result: HashMap<String, String>,
     members_after: Option<u64>,
@@ -306,13 +307,6 @@ struct Figures {
 impl Figures {
     fn num(&self, key: &str) -> Option<f64> {
         self.result.get(key)?.parse().ok()
-    }
-
-    /// Bytes of the attacker the target can have answered: what it sent, or less when the
-    /// target's counters show it received less.
-    fn asked(&self) -> Option<f64> {
-        let sent = self.num("bytes")?;
-        Some(self.received.map_or(sent, |r| sent.min(r as f64)))
     }
 
     fn growth(&self, i: usize) -> u64 {
@@ -327,8 +321,8 @@ impl Figures {
             "FIGURES attack={} rss_before_mib={:.0} rss_peak_mib={:.0} rss_growth_mib={:.0} \
              peer_rss_growth_mib={:.0} allowed_growth_mib={:.0} killed_target={} killed_peer={} \
              gets={} get_failures={} get_p50_ms={} get_p99_ms={} get_max_ms={} sent_datagrams={} \
-             sent_bytes={} received_bytes={} rate={} ids={} answer_bytes={} ratio={} \
-             ratio_to_received={} target_members_after={} converged={}",
+             sent_bytes={} target_received_bytes={} rate={} ids={} answer_bytes={} ratio={} \
+             target_members_after={} converged={}",
             self.attack,
             self.rss_before[0] as f64 / MIB as f64,
             self.rss_peak[0] as f64 / MIB as f64,
@@ -349,10 +343,6 @@ impl Figures {
             self.result.get("ids").map_or("?", String::as_str),
             self.result.get("answer_bytes").map_or("?", String::as_str),
             self.result.get("ratio").map_or("?", String::as_str),
-            self.asked().zip(self.num("answer_bytes")).map_or(
-                "?".into(),
-                |(asked, answer)| format!("{:.4}", answer / asked.max(1.0))
-            ),
             self.members_after.map_or("?".into(), |m| m.to_string()),
             self.converged,
         );
@@ -386,13 +376,13 @@ impl Figures {
                 self.get_failures, self.gets
             )),
         }
-        if let (Some(answer), Some(asked)) = (self.num("answer_bytes"), self.asked())
-            && answer > MAX_AMPLIFICATION * asked
+        if let (Some(answer), Some(sent)) = (self.num("answer_bytes"), self.num("bytes"))
+            && answer > MAX_AMPLIFICATION * sent
         {
             out.push(format!(
-                "the target answered {answer} bytes to {asked} bytes of the attacker ({:.1} x, \
+                "the target answered {answer} bytes to {sent} bytes of the attacker ({:.1} x, \
                  allowed {MAX_AMPLIFICATION} x)",
-                answer / asked.max(1.0)
+                answer / sent.max(1.0)
             ));
         }
         if !self.converged {
@@ -597,13 +587,9 @@ fn play(
         get_max: percentile(&during, 100.0),
         tool_ok: status.is_some_and(|s| s.success()),
         tool_output,
-        received: received_before.zip(received_after).map(|(b, a)| {
-            let own: u64 = result
-                .get("target_bytes")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            a.saturating_sub(b).saturating_sub(own)
-        }),
+        received: received_before
+            .zip(received_after)
+            .map(|(b, a)| a.saturating_sub(b)),
         result,
         members_after,
         converged,
