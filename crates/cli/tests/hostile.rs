@@ -266,6 +266,68 @@ impl Drop for Background {
     }
 }
 
+/// How long the agents' memory is watched after the tool exits, at least.
+const AFTERMATH: Duration = Duration::from_secs(3);
+
+/// Samples the agents' RSS every 10 ms on a thread of its own, keeps the peaks, and SIGKILLs
+/// an agent above its cap (by pid: the agent is a child of this process, not reaped before
+/// its guard drops, so the pid cannot have been reused).
+struct Watchdog {
+    stop: Arc<AtomicBool>,
+    state: Arc<Mutex<([u64; 2], [bool; 2])>>,
+}
+
+impl Watchdog {
+    fn start(attack: &'static str, pids: [u32; 2], kill_at: [u64; 2]) -> Watchdog {
+        let stop = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(Mutex::new((pids.map(|p| rss(p).unwrap_or(0)), [false; 2])));
+        let (stop2, state2) = (stop.clone(), state.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + MAX_BACKGROUND;
+            while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let mut guard = state2.lock().unwrap();
+                let (peak, killed) = &mut *guard;
+                for i in 0..2 {
+                    if killed[i] {
+                        continue;
+                    }
+                    let now = rss(pids[i]).unwrap_or(0);
+                    peak[i] = peak[i].max(now);
+                    if now > kill_at[i] {
+                        let pid = nix::unistd::Pid::from_raw(pids[i] as i32);
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                        killed[i] = true;
+                        println!(
+                            "{attack}: agent {} killed at {} MiB of RSS",
+                            i + 1,
+                            now / MIB
+                        );
+                    }
+                }
+                drop(guard);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Watchdog { stop, state }
+    }
+
+    fn killed(&self) -> bool {
+        self.state.lock().unwrap().1.contains(&true)
+    }
+
+    /// Stops sampling; the peaks and which agents were killed.
+    fn finish(self) -> ([u64; 2], [bool; 2]) {
+        self.stop.store(true, Ordering::Relaxed);
+        *self.state.lock().unwrap()
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The tool's process, killed on drop.
 struct Tool(Child);
 
@@ -286,6 +348,7 @@ struct Figures {
     budget: u64,
     rss_before: [u64; 2],
     rss_peak: [u64; 2],
+    kill_at: [u64; 2],
     killed: [bool; 2],
     gets: usize,
     get_failures: usize,
@@ -359,7 +422,7 @@ impl Figures {
             if self.killed[i] {
                 out.push(format!(
                     "the {who}'s RSS passed {} MiB: killed",
-                    (self.rss_before[i] + allowed + KILL_MARGIN) / MIB
+                    self.kill_at[i] / MIB
                 ));
             } else if self.growth(i) > allowed {
                 out.push(format!(
@@ -407,7 +470,7 @@ fn percentile(samples: &[Option<Duration>], p: f64) -> Option<Duration> {
 /// Plays `attack` (with the tool's `extra` flags) against the lab's target while measuring;
 /// `load` runs on a thread during the whole attack (the NAK attack writes to the target).
 fn play(
-    lab: &mut Lab,
+    lab: &Lab,
     attack: &'static str,
     plan: Plan,
     extra: &[&str],
@@ -486,6 +549,7 @@ fn play(
     .collect();
     args.extend(extra.iter().map(|s| (*s).to_string()));
     let received_before = received(lab.target.http);
+    let watchdog = Watchdog::start(attack, pids, kill_at);
     let spawned = Instant::now();
     let mut tool = Tool(
         Command::new(bin())
@@ -498,26 +562,7 @@ fn play(
     );
     let attack_from = spawned + Duration::from_secs(1);
     let deadline = spawned + Duration::from_secs(MAX_ATTACK_SECS + 15);
-    let mut rss_peak = rss_before;
-    let mut killed = [false; 2];
     let status = loop {
-        for (i, agent) in [&mut lab.target, &mut lab.peer].into_iter().enumerate() {
-            if killed[i] {
-                continue;
-            }
-            let now = rss(pids[i]).unwrap_or(0);
-            rss_peak[i] = rss_peak[i].max(now);
-            if now > kill_at[i] {
-                let _ = agent.child.kill();
-                let _ = agent.child.wait();
-                killed[i] = true;
-                println!(
-                    "{attack}: agent {} killed at {} MiB of RSS",
-                    i + 1,
-                    now / MIB
-                );
-            }
-        }
         if let Ok(Some(status)) = tool.0.try_wait() {
             break Some(status);
         }
@@ -526,6 +571,7 @@ fn play(
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    let tool_done = Instant::now();
     let mut tool_output = String::new();
     if let Some(out) = tool.0.stdout.as_mut() {
         let _ = out.read_to_string(&mut tool_output);
@@ -568,7 +614,12 @@ fn play(
         .as_ref()
         .and_then(|s| s["counters"]["protocol_bytes_received"].as_u64());
     let settled = Instant::now();
-    let converged = !killed.contains(&true) && converge(lab, &written.lock().unwrap());
+    let converged = !watchdog.killed() && converge(lab, &written.lock().unwrap());
+    // What a flood left queued in the agents' sockets is still being taken in after the
+    // attack: watch the memory a little longer when convergence was quick.
+    let watch_until = tool_done + AFTERMATH;
+    std::thread::sleep(watch_until.saturating_duration_since(Instant::now()));
+    let (rss_peak, killed) = watchdog.finish();
     println!(
         "{attack}: attack and settle took {:.1} s, convergence check {:.1} s",
         settled.duration_since(spawned).as_secs_f64(),
@@ -579,6 +630,7 @@ fn play(
         budget,
         rss_before,
         rss_peak,
+        kill_at,
         killed,
         gets: during.len(),
         get_failures: during.iter().filter(|l| l.is_none()).count(),
@@ -637,9 +689,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn hostile_fragments_with_large_declared_lengths_from_fresh_ids() {
     let _one = serial();
-    let mut lab = Lab::start();
+    let lab = Lab::start();
     let figures = play(
-        &mut lab,
+        &lab,
         "fragments",
         FLOOD,
         &["--datagram-bytes", "1300"],
@@ -652,8 +704,8 @@ fn hostile_fragments_with_large_declared_lengths_from_fresh_ids() {
 #[test]
 fn hostile_heartbeats_from_many_fresh_ids() {
     let _one = serial();
-    let mut lab = Lab::start();
-    let figures = play(&mut lab, "heartbeats", FLOOD, &[], None);
+    let lab = Lab::start();
+    let figures = play(&lab, "heartbeats", FLOOD, &[], None);
     assert!(figures.num("ids").unwrap_or(0.0) >= 20_000.0, "{figures:?}");
     check(&figures);
 }
@@ -673,10 +725,10 @@ fn window_filler(http: SocketAddr) -> Box<dyn FnMut() + Send> {
 #[test]
 fn hostile_naks_of_thousands_of_ranges_and_partial_parts() {
     let _one = serial();
-    let mut lab = Lab::start();
+    let lab = Lab::start();
     let load = window_filler(lab.target.http);
     let figures = play(
-        &mut lab,
+        &lab,
         "naks",
         FLOOD,
         &["--ranges", "2000", "--partials", "8"],
@@ -688,10 +740,10 @@ fn hostile_naks_of_thousands_of_ranges_and_partial_parts() {
 #[test]
 fn hostile_small_naks_against_a_full_window() {
     let _one = serial();
-    let mut lab = Lab::start();
+    let lab = Lab::start();
     let load = window_filler(lab.target.http);
     let figures = play(
-        &mut lab,
+        &lab,
         "naks",
         FLOOD,
         &["--ranges", "1", "--partials", "0"],
@@ -712,9 +764,9 @@ fn write_big_key(lab: &Lab) {
 #[test]
 fn hostile_requests_naming_one_big_key_many_times() {
     let _one = serial();
-    let mut lab = Lab::start();
+    let lab = Lab::start();
     write_big_key(&lab);
-    let figures = play(&mut lab, "requests", FLOOD, &["--key", BIG_KEY], None);
+    let figures = play(&lab, "requests", FLOOD, &["--key", BIG_KEY], None);
     check(&figures);
 }
 
@@ -723,21 +775,21 @@ fn hostile_requests_naming_one_big_key_many_times() {
 #[test]
 fn hostile_requests_at_a_low_rate_are_not_amplified() {
     let _one = serial();
-    let mut lab = Lab::start();
+    let lab = Lab::start();
     write_big_key(&lab);
     let trickle = Plan {
         rate: 20,
         count: 40,
     };
-    let figures = play(&mut lab, "requests", trickle, &["--key", BIG_KEY], None);
+    let figures = play(&lab, "requests", trickle, &["--key", BIG_KEY], None);
     check(&figures);
 }
 
 #[test]
 fn hostile_junk_and_mutated_frames() {
     let _one = serial();
-    let mut lab = Lab::start();
-    let figures = play(&mut lab, "junk", FLOOD, &[], None);
+    let lab = Lab::start();
+    let figures = play(&lab, "junk", FLOOD, &[], None);
     check(&figures);
 }
 
