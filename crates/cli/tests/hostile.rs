@@ -615,16 +615,16 @@ fn play(
         .and_then(|s| s["counters"]["protocol_bytes_received"].as_u64());
     let settled = Instant::now();
     let converged = !watchdog.killed() && converge(lab, &written.lock().unwrap());
-    // What a flood left queued in the agents' sockets is still being taken in after the
-    // attack: watch the memory a little longer when convergence was quick.
-    let watch_until = tool_done + AFTERMATH;
-    std::thread::sleep(watch_until.saturating_duration_since(Instant::now()));
-    let (rss_peak, killed) = watchdog.finish();
     println!(
         "{attack}: attack and settle took {:.1} s, convergence check {:.1} s",
         settled.duration_since(spawned).as_secs_f64(),
         settled.elapsed().as_secs_f64()
     );
+    // What a flood left queued in the agents' sockets is still being taken in after the
+    // attack: watch the memory a little longer when convergence was quick.
+    let watch_until = tool_done + AFTERMATH;
+    std::thread::sleep(watch_until.saturating_duration_since(Instant::now()));
+    let (rss_peak, killed) = watchdog.finish();
     let figures = Figures {
         attack,
         budget,
