@@ -802,6 +802,32 @@ fn hostile_junk_and_mutated_frames() {
 }
 
 #[test]
+fn hostile_tool_stays_on_the_loopback_and_says_what_it_misses() {
+    let (_, group) = random_group();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["hostile", "--group"];
+        let group = group.to_string();
+        args.push(&group);
+        args.extend_from_slice(extra);
+        let out = Command::new(bin()).args(&args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--attack", "junk", "--interface", "10.1.2.3"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a loopback address"), "{err}");
+    let (code, err) = run(&["--attack", "requests", "--warmup", "0.2"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("needs --key"), "{err}");
+    // Nobody on this group: nothing to learn the cluster from, nothing is sent.
+    let (code, err) = run(&["--attack", "junk", "--warmup", "0.3", "--duration", "0.1"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no valid Chorus datagram heard"), "{err}");
+}
+
+#[test]
 fn percentile_counts_failures_as_slowest() {
     let ms = |n| Some(Duration::from_millis(n));
     let samples = [ms(3), ms(1), None, ms(2)];
