@@ -44,6 +44,8 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Write a new cluster key file (mode 0600) for `chorus agent --key-file`.
     Keygen(KeygenArgs),
+    /// Play a hostile peer against agents on the loopback (testing; see docs/security.md).
+    Hostile(crate::hostile::HostileArgs),
 }
 
 /// `chorus keygen`.

@@ -11,6 +11,7 @@ mod client;
 mod config;
 mod demo;
 mod doctor;
+mod hostile;
 mod http;
 mod keys;
 mod peer;
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
         Command::Stats(opts) => client::stats(&opts),
         Command::Demo(args) => demo::run(&args).map(|()| Outcome::Ok),
         Command::Bench(args) => bench::run(&args).map(|()| Outcome::Ok),
+        Command::Hostile(args) => hostile::run(&args).map(|()| Outcome::Ok),
         Command::Keygen(args) => keys::keygen(args.path.as_deref(), args.id).map(|()| Outcome::Ok),
         Command::Doctor(args) => {
             doctor::run(&args).map(|ok| if ok { Outcome::Ok } else { Outcome::NotFound })
