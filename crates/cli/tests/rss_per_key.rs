@@ -141,7 +141,10 @@ fn rss_per_key_on_writer_and_receiver() {
     let writer = agent(1);
     let receiver = agent(2);
     while members(&writer) < 2 || members(&receiver) < 2 {
-        assert!(start.elapsed() < Duration::from_secs(20), "agents never met");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "agents never met"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let (w_pid, r_pid) = (writer.child.id(), receiver.child.id());

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
-use chorus_protocol::{Endpoint, Event, Member, SendError, Transmit};
+use chorus_protocol::{Endpoint, Event, Member, SendError, Transmit, WallClock};
 
 use crate::config::ReplicaConfig;
 use crate::durable::{Durability, DurableError, DurableStats, Loaded};
@@ -13,44 +13,6 @@ use crate::error::{Compacted, Error};
 use crate::hlc::Version;
 use crate::replica::{Change, Op, OutgoingKind, Replica, ReplicaEvent, ReplicaStats};
 use crate::store::Store;
-
-/// Maps the monotonic `now` to unix milliseconds for the hybrid logical clock:
-/// `wall_ms = epoch_ms + (now − epoch)`.
-///
-/// The driver reads the real clock once at start (`epoch = Instant::now()`,
-/// `epoch_ms = SystemTime::now()` since the unix epoch); the simulator uses a fixed
-/// `epoch_ms`. Because the mapping is fixed at start, the node's HLC follows the monotonic
-/// clock: later NTP steps of the system clock are not seen, and the node's skew against
-/// other nodes is whatever it was at start plus monotonic-clock drift. Skew only decides
-/// which of two *concurrent* writes wins; writes more than `max_drift_ms` ahead of a
-/// receiver's clock are rejected by that receiver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WallClock {
-    /// The instant that corresponds to `epoch_ms`.
-    pub epoch: Instant,
-    /// Unix milliseconds at `epoch`.
-    pub epoch_ms: u64,
-}
-
-impl WallClock {
-    /// A clock for simulations and tests: `epoch` maps to a fixed unix time
-    /// (2023-11-14T22:13:20Z), so runs are reproducible.
-    #[must_use]
-    pub fn simulated(epoch: Instant) -> WallClock {
-        WallClock {
-            epoch,
-            epoch_ms: 1_700_000_000_000,
-        }
-    }
-
-    /// Unix milliseconds at `now` (never before `epoch_ms`).
-    #[must_use]
-    pub fn wall_ms(&self, now: Instant) -> u64 {
-        let elapsed = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u64::MAX);
-        self.epoch_ms.saturating_add(elapsed)
-    }
-}
 
 /// Configuration of a [`NodeCore`].
 #[derive(Debug, Clone)]
@@ -60,7 +22,12 @@ pub struct NodeConfig {
     /// The replica's configuration. Its `node` is overwritten with the protocol's node id and
     /// its `limits.max_write_bytes` is capped at the protocol's `max_message_size`.
     pub replica: ReplicaConfig,
-    /// How `now` maps to unix milliseconds.
+    /// How `now` maps to unix milliseconds: stamps versions, checks remote versions against
+    /// the drift bound, and is carried in heartbeats (it overrides `protocol.wall_clock`) so
+    /// that peers measure this node's clock offset. Skew only decides which of two
+    /// *concurrent* writes wins; writes more than `max_drift_ms` ahead of a receiver's clock
+    /// are rejected by that receiver, so this node refuses them first (see
+    /// [`Error::ClockAhead`]).
     pub wall_clock: WallClock,
     /// Most bytes of sync messages waiting for room in the send window; beyond it new sync
     /// messages are dropped and counted (anti-entropy sends them again). Writes are never
@@ -125,6 +92,12 @@ pub struct NodeStats {
     pub too_large: u64,
     /// The durable backend's counters, when the node has one.
     pub durable: Option<DurableStats>,
+    /// How far (ms) a write stamped now would be ahead of the most advanced live peer's
+    /// clock, or of this node's own when no peer reported one; negative when behind (see
+    /// [`Replica::clock_ahead_ms`]).
+    pub clock_ahead_ms: i64,
+    /// Whether local writes are refused because of it ([`Error::ClockAhead`]).
+    pub clock_refusing: bool,
 }
 
 /// One node of a Chorus cluster as a sans-IO state machine: a `chorus_protocol::Endpoint`
@@ -156,6 +129,10 @@ pub struct NodeCore {
     closed: bool,
     sync_dropped: u64,
     too_large: u64,
+    /// The endpoint's heartbeat count when the peers' clock offsets were last handed to the
+    /// replica, and whether membership changed since.
+    heartbeats_seen: u64,
+    clocks_dirty: bool,
 }
 
 impl NodeCore {
@@ -183,7 +160,9 @@ impl NodeCore {
         now: Instant,
         durable: Option<(Box<dyn Durability>, Loaded)>,
     ) -> NodeCore {
-        let endpoint = Endpoint::new(config.protocol, now);
+        let mut protocol = config.protocol;
+        protocol.wall_clock = Some(config.wall_clock);
+        let endpoint = Endpoint::new(protocol, now);
         let mut rcfg = config.replica;
         rcfg.node = endpoint.node_id().0;
         rcfg.limits.max_write_bytes = rcfg
@@ -209,6 +188,8 @@ impl NodeCore {
             closed: false,
             sync_dropped: 0,
             too_large: 0,
+            heartbeats_seen: 0,
+            clocks_dirty: false,
         }
     }
 
@@ -221,6 +202,7 @@ impl NodeCore {
     /// Timers of both layers (safe to call early).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.endpoint.handle_timeout(now);
+        self.refresh_clocks(now);
         let wall = self.wall.wall_ms(now);
         self.replica.handle_timeout(now, wall);
         self.process(now);
@@ -250,7 +232,9 @@ impl NodeCore {
     /// Sets `key` to `value`: stamped, applied locally, queued for the group.
     ///
     /// # Errors
-    /// [`CoreError::Closed`] after `close`; [`CoreError::Replica`] for limit and shape errors.
+    /// [`CoreError::Closed`] after `close`; [`CoreError::Replica`] for limit and shape errors,
+    /// and with [`Error::ClockAhead`] when this node's clock (or the history it loaded) is
+    /// further ahead of every live peer's clock than they accept: they would drop the write.
     pub fn put(
         &mut self,
         now: Instant,
@@ -282,6 +266,7 @@ impl NodeCore {
         if self.closed {
             return Err(CoreError::Closed);
         }
+        self.refresh_clocks(now);
         let version = self.replica.batch(self.wall.wall_ms(now), ops)?;
         self.process(now);
         Ok(version)
@@ -380,6 +365,29 @@ impl NodeCore {
             sync_dropped: self.sync_dropped,
             too_large: self.too_large,
             durable: self.replica.durable_stats(),
+            clock_ahead_ms: self.replica.clock_ahead_ms(self.replica.last_wall_ms()),
+            clock_refusing: self
+                .replica
+                .check_clock(self.replica.last_wall_ms())
+                .is_err(),
+        }
+    }
+
+    /// Hands the peers' clock offsets (measured by the endpoint from their heartbeats) to the
+    /// replica when a heartbeat arrived or membership changed since the last time. Done
+    /// before every write and timer rather than per datagram, so a flood of heartbeats costs
+    /// one pass over the members per write or timer, not one per datagram.
+    fn refresh_clocks(&mut self, now: Instant) {
+        let heard = self.endpoint.stats().heartbeats_received;
+        if heard == self.heartbeats_seen && !self.clocks_dirty {
+            return;
+        }
+        self.heartbeats_seen = heard;
+        self.clocks_dirty = false;
+        let wall = self.wall.wall_ms(now);
+        for m in self.endpoint.members() {
+            self.replica
+                .handle_peer_clock(now, wall, m.node.0, m.clock_offset_ms);
         }
     }
 
@@ -435,6 +443,7 @@ impl NodeCore {
             Event::Writable => {}
             Event::MemberJoined { node, .. } | Event::MemberRestarted { node, .. } => {
                 self.replica.handle_peer_up(now, node.0);
+                self.clocks_dirty = true;
                 self.events.push_back(NodeEvent::Member(event));
             }
             Event::MemberLeft { node, .. } => {

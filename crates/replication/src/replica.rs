@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::{Limits, ReplicaConfig};
 use crate::durable::{Durability, DurableError, Loaded};
-use crate::error::{Compacted, Error};
+use crate::error::{ClockCause, Compacted, Error};
 use crate::hash::{bucket_of, entry_hash, rendezvous};
 use crate::hlc::{Hlc, HlcClock, Version};
 use crate::store::{Entry, Store};
@@ -136,6 +136,9 @@ pub struct ReplicaStats {
     pub recoveries: u64,
     /// Loss reports received from the protocol.
     pub losses: u64,
+    /// Local writes refused because this node's clock or history was too far ahead of its
+    /// peers' clocks ([`Error::ClockAhead`]).
+    pub clock_refused: u64,
 }
 
 impl ReplicaStats {
@@ -167,6 +170,7 @@ impl ReplicaStats {
             entries_forgotten,
             recoveries,
             losses,
+            clock_refused,
         } = self;
         vec![
             ("local_writes", *local_writes),
@@ -191,6 +195,7 @@ impl ReplicaStats {
             ("entries_forgotten", *entries_forgotten),
             ("recoveries", *recoveries),
             ("losses", *losses),
+            ("clock_refused", *clock_refused),
         ]
     }
 }
@@ -219,6 +224,8 @@ struct Peer {
     /// The latest digest matched ours when it arrived (with one mismatch of hysteresis).
     matched: bool,
     mismatch_streak: u32,
+    /// Its wall clock minus ours (ms), as the protocol measured it from its heartbeats.
+    clock_offset_ms: Option<i64>,
 }
 
 /// An entry to merge: key, value (`None` = tombstone), version.
@@ -258,6 +265,9 @@ pub struct Replica {
     triggered_digest: Option<Instant>,
     /// (requester, bucket) → when this node last answered it.
     answered: HashMap<(u64, u32), Instant>,
+    /// The next digest wants a reply although this node is in sync: a peer's digest differed
+    /// once, and the hysteresis waits for its next one.
+    confirm_wanted: bool,
     /// Since when this node has had no live peer (None while it has one or never had one).
     isolated_since: Option<Instant>,
     /// Created empty and not yet in sync: holds nothing that peers could have deleted.
@@ -300,6 +310,7 @@ impl Replica {
             next_digest: now + first,
             triggered_digest: None,
             answered: HashMap::new(),
+            confirm_wanted: false,
             isolated_since: None,
             fresh: true,
             recovering: false,
@@ -323,6 +334,13 @@ impl Replica {
     /// when `loaded` is empty or was damaged (records lost: its absences prove nothing), and
     /// it enters recovery at the first peer if `loaded.last_wall_ms` is more than
     /// `tombstone_grace` before `wall_ms` (it may hold keys deleted and collected meanwhile).
+    ///
+    /// A loaded version more than `max_drift_ms − clock_margin_ms` ahead of `wall_ms` (written
+    /// while the clock was wrong) is kept, and so is the clock position it implies, but local
+    /// writes are then refused with [`Error::ClockAhead`] (cause
+    /// [`ClockCause::History`]) until the clock catches up: a write stamped from it would be
+    /// dropped by every peer. Peers take such entries by anti-entropy once their own clocks
+    /// reach them.
     #[must_use]
     pub fn restore(
         cfg: ReplicaConfig,
@@ -354,7 +372,8 @@ impl Replica {
                 r.tombstones.insert((version, key.clone()));
             }
             if version.hlc > r.clock.last() {
-                // Our own past: no drift check (the wall clock may have stepped back).
+                // Adopted even from the future, so that a new write never loses to an older
+                // one held here; `check_clock` then refuses writes until the clock catches up.
                 let _ = r.clock.observe(version.hlc, version.hlc.physical_ms());
             }
             let revision = r.next_revision;
@@ -375,6 +394,15 @@ impl Replica {
         r.fresh = !had_data || damaged;
         r.absent_too_long = had_data && loaded.last_wall_ms > 0 && absent_ms > grace;
         r.durability = Some(durability);
+        if let Err(error) = r.check_clock(wall_ms) {
+            tracing::warn!(
+                %error,
+                newest = %r.clock.last(),
+                wall_ms,
+                "the data directory holds versions from the future; its entries are kept and \
+                 offered to peers, local writes are refused until the clock catches up"
+            );
+        }
         r
     }
 
@@ -448,10 +476,82 @@ impl Replica {
         self.buckets.iter().map(|b| b.sum).collect()
     }
 
+    /// The latest wall-clock time (unix ms) this replica was given.
+    #[must_use]
+    pub fn last_wall_ms(&self) -> u64 {
+        self.last_wall_ms
+    }
+
     /// The latest HLC timestamp issued or observed.
     #[must_use]
     pub fn clock(&self) -> Hlc {
         self.clock.last()
+    }
+
+    /// How far, in milliseconds, a version stamped at `wall_ms` would be ahead of the clock
+    /// that judges it: the most advanced live peer's clock (by the offsets given to
+    /// [`handle_peer_clock`](Replica::handle_peer_clock)), or this node's own `wall_ms` when
+    /// no live peer reported one. Negative when behind.
+    ///
+    /// Only the most advanced peer counts: a node is refused writes only when it is ahead of
+    /// *every* live peer, so one peer with a wrong (or forged) slow clock cannot stop the
+    /// others' writes; that peer drops their writes until its clock reaches them and takes
+    /// them through anti-entropy then.
+    #[must_use]
+    pub fn clock_ahead_ms(&self, wall_ms: u64) -> i64 {
+        let next = self.clock.last().physical_ms().max(wall_ms);
+        let peer = self
+            .peers
+            .values()
+            .filter(|p| p.live)
+            .filter_map(|p| p.clock_offset_ms)
+            .max();
+        let reference = i128::from(wall_ms) + i128::from(peer.unwrap_or(0));
+        let ahead = i128::from(next) - reference;
+        i64::try_from(ahead).unwrap_or(if ahead < 0 { i64::MIN } else { i64::MAX })
+    }
+
+    /// Whether a local write at `wall_ms` would be accepted by the peers' drift check.
+    ///
+    /// # Errors
+    /// [`Error::ClockAhead`] when [`clock_ahead_ms`](Replica::clock_ahead_ms) exceeds
+    /// `max_drift_ms − clock_margin_ms`.
+    pub fn check_clock(&self, wall_ms: u64) -> Result<(), Error> {
+        let bound_ms = self
+            .cfg
+            .max_drift_ms
+            .saturating_sub(self.cfg.clock_margin_ms);
+        let ahead = self.clock_ahead_ms(wall_ms);
+        match u64::try_from(ahead) {
+            Ok(offset_ms) if offset_ms > bound_ms => Err(Error::ClockAhead {
+                offset_ms,
+                bound_ms,
+                cause: if self.clock.last().physical_ms() > wall_ms {
+                    ClockCause::History
+                } else {
+                    ClockCause::WallClock
+                },
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The clock offset of live peer `node` (its wall clock minus ours, in milliseconds, as
+    /// `chorus_protocol::Member::clock_offset_ms` reports it; `None` when unknown). Unknown
+    /// or departed nodes are ignored.
+    pub fn handle_peer_clock(
+        &mut self,
+        now: Instant,
+        wall_ms: u64,
+        node: u64,
+        offset_ms: Option<i64>,
+    ) {
+        self.last_wall_ms = self.last_wall_ms.max(wall_ms);
+        match self.peers.get_mut(&node) {
+            Some(p) if p.live && p.clock_offset_ms != offset_ms => p.clock_offset_ms = offset_ms,
+            _ => return,
+        }
+        self.evaluate_sync(now);
     }
 
     /// The value under `key` (reads the store).
@@ -502,10 +602,17 @@ impl Replica {
     /// already holds a newer version (possible on remote nodes) is skipped.
     ///
     /// # Errors
-    /// A limit or shape error; nothing is applied or sent and the clock does not move.
+    /// A limit or shape error, or [`Error::ClockAhead`] when the write's version would be
+    /// further ahead of the peers' clocks than they accept (see
+    /// [`check_clock`](Replica::check_clock)); nothing is applied or sent and the clock does
+    /// not move.
     pub fn batch(&mut self, wall_ms: u64, ops: Vec<Op>) -> Result<Version, Error> {
         validate_ops(&self.cfg.limits, &ops)?;
         self.last_wall_ms = self.last_wall_ms.max(wall_ms);
+        if let Err(e) = self.check_clock(wall_ms) {
+            self.stats.clock_refused += 1;
+            return Err(e);
+        }
         let wire_ops: Vec<wire::Op> = ops
             .iter()
             .map(|op| match op {
@@ -697,16 +804,16 @@ impl Replica {
             }
         };
         match envelope.body {
-            Some(wire::envelope::Body::Write(w)) => self.on_write(wall_ms, from, w),
+            Some(wire::envelope::Body::Write(w)) => self.on_write(now, wall_ms, from, w),
             Some(wire::envelope::Body::Digest(d)) => self.on_digest(now, from, d),
             Some(wire::envelope::Body::Summary(s)) => self.on_summary(from, s),
             Some(wire::envelope::Body::Request(r)) => self.on_request(r),
-            Some(wire::envelope::Body::Entries(e)) => self.on_entries(now, wall_ms, e),
+            Some(wire::envelope::Body::Entries(e)) => self.on_entries(now, wall_ms, from, e),
             None => self.stats.malformed += 1,
         }
     }
 
-    fn on_write(&mut self, wall_ms: u64, from: u64, w: wire::Write) {
+    fn on_write(&mut self, now: Instant, wall_ms: u64, from: u64, w: wire::Write) {
         let limits = self.cfg.limits;
         if w.ops.is_empty() || w.ops.len() > limits.max_batch_ops {
             self.stats.limit_violations += 1;
@@ -732,6 +839,7 @@ impl Replica {
         if let Err(error) = self.clock.observe(hlc, wall_ms) {
             tracing::debug!(%error, "write from the future dropped");
             self.stats.drift_rejected += 1;
+            self.dropped_from(now, from);
             return;
         }
         let version = Version { hlc, node: from };
@@ -762,6 +870,7 @@ impl Replica {
         }
         let ours = self.digest();
         let equal = ours == d.buckets;
+        let mut confirm = false;
         {
             let peer = self.peers.entry(from).or_default();
             if equal {
@@ -771,8 +880,17 @@ impl Replica {
                 peer.mismatch_streak = peer.mismatch_streak.saturating_add(1);
                 if peer.mismatch_streak >= 2 {
                     peer.matched = false;
+                } else if peer.matched {
+                    // The hysteresis holds for one digest (the difference may be writes in
+                    // flight); ask for the peer's next digest now, so that a lasting
+                    // difference ends "in sync" within a round trip, not a sync interval.
+                    self.confirm_wanted = true;
+                    confirm = true;
                 }
             }
+        }
+        if confirm {
+            self.trigger_digest(now);
         }
         if !equal {
             for (b, (mine, theirs)) in ours.iter().zip(&d.buckets).enumerate() {
@@ -893,9 +1011,10 @@ impl Replica {
         self.send_entries(items);
     }
 
-    fn on_entries(&mut self, now: Instant, wall_ms: u64, e: wire::Entries) {
+    fn on_entries(&mut self, now: Instant, wall_ms: u64, from: u64, e: wire::Entries) {
         let limits = self.cfg.limits;
         let mut items = Vec::with_capacity(e.entries.len());
+        let mut rejected = false;
         self.stats.entries_received += e.entries.len() as u64;
         for entry in e.entries {
             if check_key(&limits, &entry.key).is_err()
@@ -910,6 +1029,7 @@ impl Replica {
             let hlc = Hlc(entry.hlc);
             if self.clock.observe(hlc, wall_ms).is_err() {
                 self.stats.drift_rejected += 1;
+                rejected = true;
                 continue;
             }
             items.push((
@@ -922,10 +1042,24 @@ impl Replica {
             ));
         }
         let applied = self.apply(items, wall_ms, false);
+        if rejected {
+            self.dropped_from(now, from);
+        }
         if applied > 0 && !self.in_sync {
             // Let the answers settle, then show the peers where this node stands.
             self.trigger_digest(now);
         }
+    }
+
+    /// This node dropped an entry `from` holds (too far in the future): their stores differ
+    /// for as long as that lasts, so this node is not in sync with `from`, and says so in a
+    /// digest soon (which wants a reply: `from` then sees the difference too).
+    fn dropped_from(&mut self, now: Instant, from: u64) {
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.matched = false;
+        }
+        self.evaluate_sync(now);
+        self.trigger_digest(now);
     }
 
     /// Merges entries: each wins only over an older version. Applied as one change set, so
@@ -1186,7 +1320,7 @@ impl Replica {
         let d = wire::Digest {
             round: self.round,
             buckets: self.digest(),
-            reply_wanted: !self.in_sync,
+            reply_wanted: !self.in_sync || std::mem::take(&mut self.confirm_wanted),
             fresh: self.fresh,
         };
         self.push_sync(envelope(wire::envelope::Body::Digest(d)));
@@ -1295,14 +1429,16 @@ impl Replica {
 
     /// In sync: every live peer's latest digest matched ours when it arrived (one mismatch
     /// of hysteresis once matched); with no live peer, once `solo_in_sync_after` has passed
-    /// since creation.
+    /// since creation; and in both cases local writes are not refused by the clock check.
     fn evaluate_sync(&mut self, now: Instant) {
         let live: Vec<&Peer> = self.peers.values().filter(|p| p.live).collect();
-        let target = if live.is_empty() {
+        let agreed = if live.is_empty() {
             now.saturating_duration_since(self.created) >= self.cfg.solo_in_sync_after
         } else {
             live.iter().all(|p| p.matched)
         };
+        // A node whose writes its peers would drop is not in sync, whatever the digests say.
+        let target = agreed && self.check_clock(self.last_wall_ms).is_ok();
         if target != self.in_sync {
             self.in_sync = target;
             if target {

@@ -86,6 +86,16 @@ impl Machine for SimNode {
 /// Builds a simulator whose nodes run `NodeCore` with the lossy protocol preset.
 /// `tune` adjusts each node's configuration.
 pub fn sim(config: SimConfig, tune: impl Fn(&mut NodeConfig) + 'static) -> Sim<SimNode> {
+    sim_with(config, tune, |spawn, nc| NodeCore::new(nc, spawn.now))
+}
+
+/// Like [`sim`], with each node's `NodeCore` built by `make` from its tuned configuration
+/// (e.g. restored from a store "found on disk").
+pub fn sim_with(
+    config: SimConfig,
+    tune: impl Fn(&mut NodeConfig) + 'static,
+    make: impl Fn(&Spawn, NodeConfig) -> NodeCore + 'static,
+) -> Sim<SimNode> {
     let epoch: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
     Sim::new(config, move |spawn: &Spawn| {
         // Every node shares the wall-clock mapping of the first spawn (the sim epoch).
@@ -103,7 +113,7 @@ pub fn sim(config: SimConfig, tune: impl Fn(&mut NodeConfig) + 'static) -> Sim<S
         nc.replica.solo_in_sync_after = Duration::from_secs(2);
         tune(&mut nc);
         SimNode {
-            core: NodeCore::new(nc, spawn.now),
+            core: make(spawn, nc),
             last_version: HashMap::new(),
             order_violations: Vec::new(),
             changes: 0,
