@@ -75,3 +75,33 @@ impl From<chorus_replication::CoreError> for Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chorus_replication::{ClockCause, CoreError};
+
+    #[test]
+    fn a_clock_refusal_becomes_its_own_variant_with_the_offset_and_the_bound() {
+        let e = Error::from(CoreError::Replica(chorus_replication::Error::ClockAhead {
+            offset_ms: 300_000,
+            bound_ms: 59_000,
+            cause: ClockCause::WallClock,
+        }));
+        assert!(matches!(
+            e,
+            Error::ClockAhead {
+                offset_ms: 300_000,
+                bound_ms: 59_000,
+                cause: ClockCause::WallClock
+            }
+        ));
+        let text = e.to_string();
+        assert!(text.contains("300000 ms ahead") && text.contains("59000 ms"), "{text}");
+        assert!(matches!(
+            Error::from(CoreError::Replica(chorus_replication::Error::EmptyKey)),
+            Error::Replication(_)
+        ));
+        assert!(matches!(Error::from(CoreError::Closed), Error::Closed));
+    }
+}
