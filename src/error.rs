@@ -97,7 +97,10 @@ mod tests {
             }
         ));
         let text = e.to_string();
-        assert!(text.contains("300000 ms ahead") && text.contains("59000 ms"), "{text}");
+        assert!(
+            text.contains("300000 ms ahead") && text.contains("59000 ms"),
+            "{text}"
+        );
         assert!(matches!(
             Error::from(CoreError::Replica(chorus_replication::Error::EmptyKey)),
             Error::Replication(_)

@@ -268,7 +268,9 @@ pub struct Replica {
     /// The next digest wants a reply although this node is in sync: a peer's digest differed
     /// once, and the hysteresis waits for its next one.
     confirm_wanted: bool,
-    /// Since when this node has had no live peer (None while it has one or never had one).
+    /// Since when this node has had no live peer (None while it has one). A node starts
+    /// isolated: one that runs alone for longer than the grace period before it meets a peer
+    /// recovers like one cut off for that long.
     isolated_since: Option<Instant>,
     /// Created empty and not yet in sync: holds nothing that peers could have deleted.
     fresh: bool,
@@ -311,7 +313,7 @@ impl Replica {
             triggered_digest: None,
             answered: HashMap::new(),
             confirm_wanted: false,
-            isolated_since: None,
+            isolated_since: Some(now),
             fresh: true,
             recovering: false,
             last_wall_ms: 0,
@@ -1432,6 +1434,7 @@ impl Replica {
     /// since creation; and in both cases local writes are not refused by the clock check.
     fn evaluate_sync(&mut self, now: Instant) {
         let live: Vec<&Peer> = self.peers.values().filter(|p| p.live).collect();
+        let with_peers = !live.is_empty();
         let agreed = if live.is_empty() {
             now.saturating_duration_since(self.created) >= self.cfg.solo_in_sync_after
         } else {
@@ -1441,7 +1444,9 @@ impl Replica {
         let target = agreed && self.check_clock(self.last_wall_ms).is_ok();
         if target != self.in_sync {
             self.in_sync = target;
-            if target {
+            if target && with_peers {
+                // Only agreement with a peer ends these: a node alone (say its first peer
+                // after a long isolation left mid-sync) has learnt nothing from anyone.
                 self.fresh = false;
                 self.recovering = false;
             }

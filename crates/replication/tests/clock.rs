@@ -6,48 +6,19 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus_replication::{
-    ClockCause, CoreError, Durability, DurableError, DurableStats, Entry, Error, Hlc, Loaded,
-    NodeCore, Replica, ReplicaConfig, Version, wire,
+    ClockCause, CoreError, Error, Hlc, Loaded, NodeCore, Replica, ReplicaConfig, Version,
 };
 use chorus_sim::{LinkConfig, SimConfig};
-use common::{SimNode, sim, sim_with};
+use common::{Forgetful, SimNode, sim, sim_with};
 
 /// Five minutes, the skew of the report.
 const AHEAD_MS: u64 = 300_000;
 /// The simulator's wall clock at its epoch (`WallClock::simulated`).
 const SIM_EPOCH_MS: u64 = 1_700_000_000_000;
-
-/// A backend that keeps nothing (the tests only need `restore`'s input side).
-#[derive(Debug, Default)]
-struct Forgetful;
-
-impl Durability for Forgetful {
-    fn append(&mut self, _record: &wire::LogRecord, _local: bool) {}
-    fn flush(&mut self, _now: Instant, _force: bool) -> Result<(), DurableError> {
-        Ok(())
-    }
-    fn poll_timeout(&self) -> Option<Instant> {
-        None
-    }
-    fn wants_compaction(&self) -> bool {
-        false
-    }
-    fn compact(
-        &mut self,
-        _entries: &BTreeMap<String, Entry>,
-        _wall_ms: u64,
-    ) -> Result<(), DurableError> {
-        Ok(())
-    }
-    fn stats(&self) -> DurableStats {
-        DurableStats::default()
-    }
-}
 
 fn value(core: &NodeCore, key: &str) -> Option<Bytes> {
     core.store().get(key)

@@ -7,10 +7,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus_replication::{
-    Error, Hlc, Op, OutgoingKind, Replica, ReplicaConfig, ReplicaEvent, Version, wire,
+    Error, Hlc, Loaded, Op, OutgoingKind, Replica, ReplicaConfig, ReplicaEvent, Version, wire,
 };
 use proptest::prelude::*;
 use prost::Message as _;
+
+mod common;
+use common::Forgetful;
 
 const WALL0: u64 = 1_700_000_000_000;
 
@@ -637,6 +640,89 @@ fn long_isolated_node_forgets_old_entries_instead_of_resurrecting_them() {
     assert_eq!(c.nodes[1].get("survivor"), Some(b("v")));
     assert_eq!(c.nodes[1].stats().entries_forgotten, 1);
     assert_eq!(c.nodes[1].stats().recoveries, 1);
+}
+
+/// The entries of `r` as a data directory would hand them to `Replica::restore`.
+fn as_loaded(r: &Replica, last_wall_ms: u64) -> Loaded {
+    Loaded {
+        entries: r
+            .store()
+            .entries()
+            .into_iter()
+            .map(|(k, e)| (k, e.value, e.version))
+            .collect(),
+        last_wall_ms,
+        ..Loaded::default()
+    }
+}
+
+#[test]
+fn node_restarted_alone_for_longer_than_grace_recovers_when_it_meets_a_peer() {
+    let grace = |n| {
+        let mut c = cfg(n);
+        c.tombstone_grace = Duration::from_secs(10);
+        c
+    };
+    let mut c = Cluster::new(2, grace);
+    c.connect_all();
+    c.nodes[0].put(c.wall, "doomed", "v").unwrap();
+    c.nodes[0].put(c.wall, "survivor", "v").unwrap();
+    c.run(Duration::from_secs(1));
+    // Node 2 restarts at once from its data directory (so it was not absent for long), but
+    // hears no peer; meanwhile node 1 deletes "doomed" and collects the tombstone.
+    c.cut = vec![(0, 1), (1, 0)];
+    let (now, wall) = (c.now, c.wall);
+    c.nodes[0].handle_peer_down(now, 2);
+    let loaded = as_loaded(&c.nodes[1], wall);
+    c.nodes[1] = Replica::restore(grace(2), now, wall, Box::new(Forgetful), loaded);
+    c.nodes[0].delete(c.wall, "doomed").unwrap();
+    c.run(Duration::from_secs(15));
+    assert_eq!(c.nodes[0].store().entry_count(), 1);
+    assert_eq!(c.nodes[1].get("doomed"), Some(b("v")));
+    // They meet after node 2 ran alone for longer than the grace period.
+    c.cut.clear();
+    c.connect_all();
+    c.run(Duration::from_secs(3));
+    assert!(c.converged());
+    assert_eq!(c.nodes[0].get("doomed"), None, "deleted key resurrected");
+    assert_eq!(c.nodes[1].get("survivor"), Some(b("v")));
+    assert_eq!(c.nodes[1].stats().recoveries, 1);
+}
+
+#[test]
+fn recovery_survives_the_first_peer_leaving_mid_sync() {
+    let grace = |n| {
+        let mut c = cfg(n);
+        c.tombstone_grace = Duration::from_secs(10);
+        c
+    };
+    let mut c = Cluster::new(2, grace);
+    c.connect_all();
+    c.nodes[0].put(c.wall, "doomed", "v").unwrap();
+    c.nodes[0].put(c.wall, "survivor", "v").unwrap();
+    c.run(Duration::from_secs(1));
+    c.cut = vec![(0, 1), (1, 0)];
+    let now = c.now;
+    c.nodes[0].handle_peer_down(now, 2);
+    c.nodes[1].handle_peer_down(now, 1);
+    c.nodes[0].delete(c.wall, "doomed").unwrap();
+    c.run(Duration::from_secs(15));
+    // Node 2 hears node 1 again after the grace period, and loses it before any sync message
+    // got through; alone, it reports in sync (the solo rule).
+    let now = c.now;
+    c.nodes[1].handle_peer_up(now, 1);
+    assert_eq!(c.nodes[1].stats().recoveries, 1);
+    c.nodes[1].handle_peer_down(now, 1);
+    c.run(Duration::from_secs(1));
+    assert!(c.nodes[1].is_in_sync());
+    // When they meet again, node 2 still recovers: it forgets, not resurrects.
+    c.cut.clear();
+    c.connect_all();
+    c.run(Duration::from_secs(3));
+    assert!(c.converged());
+    assert_eq!(c.nodes[0].get("doomed"), None, "deleted key resurrected");
+    assert_eq!(c.nodes[1].get("survivor"), Some(b("v")));
+    assert_eq!(c.nodes[1].stats().entries_forgotten, 1);
 }
 
 #[test]

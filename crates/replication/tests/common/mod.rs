@@ -10,8 +10,39 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus_replication::chorus_protocol::{ClusterId, Config, Incarnation, NodeId, Transmit};
-use chorus_replication::{Change, NodeConfig, NodeCore, NodeEvent, Version, WallClock};
+use chorus_replication::{
+    Change, Durability, DurableError, DurableStats, Entry, NodeConfig, NodeCore, NodeEvent,
+    Version, WallClock, wire,
+};
 use chorus_sim::{Machine, Sim, SimConfig, Spawn};
+
+/// A durable backend that keeps nothing: for tests of what `Replica::restore` and
+/// `NodeCore::with_durability` do with a store "found on disk".
+#[derive(Debug, Default)]
+pub struct Forgetful;
+
+impl Durability for Forgetful {
+    fn append(&mut self, _record: &wire::LogRecord, _local: bool) {}
+    fn flush(&mut self, _now: Instant, _force: bool) -> Result<(), DurableError> {
+        Ok(())
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        None
+    }
+    fn wants_compaction(&self) -> bool {
+        false
+    }
+    fn compact(
+        &mut self,
+        _entries: &BTreeMap<String, Entry>,
+        _wall_ms: u64,
+    ) -> Result<(), DurableError> {
+        Ok(())
+    }
+    fn stats(&self) -> DurableStats {
+        DurableStats::default()
+    }
+}
 
 /// One simulated node: the real `NodeCore`, plus what the test observed of its events.
 pub struct SimNode {
