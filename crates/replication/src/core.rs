@@ -11,7 +11,9 @@ use crate::config::ReplicaConfig;
 use crate::durable::{Durability, DurableError, DurableStats, Loaded};
 use crate::error::{Compacted, Error};
 use crate::hlc::Version;
-use crate::replica::{Change, Op, OutgoingKind, Replica, ReplicaEvent, ReplicaStats};
+use crate::replica::{
+    Change, Op, OutgoingKind, Replica, ReplicaEvent, ReplicaStats, pop_front_shrinking,
+};
 use crate::store::Store;
 
 /// Configuration of a [`NodeCore`].
@@ -217,7 +219,7 @@ impl NodeCore {
     /// Next event.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<NodeEvent> {
-        self.events.pop_front()
+        pop_front_shrinking(&mut self.events)
     }
 
     /// When [`handle_timeout`](NodeCore::handle_timeout) should next be called.
@@ -394,25 +396,7 @@ impl NodeCore {
     /// Moves messages and events between the layers until nothing moves.
     fn process(&mut self, now: Instant) {
         loop {
-            let mut moved = false;
-            while let Some(out) = self.replica.poll_outgoing() {
-                moved = true;
-                match out.kind {
-                    OutgoingKind::Write => {
-                        self.write_bytes += out.payload.len();
-                        self.writes.push_back(out.payload);
-                    }
-                    OutgoingKind::Sync
-                        if self.sync_bytes + out.payload.len() > self.max_sync_backlog =>
-                    {
-                        self.sync_dropped += 1;
-                    }
-                    OutgoingKind::Sync => {
-                        self.sync_bytes += out.payload.len();
-                        self.sync.push_back(out.payload);
-                    }
-                }
-            }
+            let mut moved = self.take_outgoing();
             self.flush(now);
             while let Some(event) = self.endpoint.poll_event() {
                 moved = true;
@@ -431,13 +415,42 @@ impl NodeCore {
         }
     }
 
+    /// Moves the replica's messages into the write and sync queues (dropping sync messages
+    /// beyond the backlog bound, counted); returns whether there were any.
+    fn take_outgoing(&mut self) -> bool {
+        let mut moved = false;
+        while let Some(out) = self.replica.poll_outgoing() {
+            moved = true;
+            match out.kind {
+                OutgoingKind::Write => {
+                    self.write_bytes += out.payload.len();
+                    self.writes.push_back(out.payload);
+                }
+                OutgoingKind::Sync
+                    if self.sync_bytes + out.payload.len() > self.max_sync_backlog =>
+                {
+                    self.sync_dropped += 1;
+                }
+                OutgoingKind::Sync => {
+                    self.sync_bytes += out.payload.len();
+                    self.sync.push_back(out.payload);
+                }
+            }
+        }
+        moved
+    }
+
     fn route(&mut self, now: Instant, event: Event) {
         let wall = self.wall.wall_ms(now);
         match event {
             Event::Delivered {
                 sender, payload, ..
             } => {
+                // The replica builds no answer the sync backlog could not take.
+                self.replica
+                    .set_sync_room(self.max_sync_backlog.saturating_sub(self.sync_bytes));
                 self.replica.handle_message(now, wall, sender.0, &payload);
+                self.take_outgoing();
             }
             Event::Lost { sender, .. } => self.replica.handle_lost(now, sender.0),
             Event::Writable => {}
@@ -472,7 +485,7 @@ impl NodeCore {
                     self.too_large += 1;
                 }
             }
-            if let Some(sent) = self.writes.pop_front() {
+            if let Some(sent) = pop_front_shrinking(&mut self.writes) {
                 self.write_bytes -= sent.len();
             }
         }
@@ -490,7 +503,7 @@ impl NodeCore {
                 }
             }
             self.sync_bytes -= payload.len();
-            self.sync.pop_front();
+            pop_front_shrinking(&mut self.sync);
         }
     }
 }
