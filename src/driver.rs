@@ -9,8 +9,8 @@ use chorus_protocol::{
     ClusterId, Config as ProtocolConfig, Event, Incarnation, MemberState, NodeId,
 };
 use chorus_replication::{
-    Change, CoreError, DiskLog, DiskOptions, NodeConfig, NodeCore, NodeEvent, NodeStats, Store,
-    Version, WallClock,
+    Change, DiskLog, DiskOptions, NodeConfig, NodeCore, NodeEvent, NodeStats, Store, Version,
+    WallClock,
 };
 use chorus_transport::{
     DatagramTransport, Destination, Interface, LinkRate, Mode, Outgoing, Received, TransportConfig,
@@ -580,10 +580,7 @@ impl<T: DatagramTransport> Driver<T> {
 
     fn command(&mut self, cmd: Command) {
         let now = std::time::Instant::now();
-        let closed = |e: CoreError| match e {
-            CoreError::Replica(e) => Error::Replication(e),
-            CoreError::Closed => Error::Closed,
-        };
+        let closed = Error::from;
         match cmd {
             Command::Put { key, value, reply } => {
                 let result = self.core.put(now, key, value).map_err(closed);
@@ -693,6 +690,7 @@ impl<T: DatagramTransport> Driver<T> {
                 .local_addr()
                 .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
             state: "self".to_owned(),
+            clock_offset_ms: Some(0),
         }];
         members.extend(self.core.members().into_iter().map(|m| {
             MemberInfo {
@@ -704,6 +702,7 @@ impl<T: DatagramTransport> Driver<T> {
                     MemberState::Suspected => "suspected",
                 }
                 .to_owned(),
+                clock_offset_ms: m.clock_offset_ms,
             }
         }));
         members.sort_by_key(|m| m.node_id);
@@ -762,6 +761,14 @@ fn counters(stats: &NodeStats) -> BTreeMap<String, u64> {
     out.insert("core_sync_backlog".into(), stats.sync_backlog as u64);
     out.insert("core_sync_dropped".into(), stats.sync_dropped);
     out.insert("core_too_large".into(), stats.too_large);
+    out.insert(
+        "core_clock_ahead_ms".into(),
+        u64::try_from(stats.clock_ahead_ms).unwrap_or(0),
+    );
+    out.insert(
+        "core_clock_refusing".into(),
+        u64::from(stats.clock_refusing),
+    );
     if let Some(durable) = &stats.durable {
         for (name, value) in durable.counters() {
             out.insert(format!("durable_{name}"), value);

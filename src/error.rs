@@ -37,4 +37,74 @@ pub enum Error {
     /// The builder was given an invalid combination of settings.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The write was refused because its version would lie further ahead of the peers'
+    /// clocks than they accept (they would drop it): this node's clock is ahead of every
+    /// live peer's, or the history it loaded from disk is ahead of the clock. Nothing
+    /// changed. A state of the node rather than of the request (an HTTP server answers
+    /// 503): it lasts until the clock is fixed and the node restarted
+    /// ([`ClockCause::WallClock`](crate::ClockCause::WallClock)) or until the clock catches
+    /// up ([`ClockCause::History`](crate::ClockCause::History)). See `docs/replication.md`,
+    /// Clock safety.
+    #[error("{}", chorus_replication::Error::ClockAhead { offset_ms: *offset_ms, bound_ms: *bound_ms, cause: *cause })]
+    ClockAhead {
+        /// How far (ms) the write's version would be ahead of the most advanced live peer's
+        /// clock, or of this node's own clock when no peer reported one.
+        offset_ms: u64,
+        /// The most that is accepted: the drift bound less the safety margin.
+        bound_ms: u64,
+        /// What is ahead: the wall clock, or the local history.
+        cause: chorus_replication::ClockCause,
+    },
+}
+
+impl From<chorus_replication::CoreError> for Error {
+    fn from(e: chorus_replication::CoreError) -> Error {
+        use chorus_replication::{CoreError, Error as R};
+        match e {
+            CoreError::Replica(R::ClockAhead {
+                offset_ms,
+                bound_ms,
+                cause,
+            }) => Error::ClockAhead {
+                offset_ms,
+                bound_ms,
+                cause,
+            },
+            CoreError::Replica(e) => Error::Replication(e),
+            CoreError::Closed => Error::Closed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chorus_replication::{ClockCause, CoreError};
+
+    #[test]
+    fn a_clock_refusal_becomes_its_own_variant_with_the_offset_and_the_bound() {
+        let e = Error::from(CoreError::Replica(chorus_replication::Error::ClockAhead {
+            offset_ms: 300_000,
+            bound_ms: 59_000,
+            cause: ClockCause::WallClock,
+        }));
+        assert!(matches!(
+            e,
+            Error::ClockAhead {
+                offset_ms: 300_000,
+                bound_ms: 59_000,
+                cause: ClockCause::WallClock
+            }
+        ));
+        let text = e.to_string();
+        assert!(
+            text.contains("300000 ms ahead") && text.contains("59000 ms"),
+            "{text}"
+        );
+        assert!(matches!(
+            Error::from(CoreError::Replica(chorus_replication::Error::EmptyKey)),
+            Error::Replication(_)
+        ));
+        assert!(matches!(Error::from(CoreError::Closed), Error::Closed));
+    }
 }

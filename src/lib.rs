@@ -39,7 +39,7 @@ mod node;
 mod watch;
 
 pub use chorus_protocol::{Key, KeyId, Keyring, KeyringError};
-pub use chorus_replication::{Change, DurableError, Fsync, Version};
+pub use chorus_replication::{Change, ClockCause, DurableError, Fsync, Version};
 pub use chorus_transport::{Interface, Mode};
 pub use error::Error;
 pub use node::{DEFAULT_GROUP, Entry, MemberInfo, Node, NodeBuilder, Op, Preset};

@@ -64,6 +64,11 @@ pub struct MemberInfo {
     pub addr: SocketAddr,
     /// `"self"`, `"alive"` or `"suspected"`.
     pub state: String,
+    /// Its wall clock minus this node's, in milliseconds, measured from its heartbeats
+    /// (`Some(0)` for this node itself; `None` until a heartbeat with wall time arrived, e.g.
+    /// from an older version). Writes are refused while this node is further ahead of every
+    /// peer than the drift bound allows ([`Error::ClockAhead`](crate::Error::ClockAhead)).
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// Builds and starts a [`Node`].
@@ -352,7 +357,9 @@ impl Node {
     /// # Errors
     ///
     /// [`Error::Replication`] when the key or value breaks a limit (nothing changed);
-    /// [`Error::Closed`] after shutdown; [`Error::Durability`] when the data directory could
+    /// [`Error::ClockAhead`] when this node's clock, or the history it loaded, is further
+    /// ahead of every live peer's clock than they accept (nothing changed; they would drop
+    /// the write); [`Error::Closed`] after shutdown; [`Error::Durability`] when the data directory could
     /// not be written: the write is applied and replicated but may not survive a crash of
     /// this node.
     ///

@@ -4,7 +4,7 @@ use std::num::{NonZeroU64, NonZeroUsize};
 use std::time::Duration;
 
 use crate::wire::{MAX_UDP_PAYLOAD, MIN_MTU};
-use crate::{ClusterId, Incarnation, Keyring, NodeId};
+use crate::{ClusterId, Incarnation, Keyring, NodeId, WallClock};
 
 /// Configuration of one [`Endpoint`](crate::Endpoint).
 ///
@@ -73,6 +73,10 @@ pub struct Config {
     /// and forge them. Sealing takes [`auth::SEAL_OVERHEAD`](crate::auth::SEAL_OVERHEAD)
     /// bytes of every datagram's `mtu`.
     pub keyring: Option<Keyring>,
+    /// How `now` maps to wall-clock time. With it, heartbeats carry this node's wall time and
+    /// [`Member::clock_offset_ms`](crate::Member::clock_offset_ms) shows every peer's clock
+    /// offset; without it (the presets' default) heartbeats carry none.
+    pub wall_clock: Option<WallClock>,
 }
 
 /// Contradictions found by [`Config::validate`].
@@ -125,6 +129,7 @@ impl Config {
             max_reassembly_bytes: 16 << 20,
             max_receive_buffer_bytes: 64 << 20,
             keyring: None,
+            wall_clock: None,
         }
     }
 

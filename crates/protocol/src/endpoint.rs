@@ -35,6 +35,8 @@ struct Peer {
     /// What this peer has delivered of our current stream (from its heartbeats, or our
     /// highest sent when we first heard of it: it starts from what it sees next).
     acked: u64,
+    /// Its wall clock minus ours, from its latest heartbeat that carried wall time.
+    clock_offset_ms: Option<i64>,
     stream: RecvStream,
 }
 
@@ -172,6 +174,7 @@ impl Endpoint {
                 addr: p.addr,
                 state: p.state,
                 delivered_up_to: p.stream.delivered_up_to(),
+                clock_offset_ms: p.clock_offset_ms,
             })
             .collect();
         members.sort_by_key(|m| m.node);
@@ -561,6 +564,7 @@ impl Endpoint {
             highest_sent: self.window.highest_sent(),
             low_retained: self.window.low(),
             delivered,
+            wall_ms: self.cfg.wall_clock.map_or(0, |w| w.wall_ms(self.now)),
         };
         self.stats.heartbeats_sent += 1;
         self.delivered_since_heartbeat = (0, 0);
@@ -888,6 +892,9 @@ impl Endpoint {
         self.stats.heartbeats_received += 1;
         let (me, mine) = (self.cfg.node.0, self.cfg.incarnation.0);
         if let Some(peer) = self.peers.get_mut(&node) {
+            if let Some(wall) = self.cfg.wall_clock.filter(|_| hb.wall_ms != 0) {
+                peer.clock_offset_ms = Some(clock_offset(hb.wall_ms, wall.wall_ms(self.now)));
+            }
             for progress in &hb.delivered {
                 if progress.node == me && progress.incarnation == mine {
                     peer.acked = peer.acked.max(progress.delivered_up_to);
@@ -1014,9 +1021,16 @@ impl Peer {
             state: MemberState::Alive,
             last_heard: now,
             acked,
+            clock_offset_ms: None,
             stream: RecvStream::new(node, incarnation),
         }
     }
+}
+
+/// `theirs − ours` in milliseconds, saturating at the ends of `i64`.
+fn clock_offset(theirs: u64, ours: u64) -> i64 {
+    let diff = i128::from(theirs) - i128::from(ours);
+    i64::try_from(diff).unwrap_or(if diff < 0 { i64::MIN } else { i64::MAX })
 }
 
 /// The datagram size the encoders may fill: the MTU less the sealing overhead when keyed.

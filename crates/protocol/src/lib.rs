@@ -43,6 +43,7 @@ mod rate;
 mod recv;
 mod send;
 mod stats;
+mod wall;
 pub mod wire;
 
 #[cfg(test)]
@@ -52,6 +53,7 @@ pub use auth::{Key, KeyId, Keyring, KeyringError};
 pub use config::{Config, ConfigError};
 pub use endpoint::Endpoint;
 pub use stats::Stats;
+pub use wall::WallClock;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -169,6 +171,11 @@ pub struct Member {
     /// Highest sequence number of its stream this endpoint has delivered in order (or
     /// reported lost); everything at or below it is settled.
     pub delivered_up_to: u64,
+    /// Its wall clock minus ours, in milliseconds, measured on its latest heartbeat (its
+    /// wall time when sent against ours when received, so one-way delay makes it slightly
+    /// low). `None` until a heartbeat carrying wall time arrived, or when this endpoint has
+    /// no [`Config::wall_clock`].
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// Something the application (or the replication layer) must know.

@@ -1226,6 +1226,7 @@ fn forgeries(k_wrong: &Keyring) -> Vec<Bytes> {
             highest_sent: 1000,
             low_retained: 1000,
             delivered: vec![],
+            wall_ms: 0,
         })),
     };
     let mut out = Vec::new();

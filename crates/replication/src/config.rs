@@ -43,6 +43,11 @@ pub struct ReplicaConfig {
     /// Remote versions whose physical time is more than this many milliseconds ahead of the
     /// local wall clock are dropped and counted.
     pub max_drift_ms: u64,
+    /// Local writes are refused ([`Error::ClockAhead`](crate::Error::ClockAhead)) when their
+    /// version would be more than `max_drift_ms − clock_margin_ms` ahead of the most advanced
+    /// live peer's clock (or of this node's own clock when no peer reported one): the margin
+    /// covers measurement error of the peers' clock offsets.
+    pub clock_margin_ms: u64,
     /// Number of digest buckets. Every node of a cluster must use the same number.
     pub buckets: NonZeroU32,
     /// Mean interval between periodic digests (each is jittered by ±25 %).
@@ -80,6 +85,7 @@ impl ReplicaConfig {
             rng_seed,
             limits: Limits::default(),
             max_drift_ms: 60_000,
+            clock_margin_ms: 1_000,
             buckets: NonZeroU32::new(256).unwrap_or(NonZeroU32::MIN),
             sync_interval: Duration::from_secs(5),
             trigger_delay: Duration::from_millis(50),

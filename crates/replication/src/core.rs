@@ -5,52 +5,16 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
-use chorus_protocol::{Endpoint, Event, Member, SendError, Transmit};
+use chorus_protocol::{Endpoint, Event, Member, SendError, Transmit, WallClock};
 
 use crate::config::ReplicaConfig;
 use crate::durable::{Durability, DurableError, DurableStats, Loaded};
 use crate::error::{Compacted, Error};
 use crate::hlc::Version;
-use crate::replica::{Change, Op, OutgoingKind, Replica, ReplicaEvent, ReplicaStats};
+use crate::replica::{
+    Change, Op, OutgoingKind, Replica, ReplicaEvent, ReplicaStats, pop_front_shrinking,
+};
 use crate::store::Store;
-
-/// Maps the monotonic `now` to unix milliseconds for the hybrid logical clock:
-/// `wall_ms = epoch_ms + (now − epoch)`.
-///
-/// The driver reads the real clock once at start (`epoch = Instant::now()`,
-/// `epoch_ms = SystemTime::now()` since the unix epoch); the simulator uses a fixed
-/// `epoch_ms`. Because the mapping is fixed at start, the node's HLC follows the monotonic
-/// clock: later NTP steps of the system clock are not seen, and the node's skew against
-/// other nodes is whatever it was at start plus monotonic-clock drift. Skew only decides
-/// which of two *concurrent* writes wins; writes more than `max_drift_ms` ahead of a
-/// receiver's clock are rejected by that receiver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WallClock {
-    /// The instant that corresponds to `epoch_ms`.
-    pub epoch: Instant,
-    /// Unix milliseconds at `epoch`.
-    pub epoch_ms: u64,
-}
-
-impl WallClock {
-    /// A clock for simulations and tests: `epoch` maps to a fixed unix time
-    /// (2023-11-14T22:13:20Z), so runs are reproducible.
-    #[must_use]
-    pub fn simulated(epoch: Instant) -> WallClock {
-        WallClock {
-            epoch,
-            epoch_ms: 1_700_000_000_000,
-        }
-    }
-
-    /// Unix milliseconds at `now` (never before `epoch_ms`).
-    #[must_use]
-    pub fn wall_ms(&self, now: Instant) -> u64 {
-        let elapsed = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u64::MAX);
-        self.epoch_ms.saturating_add(elapsed)
-    }
-}
 
 /// Configuration of a [`NodeCore`].
 #[derive(Debug, Clone)]
@@ -60,7 +24,12 @@ pub struct NodeConfig {
     /// The replica's configuration. Its `node` is overwritten with the protocol's node id and
     /// its `limits.max_write_bytes` is capped at the protocol's `max_message_size`.
     pub replica: ReplicaConfig,
-    /// How `now` maps to unix milliseconds.
+    /// How `now` maps to unix milliseconds: stamps versions, checks remote versions against
+    /// the drift bound, and is carried in heartbeats (it overrides `protocol.wall_clock`) so
+    /// that peers measure this node's clock offset. Skew only decides which of two
+    /// *concurrent* writes wins; writes more than `max_drift_ms` ahead of a receiver's clock
+    /// are rejected by that receiver, so this node refuses them first (see
+    /// [`Error::ClockAhead`]).
     pub wall_clock: WallClock,
     /// Most bytes of sync messages waiting for room in the send window; beyond it new sync
     /// messages are dropped and counted (anti-entropy sends them again). Writes are never
@@ -125,6 +94,12 @@ pub struct NodeStats {
     pub too_large: u64,
     /// The durable backend's counters, when the node has one.
     pub durable: Option<DurableStats>,
+    /// How far (ms) a write stamped now would be ahead of the most advanced live peer's
+    /// clock, or of this node's own when no peer reported one; negative when behind (see
+    /// [`Replica::clock_ahead_ms`]).
+    pub clock_ahead_ms: i64,
+    /// Whether local writes are refused because of it ([`Error::ClockAhead`]).
+    pub clock_refusing: bool,
 }
 
 /// One node of a Chorus cluster as a sans-IO state machine: a `chorus_protocol::Endpoint`
@@ -156,6 +131,10 @@ pub struct NodeCore {
     closed: bool,
     sync_dropped: u64,
     too_large: u64,
+    /// The endpoint's heartbeat count when the peers' clock offsets were last handed to the
+    /// replica, and whether membership changed since.
+    heartbeats_seen: u64,
+    clocks_dirty: bool,
 }
 
 impl NodeCore {
@@ -183,7 +162,9 @@ impl NodeCore {
         now: Instant,
         durable: Option<(Box<dyn Durability>, Loaded)>,
     ) -> NodeCore {
-        let endpoint = Endpoint::new(config.protocol, now);
+        let mut protocol = config.protocol;
+        protocol.wall_clock = Some(config.wall_clock);
+        let endpoint = Endpoint::new(protocol, now);
         let mut rcfg = config.replica;
         rcfg.node = endpoint.node_id().0;
         rcfg.limits.max_write_bytes = rcfg
@@ -209,6 +190,8 @@ impl NodeCore {
             closed: false,
             sync_dropped: 0,
             too_large: 0,
+            heartbeats_seen: 0,
+            clocks_dirty: false,
         }
     }
 
@@ -221,6 +204,7 @@ impl NodeCore {
     /// Timers of both layers (safe to call early).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.endpoint.handle_timeout(now);
+        self.refresh_clocks(now);
         let wall = self.wall.wall_ms(now);
         self.replica.handle_timeout(now, wall);
         self.process(now);
@@ -235,7 +219,7 @@ impl NodeCore {
     /// Next event.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<NodeEvent> {
-        self.events.pop_front()
+        pop_front_shrinking(&mut self.events)
     }
 
     /// When [`handle_timeout`](NodeCore::handle_timeout) should next be called.
@@ -250,7 +234,9 @@ impl NodeCore {
     /// Sets `key` to `value`: stamped, applied locally, queued for the group.
     ///
     /// # Errors
-    /// [`CoreError::Closed`] after `close`; [`CoreError::Replica`] for limit and shape errors.
+    /// [`CoreError::Closed`] after `close`; [`CoreError::Replica`] for limit and shape errors,
+    /// and with [`Error::ClockAhead`] when this node's clock (or the history it loaded) is
+    /// further ahead of every live peer's clock than they accept: they would drop the write.
     pub fn put(
         &mut self,
         now: Instant,
@@ -282,6 +268,7 @@ impl NodeCore {
         if self.closed {
             return Err(CoreError::Closed);
         }
+        self.refresh_clocks(now);
         let version = self.replica.batch(self.wall.wall_ms(now), ops)?;
         self.process(now);
         Ok(version)
@@ -380,31 +367,36 @@ impl NodeCore {
             sync_dropped: self.sync_dropped,
             too_large: self.too_large,
             durable: self.replica.durable_stats(),
+            clock_ahead_ms: self.replica.clock_ahead_ms(self.replica.last_wall_ms()),
+            clock_refusing: self
+                .replica
+                .check_clock(self.replica.last_wall_ms())
+                .is_err(),
+        }
+    }
+
+    /// Hands the peers' clock offsets (measured by the endpoint from their heartbeats) to the
+    /// replica when a heartbeat arrived or membership changed since the last time. Done
+    /// before every write and timer rather than per datagram, so a flood of heartbeats costs
+    /// one pass over the members per write or timer, not one per datagram.
+    fn refresh_clocks(&mut self, now: Instant) {
+        let heard = self.endpoint.stats().heartbeats_received;
+        if heard == self.heartbeats_seen && !self.clocks_dirty {
+            return;
+        }
+        self.heartbeats_seen = heard;
+        self.clocks_dirty = false;
+        let wall = self.wall.wall_ms(now);
+        for m in self.endpoint.members() {
+            self.replica
+                .handle_peer_clock(now, wall, m.node.0, m.clock_offset_ms);
         }
     }
 
     /// Moves messages and events between the layers until nothing moves.
     fn process(&mut self, now: Instant) {
         loop {
-            let mut moved = false;
-            while let Some(out) = self.replica.poll_outgoing() {
-                moved = true;
-                match out.kind {
-                    OutgoingKind::Write => {
-                        self.write_bytes += out.payload.len();
-                        self.writes.push_back(out.payload);
-                    }
-                    OutgoingKind::Sync
-                        if self.sync_bytes + out.payload.len() > self.max_sync_backlog =>
-                    {
-                        self.sync_dropped += 1;
-                    }
-                    OutgoingKind::Sync => {
-                        self.sync_bytes += out.payload.len();
-                        self.sync.push_back(out.payload);
-                    }
-                }
-            }
+            let mut moved = self.take_outgoing();
             self.flush(now);
             while let Some(event) = self.endpoint.poll_event() {
                 moved = true;
@@ -423,18 +415,48 @@ impl NodeCore {
         }
     }
 
+    /// Moves the replica's messages into the write and sync queues (dropping sync messages
+    /// beyond the backlog bound, counted); returns whether there were any.
+    fn take_outgoing(&mut self) -> bool {
+        let mut moved = false;
+        while let Some(out) = self.replica.poll_outgoing() {
+            moved = true;
+            match out.kind {
+                OutgoingKind::Write => {
+                    self.write_bytes += out.payload.len();
+                    self.writes.push_back(out.payload);
+                }
+                OutgoingKind::Sync
+                    if self.sync_bytes + out.payload.len() > self.max_sync_backlog =>
+                {
+                    self.sync_dropped += 1;
+                }
+                OutgoingKind::Sync => {
+                    self.sync_bytes += out.payload.len();
+                    self.sync.push_back(out.payload);
+                }
+            }
+        }
+        moved
+    }
+
     fn route(&mut self, now: Instant, event: Event) {
         let wall = self.wall.wall_ms(now);
         match event {
             Event::Delivered {
                 sender, payload, ..
             } => {
+                // The replica builds no answer the sync backlog could not take.
+                self.replica
+                    .set_sync_room(self.max_sync_backlog.saturating_sub(self.sync_bytes));
                 self.replica.handle_message(now, wall, sender.0, &payload);
+                self.take_outgoing();
             }
             Event::Lost { sender, .. } => self.replica.handle_lost(now, sender.0),
             Event::Writable => {}
             Event::MemberJoined { node, .. } | Event::MemberRestarted { node, .. } => {
                 self.replica.handle_peer_up(now, node.0);
+                self.clocks_dirty = true;
                 self.events.push_back(NodeEvent::Member(event));
             }
             Event::MemberLeft { node, .. } => {
@@ -463,7 +485,7 @@ impl NodeCore {
                     self.too_large += 1;
                 }
             }
-            if let Some(sent) = self.writes.pop_front() {
+            if let Some(sent) = pop_front_shrinking(&mut self.writes) {
                 self.write_bytes -= sent.len();
             }
         }
@@ -481,7 +503,7 @@ impl NodeCore {
                 }
             }
             self.sync_bytes -= payload.len();
-            self.sync.pop_front();
+            pop_front_shrinking(&mut self.sync);
         }
     }
 }

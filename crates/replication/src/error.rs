@@ -50,6 +50,49 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// The write's version would lie further ahead of the peers' clocks than they accept, so
+    /// they would drop it (see `docs/replication.md`, Clock safety). Nothing was applied; the
+    /// condition is a state of the node, not of the write: it lasts until the clock is fixed
+    /// (`cause` [`ClockCause::WallClock`]) or until the clock reaches the local history
+    /// ([`ClockCause::History`]).
+    #[error("{}", clock_message(*offset_ms, *bound_ms, *cause))]
+    ClockAhead {
+        /// How far, in milliseconds, the write's version would be ahead of the clock it is
+        /// checked against: the most advanced live peer's clock, or this node's own when no
+        /// peer reported one.
+        offset_ms: u64,
+        /// The most that is accepted: the drift bound (`max_drift_ms`) less the safety margin
+        /// (`clock_margin_ms`).
+        bound_ms: u64,
+        /// What is ahead.
+        cause: ClockCause,
+    },
+}
+
+/// What is ahead when a write is refused with [`Error::ClockAhead`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockCause {
+    /// This node's wall clock is ahead of every live peer's. The wall-clock mapping is fixed
+    /// when a node starts, so the node must be restarted once its system clock is fixed.
+    WallClock,
+    /// The newest version this node holds (loaded from disk, or stamped while its clock was
+    /// wrong) is ahead of the clock; writes resume by themselves when the clock reaches it.
+    History,
+}
+
+fn clock_message(offset_ms: u64, bound_ms: u64, cause: ClockCause) -> String {
+    match cause {
+        ClockCause::WallClock => format!(
+            "write refused: this node's clock is {offset_ms} ms ahead of every live peer's, \
+             beyond the {bound_ms} ms they accept; fix the system clock (NTP) and restart the node"
+        ),
+        ClockCause::History => format!(
+            "write refused: the local history (the newest version held, e.g. loaded from disk) \
+             is {offset_ms} ms ahead of the clock, beyond the {bound_ms} ms peers accept; writes \
+             resume in about {} s, when the clock catches up",
+            offset_ms.saturating_sub(bound_ms).div_ceil(1000)
+        ),
+    }
 }
 
 /// The change log no longer holds the requested revision: the watcher must re-read the

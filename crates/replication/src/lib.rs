@@ -40,14 +40,15 @@ pub mod wire {
     include!(concat!(env!("OUT_DIR"), "/chorus.replication.v1.rs"));
 }
 
-pub use crate::core::{CoreError, NodeConfig, NodeCore, NodeEvent, NodeStats, WallClock};
+pub use crate::core::{CoreError, NodeConfig, NodeCore, NodeEvent, NodeStats};
 pub use chorus_protocol;
+pub use chorus_protocol::WallClock;
 pub use config::{Limits, ReplicaConfig};
 pub use durable::{
     DiskLog, DiskOptions, Durability, DurableError, DurableStats, Fsync, LoadReport, Loaded,
     ParseFsyncError,
 };
-pub use error::{Compacted, Error};
+pub use error::{ClockCause, Compacted, Error};
 pub use hlc::{DriftError, Hlc, HlcClock, MAX_PHYSICAL_MS, Version};
 pub use replica::{Change, Op, Outgoing, OutgoingKind, Replica, ReplicaEvent, ReplicaStats};
 pub use store::{Entry, Store};

@@ -11,10 +11,10 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::{Limits, ReplicaConfig};
 use crate::durable::{Durability, DurableError, Loaded};
-use crate::error::{Compacted, Error};
+use crate::error::{ClockCause, Compacted, Error};
 use crate::hash::{bucket_of, entry_hash, rendezvous};
 use crate::hlc::{Hlc, HlcClock, Version};
-use crate::store::{Entry, Store};
+use crate::store::{Key, Store, Stored, Value, bytes_of};
 use crate::wire;
 
 /// One operation of a batch.
@@ -136,6 +136,17 @@ pub struct ReplicaStats {
     pub recoveries: u64,
     /// Loss reports received from the protocol.
     pub losses: u64,
+    /// Local writes refused because this node's clock or history was too far ahead of its
+    /// peers' clocks ([`Error::ClockAhead`]).
+    pub clock_refused: u64,
+    /// Keys named more than once in one `Request` (answered once).
+    pub request_duplicates: u64,
+    /// Keys of a `Request` beyond the most one request can name (ignored).
+    pub request_keys_ignored: u64,
+    /// Answers that stopped at the requester's byte bound (the rest is not sent).
+    pub answers_capped: u64,
+    /// Answers that stopped because the sync backlog was full (anti-entropy asks again).
+    pub answers_deferred: u64,
 }
 
 impl ReplicaStats {
@@ -167,6 +178,11 @@ impl ReplicaStats {
             entries_forgotten,
             recoveries,
             losses,
+            clock_refused,
+            request_duplicates,
+            request_keys_ignored,
+            answers_capped,
+            answers_deferred,
         } = self;
         vec![
             ("local_writes", *local_writes),
@@ -191,23 +207,61 @@ impl ReplicaStats {
             ("entries_forgotten", *entries_forgotten),
             ("recoveries", *recoveries),
             ("losses", *losses),
+            ("clock_refused", *clock_refused),
+            ("request_duplicates", *request_duplicates),
+            ("request_keys_ignored", *request_keys_ignored),
+            ("answers_capped", *answers_capped),
+            ("answers_deferred", *answers_deferred),
         ]
     }
 }
 
-/// Sync metadata of one stored key.
-#[derive(Debug, Clone, Copy)]
-struct Meta {
-    version: Version,
-    tombstone: bool,
-}
-
-/// One digest bucket: the wrapping sum of its entries' hashes and its keys, sorted.
+/// One digest bucket: the wrapping sum of its entries' hashes and its keys, sorted (the
+/// keys are shared with the store; versions are read from there).
 #[derive(Debug, Default)]
 struct Bucket {
     sum: u64,
-    keys: BTreeMap<String, Meta>,
+    keys: BTreeSet<Key>,
 }
+
+/// One change as the change log keeps it: the key shared with the store, the value shared
+/// with the stored entry. Its revision is implicit: every revision is logged, in order, so
+/// the log holds revisions `next_revision − len .. next_revision`.
+#[derive(Debug, Clone)]
+struct Logged {
+    key: Key,
+    value: Option<Value>,
+    version: Version,
+}
+
+impl Logged {
+    fn change(&self, revision: u64) -> Change {
+        Change {
+            revision,
+            key: self.key.to_string(),
+            value: self.value.as_ref().map(bytes_of),
+            version: self.version,
+        }
+    }
+
+    /// Key and value bytes, charged against `change_log_max_bytes`.
+    fn cost(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, |v| v.len())
+    }
+}
+
+/// What this node offered one requester in its summaries: the bytes of entries the
+/// requester may then ask for (see `docs/replication.md`, bounded answers).
+#[derive(Debug, Clone, Copy)]
+struct Offer {
+    bytes: usize,
+    at: Instant,
+}
+
+/// A `Request` is answered with at most this many times its own size in entries, beyond
+/// what this node offered the requester in its summaries (quinn's anti-amplification
+/// factor).
+const ANSWER_FACTOR: usize = 3;
 
 #[derive(Debug, Default)]
 struct Peer {
@@ -219,6 +273,8 @@ struct Peer {
     /// The latest digest matched ours when it arrived (with one mismatch of hysteresis).
     matched: bool,
     mismatch_streak: u32,
+    /// Its wall clock minus ours (ms), as the protocol measured it from its heartbeats.
+    clock_offset_ms: Option<i64>,
 }
 
 /// An entry to merge: key, value (`None` = tombstone), version.
@@ -241,11 +297,11 @@ pub struct Replica {
     rng: ChaCha8Rng,
     buckets: Vec<Bucket>,
     /// Tombstones by version, oldest first, for collection.
-    tombstones: BTreeSet<(Version, String)>,
+    tombstones: BTreeSet<(Version, Key)>,
     next_revision: u64,
-    log: VecDeque<Change>,
+    log: VecDeque<Logged>,
     /// Reused by `apply` for the entries handed to the store.
-    commit_scratch: Vec<(String, Entry)>,
+    commit_scratch: Vec<(Key, Stored)>,
     /// Key and value bytes held by `log`.
     log_bytes: usize,
     events: VecDeque<ReplicaEvent>,
@@ -258,7 +314,17 @@ pub struct Replica {
     triggered_digest: Option<Instant>,
     /// (requester, bucket) → when this node last answered it.
     answered: HashMap<(u64, u32), Instant>,
-    /// Since when this node has had no live peer (None while it has one or never had one).
+    /// Requester → entries offered to it in summaries, not yet asked for.
+    offers: HashMap<u64, Offer>,
+    /// Bytes of sync messages the owner can still queue (see
+    /// [`set_sync_room`](Replica::set_sync_room)); answers beyond it are not built.
+    sync_room: usize,
+    /// The next digest wants a reply although this node is in sync: a peer's digest differed
+    /// once, and the hysteresis waits for its next one.
+    confirm_wanted: bool,
+    /// Since when this node has had no live peer (None while it has one). A node starts
+    /// isolated: one that runs alone for longer than the grace period before it meets a peer
+    /// recovers like one cut off for that long.
     isolated_since: Option<Instant>,
     /// Created empty and not yet in sync: holds nothing that peers could have deleted.
     fresh: bool,
@@ -300,7 +366,10 @@ impl Replica {
             next_digest: now + first,
             triggered_digest: None,
             answered: HashMap::new(),
-            isolated_since: None,
+            offers: HashMap::new(),
+            confirm_wanted: false,
+            sync_room: usize::MAX,
+            isolated_since: Some(now),
             fresh: true,
             recovering: false,
             last_wall_ms: 0,
@@ -323,6 +392,13 @@ impl Replica {
     /// when `loaded` is empty or was damaged (records lost: its absences prove nothing), and
     /// it enters recovery at the first peer if `loaded.last_wall_ms` is more than
     /// `tombstone_grace` before `wall_ms` (it may hold keys deleted and collected meanwhile).
+    ///
+    /// A loaded version more than `max_drift_ms − clock_margin_ms` ahead of `wall_ms` (written
+    /// while the clock was wrong) is kept, and so is the clock position it implies, but local
+    /// writes are then refused with [`Error::ClockAhead`] (cause
+    /// [`ClockCause::History`]) until the clock catches up: a write stamped from it would be
+    /// dropped by every peer. Peers take such entries by anti-entropy once their own clocks
+    /// reach them.
     #[must_use]
     pub fn restore(
         cfg: ReplicaConfig,
@@ -340,12 +416,11 @@ impl Replica {
         for (key, value, version) in loaded.entries {
             let b = bucket_of(&key, r.cfg.buckets.get()) as usize;
             let tombstone = value.is_none();
+            let key: Key = Key::from(key);
             let bucket = &mut r.buckets[b];
-            if let Some(old) = bucket.keys.insert(key.clone(), Meta { version, tombstone }) {
-                // Keys come from a map, so this is unreachable; keep the sums right anyway.
-                bucket.sum = bucket
-                    .sum
-                    .wrapping_sub(entry_hash(&key, old.version, old.tombstone));
+            if !bucket.keys.insert(key.clone()) {
+                // Keys come from a map, so this is unreachable; keep the first (as the sums do).
+                continue;
             }
             bucket.sum = bucket
                 .sum
@@ -354,15 +429,17 @@ impl Replica {
                 r.tombstones.insert((version, key.clone()));
             }
             if version.hlc > r.clock.last() {
-                // Our own past: no drift check (the wall clock may have stepped back).
+                // Adopted even from the future, so that a new write never loses to an older
+                // one held here; `check_clock` then refuses writes until the clock catches up.
                 let _ = r.clock.observe(version.hlc, version.hlc.physical_ms());
             }
             let revision = r.next_revision;
             r.next_revision += 1;
             commit.push((
                 key,
-                Entry {
-                    value,
+                Stored {
+                    // A value decoded from a data file may be a slice of a larger buffer.
+                    value: value.as_deref().map(Value::from),
                     version,
                     revision,
                 },
@@ -375,6 +452,15 @@ impl Replica {
         r.fresh = !had_data || damaged;
         r.absent_too_long = had_data && loaded.last_wall_ms > 0 && absent_ms > grace;
         r.durability = Some(durability);
+        if let Err(error) = r.check_clock(wall_ms) {
+            tracing::warn!(
+                %error,
+                newest = %r.clock.last(),
+                wall_ms,
+                "the data directory holds versions from the future; its entries are kept and \
+                 offered to peers, local writes are refused until the clock catches up"
+            );
+        }
         r
     }
 
@@ -448,10 +534,90 @@ impl Replica {
         self.buckets.iter().map(|b| b.sum).collect()
     }
 
+    /// How many bytes of sync messages (digests, summaries, requests, entries) the owner can
+    /// still take before it would drop them (its sync backlog's free room). Answers to peers
+    /// are built only while they fit, so a flood of requests costs no work beyond that room:
+    /// the rest is left for a later round of anti-entropy. Unlimited until set.
+    pub fn set_sync_room(&mut self, bytes: usize) {
+        self.sync_room = bytes;
+    }
+
+    /// The latest wall-clock time (unix ms) this replica was given.
+    #[must_use]
+    pub fn last_wall_ms(&self) -> u64 {
+        self.last_wall_ms
+    }
+
     /// The latest HLC timestamp issued or observed.
     #[must_use]
     pub fn clock(&self) -> Hlc {
         self.clock.last()
+    }
+
+    /// How far, in milliseconds, a version stamped at `wall_ms` would be ahead of the clock
+    /// that judges it: the most advanced live peer's clock (by the offsets given to
+    /// [`handle_peer_clock`](Replica::handle_peer_clock)), or this node's own `wall_ms` when
+    /// no live peer reported one. Negative when behind.
+    ///
+    /// Only the most advanced peer counts: a node is refused writes only when it is ahead of
+    /// *every* live peer, so one peer with a wrong (or forged) slow clock cannot stop the
+    /// others' writes; that peer drops their writes until its clock reaches them and takes
+    /// them through anti-entropy then.
+    #[must_use]
+    pub fn clock_ahead_ms(&self, wall_ms: u64) -> i64 {
+        let next = self.clock.last().physical_ms().max(wall_ms);
+        let peer = self
+            .peers
+            .values()
+            .filter(|p| p.live)
+            .filter_map(|p| p.clock_offset_ms)
+            .max();
+        let reference = i128::from(wall_ms) + i128::from(peer.unwrap_or(0));
+        let ahead = i128::from(next) - reference;
+        i64::try_from(ahead).unwrap_or(if ahead < 0 { i64::MIN } else { i64::MAX })
+    }
+
+    /// Whether a local write at `wall_ms` would be accepted by the peers' drift check.
+    ///
+    /// # Errors
+    /// [`Error::ClockAhead`] when [`clock_ahead_ms`](Replica::clock_ahead_ms) exceeds
+    /// `max_drift_ms − clock_margin_ms`.
+    pub fn check_clock(&self, wall_ms: u64) -> Result<(), Error> {
+        let bound_ms = self
+            .cfg
+            .max_drift_ms
+            .saturating_sub(self.cfg.clock_margin_ms);
+        let ahead = self.clock_ahead_ms(wall_ms);
+        match u64::try_from(ahead) {
+            Ok(offset_ms) if offset_ms > bound_ms => Err(Error::ClockAhead {
+                offset_ms,
+                bound_ms,
+                cause: if self.clock.last().physical_ms() > wall_ms {
+                    ClockCause::History
+                } else {
+                    ClockCause::WallClock
+                },
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The clock offset of live peer `node` (its wall clock minus ours, in milliseconds, as
+    /// `chorus_protocol::Member::clock_offset_ms` reports it; `None` when unknown). Unknown
+    /// or departed nodes are ignored.
+    pub fn handle_peer_clock(
+        &mut self,
+        now: Instant,
+        wall_ms: u64,
+        node: u64,
+        offset_ms: Option<i64>,
+    ) {
+        self.last_wall_ms = self.last_wall_ms.max(wall_ms);
+        match self.peers.get_mut(&node) {
+            Some(p) if p.live && p.clock_offset_ms != offset_ms => p.clock_offset_ms = offset_ms,
+            _ => return,
+        }
+        self.evaluate_sync(now);
     }
 
     /// The value under `key` (reads the store).
@@ -502,10 +668,17 @@ impl Replica {
     /// already holds a newer version (possible on remote nodes) is skipped.
     ///
     /// # Errors
-    /// A limit or shape error; nothing is applied or sent and the clock does not move.
+    /// A limit or shape error, or [`Error::ClockAhead`] when the write's version would be
+    /// further ahead of the peers' clocks than they accept (see
+    /// [`check_clock`](Replica::check_clock)); nothing is applied or sent and the clock does
+    /// not move.
     pub fn batch(&mut self, wall_ms: u64, ops: Vec<Op>) -> Result<Version, Error> {
         validate_ops(&self.cfg.limits, &ops)?;
         self.last_wall_ms = self.last_wall_ms.max(wall_ms);
+        if let Err(e) = self.check_clock(wall_ms) {
+            self.stats.clock_refused += 1;
+            return Err(e);
+        }
         let wire_ops: Vec<wire::Op> = ops
             .iter()
             .map(|op| match op {
@@ -561,31 +734,30 @@ impl Replica {
     /// # Errors
     /// [`Compacted`] when changes after `revision` are no longer all in the log.
     pub fn changes_since(&self, revision: u64, prefix: &str) -> Result<Vec<Change>, Compacted> {
-        let oldest = self.log.front().map_or(self.next_revision, |c| c.revision);
+        let oldest = self.next_revision - self.log.len() as u64;
         if revision.saturating_add(1) < oldest {
             return Err(Compacted {
                 requested: revision,
                 oldest_available: oldest,
             });
         }
-        Ok(self
-            .log
-            .iter()
-            .filter(|c| c.revision > revision && c.key.starts_with(prefix))
-            .cloned()
+        Ok((oldest..)
+            .zip(&self.log)
+            .filter(|(rev, c)| *rev > revision && c.key.starts_with(prefix))
+            .map(|(rev, c)| c.change(rev))
             .collect())
     }
 
     /// Next event, if any.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<ReplicaEvent> {
-        self.events.pop_front()
+        pop_front_shrinking(&mut self.events)
     }
 
     /// Next message to multicast reliably to the group, if any.
     #[must_use]
     pub fn poll_outgoing(&mut self) -> Option<Outgoing> {
-        self.outgoing.pop_front()
+        pop_front_shrinking(&mut self.outgoing)
     }
 
     /// When [`handle_timeout`](Replica::handle_timeout) should next be called.
@@ -629,6 +801,9 @@ impl Replica {
             let holdoff = self.cfg.resend_holdoff;
             self.answered
                 .retain(|_, t| now.saturating_duration_since(*t) < holdoff);
+            let ttl = self.cfg.sync_interval * 2;
+            self.offers
+                .retain(|_, o| now.saturating_duration_since(o.at) < ttl);
         }
         self.evaluate_sync(now);
     }
@@ -659,6 +834,7 @@ impl Replica {
     /// A peer left (goodbye or timeout).
     pub fn handle_peer_down(&mut self, now: Instant, node: u64) {
         self.peers.remove(&node);
+        self.offers.remove(&node);
         if !self.has_live_peer() && self.isolated_since.is_none() {
             self.isolated_since = Some(now);
         }
@@ -697,16 +873,16 @@ impl Replica {
             }
         };
         match envelope.body {
-            Some(wire::envelope::Body::Write(w)) => self.on_write(wall_ms, from, w),
+            Some(wire::envelope::Body::Write(w)) => self.on_write(now, wall_ms, from, w),
             Some(wire::envelope::Body::Digest(d)) => self.on_digest(now, from, d),
             Some(wire::envelope::Body::Summary(s)) => self.on_summary(from, s),
-            Some(wire::envelope::Body::Request(r)) => self.on_request(r),
-            Some(wire::envelope::Body::Entries(e)) => self.on_entries(now, wall_ms, e),
+            Some(wire::envelope::Body::Request(r)) => self.on_request(now, from, r),
+            Some(wire::envelope::Body::Entries(e)) => self.on_entries(now, wall_ms, from, e),
             None => self.stats.malformed += 1,
         }
     }
 
-    fn on_write(&mut self, wall_ms: u64, from: u64, w: wire::Write) {
+    fn on_write(&mut self, now: Instant, wall_ms: u64, from: u64, w: wire::Write) {
         let limits = self.cfg.limits;
         if w.ops.is_empty() || w.ops.len() > limits.max_batch_ops {
             self.stats.limit_violations += 1;
@@ -732,6 +908,7 @@ impl Replica {
         if let Err(error) = self.clock.observe(hlc, wall_ms) {
             tracing::debug!(%error, "write from the future dropped");
             self.stats.drift_rejected += 1;
+            self.dropped_from(now, from);
             return;
         }
         let version = Version { hlc, node: from };
@@ -755,13 +932,14 @@ impl Replica {
             // there, so our old keys in it were deleted (and collected) while we were away.
             for b in 0..self.buckets.len() {
                 if d.buckets[b] == 0 && self.buckets[b].sum != 0 {
-                    let keys = self.old_keys(b, (Bound::Unbounded, Bound::Unbounded));
+                    let keys = self.old_keys(b);
                     keys.into_iter().for_each(|k| self.forget(&k));
                 }
             }
         }
         let ours = self.digest();
         let equal = ours == d.buckets;
+        let mut confirm = false;
         {
             let peer = self.peers.entry(from).or_default();
             if equal {
@@ -771,8 +949,17 @@ impl Replica {
                 peer.mismatch_streak = peer.mismatch_streak.saturating_add(1);
                 if peer.mismatch_streak >= 2 {
                     peer.matched = false;
+                } else if peer.matched {
+                    // The hysteresis holds for one digest (the difference may be writes in
+                    // flight); ask for the peer's next digest now, so that a lasting
+                    // difference ends "in sync" within a round trip, not a sync interval.
+                    self.confirm_wanted = true;
+                    confirm = true;
                 }
             }
+        }
+        if confirm {
+            self.trigger_digest(now);
         }
         if !equal {
             for (b, (mine, theirs)) in ours.iter().zip(&d.buckets).enumerate() {
@@ -795,10 +982,10 @@ impl Replica {
                 self.stats.buckets_answered += 1;
                 if *theirs == 0 {
                     // The requester holds nothing here: send everything, skip the summary.
-                    let items = self.bucket_entries(b, (Bound::Unbounded, Bound::Unbounded));
-                    self.send_entries(items);
+                    let keys = self.buckets[b].keys.iter().cloned().collect();
+                    self.send_entries(keys, usize::MAX);
                 } else {
-                    self.send_summaries(from, bucket);
+                    self.send_summaries(now, from, bucket);
                 }
             }
         }
@@ -824,9 +1011,9 @@ impl Replica {
             self.stats.malformed += 1;
             return;
         };
-        let lower = s.after.map_or(Bound::Unbounded, Bound::Excluded);
-        let upper = s.upto.map_or(Bound::Unbounded, Bound::Included);
-        if let (Bound::Excluded(a), Bound::Included(u)) = (&lower, &upper)
+        let lower = s.after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        let upper = s.upto.as_deref().map_or(Bound::Unbounded, Bound::Included);
+        if let (Bound::Excluded(a), Bound::Included(u)) = (lower, upper)
             && a >= u
         {
             self.stats.malformed += 1;
@@ -848,8 +1035,11 @@ impl Replica {
         let horizon = self.horizon_ms(self.last_wall_ms);
         let mut to_send = Vec::new();
         let mut to_forget = Vec::new();
-        for (key, meta) in self.buckets[bucket].keys.range::<String, _>((lower, upper)) {
-            match theirs.get(key) {
+        for key in self.buckets[bucket].keys.range::<str, _>((lower, upper)) {
+            let Some(meta) = self.store.meta(key) else {
+                continue;
+            };
+            match theirs.get(&**key) {
                 None if self.recovering && meta.version.hlc.physical_ms() < horizon => {
                     to_forget.push(key.clone());
                 }
@@ -861,41 +1051,70 @@ impl Replica {
         to_forget.iter().for_each(|k| self.forget(k));
         let mut to_request: Vec<String> = theirs
             .into_iter()
-            .filter(|(key, v)| self.meta(key).is_none_or(|m| m.version < *v))
+            .filter(|(key, v)| self.store.meta(key).is_none_or(|m| m.version < *v))
             .map(|(key, _)| key)
             .collect();
         to_request.sort_unstable();
-        let items = to_send.iter().filter_map(|k| self.entry_item(k)).collect();
-        self.send_entries(items);
+        self.send_entries(to_send, usize::MAX);
         self.send_requests(from, to_request);
     }
 
-    fn on_request(&mut self, r: wire::Request) {
+    /// Answers a `Request` naming this node: each distinct key it holds once, within the
+    /// bound of `docs/replication.md` (bounded answers): at most `ANSWER_FACTOR` times the
+    /// request's size, plus what this node offered the requester in its recent summaries.
+    fn on_request(&mut self, now: Instant, from: u64, r: wire::Request) {
         if r.target != self.cfg.node {
             return;
         }
+        let asked = r.encoded_len();
+        // A Request built by `send_requests` fits one sync message: keys of at least one
+        // byte take at least three, so more keys than that are not from a Chorus node.
+        let max_keys = self.cfg.max_sync_message / 3 + 1;
+        if r.keys.len() > max_keys {
+            self.stats.request_keys_ignored += (r.keys.len() - max_keys) as u64;
+        }
+        let buckets = self.cfg.buckets.get();
+        let mut seen = HashSet::with_capacity(r.keys.len().min(max_keys));
+        let mut held: Vec<Key> = Vec::new();
+        for k in r.keys.iter().take(max_keys) {
+            if !seen.insert(k.as_str()) {
+                self.stats.request_duplicates += 1;
+                continue;
+            }
+            if let Some(key) = self.buckets[bucket_of(k, buckets) as usize]
+                .keys
+                .get(k.as_str())
+            {
+                held.push(key.clone());
+            }
+        }
+        drop(seen);
         if self.recovering {
             // The requester lacks (or holds an older copy of) these keys; old ones may have
             // been deleted while we were away, so forget them rather than spread them.
             let horizon = self.horizon_ms(self.last_wall_ms);
-            let old: Vec<&String> = r
-                .keys
-                .iter()
-                .filter(|k| {
-                    self.meta(k)
-                        .is_some_and(|m| m.version.hlc.physical_ms() < horizon)
-                })
-                .collect();
-            let old: Vec<String> = old.into_iter().cloned().collect();
+            let (old, keep): (Vec<Key>, Vec<Key>) =
+                held.into_iter().partition(|k| self.is_old(k, horizon));
             old.iter().for_each(|k| self.forget(k));
+            held = keep;
         }
-        let items = r.keys.iter().filter_map(|k| self.entry_item(k)).collect();
-        self.send_entries(items);
+        let ttl = self.cfg.sync_interval * 2;
+        let offered = self
+            .offers
+            .get(&from)
+            .filter(|o| now.saturating_duration_since(o.at) < ttl)
+            .map_or(0, |o| o.bytes);
+        let allowance = asked.saturating_mul(ANSWER_FACTOR);
+        let used = self.send_entries(held, allowance.saturating_add(offered));
+        if let Some(o) = self.offers.get_mut(&from) {
+            o.bytes = o.bytes.saturating_sub(used.saturating_sub(allowance));
+        }
     }
 
-    fn on_entries(&mut self, now: Instant, wall_ms: u64, e: wire::Entries) {
+    fn on_entries(&mut self, now: Instant, wall_ms: u64, from: u64, e: wire::Entries) {
         let limits = self.cfg.limits;
-        let mut items = Vec::with_capacity(e.entries.len());
+        let mut items: Vec<Item> = Vec::with_capacity(e.entries.len());
+        let mut rejected = false;
         self.stats.entries_received += e.entries.len() as u64;
         for entry in e.entries {
             if check_key(&limits, &entry.key).is_err()
@@ -910,6 +1129,7 @@ impl Replica {
             let hlc = Hlc(entry.hlc);
             if self.clock.observe(hlc, wall_ms).is_err() {
                 self.stats.drift_rejected += 1;
+                rejected = true;
                 continue;
             }
             items.push((
@@ -921,16 +1141,48 @@ impl Replica {
                 },
             ));
         }
+        let duplicated = {
+            let mut seen = HashSet::with_capacity(items.len());
+            !items.iter().all(|(k, _, _)| seen.insert(k.as_str()))
+        };
+        if duplicated {
+            // No node sends a key twice in one message, and `apply` needs them distinct: keep
+            // the newest of each.
+            self.stats.malformed += 1;
+            items.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
+            items.dedup_by(|later, first| later.0 == first.0);
+        }
         let applied = self.apply(items, wall_ms, false);
+        if rejected {
+            self.dropped_from(now, from);
+        }
         if applied > 0 && !self.in_sync {
             // Let the answers settle, then show the peers where this node stands.
             self.trigger_digest(now);
         }
     }
 
+    /// This node dropped an entry `from` holds (too far in the future): their stores differ
+    /// for as long as that lasts, so this node is not in sync with `from`, and says so in a
+    /// digest soon (which wants a reply: `from` then sees the difference too).
+    fn dropped_from(&mut self, now: Instant, from: u64) {
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.matched = false;
+        }
+        self.evaluate_sync(now);
+        self.trigger_digest(now);
+    }
+
     /// Merges entries: each wins only over an older version. Applied as one change set, so
     /// multi-key readers see all or none of it, after it was handed to the durable backend
-    /// (`local`: this node's own write). Returns how many entries were stored.
+    /// (`local`: this node's own write). Returns how many entries were stored. The keys of
+    /// `items` must be distinct (the store is read for the old versions and written at the
+    /// end).
+    ///
+    /// Every stored key and value holds exactly its own bytes: a new key gets an allocation
+    /// of its length (an overwrite reuses the stored one), and every value is copied out of
+    /// whatever buffer it came in (an HTTP request body, a datagram, a decoded message), so
+    /// that a 100-byte value never pins a kilobytes-long buffer.
     fn apply(&mut self, items: Vec<Item>, wall_ms: u64, local: bool) -> usize {
         let horizon = self.horizon_ms(wall_ms);
         // A scratch vector kept between calls: no allocation per applied write.
@@ -938,8 +1190,7 @@ impl Replica {
         commit.clear();
         for (key, value, version) in items {
             let b = bucket_of(&key, self.cfg.buckets.get()) as usize;
-            let bucket = &mut self.buckets[b];
-            let old = bucket.keys.get(&key).copied();
+            let old = self.store.meta(&key);
             if old.is_some_and(|m| m.version >= version) {
                 self.stats.stale_ignored += 1;
                 continue;
@@ -950,40 +1201,39 @@ impl Replica {
                 self.stats.expired_tombstones_dropped += 1;
                 continue;
             }
+            let bucket = &mut self.buckets[b];
+            // Overwriting a known key (the common case) needs no new copy of the key.
+            let key: Key = match bucket.keys.get(key.as_str()) {
+                Some(k) => k.clone(),
+                None => {
+                    let k = Key::from(key);
+                    bucket.keys.insert(k.clone());
+                    k
+                }
+            };
             if let Some(m) = old {
                 bucket.sum = bucket
                     .sum
-                    .wrapping_sub(entry_hash(&key, m.version, m.tombstone));
-                if m.tombstone {
+                    .wrapping_sub(entry_hash(&key, m.version, m.is_tombstone()));
+                if m.is_tombstone() {
                     self.tombstones.remove(&(m.version, key.clone()));
                 }
             }
             bucket.sum = bucket
                 .sum
                 .wrapping_add(entry_hash(&key, version, tombstone));
-            let meta = Meta { version, tombstone };
-            // Overwriting a known key (the common case) needs no new copy of the key.
-            match bucket.keys.get_mut(&key) {
-                Some(m) => *m = meta,
-                None => {
-                    bucket.keys.insert(key.clone(), meta);
-                }
-            }
             if tombstone {
                 self.tombstones.insert((version, key.clone()));
             }
-            let revision = self.next_revision;
-            self.next_revision += 1;
-            let change = Change {
-                revision,
+            let value = value.as_deref().map(Value::from);
+            let revision = self.record(Logged {
                 key: key.clone(),
                 value: value.clone(),
                 version,
-            };
-            self.record(change);
+            });
             commit.push((
                 key,
-                Entry {
+                Stored {
                     value,
                     version,
                     revision,
@@ -1000,10 +1250,10 @@ impl Replica {
                 entries: commit
                     .iter()
                     .map(|(key, e)| wire::Entry {
-                        key: key.clone(),
+                        key: key.to_string(),
                         hlc: e.version.hlc.0,
                         node: e.version.node,
-                        value: e.value.clone(),
+                        value: e.value.as_ref().map(bytes_of),
                     })
                     .collect(),
                 removed: Vec::new(),
@@ -1017,21 +1267,33 @@ impl Replica {
         n
     }
 
-    fn record(&mut self, change: Change) {
-        if self.cfg.change_log_capacity > 0 {
-            let cost = |c: &Change| c.key.len() + c.value.as_ref().map_or(0, Bytes::len);
-            self.log_bytes += cost(&change);
-            self.log.push_back(change.clone());
-            while self.log.len() > self.cfg.change_log_capacity
-                || (self.log_bytes > self.cfg.change_log_max_bytes && self.log.len() > 1)
-            {
-                match self.log.pop_front() {
-                    Some(old) => self.log_bytes -= cost(&old),
-                    None => break,
-                }
+    /// Gives `change` the next revision, reports it and logs it; returns the revision.
+    fn record(&mut self, change: Logged) -> u64 {
+        let revision = self.next_revision;
+        self.next_revision += 1;
+        self.events
+            .push_back(ReplicaEvent::Change(change.change(revision)));
+        let cap = self.cfg.change_log_capacity;
+        if cap == 0 {
+            return revision;
+        }
+        self.log_bytes += change.cost();
+        // Room is made before the push, so the log never grows past its capacity.
+        while self.log.len() >= cap
+            || (self.log_bytes > self.cfg.change_log_max_bytes && !self.log.is_empty())
+        {
+            match self.log.pop_front() {
+                Some(old) => self.log_bytes -= old.cost(),
+                None => break,
             }
         }
-        self.events.push_back(ReplicaEvent::Change(change));
+        let len = self.log.len();
+        if len == self.log.capacity() {
+            // Doubling, but never past the capacity the log is bounded by.
+            self.log.reserve_exact(len.max(16).min(cap - len));
+        }
+        self.log.push_back(change);
+        revision
     }
 
     fn horizon_ms(&self, wall_ms: u64) -> u64 {
@@ -1049,18 +1311,18 @@ impl Replica {
             }
             self.tombstones.pop_first();
             let b = bucket_of(&key, self.cfg.buckets.get()) as usize;
-            let bucket = &mut self.buckets[b];
-            if bucket
-                .keys
-                .get(&key)
-                .is_some_and(|m| m.tombstone && m.version == version)
+            if self
+                .store
+                .meta(&key)
+                .is_some_and(|m| m.is_tombstone() && m.version == version)
             {
-                bucket.keys.remove(&key);
+                let bucket = &mut self.buckets[b];
+                bucket.keys.remove(&*key);
                 bucket.sum = bucket.sum.wrapping_sub(entry_hash(&key, version, true));
                 self.store.remove_tombstone(&key, version);
                 self.stats.tombstones_collected += 1;
                 removed.push(wire::KeyVersion {
-                    key,
+                    key: key.to_string(),
                     hlc: version.hlc.0,
                     node: version.node,
                 });
@@ -1084,44 +1346,48 @@ impl Replica {
         }
     }
 
-    /// Keys of bucket `b` in `range` whose version is older than the grace period.
-    fn old_keys(&self, b: usize, range: (Bound<String>, Bound<String>)) -> Vec<String> {
+    /// Keys of bucket `b` whose version is older than the grace period.
+    fn old_keys(&self, b: usize) -> Vec<Key> {
         let horizon = self.horizon_ms(self.last_wall_ms);
         self.buckets[b]
             .keys
-            .range::<String, _>(range)
-            .filter(|(_, m)| m.version.hlc.physical_ms() < horizon)
-            .map(|(k, _)| k.clone())
+            .iter()
+            .filter(|k| self.is_old(k, horizon))
+            .cloned()
             .collect()
+    }
+
+    /// Whether `key` is stored with a version older than `horizon_ms`.
+    fn is_old(&self, key: &str, horizon_ms: u64) -> bool {
+        self.store
+            .meta(key)
+            .is_some_and(|m| m.version.hlc.physical_ms() < horizon_ms)
     }
 
     /// Drops `key` from this node (recovery after a long isolation). A forgotten value is
     /// reported as a change to `None` carrying the forgotten version.
     fn forget(&mut self, key: &str) {
         let b = bucket_of(key, self.cfg.buckets.get()) as usize;
-        let Some(m) = self.buckets[b].keys.remove(key) else {
+        let (Some(m), Some(key)) = (self.store.meta(key), self.buckets[b].keys.take(key)) else {
             return;
         };
         let bucket = &mut self.buckets[b];
         bucket.sum = bucket
             .sum
-            .wrapping_sub(entry_hash(key, m.version, m.tombstone));
-        if m.tombstone {
-            self.tombstones.remove(&(m.version, key.to_owned()));
+            .wrapping_sub(entry_hash(&key, m.version, m.is_tombstone()));
+        if m.is_tombstone() {
+            self.tombstones.remove(&(m.version, key.clone()));
         }
-        self.store.remove(key);
+        self.store.remove(&key);
         self.stats.entries_forgotten += 1;
         self.persist_removed(vec![wire::KeyVersion {
-            key: key.to_owned(),
+            key: key.to_string(),
             hlc: m.version.hlc.0,
             node: m.version.node,
         }]);
-        if !m.tombstone {
-            let revision = self.next_revision;
-            self.next_revision += 1;
-            self.record(Change {
-                revision,
-                key: key.to_owned(),
+        if !m.is_tombstone() {
+            self.record(Logged {
+                key,
                 value: None,
                 version: m.version,
             });
@@ -1132,11 +1398,6 @@ impl Replica {
         self.peers.values().any(|p| p.live)
     }
 
-    fn meta(&self, key: &str) -> Option<Meta> {
-        let b = bucket_of(key, self.cfg.buckets.get()) as usize;
-        self.buckets[b].keys.get(key).copied()
-    }
-
     fn entry_item(&self, key: &str) -> Option<wire::Entry> {
         let e = self.store.get_entry(key)?;
         Some(wire::Entry {
@@ -1145,14 +1406,6 @@ impl Replica {
             node: e.version.node,
             value: e.value,
         })
-    }
-
-    fn bucket_entries(&self, b: usize, range: (Bound<String>, Bound<String>)) -> Vec<wire::Entry> {
-        self.buckets[b]
-            .keys
-            .range::<String, _>(range)
-            .filter_map(|(k, _)| self.entry_item(k))
-            .collect()
     }
 
     /// Rendezvous choice among live members (this node included, the requester excluded)
@@ -1186,15 +1439,18 @@ impl Replica {
         let d = wire::Digest {
             round: self.round,
             buckets: self.digest(),
-            reply_wanted: !self.in_sync,
+            reply_wanted: !self.in_sync || std::mem::take(&mut self.confirm_wanted),
             fresh: self.fresh,
         };
         self.push_sync(envelope(wire::envelope::Body::Digest(d)));
         self.stats.digests_sent += 1;
     }
 
-    fn send_summaries(&mut self, target: u64, bucket: u32) {
+    /// Sends `target` this node's keys of `bucket` with their versions, and records what it
+    /// thereby offers: `target` may then ask for any of these entries once.
+    fn send_summaries(&mut self, now: Instant, target: u64, bucket: u32) {
         let max = self.cfg.max_sync_message;
+        let mut offered = 0usize;
         let mut chunks: Vec<wire::Summary> = Vec::new();
         let mut cur = wire::Summary {
             target,
@@ -1204,9 +1460,13 @@ impl Replica {
             keys: Vec::new(),
         };
         let mut size = cur.encoded_len() + 16;
-        for (key, meta) in &self.buckets[bucket as usize].keys {
+        for key in &self.buckets[bucket as usize].keys {
+            let Some(meta) = self.store.meta(key) else {
+                continue;
+            };
+            offered = offered.saturating_add(entry_size(key, meta.value_len));
             let kv = wire::KeyVersion {
-                key: key.clone(),
+                key: key.to_string(),
                 hlc: meta.version.hlc.0,
                 node: meta.version.node,
             };
@@ -1233,6 +1493,12 @@ impl Replica {
             self.push_sync(envelope(wire::envelope::Body::Summary(s)));
             self.stats.summaries_sent += 1;
         }
+        let offer = self
+            .offers
+            .entry(target)
+            .or_insert(Offer { bytes: 0, at: now });
+        offer.bytes = offer.bytes.saturating_add(offered);
+        offer.at = now;
     }
 
     fn send_requests(&mut self, target: u64, keys: Vec<String>) {
@@ -1260,22 +1526,42 @@ impl Replica {
         }
     }
 
-    fn send_entries(&mut self, items: Vec<wire::Entry>) {
+    /// Sends the entries of `keys` in `Entries` messages of at most `max_sync_message`
+    /// bytes, building each entry only if it fits both `budget` (bytes this answer may
+    /// take) and the sync room; stops at the first that does not (counted). Returns the
+    /// bytes sent.
+    fn send_entries(&mut self, keys: Vec<Key>, mut budget: usize) -> usize {
         let max = self.cfg.max_sync_message;
         let mut cur = Vec::new();
         let mut size = 8;
-        for item in items {
+        let mut used = 0;
+        for key in keys {
+            let Some(item) = self.entry_item(&key) else {
+                continue;
+            };
             let len = item.encoded_len() + 6;
+            if len > budget {
+                self.stats.answers_capped += 1;
+                break;
+            }
+            // What is gathered (sent before this entry or with it) plus this entry must fit.
+            if size + len > self.sync_room {
+                self.stats.answers_deferred += 1;
+                break;
+            }
             if !cur.is_empty() && size + len > max {
                 self.flush_entries(std::mem::take(&mut cur));
                 size = 8;
             }
+            budget -= len;
+            used += len;
             size += len;
             cur.push(item);
         }
         if !cur.is_empty() {
             self.flush_entries(cur);
         }
+        used
     }
 
     fn flush_entries(&mut self, entries: Vec<wire::Entry>) {
@@ -1287,25 +1573,32 @@ impl Replica {
     }
 
     fn push_sync(&mut self, e: wire::Envelope) {
+        let payload: Bytes = e.encode_to_vec().into();
+        self.sync_room = self.sync_room.saturating_sub(payload.len());
         self.outgoing.push_back(Outgoing {
             kind: OutgoingKind::Sync,
-            payload: e.encode_to_vec().into(),
+            payload,
         });
     }
 
     /// In sync: every live peer's latest digest matched ours when it arrived (one mismatch
     /// of hysteresis once matched); with no live peer, once `solo_in_sync_after` has passed
-    /// since creation.
+    /// since creation; and in both cases local writes are not refused by the clock check.
     fn evaluate_sync(&mut self, now: Instant) {
         let live: Vec<&Peer> = self.peers.values().filter(|p| p.live).collect();
-        let target = if live.is_empty() {
+        let with_peers = !live.is_empty();
+        let agreed = if live.is_empty() {
             now.saturating_duration_since(self.created) >= self.cfg.solo_in_sync_after
         } else {
             live.iter().all(|p| p.matched)
         };
+        // A node whose writes its peers would drop is not in sync, whatever the digests say.
+        let target = agreed && self.check_clock(self.last_wall_ms).is_ok();
         if target != self.in_sync {
             self.in_sync = target;
-            if target {
+            if target && with_peers {
+                // Only agreement with a peer ends these: a node alone (say its first peer
+                // after a long isolation left mid-sync) has learnt nothing from anyone.
                 self.fresh = false;
                 self.recovering = false;
             }
@@ -1316,6 +1609,22 @@ impl Replica {
             });
         }
     }
+}
+
+/// `queue.pop_front()`, and once the queue is empty, its memory back if a burst (say the
+/// change events of a whole sync) made it large: a queue keeps its capacity otherwise.
+pub(crate) fn pop_front_shrinking<T>(queue: &mut VecDeque<T>) -> Option<T> {
+    let item = queue.pop_front();
+    if queue.is_empty() && queue.capacity() > 1024 {
+        queue.shrink_to(64);
+    }
+    item
+}
+
+/// About the encoded size of an `Entry` of `key` with a value of `value_len` bytes (`None`:
+/// a tombstone), framing included.
+fn entry_size(key: &str, value_len: Option<usize>) -> usize {
+    key.len() + value_len.map_or(0, |n| n + 4) + 32
 }
 
 fn envelope(body: wire::envelope::Body) -> wire::Envelope {

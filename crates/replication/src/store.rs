@@ -4,10 +4,55 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
+/// A stored key: one exact-size allocation, shared by the map, the digest buckets, the
+/// tombstone index and the change log.
+pub(crate) type Key = Arc<str>;
+
+/// A stored value: one allocation of exactly its bytes (plus the reference counts), shared
+/// by the map and the change log. Readers get it as `Bytes` ([`bytes_of`]).
+pub(crate) type Value = Arc<[u8]>;
+
+/// `value` as `Bytes`, sharing its allocation.
+pub(crate) fn bytes_of(value: &Value) -> Bytes {
+    Bytes::from_owner(value.clone())
+}
+
+/// An entry as the store keeps it (see [`Entry`], which readers get).
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub(crate) value: Option<Value>,
+    pub(crate) version: Version,
+    pub(crate) revision: u64,
+}
+
+impl Stored {
+    pub(crate) fn entry(&self) -> Entry {
+        Entry {
+            value: self.value.as_ref().map(bytes_of),
+            version: self.version,
+            revision: self.revision,
+        }
+    }
+}
+
 use bytes::Bytes;
 use dashmap::DashMap;
 
 use crate::hlc::Version;
+
+/// What the replica needs to know of a stored key for sync: its version and its value's
+/// length (`None`: a tombstone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub(crate) version: Version,
+    pub(crate) value_len: Option<usize>,
+}
+
+impl Meta {
+    pub(crate) fn is_tombstone(&self) -> bool {
+        self.value_len.is_none()
+    }
+}
 
 /// One stored entry: a value or a tombstone, with the version that wrote it and the local
 /// revision at which this node applied it.
@@ -54,7 +99,7 @@ pub struct Store {
 
 #[derive(Default)]
 struct Inner {
-    map: DashMap<String, Entry>,
+    map: DashMap<Key, Stored>,
     /// Highest revision whose change is fully visible.
     revision: AtomicU64,
     /// Number of entries that hold a value (tombstones excluded).
@@ -83,13 +128,16 @@ impl Store {
     /// The value stored under `key`, `None` when absent or deleted.
     #[must_use]
     pub fn get(&self, key: &str) -> Option<Bytes> {
-        self.inner.map.get(key).and_then(|e| e.value.clone())
+        self.inner
+            .map
+            .get(key)
+            .and_then(|e| e.value.as_ref().map(bytes_of))
     }
 
     /// The entry under `key`, tombstones included.
     #[must_use]
     pub fn get_entry(&self, key: &str) -> Option<Entry> {
-        self.inner.map.get(key).map(|e| e.clone())
+        self.inner.map.get(key).map(|e| e.entry())
     }
 
     /// The values of several keys, read at one point with respect to batches.
@@ -130,7 +178,7 @@ impl Store {
                 .map
                 .iter()
                 .filter(|r| r.key().starts_with(prefix) && r.value().value.is_some())
-                .map(|r| (r.key().clone(), r.value().clone()))
+                .map(|r| (r.key().to_string(), r.value().entry()))
                 .collect()
         };
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -148,8 +196,16 @@ impl Store {
         self.inner
             .map
             .iter()
-            .map(|r| (r.key().clone(), r.value().clone()))
+            .map(|r| (r.key().to_string(), r.value().entry()))
             .collect()
+    }
+
+    /// The version of `key` and its value's length, without touching the value.
+    pub(crate) fn meta(&self, key: &str) -> Option<Meta> {
+        self.inner.map.get(key).map(|e| Meta {
+            version: e.version,
+            value_len: e.value.as_ref().map(|v| v.len()),
+        })
     }
 
     /// Number of keys holding a value (tombstones excluded).
@@ -179,7 +235,7 @@ impl Store {
     /// Stores already-decided winners. Multi-entry change sets are applied behind the gate,
     /// so multi-key readers see all of them or none. The published revision moves to the
     /// highest revision in the set once every entry is visible.
-    pub(crate) fn commit(&self, changes: impl ExactSizeIterator<Item = (String, Entry)>) {
+    pub(crate) fn commit(&self, changes: impl ExactSizeIterator<Item = (Key, Stored)>) {
         let _gate = (changes.len() > 1).then(|| {
             self.inner
                 .gate
@@ -232,9 +288,9 @@ mod tests {
     use super::*;
     use crate::hlc::Hlc;
 
-    fn entry(v: Option<&'static str>, t: u64, rev: u64) -> Entry {
-        Entry {
-            value: v.map(|s| Bytes::from_static(s.as_bytes())),
+    fn entry(v: Option<&'static str>, t: u64, rev: u64) -> Stored {
+        Stored {
+            value: v.map(|s| Value::from(s.as_bytes())),
             version: Version {
                 hlc: Hlc::new(t, 0),
                 node: 1,

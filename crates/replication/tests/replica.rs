@@ -7,10 +7,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus_replication::{
-    Error, Hlc, Op, OutgoingKind, Replica, ReplicaConfig, ReplicaEvent, Version, wire,
+    Error, Hlc, Loaded, Op, OutgoingKind, Replica, ReplicaConfig, ReplicaEvent, Version, wire,
 };
 use proptest::prelude::*;
 use prost::Message as _;
+
+mod common;
+use common::Forgetful;
 
 const WALL0: u64 = 1_700_000_000_000;
 
@@ -639,6 +642,89 @@ fn long_isolated_node_forgets_old_entries_instead_of_resurrecting_them() {
     assert_eq!(c.nodes[1].stats().recoveries, 1);
 }
 
+/// The entries of `r` as a data directory would hand them to `Replica::restore`.
+fn as_loaded(r: &Replica, last_wall_ms: u64) -> Loaded {
+    Loaded {
+        entries: r
+            .store()
+            .entries()
+            .into_iter()
+            .map(|(k, e)| (k, e.value, e.version))
+            .collect(),
+        last_wall_ms,
+        ..Loaded::default()
+    }
+}
+
+#[test]
+fn node_restarted_alone_for_longer_than_grace_recovers_when_it_meets_a_peer() {
+    let grace = |n| {
+        let mut c = cfg(n);
+        c.tombstone_grace = Duration::from_secs(10);
+        c
+    };
+    let mut c = Cluster::new(2, grace);
+    c.connect_all();
+    c.nodes[0].put(c.wall, "doomed", "v").unwrap();
+    c.nodes[0].put(c.wall, "survivor", "v").unwrap();
+    c.run(Duration::from_secs(1));
+    // Node 2 restarts at once from its data directory (so it was not absent for long), but
+    // hears no peer; meanwhile node 1 deletes "doomed" and collects the tombstone.
+    c.cut = vec![(0, 1), (1, 0)];
+    let (now, wall) = (c.now, c.wall);
+    c.nodes[0].handle_peer_down(now, 2);
+    let loaded = as_loaded(&c.nodes[1], wall);
+    c.nodes[1] = Replica::restore(grace(2), now, wall, Box::new(Forgetful), loaded);
+    c.nodes[0].delete(c.wall, "doomed").unwrap();
+    c.run(Duration::from_secs(15));
+    assert_eq!(c.nodes[0].store().entry_count(), 1);
+    assert_eq!(c.nodes[1].get("doomed"), Some(b("v")));
+    // They meet after node 2 ran alone for longer than the grace period.
+    c.cut.clear();
+    c.connect_all();
+    c.run(Duration::from_secs(3));
+    assert!(c.converged());
+    assert_eq!(c.nodes[0].get("doomed"), None, "deleted key resurrected");
+    assert_eq!(c.nodes[1].get("survivor"), Some(b("v")));
+    assert_eq!(c.nodes[1].stats().recoveries, 1);
+}
+
+#[test]
+fn recovery_survives_the_first_peer_leaving_mid_sync() {
+    let grace = |n| {
+        let mut c = cfg(n);
+        c.tombstone_grace = Duration::from_secs(10);
+        c
+    };
+    let mut c = Cluster::new(2, grace);
+    c.connect_all();
+    c.nodes[0].put(c.wall, "doomed", "v").unwrap();
+    c.nodes[0].put(c.wall, "survivor", "v").unwrap();
+    c.run(Duration::from_secs(1));
+    c.cut = vec![(0, 1), (1, 0)];
+    let now = c.now;
+    c.nodes[0].handle_peer_down(now, 2);
+    c.nodes[1].handle_peer_down(now, 1);
+    c.nodes[0].delete(c.wall, "doomed").unwrap();
+    c.run(Duration::from_secs(15));
+    // Node 2 hears node 1 again after the grace period, and loses it before any sync message
+    // got through; alone, it reports in sync (the solo rule).
+    let now = c.now;
+    c.nodes[1].handle_peer_up(now, 1);
+    assert_eq!(c.nodes[1].stats().recoveries, 1);
+    c.nodes[1].handle_peer_down(now, 1);
+    c.run(Duration::from_secs(1));
+    assert!(c.nodes[1].is_in_sync());
+    // When they meet again, node 2 still recovers: it forgets, not resurrects.
+    c.cut.clear();
+    c.connect_all();
+    c.run(Duration::from_secs(3));
+    assert!(c.converged());
+    assert_eq!(c.nodes[0].get("doomed"), None, "deleted key resurrected");
+    assert_eq!(c.nodes[1].get("survivor"), Some(b("v")));
+    assert_eq!(c.nodes[1].stats().entries_forgotten, 1);
+}
+
 #[test]
 fn solo_node_reports_in_sync_after_the_wait() {
     let mut c = Cluster::new(1, cfg);
@@ -764,5 +850,178 @@ proptest! {
         prop_assert_eq!(contents(&a), expected.clone());
         prop_assert_eq!(contents(&bb), expected);
         prop_assert_eq!(a.digest(), bb.digest());
+    }
+}
+
+/// Bytes and count of the `Entries` messages `r` has queued (drained; other messages
+/// dropped).
+fn drain_entries(r: &mut Replica) -> (usize, usize) {
+    let (mut bytes, mut messages) = (0, 0);
+    while let Some(out) = r.poll_outgoing() {
+        let e = wire::Envelope::decode(out.payload.clone()).unwrap();
+        if let Some(wire::envelope::Body::Entries(_)) = e.body {
+            bytes += out.payload.len();
+            messages += 1;
+        }
+    }
+    (bytes, messages)
+}
+
+fn request(target: u64, keys: Vec<String>) -> Vec<u8> {
+    wire::Envelope {
+        body: Some(wire::envelope::Body::Request(wire::Request {
+            target,
+            keys,
+        })),
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn a_request_naming_one_key_many_times_costs_a_small_multiple_of_its_size() {
+    let now = Instant::now();
+    let mut r = Replica::new(cfg(1), now);
+    r.put(WALL0, "big", vec![7u8; 64 * 1024]).unwrap();
+    r.put(WALL0, "small", "v").unwrap();
+    while r.poll_outgoing().is_some() {}
+    // Node 9 was never offered anything: it gets at most 3 × what it sends.
+    let msg = request(1, vec!["big".to_owned(); 2000]);
+    r.handle_message(now, WALL0, 9, &msg);
+    let (bytes, _) = drain_entries(&mut r);
+    assert!(
+        bytes <= 3 * msg.len(),
+        "{bytes} B answered to {} B",
+        msg.len()
+    );
+    assert_eq!(r.stats().request_duplicates, 1999);
+    assert_eq!(r.stats().answers_capped, 1);
+    // A small key is answered once however often it is named.
+    let msg = request(1, vec!["small".to_owned(); 500]);
+    r.handle_message(now, WALL0, 9, &msg);
+    let (bytes, messages) = drain_entries(&mut r);
+    assert_eq!(messages, 1);
+    assert!(bytes < 100, "{bytes}");
+    // Requests naming another node are not answered at all.
+    r.handle_message(now, WALL0, 9, &request(2, vec!["small".to_owned()]));
+    assert_eq!(drain_entries(&mut r), (0, 0));
+}
+
+#[test]
+fn answers_to_requests_stay_within_what_was_offered_plus_three_times_what_was_asked() {
+    let now = Instant::now();
+    let mut r = Replica::new(cfg(1), now);
+    let keys: Vec<String> = (0..50).map(|i| format!("key/{i:02}")).collect();
+    for k in &keys {
+        r.put(WALL0, k.as_str(), vec![1u8; 1024]).unwrap();
+    }
+    while r.poll_outgoing().is_some() {}
+    // Node 9's digest differs in every bucket: node 1 answers with summaries, offering
+    // node 9 its entries once.
+    let digest = wire::Envelope {
+        body: Some(wire::envelope::Body::Digest(wire::Digest {
+            round: 1,
+            buckets: vec![1; 16],
+            reply_wanted: false,
+            fresh: false,
+        })),
+    }
+    .encode_to_vec();
+    r.handle_message(now, WALL0, 9, &digest);
+    assert!(r.stats().summaries_sent >= 1);
+    while r.poll_outgoing().is_some() {}
+    // Node 9 asks for everything, a hundred times over.
+    let msg = request(1, keys.clone());
+    let (mut answered, mut asked) = (0, 0);
+    for _ in 0..100 {
+        r.handle_message(now, WALL0, 9, &msg);
+        asked += msg.len();
+        answered += drain_entries(&mut r).0;
+    }
+    let store_bytes = 50 * (1024 + 40);
+    assert!(
+        answered >= 50 * 1024,
+        "the offered entries were not all sent: {answered}"
+    );
+    assert!(
+        answered <= store_bytes + 3 * asked,
+        "{answered} B answered to {asked} B asked (offered about {store_bytes})"
+    );
+    assert!(r.stats().answers_capped > 0);
+}
+
+#[test]
+fn answers_are_not_built_beyond_the_sync_backlog_room() {
+    let now = Instant::now();
+    let mut r = Replica::new(cfg(1), now);
+    for i in 0..50 {
+        r.put(WALL0, format!("key/{i:02}"), vec![1u8; 1024])
+            .unwrap();
+    }
+    while r.poll_outgoing().is_some() {}
+    // The requester's buckets are empty: node 1 sends its entries, as far as the room goes.
+    let digest = wire::Envelope {
+        body: Some(wire::envelope::Body::Digest(wire::Digest {
+            round: 1,
+            buckets: vec![0; 16],
+            reply_wanted: false,
+            fresh: true,
+        })),
+    }
+    .encode_to_vec();
+    r.set_sync_room(10_000);
+    r.handle_message(now, WALL0, 9, &digest);
+    let (bytes, _) = drain_entries(&mut r);
+    assert!(bytes <= 10_000, "{bytes} B built for 10 000 B of room");
+    assert!(bytes > 0);
+    assert!(r.stats().answers_deferred > 0);
+}
+
+#[test]
+fn large_values_still_sync_through_summaries_and_requests() {
+    let now = Instant::now();
+    let mut x = Replica::new(cfg(1), now);
+    let mut y = Replica::new(cfg(2), now);
+    // Both hold the same small keys (no bucket is empty at either node); x also holds large
+    // values that y lacks.
+    for i in 0..64 {
+        let v = x.put(WALL0, format!("common/{i}"), "v").unwrap();
+        let msg = write_msg(v.hlc, vec![(&format!("common/{i}"), Some("v"))]);
+        y.handle_message(now, WALL0, 1, &msg);
+    }
+    for i in 0..20 {
+        x.put(WALL0, format!("big/{i}"), vec![i as u8; 64 * 1024])
+            .unwrap();
+    }
+    while x.poll_outgoing().is_some() {}
+    while y.poll_outgoing().is_some() {}
+    x.handle_peer_up(now, 2);
+    y.handle_peer_up(now, 1);
+    // y's digest reaches x; x answers with summaries; y requests what it lacks; x answers.
+    let digest = wire::Envelope {
+        body: Some(wire::envelope::Body::Digest(wire::Digest {
+            round: 1,
+            buckets: y.digest(),
+            reply_wanted: true,
+            fresh: false,
+        })),
+    }
+    .encode_to_vec();
+    x.handle_message(now, WALL0, 2, &digest);
+    for _ in 0..4 {
+        while let Some(out) = x.poll_outgoing() {
+            y.handle_message(now, WALL0, 1, &out.payload);
+        }
+        while let Some(out) = y.poll_outgoing() {
+            x.handle_message(now, WALL0, 2, &out.payload);
+        }
+    }
+    assert!(y.stats().requests_sent > 0);
+    assert_eq!(x.stats().answers_capped, 0);
+    for i in 0..20 {
+        assert_eq!(
+            y.get(&format!("big/{i}")).map(|v| v.len()),
+            Some(64 * 1024),
+            "big/{i}"
+        );
     }
 }

@@ -10,8 +10,39 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus_replication::chorus_protocol::{ClusterId, Config, Incarnation, NodeId, Transmit};
-use chorus_replication::{Change, NodeConfig, NodeCore, NodeEvent, Version, WallClock};
+use chorus_replication::{
+    Change, Durability, DurableError, DurableStats, Entry, NodeConfig, NodeCore, NodeEvent,
+    Version, WallClock, wire,
+};
 use chorus_sim::{Machine, Sim, SimConfig, Spawn};
+
+/// A durable backend that keeps nothing: for tests of what `Replica::restore` and
+/// `NodeCore::with_durability` do with a store "found on disk".
+#[derive(Debug, Default)]
+pub struct Forgetful;
+
+impl Durability for Forgetful {
+    fn append(&mut self, _record: &wire::LogRecord, _local: bool) {}
+    fn flush(&mut self, _now: Instant, _force: bool) -> Result<(), DurableError> {
+        Ok(())
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        None
+    }
+    fn wants_compaction(&self) -> bool {
+        false
+    }
+    fn compact(
+        &mut self,
+        _entries: &BTreeMap<String, Entry>,
+        _wall_ms: u64,
+    ) -> Result<(), DurableError> {
+        Ok(())
+    }
+    fn stats(&self) -> DurableStats {
+        DurableStats::default()
+    }
+}
 
 /// One simulated node: the real `NodeCore`, plus what the test observed of its events.
 pub struct SimNode {
@@ -86,6 +117,16 @@ impl Machine for SimNode {
 /// Builds a simulator whose nodes run `NodeCore` with the lossy protocol preset.
 /// `tune` adjusts each node's configuration.
 pub fn sim(config: SimConfig, tune: impl Fn(&mut NodeConfig) + 'static) -> Sim<SimNode> {
+    sim_with(config, tune, |spawn, nc| NodeCore::new(nc, spawn.now))
+}
+
+/// Like [`sim`], with each node's `NodeCore` built by `make` from its tuned configuration
+/// (e.g. restored from a store "found on disk").
+pub fn sim_with(
+    config: SimConfig,
+    tune: impl Fn(&mut NodeConfig) + 'static,
+    make: impl Fn(&Spawn, NodeConfig) -> NodeCore + 'static,
+) -> Sim<SimNode> {
     let epoch: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
     Sim::new(config, move |spawn: &Spawn| {
         // Every node shares the wall-clock mapping of the first spawn (the sim epoch).
@@ -103,7 +144,7 @@ pub fn sim(config: SimConfig, tune: impl Fn(&mut NodeConfig) + 'static) -> Sim<S
         nc.replica.solo_in_sync_after = Duration::from_secs(2);
         tune(&mut nc);
         SimNode {
-            core: NodeCore::new(nc, spawn.now),
+            core: make(spawn, nc),
             last_version: HashMap::new(),
             order_violations: Vec::new(),
             changes: 0,
