@@ -31,6 +31,8 @@ pub const MAX_BODY: usize = 1024 * 1024;
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// Fields beside `error` in the JSON answer (e.g. the clock offset of a refused write).
+    detail: Option<Value>,
 }
 
 impl ApiError {
@@ -38,6 +40,7 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            detail: None,
         }
     }
 
@@ -48,7 +51,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+        let mut body = json!({ "error": self.message });
+        if let (Some(Value::Object(detail)), Some(map)) = (self.detail, body.as_object_mut()) {
+            map.extend(detail);
+        }
+        (self.status, axum::Json(body)).into_response()
     }
 }
 
@@ -68,7 +75,11 @@ fn status_of(e: &chorus::Error) -> StatusCode {
             | R::EmptyBatch
             | R::BatchTooLarge { .. }
             | R::DuplicateKey { .. } => StatusCode::BAD_REQUEST,
+            R::ClockAhead { .. } => StatusCode::SERVICE_UNAVAILABLE,
         },
+        // A state of the node, not of the request: it lasts until the clock is fixed (or
+        // catches up with the node's history), so 503 like any other unavailability.
+        chorus::Error::ClockAhead { .. } => StatusCode::SERVICE_UNAVAILABLE,
         chorus::Error::Compacted { .. } => StatusCode::GONE,
         chorus::Error::Closed => StatusCode::SERVICE_UNAVAILABLE,
         chorus::Error::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -85,7 +96,25 @@ impl From<chorus::Error> for ApiError {
         if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
             tracing::error!(error = %e, "HTTP API: node error");
         }
-        Self::new(status, e.to_string())
+        let detail = match &e {
+            chorus::Error::ClockAhead {
+                offset_ms,
+                bound_ms,
+                cause,
+            } => Some(json!({
+                "offset_ms": offset_ms,
+                "bound_ms": bound_ms,
+                "cause": match cause {
+                    chorus_replication::ClockCause::WallClock => "wall_clock",
+                    chorus_replication::ClockCause::History => "history",
+                },
+            })),
+            _ => None,
+        };
+        Self {
+            detail,
+            ..Self::new(status, e.to_string())
+        }
     }
 }
 
@@ -361,6 +390,7 @@ async fn members(State(node): State<Node>) -> Response {
                 "incarnation": m.incarnation,
                 "addr": m.addr.to_string(),
                 "state": m.state,
+                "clock_offset_ms": m.clock_offset_ms,
             })
         })
         .collect();
@@ -494,6 +524,26 @@ async fn health(State(node): State<Node>) -> Response {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_write_refused_for_clock_skew_is_503_naming_offset_and_bound() {
+        let e = chorus::Error::ClockAhead {
+            offset_ms: 300_000,
+            bound_ms: 59_000,
+            cause: chorus_replication::ClockCause::WallClock,
+        };
+        let response = ApiError::from(e).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["offset_ms"], 300_000);
+        assert_eq!(body["bound_ms"], 59_000);
+        assert_eq!(body["cause"], "wall_clock");
+        let message = body["error"].as_str().unwrap();
+        assert!(message.contains("300000") && message.contains("59000"), "{message}");
+    }
 
     #[test]
     fn query_parsing_is_strict() {

@@ -421,6 +421,9 @@ impl Attacker {
                         delivered_up_to: self.rng.next_u64(),
                     })
                     .collect(),
+                // Any wall time at all: a clock offset claimed by a stranger must not make
+                // the target refuse its writes.
+                wall_ms: self.rng.next_u64(),
             }),
             3 => Kind::Nak(proto::Nak {
                 target_node: self.rng.next_u64(),
