@@ -39,6 +39,7 @@
 pub mod auth;
 mod config;
 mod endpoint;
+mod probation;
 mod rate;
 mod recv;
 mod send;

@@ -16,6 +16,10 @@ use crate::*;
 
 const CLUSTER: ClusterId = ClusterId(0xC0FFEE);
 
+/// Long enough for every node to pass every other's probation: a second heartbeat, one
+/// heartbeat interval (200 ms) after the first.
+const JOIN: Duration = Duration::from_millis(250);
+
 fn addr(i: usize) -> SocketAddr {
     SocketAddr::from(([10, 0, 0, i as u8 + 1], 7400))
 }
@@ -220,6 +224,21 @@ fn is_first_data(bytes: &Bytes) -> bool {
     matches!(frame_of(bytes), Kind::Data(_) | Kind::Fragment(_))
 }
 
+/// A plain heartbeat of `node`/`incarnation` saying it sent up to `highest_sent`.
+fn heartbeat(node: NodeId, incarnation: Incarnation, highest_sent: u64) -> Bytes {
+    let hb = proto::Heartbeat {
+        highest_sent,
+        low_retained: 1,
+        delivered: vec![],
+    };
+    wire::encode(
+        &Header::new(CLUSTER, node, incarnation),
+        &proto::Frame {
+            kind: Some(Kind::Heartbeat(hb)),
+        },
+    )
+}
+
 fn msg(i: u64) -> Bytes {
     Bytes::from(format!("message {i}"))
 }
@@ -268,7 +287,7 @@ fn in_order_delivery() {
 #[test]
 fn duplicates_are_dropped_and_counted() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(0, msg(1));
     net.run_for(Duration::from_millis(10));
     let data: Vec<Bytes> = net
@@ -289,7 +308,7 @@ fn duplicates_are_dropped_and_counted() {
 #[test]
 fn reordered_datagrams_are_delivered_in_order() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     // Capture five separate data datagrams without delivering them.
     net.filter = Box::new(|_, _, b| !is_first_data(b));
     for i in 1..=5 {
@@ -316,7 +335,7 @@ fn reordered_datagrams_are_delivered_in_order() {
 #[test]
 fn lost_data_is_repaired_after_nak() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     let mut nth = 0;
     net.filter = Box::new(move |from, _, b| {
         if from == 0 && is_first_data(b) {
@@ -341,7 +360,7 @@ fn lost_data_is_repaired_after_nak() {
 #[test]
 fn tail_loss_is_found_by_heartbeat() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     for i in 1..=3 {
         net.send(0, msg(i));
         net.run_for(Duration::from_millis(1));
@@ -368,7 +387,7 @@ fn gap_below_window_is_reported_lost() {
     let mut configs = vec![config(0, 1), config(1, 1)];
     configs[0].window_max_age = Duration::from_millis(50);
     let mut net = Net::new(configs);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(0, msg(1));
     net.run_for(Duration::from_millis(5));
     // Seq 2 and 3 never reach node 1, and neither do repairs.
@@ -401,7 +420,7 @@ fn gap_below_window_is_reported_lost() {
 #[test]
 fn one_mebibyte_is_fragmented_and_reassembled_under_loss() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let big: Vec<u8> = (0..(1 << 20)).map(|_| rng.random()).collect();
     let mut loss = ChaCha8Rng::seed_from_u64(8);
@@ -427,7 +446,7 @@ fn one_mebibyte_is_fragmented_and_reassembled_under_loss() {
 #[test]
 fn small_messages_are_batched() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     let now = net.now;
     for i in 1..=300 {
         net.node(0).send(now, msg(i)).unwrap();
@@ -449,7 +468,7 @@ fn full_window_pushes_back_until_stable() {
     let mut configs = vec![config(0, 1), config(1, 1)];
     configs[0].window_max_messages = NonZeroUsize::new(8).unwrap();
     let mut net = Net::new(configs);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     let now = net.now;
     for i in 1..=8 {
         assert_eq!(net.node(0).send(now, msg(i)), Ok(i));
@@ -506,7 +525,7 @@ fn rate_limit_paces_data() {
 #[test]
 fn naks_for_a_shared_gap_are_suppressed() {
     let mut net = Net::new(vec![config(0, 1), config(1, 1), config(2, 1)]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(0, msg(1));
     net.run_for(Duration::from_millis(1));
     net.filter = Box::new(|from, _, b| {
@@ -528,7 +547,7 @@ fn naks_for_a_shared_gap_are_suppressed() {
 #[test]
 fn membership_join_suspect_alive_leave() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     assert!(matches!(
         net.events[0][0],
         Event::MemberJoined {
@@ -573,13 +592,13 @@ fn membership_join_suspect_alive_leave() {
 #[test]
 fn restart_and_goodbye() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(1, msg(1));
     net.run_for(Duration::from_millis(10));
     // Node 1 crashes and restarts with a new incarnation.
     let now = net.now;
     net.nodes[1] = Some(Endpoint::new(config(1, 2), now));
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     assert!(net.events[0].iter().any(|e| matches!(
         e,
         Event::MemberRestarted {
@@ -740,7 +759,12 @@ fn every_drop_reason_is_counted() {
         )
     );
     assert_eq!(st.drops(), 14);
-    assert_eq!(st.messages_delivered, 1);
+    // Incarnation 3 is on probation: its message is held until a second datagram of it comes
+    // half a heartbeat interval later.
+    assert_eq!(st.messages_delivered, 0);
+    let later = t0 + Duration::from_millis(150);
+    ep.handle_datagram(later, from, &heartbeat(NodeId(2), Incarnation(3), 1));
+    assert_eq!(ep.stats().messages_delivered, 1);
     ep.close(t0);
     while ep.poll_transmit(t0).is_some() {}
     ep.handle_datagram(t0, from, &good);
@@ -783,7 +807,7 @@ fn garbage_never_panics() {
 fn random_loss_three_nodes_settles_every_stream() {
     for seed in 0..3u64 {
         let mut net = Net::new((0..3).map(|i| config(i, 1)).collect());
-        net.run_for(Duration::from_millis(10));
+        net.run_for(JOIN);
         let mut loss = ChaCha8Rng::seed_from_u64(seed);
         net.filter = Box::new(move |_, _, _| loss.random_bool(0.8));
         for round in 1..=300u64 {
@@ -834,7 +858,7 @@ fn same_seed_same_run() {
 #[test]
 fn member_back_from_timeout_resumes_its_stream() {
     let mut net = Net::new(vec![config(0, 1), config(1, 1), config(2, 1)]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     for i in 1..=3 {
         net.send(0, msg(i));
         net.run_for(Duration::from_millis(5));
@@ -883,14 +907,16 @@ fn stream_first_heard_through_a_nak_is_anchored_there() {
             },
         ),
     );
-    // Its seq 11 is lost; seq 12 arrives: 11 must be NAKed, not skipped.
+    // Its seq 11 is lost; seq 12 arrives (after its probation): 11 must be NAKed, not
+    // skipped.
+    let t1 = t0 + Duration::from_millis(150);
     ep.handle_datagram(
-        t0,
+        t1,
         addr(1),
         &wire::encode_data(&h, 12, [msg(12)].iter(), None),
     );
     assert_eq!(ep.members()[0].delivered_up_to, 10);
-    let later = t0 + Duration::from_millis(30);
+    let later = t1 + Duration::from_millis(30);
     ep.handle_timeout(later);
     let naks: Vec<proto::Nak> = std::iter::from_fn(|| ep.poll_transmit(later))
         .filter_map(|t| match frame_of(&t.payload) {
@@ -960,7 +986,7 @@ fn membership_events(events: &[Event]) -> usize {
 fn sealed_pair_delivers_and_shows_no_plaintext() {
     let k = ring(1, 0x11);
     let mut net = Net::new(vec![keyed(0, 1, &k), keyed(1, 1, &k)]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     for i in 1..=300 {
         net.send(0, msg(i));
     }
@@ -1012,7 +1038,7 @@ fn wrong_or_missing_key_is_refused_and_counted() {
         keyed(0, 1, &ring(1, 0x11)),
         keyed(1, 1, &ring(1, 0x22)),
     ]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(0, msg(1));
     net.run_for(Duration::from_millis(500));
     assert!(net.node(1).members().is_empty());
@@ -1031,7 +1057,7 @@ fn wrong_or_missing_key_is_refused_and_counted() {
 
     // No key against a key, both ways: unauthenticated.
     let mut net = Net::new(vec![config(0, 1), keyed(1, 1, &ring(1, 0x11))]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(0, msg(1));
     net.run_for(Duration::from_millis(500));
     assert!(net.node(0).members().is_empty());
@@ -1074,8 +1100,10 @@ fn tampered_header_counter_body_or_tag_is_rejected() {
         2 * authenticated_bytes
     );
     assert_eq!(st.drops(), 2 * body_end as u64);
-    // The untouched datagram is accepted.
+    // The untouched datagram is accepted (and delivered once its sender passed probation).
     ep.handle_datagram(t0, addr(1), &sealed);
+    let hb = seal_with(&k, &heartbeat(NodeId(2), Incarnation(1), 2), 2);
+    ep.handle_datagram(t0 + Duration::from_millis(150), addr(1), &hb);
     assert_eq!(ep.stats().messages_delivered, 2);
 }
 
@@ -1083,7 +1111,7 @@ fn tampered_header_counter_body_or_tag_is_rejected() {
 fn replayed_datagrams_are_rejected_and_counted() {
     let k = ring(1, 0x11);
     let mut net = Net::new(vec![keyed(0, 1, &k), keyed(1, 1, &k)]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     for i in 1..=50 {
         net.send(0, msg(i));
     }
@@ -1117,7 +1145,7 @@ fn replayed_datagrams_are_rejected_and_counted() {
 fn older_incarnation_is_rejected_once_a_newer_is_seen() {
     let k = ring(1, 0x11);
     let mut net = Net::new(vec![keyed(0, 1, &k), keyed(1, 1, &k)]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(1, msg(1));
     net.run_for(Duration::from_millis(300));
     let old: Vec<Bytes> = net
@@ -1151,7 +1179,7 @@ fn older_incarnation_is_rejected_once_a_newer_is_seen() {
 fn key_rotation_under_traffic_loses_nothing() {
     let k1 = ring(1, 0x11);
     let mut net = Net::new((0..3).map(|i| keyed(i, 1, &k1)).collect());
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     let mut sent = [0u64; 3];
     let mut traffic = |net: &mut Net, rounds: usize| {
         for _ in 0..rounds {
@@ -1245,7 +1273,7 @@ fn forged_goodbye_or_heartbeat_cannot_evict_restart_or_suspect_a_member() {
     let k = ring(1, 0x11);
     let wrong = ring(1, 0x66);
     let mut net = Net::new(vec![keyed(0, 1, &k), keyed(1, 1, &k)]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(1, msg(1));
     net.run_for(Duration::from_millis(50));
     let events = membership_events(&net.events[0]);
@@ -1277,7 +1305,7 @@ fn forged_goodbye_or_heartbeat_cannot_evict_restart_or_suspect_a_member() {
 
     // The same forgeries against an unkeyed cluster do the damage (the test can fail).
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(1, msg(1));
     net.run_for(Duration::from_millis(50));
     let now = net.now;
