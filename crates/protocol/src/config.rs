@@ -74,8 +74,8 @@ pub struct Config {
     /// is full; members are never evicted to make room for newcomers.
     pub max_members: NonZeroUsize,
     /// Most senders on probation at once (default 4096): a new (node, incarnation) becomes a
-    /// member only when a second datagram of it arrives at least `heartbeat_interval / 2`
-    /// after its first. When the table is full the oldest candidate is dropped
+    /// member only when a heartbeat of it arrives at least `heartbeat_interval / 2` after its
+    /// first heartbeat. When the table is full the oldest candidate is dropped
     /// (`candidates_evicted`).
     pub max_candidates: NonZeroUsize,
     /// Repair bytes one member's NAKs may have queued per `heartbeat_interval` (a bucket of

@@ -207,6 +207,12 @@ impl Endpoint {
         self.candidates.len()
     }
 
+    /// Departed members and replay windows remembered (for tests of their bounds).
+    #[cfg(test)]
+    pub(crate) fn remembered(&self) -> (usize, usize) {
+        (self.departed.len(), self.replay.len())
+    }
+
     /// Whether the send window has room for another message.
     pub fn is_writable(&self) -> bool {
         !self.closing
@@ -828,7 +834,8 @@ impl Endpoint {
             return;
         }
         self.shared = body_len;
-        if !self.admit(header, from, datagram.len()) {
+        let heartbeat = matches!(kind, Kind::Heartbeat(_));
+        if !self.admit(header, from, datagram.len(), heartbeat) {
             return;
         }
         let node = header.node;
@@ -945,9 +952,10 @@ impl Endpoint {
         self.stats.count_drop(reason);
     }
 
-    /// Membership bookkeeping for a valid datagram of `len` bytes. Returns `false` if it must
-    /// be ignored; otherwise `from_candidate` says whose stream it feeds.
-    fn admit(&mut self, header: Header, from: SocketAddr, len: usize) -> bool {
+    /// Membership bookkeeping for a valid datagram of `len` bytes (a heartbeat or not).
+    /// Returns `false` if it must be ignored; otherwise `from_candidate` says whose stream it
+    /// feeds.
+    fn admit(&mut self, header: Header, from: SocketAddr, len: usize, heartbeat: bool) -> bool {
         let (node, incarnation) = (header.node, header.incarnation);
         self.from_candidate = false;
         let mut resume = None;
@@ -989,25 +997,32 @@ impl Endpoint {
             None if rejoin => return self.rejoin(node, incarnation, from, resume),
             None => {}
         }
-        self.on_probation(node, incarnation, from, len)
+        self.on_probation(node, incarnation, from, len, heartbeat)
     }
 
     /// A datagram of a (node, incarnation) that is not a member. Returns whether to handle it
-    /// (with `from_candidate` set when it feeds a candidate's stream).
+    /// (with `from_candidate` set when it feeds a candidate's stream). The sender becomes a
+    /// member with a heartbeat at least half a heartbeat interval after its first one.
     fn on_probation(
         &mut self,
         node: NodeId,
         incarnation: Incarnation,
         from: SocketAddr,
         len: usize,
+        heartbeat: bool,
     ) -> bool {
         let now = self.now;
+        let proof = self.cfg.heartbeat_interval / 2;
         match self.candidates.get_mut(&node) {
             Some(c) if c.incarnation == incarnation => {
                 c.addr = from;
                 c.received += len as u64;
-                if now >= c.first_heard + self.cfg.heartbeat_interval / 2 {
-                    return self.promote(node);
+                if heartbeat {
+                    match c.first_heartbeat {
+                        Some(first) if now >= first + proof => return self.promote(node),
+                        Some(_) => {}
+                        None => c.first_heartbeat = Some(now),
+                    }
                 }
                 self.from_candidate = true;
                 return true;
@@ -1051,6 +1066,7 @@ impl Endpoint {
                 incarnation,
                 addr: from,
                 first_heard: now,
+                first_heartbeat: heartbeat.then_some(now),
                 stream: RecvStream::held(node, incarnation, rank),
                 received: len as u64,
                 answered: 0,
@@ -1233,8 +1249,9 @@ impl Endpoint {
             self.make_room(rank, Some(last), false, need);
         }
         self.with_stream(node, |stream, out| {
-            for (seq, payload) in (data.first_seq..).zip(data.messages) {
-                stream.on_message(seq, payload, out);
+            // first_seq + count does not overflow (checked above): neither does any seq.
+            for (i, payload) in (0..count).zip(data.messages) {
+                stream.on_message(data.first_seq + i, payload, out);
             }
         });
         Ok(())

@@ -1,7 +1,8 @@
 //! Senders on probation: heard from, not members yet.
 //!
-//! A new (node, incarnation) is a *candidate* until a second datagram of it arrives at least
-//! half a heartbeat interval after its first (a spoofed one-shot datagram never gets further).
+//! A new (node, incarnation) is a *candidate* until a heartbeat of it arrives at least half a
+//! heartbeat interval after its first heartbeat: a spoofed one-shot datagram, or a stream of
+//! NAKs or data, never gets further.
 //! A candidate's stream holds what it sends without delivering it; it emits no event. The
 //! table is bounded: when it is full the oldest candidate makes room, so that a flood of
 //! fresh ids cannot keep a real newcomer out for longer than the table takes to turn over.
@@ -18,6 +19,8 @@ pub(crate) struct Candidate {
     pub(crate) incarnation: Incarnation,
     pub(crate) addr: SocketAddr,
     pub(crate) first_heard: Instant,
+    /// When its first heartbeat came.
+    pub(crate) first_heartbeat: Option<Instant>,
     pub(crate) stream: RecvStream,
     /// Datagram bytes received from it: what its NAKs may cost is at most three times this.
     pub(crate) received: u64,

@@ -754,6 +754,7 @@ impl RecvStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
 
     fn out_parts() -> (VecDeque<Event>, Stats, Budget) {
         (VecDeque::new(), Stats::default(), Budget::new(1 << 20))
@@ -839,5 +840,166 @@ mod tests {
             ),
             Err(DropReason::Malformed)
         );
+    }
+
+    fn frag(seq: u64, total_len: u32, offset: u32, chunk: &[u8]) -> proto::Fragment {
+        proto::Fragment {
+            seq,
+            total_len,
+            offset,
+            chunk: Bytes::copy_from_slice(chunk),
+        }
+    }
+
+    #[test]
+    fn reassembly_memory_follows_bytes_received_not_declared_length() {
+        let (mut ev, mut st, mut b) = out_parts();
+        let mut out = Out {
+            events: &mut ev,
+            stats: &mut st,
+            budget: &mut b,
+            delivered: (0, 0),
+            shared: 1300,
+        };
+        let mut s = RecvStream::new(NodeId(1), Incarnation(1));
+        // One 1200-byte chunk near the end of a message declared 1 MiB long.
+        let total = 1 << 20;
+        s.on_fragment(&frag(1, total, total - 1200, &[7; 1200]), &mut out)
+            .unwrap();
+        let charged = REASSEMBLY_OVERHEAD + 1300 + ENTRY_OVERHEAD;
+        assert_eq!((out.budget.used(), s.held_bytes()), (charged, charged));
+        let r = &s.partial[&1];
+        assert_eq!(r.received, 1200);
+        assert!(r.chunks.values().all(|c| c.payload.len() == 1200));
+        // A budget with no room for it refuses the first chunk of another message.
+        let mut small = Budget::new(charged + 100);
+        let mut out = Out {
+            events: &mut ev,
+            stats: &mut st,
+            budget: &mut small,
+            delivered: (0, 0),
+            shared: 1300,
+        };
+        let mut s = RecvStream::new(NodeId(2), Incarnation(1));
+        s.on_fragment(&frag(1, total, 0, &[7; 1200]), &mut out)
+            .unwrap();
+        s.on_fragment(&frag(2, total, 0, &[7; 1200]), &mut out)
+            .unwrap();
+        assert_eq!(out.stats.buffer_full, 1);
+        assert_eq!(out.budget.used(), charged);
+    }
+
+    #[test]
+    fn held_payloads_pay_for_what_they_pin() {
+        let (mut ev, mut st, mut b) = out_parts();
+        let mut out = Out {
+            events: &mut ev,
+            stats: &mut st,
+            budget: &mut b,
+            delivered: (0, 0),
+            shared: 1000,
+        };
+        let mut s = RecvStream::new(NodeId(1), Incarnation(1));
+        s.on_message(1, Bytes::from_static(b"a"), &mut out);
+        // Out of order: held. A 1-byte slice of a 1000-byte body is copied out; an empty
+        // message is not free; a 600-byte one keeps sharing its body and pays for all of it.
+        let body = Bytes::from(vec![9u8; 1000]);
+        s.on_message(3, body.slice(10..11), &mut out);
+        s.on_message(4, Bytes::new(), &mut out);
+        s.on_message(5, body.slice(0..600), &mut out);
+        let expect = (1 + ENTRY_OVERHEAD) + ENTRY_OVERHEAD + (1000 + ENTRY_OVERHEAD);
+        assert_eq!(out.budget.used(), expect);
+        assert_eq!(s.held_bytes(), expect);
+        let copied = &s.buffered[&3].payload;
+        assert!(!std::ptr::eq(copied.as_ptr(), body[10..].as_ptr()));
+        s.on_message(2, Bytes::from_static(b"b"), &mut out);
+        assert_eq!(out.budget.used(), 0);
+        assert_eq!(s.next_expected, 6);
+    }
+
+    #[test]
+    fn fragment_insert_is_not_quadratic_and_reassembles_any_overlap() {
+        // Every other byte first, backwards (the worst order for a sorted interval list),
+        // then the rest: each insert looks at O(1) neighbours.
+        let n: u32 = 20_000;
+        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        let mut budget = Budget::new(usize::MAX);
+        let mut r = Reassembly::new(n);
+        let mut inserts = 0;
+        for start in [0u32, 1] {
+            for i in (start..n).step_by(2).rev() {
+                let at = i as usize;
+                let piece = Bytes::copy_from_slice(&data[at..at + 1]);
+                assert!(matches!(
+                    r.insert(i, piece, 1, &mut budget),
+                    Inserted::Added { .. }
+                ));
+                inserts += 1;
+            }
+        }
+        assert!(r.complete());
+        assert!(
+            r.visited <= 3 * inserts,
+            "{} visits for {inserts}",
+            r.visited
+        );
+        assert_eq!(budget.used() + REASSEMBLY_OVERHEAD, r.charge);
+        let (whole, _) = r.assemble();
+        assert_eq!(whole.as_ref(), data.as_slice());
+
+        // Random overlapping chunks against a model; the charge always matches.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for _ in 0..200 {
+            let len = rng.random_range(1..400u32);
+            let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let mut budget = Budget::new(usize::MAX);
+            let mut r = Reassembly::new(len);
+            let mut have = vec![false; len as usize];
+            while !r.complete() {
+                let a = rng.random_range(0..len);
+                let b = rng.random_range(a + 1..=len.min(a + 40));
+                let new = have[a as usize..b as usize].iter().any(|h| !h);
+                let got = r.insert(
+                    a,
+                    Bytes::copy_from_slice(&data[a as usize..b as usize]),
+                    64,
+                    &mut budget,
+                );
+                assert_eq!(matches!(got, Inserted::Added { .. }), new);
+                assert_eq!(got == Inserted::Duplicate, !new);
+                have[a as usize..b as usize].fill(true);
+                assert_eq!(r.received as usize, have.iter().filter(|h| **h).count());
+                assert_eq!(budget.used() + REASSEMBLY_OVERHEAD, r.charge);
+            }
+            assert_eq!(r.assemble().0.as_ref(), data.as_slice());
+        }
+    }
+
+    #[test]
+    fn sequence_numbers_stop_short_of_u64_max() {
+        let (mut ev, mut st, mut b) = out_parts();
+        let mut out = Out {
+            events: &mut ev,
+            stats: &mut st,
+            budget: &mut b,
+            delivered: (0, 0),
+            shared: 0,
+        };
+        let mut s = RecvStream::new(NodeId(1), Incarnation(1));
+        s.start_at(MAX_SEQ);
+        assert_eq!(
+            s.on_fragment(&frag(u64::MAX, 1, 0, b"x"), &mut out),
+            Err(DropReason::Malformed)
+        );
+        s.on_fragment(&frag(MAX_SEQ, 1, 0, b"x"), &mut out).unwrap();
+        assert_eq!(s.next_expected, u64::MAX);
+        // Nothing can follow, and nothing is missing.
+        s.on_highest_sent(u64::MAX);
+        assert!(!s.has_gap());
+        s.on_message(MAX_SEQ, Bytes::from_static(b"y"), &mut out);
+        s.advance_to(u64::MAX, &mut out);
+        s.finish(&mut out);
+        assert_eq!(out.stats.messages_delivered, 1);
+        assert_eq!(out.stats.duplicates, 1);
     }
 }

@@ -581,3 +581,129 @@ fn normalize(mut parts: Vec<(u32, u32)>, len: usize) -> Want {
     }
     Want::Parts(merged)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ClusterId, Incarnation, NodeId};
+
+    const HOLDOFF: Duration = Duration::from_millis(5);
+
+    /// A window that transmitted `count` messages of `len` bytes.
+    fn window(count: usize, len: usize, now: Instant) -> SendWindow {
+        let header = Header::new(ClusterId(1), NodeId(1), Incarnation(1));
+        let mut w = SendWindow::new(header, 1400);
+        for _ in 0..count {
+            w.push(Bytes::from(vec![7u8; len]), now);
+        }
+        while w.build_data(now).is_some() {}
+        assert_eq!(w.highest_sent(), count as u64);
+        w
+    }
+
+    fn nak(ranges: Vec<(u64, u64)>, partial: Vec<proto::PartialNak>) -> proto::Nak {
+        proto::Nak {
+            target_node: 1,
+            target_incarnation: 1,
+            ranges: ranges
+                .into_iter()
+                .map(|(first, last)| proto::SeqRange { first, last })
+                .collect(),
+            partial,
+            sender_highest_sent: 0,
+        }
+    }
+
+    /// Releases the pending repairs and builds them all; returns the bytes built.
+    fn repair_all(w: &mut SendWindow, now: Instant) -> u64 {
+        w.release_repairs();
+        std::iter::from_fn(|| w.build_repair(now))
+            .map(|d| d.len() as u64)
+            .sum()
+    }
+
+    #[test]
+    fn nak_of_ten_thousand_full_ranges_costs_bounded_work_and_bytes() {
+        let t0 = Instant::now();
+        let mut w = window(10_000, 100, t0);
+        w.trim_stable(99);
+        let flood = nak(vec![(1, u64::MAX); 10_000], vec![]);
+        let a = w.on_nak(&flood, t0, HOLDOFF, u64::MAX);
+        assert!(a.beyond);
+        assert_eq!(a.ignored, (10_000 - NAK_RANGES_TAKEN) as u64 + 1);
+        assert_eq!(w.pending_repairs.len() as u64, NAK_MESSAGES_TAKEN);
+        assert_eq!(*w.pending_repairs.first_key_value().unwrap().0, 100);
+        // Asking again during the hold-off, or while the repairs are queued, adds nothing.
+        assert_eq!(w.on_nak(&flood, t0, HOLDOFF, u64::MAX).charged, 0);
+        w.release_repairs();
+        assert_eq!(w.on_nak(&flood, t0, HOLDOFF, u64::MAX).charged, 0);
+        assert!(w.pending_repairs.is_empty());
+        let built: u64 = std::iter::from_fn(|| w.build_repair(t0))
+            .map(|d| d.len() as u64)
+            .sum();
+        assert!(built <= a.charged, "{built} > {}", a.charged);
+        assert!(built >= NAK_MESSAGES_TAKEN * 100);
+        // Just repaired: not again within the hold-off, whoever asks.
+        assert_eq!(
+            w.on_nak(&flood, t0 + HOLDOFF / 2, HOLDOFF, u64::MAX)
+                .charged,
+            0
+        );
+        assert!(w.on_nak(&flood, t0 + HOLDOFF, HOLDOFF, u64::MAX).charged > 0);
+    }
+
+    #[test]
+    fn repairs_stop_at_the_allowance() {
+        let t0 = Instant::now();
+        let mut w = window(100, 100, t0);
+        let per = (DATA_OVERHEAD + wire::message_cost(100)) as u64;
+        let a = w.on_nak(&nak(vec![(1, 100)], vec![]), t0, HOLDOFF, 3 * per + 1);
+        assert_eq!((a.charged, a.refused), (3 * per, 1));
+        assert_eq!(w.pending_repairs.len(), 3);
+        let built = repair_all(&mut w, t0);
+        assert!(built <= 3 * per, "{built}");
+        assert_eq!(
+            w.on_nak(&nak(vec![(1, 100)], vec![]), t0, HOLDOFF, 0)
+                .refused,
+            1
+        );
+    }
+
+    #[test]
+    fn partial_nak_flood_keeps_one_bounded_request_per_message() {
+        let t0 = Instant::now();
+        let len = 100_000;
+        let mut w = window(1, len, t0);
+        let mut rng = 1u64;
+        let mut next = move || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 33) as u32
+        };
+        let mut charged = 0;
+        for _ in 0..2_000 {
+            let partial = (0..NAK_PARTIALS_TAKEN + 10)
+                .map(|_| proto::PartialNak {
+                    seq: 1,
+                    missing: (0..NAK_BYTE_RANGES_TAKEN + 5)
+                        .map(|_| proto::ByteRange {
+                            offset: next() % (2 * len as u32),
+                            len: next() % 50,
+                        })
+                        .collect(),
+                })
+                .collect();
+            let a = w.on_nak(&nak(vec![], partial), t0, HOLDOFF, u64::MAX);
+            charged += a.charged;
+            match &w.pending_repairs[&1] {
+                Want::Whole => {}
+                Want::Parts(parts) => assert!(parts.len() <= MAX_PARTS, "{}", parts.len()),
+            }
+        }
+        let whole = (len + len.div_ceil(w.chunk_size()) * FRAGMENT_OVERHEAD) as u64;
+        assert!(charged <= whole, "{charged} > {whole}");
+        let built = repair_all(&mut w, t0);
+        assert!(built <= whole, "{built} > {whole}");
+    }
+}

@@ -759,9 +759,10 @@ fn every_drop_reason_is_counted() {
         )
     );
     assert_eq!(st.drops(), 14);
-    // Incarnation 3 is on probation: its message is held until a second datagram of it comes
-    // half a heartbeat interval later.
+    // Incarnation 3 is on probation: its message is held until it sends two heartbeats half
+    // a heartbeat interval apart.
     assert_eq!(st.messages_delivered, 0);
+    ep.handle_datagram(t0, from, &heartbeat(NodeId(2), Incarnation(3), 1));
     let later = t0 + Duration::from_millis(150);
     ep.handle_datagram(later, from, &heartbeat(NodeId(2), Incarnation(3), 1));
     assert_eq!(ep.stats().messages_delivered, 1);
@@ -890,7 +891,8 @@ fn stream_first_heard_through_a_nak_is_anchored_there() {
     let t0 = Instant::now();
     let mut ep = Endpoint::new(config(0, 1), t0);
     let h = Header::new(CLUSTER, NodeId(2), Incarnation(1));
-    // Node 2 is first heard through a NAK (about someone else's stream) saying it sent 10.
+    // Node 2 is first heard through a NAK (about someone else's stream) saying it sent 10;
+    // its heartbeats, later, say 12.
     let nak = proto::Nak {
         target_node: 9,
         target_incarnation: 1,
@@ -910,6 +912,8 @@ fn stream_first_heard_through_a_nak_is_anchored_there() {
     // Its seq 11 is lost; seq 12 arrives (after its probation): 11 must be NAKed, not
     // skipped.
     let t1 = t0 + Duration::from_millis(150);
+    ep.handle_datagram(t0, addr(1), &heartbeat(NodeId(2), Incarnation(1), 12));
+    ep.handle_datagram(t1, addr(1), &heartbeat(NodeId(2), Incarnation(1), 12));
     ep.handle_datagram(
         t1,
         addr(1),
@@ -1102,8 +1106,10 @@ fn tampered_header_counter_body_or_tag_is_rejected() {
     assert_eq!(st.drops(), 2 * body_end as u64);
     // The untouched datagram is accepted (and delivered once its sender passed probation).
     ep.handle_datagram(t0, addr(1), &sealed);
-    let hb = seal_with(&k, &heartbeat(NodeId(2), Incarnation(1), 2), 2);
-    ep.handle_datagram(t0 + Duration::from_millis(150), addr(1), &hb);
+    let hb = heartbeat(NodeId(2), Incarnation(1), 2);
+    ep.handle_datagram(t0, addr(1), &seal_with(&k, &hb, 2));
+    let later = t0 + Duration::from_millis(150);
+    ep.handle_datagram(later, addr(1), &seal_with(&k, &hb, 3));
     assert_eq!(ep.stats().messages_delivered, 2);
 }
 
@@ -1320,4 +1326,402 @@ fn forged_goodbye_or_heartbeat_cannot_evict_restart_or_suspect_a_member() {
             ..
         } | Event::MemberRestarted { .. }
     )));
+}
+
+// --- Bounds against hostile senders ------------------------------------------------------
+
+fn nak_datagram(from: NodeId, target: NodeId, ranges: usize) -> Bytes {
+    let nak = proto::Nak {
+        target_node: target.0,
+        target_incarnation: 1,
+        ranges: vec![
+            proto::SeqRange {
+                first: 1,
+                last: u64::MAX
+            };
+            ranges
+        ],
+        partial: vec![],
+        sender_highest_sent: 0,
+    };
+    wire::encode(
+        &Header::new(CLUSTER, from, Incarnation(1)),
+        &proto::Frame {
+            kind: Some(Kind::Nak(nak)),
+        },
+    )
+}
+
+fn repair_bytes(net: &Net, from: usize, since: usize) -> u64 {
+    net.sent[since..]
+        .iter()
+        .filter(|(f, b)| *f == from && matches!(frame_of(b), Kind::Repair(_)))
+        .map(|(_, b)| b.len() as u64)
+        .sum()
+}
+
+#[test]
+fn a_new_sender_joins_only_after_probation_and_its_early_messages_are_held() {
+    let t0 = Instant::now();
+    let mut ep = Endpoint::new(config(0, 1), t0);
+    let (node, h) = (NodeId(7), Header::new(CLUSTER, NodeId(7), Incarnation(1)));
+    ep.handle_datagram(t0, addr(6), &heartbeat(node, Incarnation(1), 0));
+    for seq in 1..=3 {
+        ep.handle_datagram(
+            t0,
+            addr(6),
+            &wire::encode_data(&h, seq, [msg(seq)].iter(), None),
+        );
+    }
+    // Too soon for a second heartbeat to count, and other frames never do.
+    let early = t0 + Duration::from_millis(50);
+    ep.handle_datagram(early, addr(6), &heartbeat(node, Incarnation(1), 3));
+    let t1 = t0 + Duration::from_millis(150);
+    ep.handle_datagram(
+        t1,
+        addr(6),
+        &wire::encode_data(&h, 4, [msg(4)].iter(), None),
+    );
+    assert!(ep.poll_event().is_none(), "a candidate emits nothing");
+    assert!(ep.members().is_empty());
+    assert_eq!(ep.candidates(), 1);
+    let later = t0 + Duration::from_millis(160);
+    ep.handle_datagram(later, addr(6), &heartbeat(node, Incarnation(1), 4));
+    let events: Vec<Event> = std::iter::from_fn(|| ep.poll_event()).collect();
+    assert!(matches!(
+        events[0],
+        Event::MemberJoined {
+            node: NodeId(7),
+            ..
+        }
+    ));
+    let seqs: Vec<u64> = events[1..]
+        .iter()
+        .map(|e| match e {
+            Event::Delivered { seq, payload, .. } => {
+                assert_eq!(payload, &msg(*seq));
+                *seq
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!((ep.candidates(), ep.members().len()), (0, 1));
+    assert_eq!(ep.receive_memory(), crate::recv::SENDER_OVERHEAD);
+    // One-shot senders never join, and are forgotten after `suspect_after`.
+    for i in 0..100 {
+        ep.handle_datagram(
+            later,
+            addr(5),
+            &heartbeat(NodeId(100 + i), Incarnation(1), 0),
+        );
+    }
+    assert_eq!((ep.candidates(), ep.members().len()), (100, 1));
+    ep.handle_timeout(later + ep.config().suspect_after);
+    assert_eq!(ep.candidates(), 0);
+    assert_eq!(ep.stats().candidates_expired, 100);
+    assert!(
+        std::iter::from_fn(|| ep.poll_event()).all(|e| matches!(e, Event::MemberSuspected { .. }))
+    );
+}
+
+#[test]
+fn a_restart_takes_effect_only_once_the_new_incarnation_passed_probation() {
+    let mut net = Net::pair();
+    net.run_for(JOIN);
+    net.send(1, msg(1));
+    net.run_for(Duration::from_millis(10));
+    // One spoofed datagram of a "newer incarnation" of node 2 changes nothing.
+    let now = net.now;
+    net.node(0)
+        .handle_datagram(now, addr(1), &heartbeat(NodeId(2), Incarnation(9), 0));
+    net.send(1, msg(2));
+    net.run_for(Duration::from_millis(300));
+    assert!(
+        !net.events[0]
+            .iter()
+            .any(|e| matches!(e, Event::MemberRestarted { .. }))
+    );
+    assert_stream(&net, 0, NodeId(2), 2);
+    assert_eq!(net.node(0).members()[0].incarnation, Incarnation(1));
+    // A real restart is one a little later.
+    let now = net.now;
+    net.nodes[1] = Some(Endpoint::new(config(1, 10), now));
+    net.run_for(JOIN);
+    assert!(net.events[0].iter().any(|e| matches!(
+        e,
+        Event::MemberRestarted {
+            old: Incarnation(1),
+            new: Incarnation(10),
+            ..
+        }
+    )));
+}
+
+#[test]
+fn fragment_flood_from_fresh_ids_stays_within_the_budget_and_spares_members() {
+    let budget = 4 << 20;
+    let mut configs = vec![config(0, 1), config(1, 1)];
+    configs[1].receive_budget_bytes = budget;
+    let mut net = Net::new(configs);
+    net.run_for(JOIN);
+    let mut loss = ChaCha8Rng::seed_from_u64(21);
+    net.filter =
+        Box::new(move |from, _, b| !(from == 0 && is_first_data(b)) || loss.random_bool(0.9));
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    let big: Vec<u8> = (0..(600 << 10)).map(|_| rng.random()).collect();
+    net.send(0, big.clone());
+    let declared = net.node(1).config().max_message_size as u32;
+    let mut sent = 1;
+    for i in 0..10_000u64 {
+        let h = Header::new(CLUSTER, NodeId(1_000 + i), Incarnation(1));
+        let offset = rng.random_range(0..declared - 1200);
+        let d = wire::encode_fragment(&h, 1 + i % 5, declared, offset, &[0xAB; 1200], None);
+        let now = net.now;
+        net.node(1).handle_datagram(now, addr(7), &d);
+        assert!(net.node(1).receive_memory() <= budget);
+        if i % 100 == 99 {
+            sent += 1;
+            net.send(0, msg(sent));
+            net.run_for(Duration::from_millis(1));
+            assert!(net.node(1).receive_memory() <= budget);
+        }
+    }
+    net.run_for(Duration::from_secs(3));
+    let got = net.delivered(1, NodeId(1));
+    assert!(net.lost(1).is_empty(), "{:?}", net.node(1).stats());
+    assert_eq!(got.len(), sent as usize);
+    assert_eq!(got[0].1.as_ref(), big.as_slice());
+    for (seq, payload) in &got[1..] {
+        assert_eq!(payload, &msg(*seq));
+    }
+    let st = net.node(1).stats().clone();
+    assert_eq!(net.node(1).members().len(), 1);
+    assert!(
+        st.candidates_evicted > 0 && st.receive_evicted > 0,
+        "{st:?}"
+    );
+    assert!(
+        !net.events[1]
+            .iter()
+            .any(|e| matches!(e, Event::MemberJoined { node, .. } if node.0 >= 1_000))
+    );
+    // The candidates were forgotten: what is left is the member's own state.
+    assert_eq!(net.node(1).receive_memory(), crate::recv::SENDER_OVERHEAD);
+}
+
+#[test]
+fn membership_stays_bounded_under_heartbeats_from_fresh_ids() {
+    let mut net = Net::new(vec![config(0, 1), config(1, 1), config(2, 1)]);
+    net.nodes[2] = None;
+    net.run_for(JOIN);
+    let max_members = net.node(0).config().max_members.get();
+    let max_candidates = net.node(0).config().max_candidates.get();
+    // 20 000 one-shot heartbeats from fresh ids, 10 000 a second, while a real node starts.
+    for i in 0..20_000u64 {
+        let now = net.now;
+        let hb = heartbeat(NodeId(1_000 + i), Incarnation(1), 0);
+        net.node(0).handle_datagram(now, addr(7), &hb);
+        if i % 10 == 9 {
+            net.run_for(Duration::from_millis(1));
+        }
+        if i == 5_000 {
+            let now = net.now;
+            net.nodes[2] = Some(Endpoint::new(config(2, 1), now));
+        }
+        assert!(net.node(0).candidates() <= max_candidates);
+    }
+    let members: Vec<NodeId> = net.node(0).members().iter().map(|m| m.node).collect();
+    assert_eq!(members, vec![NodeId(2), NodeId(3)]);
+    let st = net.node(0).stats().clone();
+    assert_eq!(st.members_joined, 2);
+    assert!(st.candidates_evicted + st.candidates_expired >= 20_000 - max_candidates as u64);
+    // Senders that do prove themselves fill the table up to its bound, never beyond, and
+    // never push a member out.
+    let now = net.now;
+    for i in 0..400u64 {
+        let hb = heartbeat(NodeId(100_000 + i), Incarnation(1), 0);
+        net.node(0).handle_datagram(now, addr(7), &hb);
+    }
+    net.run_for(Duration::from_millis(120));
+    let now = net.now;
+    for i in 0..400u64 {
+        let hb = heartbeat(NodeId(100_000 + i), Incarnation(1), 0);
+        net.node(0).handle_datagram(now, addr(7), &hb);
+    }
+    assert_eq!(net.node(0).members().len(), max_members);
+    assert!(net.node(0).stats().members_full >= (400 - (max_members - 2)) as u64);
+    let members: Vec<NodeId> = net.node(0).members().iter().map(|m| m.node).collect();
+    assert!(members.contains(&NodeId(2)) && members.contains(&NodeId(3)));
+    // The established streams still flow.
+    net.send(1, msg(1));
+    net.send(2, msg(1));
+    net.run_for(Duration::from_millis(50));
+    assert_stream(&net, 0, NodeId(2), 1);
+    assert_stream(&net, 0, NodeId(3), 1);
+}
+
+#[test]
+fn departed_and_replay_tables_stay_bounded_over_join_leave_cycles() {
+    let k = ring(1, 0x11);
+    let t0 = Instant::now();
+    let mut ep = Endpoint::new(keyed(0, 1, &k), t0);
+    let max_members = ep.config().max_members.get();
+    let replay_capacity = 2 * max_members + ep.config().max_candidates.get();
+    let mut now = t0;
+    let goodbye = |node: NodeId| {
+        wire::encode(
+            &Header::new(CLUSTER, node, Incarnation(1)),
+            &proto::Frame {
+                kind: Some(Kind::Goodbye(proto::Goodbye { highest_sent: 0 })),
+            },
+        )
+    };
+    for batch in 0..50u64 {
+        let nodes: Vec<NodeId> = (0..100).map(|i| NodeId(1_000 + batch * 100 + i)).collect();
+        for (counter, at) in [(1, now), (2, now + Duration::from_millis(150))] {
+            for &node in &nodes {
+                let hb = seal_with(&k, &heartbeat(node, Incarnation(1), 0), counter);
+                ep.handle_datagram(at, addr(7), &hb);
+            }
+        }
+        assert_eq!(ep.members().len(), 100);
+        now += Duration::from_millis(150);
+        for &node in &nodes {
+            ep.handle_datagram(now, addr(7), &seal_with(&k, &goodbye(node), 3));
+        }
+        assert!(ep.members().is_empty());
+        ep.handle_timeout(now);
+        let (departed, replay) = ep.remembered();
+        assert!(departed <= max_members, "{departed}");
+        assert!(replay <= replay_capacity, "{replay}");
+    }
+    assert_eq!(ep.stats().members_joined, 5_000);
+    assert_eq!(ep.stats().departed_forgotten, 5_000 - max_members as u64);
+    assert_eq!(ep.stats().replay_forgotten, 5_000 - replay_capacity as u64);
+    // Past `forget_after`, nothing of them is left.
+    let much_later = now + ep.config().forget_after + Duration::from_secs(1);
+    ep.handle_timeout(much_later);
+    assert_eq!(ep.remembered(), (0, 0));
+}
+
+#[test]
+fn a_fresh_id_gets_at_most_three_times_its_bytes_in_repairs() {
+    let mut net = Net::pair();
+    net.run_for(JOIN);
+    // Node 1 goes quiet towards node 0, so node 0 keeps its whole window.
+    net.filter = Box::new(|from, _, _| from != 1);
+    let now = net.now;
+    for _ in 0..2_000 {
+        net.node(0).send(now, Bytes::from(vec![3u8; 1000])).unwrap();
+    }
+    net.run_for(Duration::from_millis(20));
+    assert_eq!(net.node(0).window_len(), 2_000);
+    let since = net.sent.len();
+    let mut asked = 0u64;
+    for round in 0..400u64 {
+        // One attacker id that keeps asking, and a new id every fourth round.
+        let from = if round % 4 == 3 {
+            NodeId(50_000 + round)
+        } else {
+            NodeId(40_000)
+        };
+        let nak = nak_datagram(from, NodeId(1), 1 + (round % 3) as usize * 1_000);
+        asked += nak.len() as u64;
+        let now = net.now;
+        net.node(0).handle_datagram(now, addr(8), &nak);
+        net.run_for(Duration::from_millis(6));
+    }
+    let answered = repair_bytes(&net, 0, since);
+    assert!(
+        answered <= 3 * asked,
+        "{answered} B of repairs for {asked} B asked"
+    );
+    assert!(net.node(0).stats().repairs_refused > 0);
+    assert!(net.node(0).stats().nak_entries_ignored > 0);
+}
+
+#[test]
+fn a_member_s_nak_flood_is_answered_within_its_budget_per_interval() {
+    let per_member = 1 << 20;
+    let mut configs = vec![config(0, 1), config(1, 1)];
+    configs[0].repair_bytes_per_member = NonZeroUsize::new(per_member).unwrap();
+    let mut net = Net::new(configs);
+    net.run_for(JOIN);
+    net.filter = Box::new(|from, _, _| from != 1);
+    let now = net.now;
+    for _ in 0..2_000 {
+        net.node(0).send(now, Bytes::from(vec![3u8; 1000])).unwrap();
+    }
+    net.run_for(Duration::from_millis(20));
+    let since = net.sent.len();
+    let start = net.now;
+    // Node 1 (a member) asks for everything every millisecond for one second.
+    for _ in 0..1_000 {
+        let now = net.now;
+        net.node(0)
+            .handle_datagram(now, addr(1), &nak_datagram(NodeId(2), NodeId(1), 4));
+        net.run_for(Duration::from_millis(1));
+    }
+    let elapsed = net.now - start;
+    let interval = net.node(0).config().heartbeat_interval;
+    let intervals = (elapsed.as_nanos() / interval.as_nanos()) as u64 + 1;
+    let answered = repair_bytes(&net, 0, since);
+    assert!(
+        answered <= intervals * per_member as u64,
+        "{answered} B in {intervals} intervals"
+    );
+    // Repairs did flow, within the bound.
+    assert!(answered >= per_member as u64);
+}
+
+#[test]
+fn sequence_numbers_near_u64_max_never_overflow() {
+    let t0 = Instant::now();
+    let mut ep = Endpoint::new(config(0, 1), t0);
+    let (node, inc) = (NodeId(7), Incarnation(1));
+    let h = Header::new(CLUSTER, node, inc);
+    let t1 = t0 + Duration::from_millis(150);
+    ep.handle_datagram(t0, addr(6), &heartbeat(node, inc, u64::MAX - 2));
+    ep.handle_datagram(t1, addr(6), &heartbeat(node, inc, u64::MAX - 2));
+    assert_eq!(ep.members().len(), 1);
+    let last = u64::MAX - 1;
+    ep.handle_datagram(
+        t1,
+        addr(6),
+        &wire::encode_data(&h, last, [msg(1)].iter(), None),
+    );
+    ep.handle_datagram(
+        t1,
+        addr(6),
+        &wire::encode_fragment(&h, u64::MAX, 1, 0, b"x", None),
+    );
+    ep.handle_datagram(
+        t1,
+        addr(6),
+        &wire::encode_data(&h, u64::MAX, [msg(2)].iter(), None),
+    );
+    let hb = proto::Heartbeat {
+        highest_sent: u64::MAX,
+        low_retained: u64::MAX,
+        delivered: vec![],
+    };
+    let hb = wire::encode(
+        &h,
+        &proto::Frame {
+            kind: Some(Kind::Heartbeat(hb)),
+        },
+    );
+    ep.handle_datagram(t1, addr(6), &hb);
+    assert_eq!(ep.stats().malformed, 2);
+    assert_eq!(ep.members()[0].delivered_up_to, last);
+    // Nothing is missing, so nothing is ever NAKed.
+    let mut now = t1;
+    for _ in 0..50 {
+        now += Duration::from_millis(20);
+        ep.handle_timeout(now);
+        while ep.poll_transmit(now).is_some() {}
+    }
+    assert_eq!(ep.stats().naks_sent, 0);
+    assert_eq!(ep.stats().messages_delivered, 1);
 }
