@@ -1070,6 +1070,7 @@ impl Endpoint {
                 stream: RecvStream::held(node, incarnation, rank),
                 received: len as u64,
                 answered: 0,
+                acked: self.window.highest_sent(),
             },
         );
         self.from_candidate = true;
@@ -1098,7 +1099,7 @@ impl Endpoint {
             self.stats.members_full += 1;
             return false;
         }
-        let (now, acked) = (self.now, self.window.highest_sent());
+        let (now, acked) = (self.now, candidate.acked);
         let incarnation = candidate.incarnation;
         let addr = candidate.addr;
         let mut peer = Peer::new(node, incarnation, addr, now, acked);

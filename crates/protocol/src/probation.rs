@@ -26,6 +26,10 @@ pub(crate) struct Candidate {
     pub(crate) received: u64,
     /// Repair bytes its NAKs have cost so far.
     pub(crate) answered: u64,
+    /// Our highest sequence number sent when it was first heard: once a member, it counts as
+    /// having delivered only up to there, so what we sent since stays repairable for it as
+    /// long as the window holds it.
+    pub(crate) acked: u64,
 }
 
 impl Candidate {
