@@ -816,10 +816,10 @@ impl Endpoint {
             return self.drop_datagram(DropReason::UnknownFrame);
         };
         if let Kind::Goodbye(_) = kind
-            && !self
+            && self
                 .peers
                 .get(&header.node)
-                .is_some_and(|p| p.incarnation == header.incarnation)
+                .is_none_or(|p| p.incarnation != header.incarnation)
         {
             // A goodbye from a node never heard of, already gone, or still on probation
             // (forgotten here): nothing to settle.

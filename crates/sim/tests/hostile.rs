@@ -48,7 +48,7 @@ const PER_MS: usize = 10;
 /// A node of the simulation: a real endpoint, or the flooder.
 enum Peer {
     Honest(Box<Endpoint>),
-    Hostile(Flooder),
+    Hostile(Box<Flooder>),
 }
 
 impl Machine for Peer {
@@ -228,7 +228,7 @@ fn run(seed: u64) {
         .with_max_events(30_000_000);
     let mut sim = Sim::new(config, move |spawn: &Spawn| {
         if spawn.index == HOSTILE {
-            return Peer::Hostile(Flooder::new(spawn));
+            return Peer::Hostile(Box::new(Flooder::new(spawn)));
         }
         let incarnation = Incarnation(u64::from(spawn.restarts) + 1);
         let cfg = Preset::Lan.config(node_id(spawn.index), incarnation, spawn.seed);
