@@ -79,6 +79,8 @@ pub struct Endpoint {
     budget: Budget,
     now: Instant,
     next_heartbeat: Instant,
+    /// When the last periodic heartbeat went out.
+    last_heartbeat: Instant,
     heartbeat_rotation: usize,
     last_beyond_reply: Option<Instant>,
     /// Delivered since the last heartbeat (messages, bytes): triggers early heartbeats so that
@@ -130,6 +132,7 @@ impl Endpoint {
             budget: Budget::new(cfg.receive_budget_bytes),
             now,
             next_heartbeat: now,
+            last_heartbeat: now,
             heartbeat_rotation: 0,
             last_beyond_reply: None,
             delivered_since_heartbeat: (0, 0),
@@ -415,7 +418,16 @@ impl Endpoint {
         let now = self.now;
         if now >= self.next_heartbeat && !self.closing {
             self.queue_heartbeat();
-            self.next_heartbeat = now + self.cfg.heartbeat_interval;
+            // While senders are on probation, heartbeat twice as often: they (typically
+            // starting nodes, which hold us on probation too) then see our second heartbeat
+            // half an interval after the first, and joins take half an interval, not two.
+            let period = if self.candidates.len() > 0 {
+                self.cfg.heartbeat_interval / 2
+            } else {
+                self.cfg.heartbeat_interval
+            };
+            self.last_heartbeat = now;
+            self.next_heartbeat = now + period;
             self.forget(now);
         }
         self.check_liveness(now);
@@ -1059,6 +1071,8 @@ impl Endpoint {
             self.stats.senders_over_budget += 1;
             return false;
         }
+        let half = self.cfg.heartbeat_interval / 2;
+        self.next_heartbeat = self.next_heartbeat.min(self.last_heartbeat + half);
         let rank = self.next_rank(true);
         self.candidates.insert(
             node,

@@ -1725,3 +1725,27 @@ fn sequence_numbers_near_u64_max_never_overflow() {
     assert_eq!(ep.stats().naks_sent, 0);
     assert_eq!(ep.stats().messages_delivered, 1);
 }
+
+#[test]
+fn a_starting_node_and_its_peer_join_each_other_within_one_interval() {
+    let mut net = Net::new(vec![config(0, 1), config(1, 1)]);
+    net.nodes[1] = None;
+    net.run_for(Duration::from_millis(250));
+    let now = net.now;
+    net.nodes[1] = Some(Endpoint::new(config(1, 1), now));
+    let interval = net.node(0).config().heartbeat_interval;
+    // Each holds the other on probation, so each heartbeats every half interval: each sees the
+    // other's second heartbeat half an interval after its first (without that, the starting
+    // node would wait for its peer's second regular heartbeat: up to two intervals).
+    net.run_for(interval);
+    assert_eq!(net.node(0).members().len(), 1);
+    assert_eq!(net.node(1).members().len(), 1);
+    // Once nobody is on probation, heartbeats go back to one per interval.
+    let before = net.node(0).stats().heartbeats_sent;
+    net.run_for(interval * 10);
+    let sent = net.node(0).stats().heartbeats_sent - before;
+    assert!(
+        (9..=11).contains(&sent),
+        "{sent} heartbeats in 10 intervals"
+    );
+}
