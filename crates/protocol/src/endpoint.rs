@@ -64,6 +64,9 @@ pub struct Endpoint {
     /// that timed out and is heard again resumes its stream where it stood. At most
     /// `max_members` entries, none older than `forget_after`.
     departed: HashMap<NodeId, Departed>,
+    /// Members that said goodbye while data of theirs was still missing: removed when it
+    /// arrives or at the deadline (a goodbye can overtake the last data datagram).
+    leaving: HashMap<NodeId, Instant>,
     /// Senders on probation (not members yet).
     candidates: Candidates,
     /// Whether the datagram being handled comes from a candidate (rather than a member).
@@ -123,6 +126,7 @@ impl Endpoint {
             bucket: TokenBucket::new(cfg.rate_bytes_per_sec, cfg.rate_burst_bytes, now),
             peers: HashMap::new(),
             departed: HashMap::new(),
+            leaving: HashMap::new(),
             candidates: Candidates::default(),
             from_candidate: false,
             shared: 0,
@@ -406,6 +410,7 @@ impl Endpoint {
                 .oldest()
                 .map(|(_, first)| first + self.cfg.suspect_after),
         );
+        consider(self.leaving.values().min().copied());
         earliest
     }
 
@@ -432,6 +437,16 @@ impl Endpoint {
         }
         self.check_liveness(now);
         self.expire_candidates(now);
+        let mut gone: Vec<NodeId> = self
+            .leaving
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(n, _)| *n)
+            .collect();
+        gone.sort_unstable();
+        for node in gone {
+            self.remove_peer(node, LeaveReason::Goodbye);
+        }
         self.fire_naks(now);
         if self.window.repair_deadline.is_some_and(|t| t <= now) {
             self.window.release_repairs();
@@ -462,6 +477,7 @@ impl Endpoint {
     }
 
     fn remove_peer(&mut self, node: NodeId, reason: LeaveReason) {
+        self.leaving.remove(&node);
         let Some(mut peer) = self.peers.remove(&node) else {
             return;
         };
@@ -621,7 +637,9 @@ impl Endpoint {
         let mut nodes: Vec<NodeId> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.stream.nak.is_some_and(|n| n.at <= now))
+            .filter(|(n, p)| {
+                p.stream.nak.is_some_and(|t| t.at <= now) && !self.leaving.contains_key(n)
+            })
             .map(|(n, _)| *n)
             .collect();
         nodes.sort_unstable();
@@ -862,8 +880,16 @@ impl Endpoint {
             }
             Kind::Goodbye(bye) => {
                 self.stats.goodbyes_received += 1;
-                if let Some(peer) = self.peers.get_mut(&node) {
+                let missing = self.peers.get_mut(&node).is_some_and(|peer| {
                     peer.stream.on_highest_sent(bye.highest_sent);
+                    peer.stream.has_gap()
+                });
+                if missing {
+                    // Its last data may still be in flight (reordered behind the goodbye):
+                    // wait a little for it before settling the stream.
+                    let deadline = self.now + self.cfg.nak_delay_max;
+                    self.leaving.entry(node).or_insert(deadline);
+                    return;
                 }
                 self.remove_peer(node, LeaveReason::Goodbye);
                 self.trim_stable();
@@ -1401,6 +1427,14 @@ impl Endpoint {
     fn after_receive(&mut self, node: NodeId) {
         let now = self.now;
         let member = !self.from_candidate;
+        if member
+            && self.leaving.contains_key(&node)
+            && self.peers.get(&node).is_none_or(|p| !p.stream.has_gap())
+        {
+            self.remove_peer(node, LeaveReason::Goodbye);
+            self.trim_stable();
+            return;
+        }
         if let Some(peer) = self.peers.get_mut(&node).filter(|_| member) {
             let stream = &mut peer.stream;
             if !stream.has_gap() {

@@ -1749,3 +1749,45 @@ fn a_starting_node_and_its_peer_join_each_other_within_one_interval() {
         "{sent} heartbeats in 10 intervals"
     );
 }
+
+#[test]
+fn a_goodbye_that_overtakes_the_last_data_waits_for_it() {
+    let mut net = Net::pair();
+    net.run_for(JOIN);
+    // Hold node 0's data back; let its goodbye through first.
+    net.filter = Box::new(|from, _, b| !(from == 0 && is_first_data(b)));
+    let now = net.now;
+    net.node(0).send(now, msg(1)).unwrap();
+    net.node(0).close(now);
+    net.run_for(Duration::from_millis(1));
+    let data: Vec<Bytes> = net
+        .sent
+        .iter()
+        .filter(|(f, b)| *f == 0 && is_first_data(b))
+        .map(|(_, b)| b.clone())
+        .collect();
+    assert_eq!(net.node(0).stats().goodbyes_sent, 1);
+    assert!(net.node(1).stats().goodbyes_received == 1 && data.len() == 1);
+    assert_eq!(net.node(1).members().len(), 1, "still waiting for its data");
+    let now = net.now;
+    net.node(1).handle_datagram(now, addr(0), &data[0]);
+    net.flush();
+    assert_stream(&net, 1, NodeId(1), 1);
+    assert!(net.lost(1).is_empty());
+    assert!(net.node(1).members().is_empty());
+    assert!(net.events[1].contains(&Event::MemberLeft {
+        node: NodeId(1),
+        incarnation: Incarnation(1),
+        reason: LeaveReason::Goodbye
+    }));
+    // Data that never comes is reported lost after the grace period.
+    let mut net = Net::pair();
+    net.run_for(JOIN);
+    net.filter = Box::new(|from, _, b| !(from == 0 && is_first_data(b)));
+    let now = net.now;
+    net.node(0).send(now, msg(1)).unwrap();
+    net.node(0).close(now);
+    net.run_for(Duration::from_millis(50));
+    assert_eq!(net.lost(1), vec![1..=1]);
+    assert!(net.node(1).members().is_empty());
+}
