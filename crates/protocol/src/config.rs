@@ -28,7 +28,7 @@ pub struct Config {
     /// Raised to at least `mtu`.
     pub max_datagram_size: usize,
     /// Largest application message accepted by `send` and by reassembly (default 1 MiB + 64 KiB).
-    /// Clamped so that it fits the send window and the reassembly budget.
+    /// Clamped so that it fits the send window and `u32`.
     pub max_message_size: usize,
     /// How long a small message may wait for others to share its datagram. Zero sends at once.
     pub batch_delay: Duration,
@@ -61,12 +61,31 @@ pub struct Config {
     pub rate_bytes_per_sec: Option<NonZeroU64>,
     /// Bytes the rate limiter lets through in one burst.
     pub rate_burst_bytes: NonZeroU64,
-    /// Memory for partially reassembled fragmented messages, all senders together.
-    /// Raised to `max_message_size`.
-    pub max_reassembly_bytes: usize,
-    /// Memory for complete messages received out of order, all senders together. Beyond it,
-    /// out-of-order messages are dropped (and NAKed again later).
-    pub max_receive_buffer_bytes: usize,
+    /// The one receive memory budget, over every sender (known, on probation or never heard
+    /// of before): messages held out of order or during probation, partial reassemblies
+    /// (charged for the bytes received, never for a declared length), and each sender's state
+    /// (default 64 MiB). A held message shorter than half of its datagram is copied out;
+    /// a longer one is charged the whole datagram it shares. When it is full, candidates'
+    /// data gives way first, then the newest members' farthest-ahead data; what does not fit
+    /// is dropped (`buffer_full`, NAKed again later for members). Raised to
+    /// `2 * max_message_size`.
+    pub receive_budget_bytes: usize,
+    /// Most members (default 256). A new sender is refused (`members_full`) while the table
+    /// is full; members are never evicted to make room for newcomers.
+    pub max_members: NonZeroUsize,
+    /// Most senders on probation at once (default 4096): a new (node, incarnation) becomes a
+    /// member only when a heartbeat of it arrives at least `heartbeat_interval / 2` after its
+    /// first heartbeat. When the table is full the oldest candidate is dropped
+    /// (`candidates_evicted`).
+    pub max_candidates: NonZeroUsize,
+    /// Repair bytes one member's NAKs may have queued per `heartbeat_interval` (a bucket of
+    /// this size, refilled at this rate; default 8 MiB). A requester that is not a member
+    /// may have at most three times the bytes it sent to this endpoint.
+    pub repair_bytes_per_member: NonZeroUsize,
+    /// How long departed members and, with a keyring, the replay windows of senders no
+    /// longer heard are remembered (default 10 min; at most `max_members` departed members).
+    /// Raised to `leave_after`.
+    pub forget_after: Duration,
     /// Cluster keys. With a keyring every datagram is sealed (authenticated and encrypted)
     /// and only sealed datagrams under an accepted key are taken; without one (the presets'
     /// default, for trusted networks) datagrams are plain and anyone on the segment can read
@@ -85,9 +104,20 @@ pub enum ConfigError {
     /// `mtu` is outside `[MIN_MTU, MAX_UDP_PAYLOAD]`.
     #[error("mtu {0} is outside [{MIN_MTU}, {MAX_UDP_PAYLOAD}]")]
     Mtu(usize),
-    /// `max_message_size` exceeds the send window, the reassembly budget or `u32::MAX`.
-    #[error("max_message_size {0} exceeds window_max_bytes, max_reassembly_bytes or u32::MAX")]
+    /// `max_message_size` exceeds the send window or `u32::MAX`.
+    #[error("max_message_size {0} exceeds window_max_bytes or u32::MAX")]
     MaxMessageSize(usize),
+    /// `receive_budget_bytes` is below twice `max_message_size`.
+    #[error("receive_budget_bytes {budget} is below twice max_message_size ({max_message_size})")]
+    ReceiveBudget {
+        /// The configured budget.
+        budget: usize,
+        /// The configured maximum message size.
+        max_message_size: usize,
+    },
+    /// `forget_after` is shorter than `leave_after`.
+    #[error("forget_after must be at least leave_after")]
+    ForgetAfter,
     /// `nak_delay_min > nak_delay_max` or `nak_retry_base > nak_retry_max`.
     #[error("NAK delay or retry bounds are inverted")]
     NakBounds,
@@ -126,8 +156,11 @@ impl Config {
             window_max_age: Duration::from_secs(10),
             rate_bytes_per_sec: NonZeroU64::new(125_000_000),
             rate_burst_bytes: NonZeroU64::MIN.saturating_add((256 << 10) - 1),
-            max_reassembly_bytes: 16 << 20,
-            max_receive_buffer_bytes: 64 << 20,
+            receive_budget_bytes: 64 << 20,
+            max_members: nz(256),
+            max_candidates: nz(4096),
+            repair_bytes_per_member: nz(8 << 20),
+            forget_after: Duration::from_secs(600),
             keyring: None,
             wall_clock: None,
         }
@@ -165,16 +198,24 @@ impl Config {
             return Err(ConfigError::Mtu(self.mtu));
         }
         if self.max_message_size > self.window_max_bytes.get()
-            || self.max_message_size > self.max_reassembly_bytes
             || u32::try_from(self.max_message_size).is_err()
         {
             return Err(ConfigError::MaxMessageSize(self.max_message_size));
+        }
+        if self.receive_budget_bytes / 2 < self.max_message_size {
+            return Err(ConfigError::ReceiveBudget {
+                budget: self.receive_budget_bytes,
+                max_message_size: self.max_message_size,
+            });
         }
         if self.nak_delay_min > self.nak_delay_max || self.nak_retry_base > self.nak_retry_max {
             return Err(ConfigError::NakBounds);
         }
         if self.heartbeat_interval.is_zero() || self.leave_after <= self.suspect_after {
             return Err(ConfigError::Liveness);
+        }
+        if self.forget_after < self.leave_after {
+            return Err(ConfigError::ForgetAfter);
         }
         Ok(())
     }
@@ -184,7 +225,9 @@ impl Config {
         self.mtu = self.mtu.clamp(MIN_MTU, MAX_UDP_PAYLOAD);
         self.max_datagram_size = self.max_datagram_size.max(self.mtu);
         self.max_message_size = self.max_message_size.min(u32::MAX as usize);
-        self.max_reassembly_bytes = self.max_reassembly_bytes.max(self.max_message_size);
+        self.receive_budget_bytes = self
+            .receive_budget_bytes
+            .max(self.max_message_size.saturating_mul(2));
         if self.window_max_bytes.get() < self.max_message_size {
             self.window_max_bytes = NonZeroUsize::new(self.max_message_size).unwrap_or(nz(1));
         }
@@ -197,6 +240,7 @@ impl Config {
         if self.leave_after <= self.suspect_after {
             self.leave_after = self.suspect_after + self.heartbeat_interval;
         }
+        self.forget_after = self.forget_after.max(self.leave_after);
         self
     }
 }

@@ -1,6 +1,6 @@
 //! The endpoint: one node's protocol state machine.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -9,9 +9,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::auth::{Ciphers, ReplayWindow, SEAL_OVERHEAD};
+use crate::probation::{Candidate, Candidates};
 use crate::proto::{self, frame::Kind};
-use crate::rate::TokenBucket;
-use crate::recv::{Budget, NakTimer, Out, RecvStream};
+use crate::rate::{Allowance, TokenBucket};
+use crate::recv::{
+    Budget, NakTimer, Out, REASSEMBLY_OVERHEAD, Rank, RecvStream, SENDER_OVERHEAD, keep_charge,
+};
 use crate::send::{SendWindow, Sent};
 use crate::stats::Stats;
 use crate::wire::{self, DropReason, Header};
@@ -60,11 +63,29 @@ pub struct Endpoint {
     bucket: TokenBucket,
     peers: HashMap<NodeId, Peer>,
     /// Members that left: late datagrams of an incarnation that said goodbye are ignored; one
-    /// that timed out and is heard again resumes its stream where it stood.
+    /// that timed out and is heard again resumes its stream where it stood. At most
+    /// `max_members` entries, none older than `forget_after`.
     departed: HashMap<NodeId, Departed>,
+    /// Members that said goodbye while data of theirs was still missing: removed when it
+    /// arrives or at the deadline (a goodbye can overtake the last data datagram).
+    leaving: HashMap<NodeId, Instant>,
+    /// Senders on probation (not members yet).
+    candidates: Candidates,
+    /// Whether the datagram being handled comes from a candidate (rather than a member).
+    from_candidate: bool,
+    /// Size of the body of the datagram being handled (what its zero-copy slices pin).
+    shared: usize,
+    /// Every stream that holds data, by rank: who gives way when the budget is full.
+    holders: BTreeMap<Rank, NodeId>,
+    /// Source of rank orders (larger = newer).
+    next_order: u64,
+    /// Repair allowance of each member that has NAKed (entries leave with the member).
+    repair_credit: HashMap<NodeId, Allowance>,
     budget: Budget,
     now: Instant,
     next_heartbeat: Instant,
+    /// When the last periodic heartbeat went out.
+    last_heartbeat: Instant,
     heartbeat_rotation: usize,
     last_beyond_reply: Option<Instant>,
     /// Delivered since the last heartbeat (messages, bytes): triggers early heartbeats so that
@@ -78,8 +99,9 @@ pub struct Endpoint {
     /// Counter of the next sealed datagram (part of its nonce): starts at 1, never repeats.
     next_counter: u64,
     /// Per sender: the newest authenticated incarnation and its replay window. Kept when a
-    /// member leaves, so that its captured datagrams cannot bring it back.
-    replay: HashMap<NodeId, (Incarnation, ReplayWindow)>,
+    /// member leaves, so that its captured datagrams cannot bring it back, for
+    /// `forget_after` (and at most [`Endpoint::replay_capacity`] entries).
+    replay: HashMap<NodeId, Replay>,
     /// When the last authentication refusal was logged, per kind (unknown key, bad tag,
     /// unsealed or unexpectedly sealed).
     last_auth_warning: [Option<Instant>; 3],
@@ -106,14 +128,17 @@ impl Endpoint {
             bucket: TokenBucket::new(cfg.rate_bytes_per_sec, cfg.rate_burst_bytes, now),
             peers: HashMap::new(),
             departed: HashMap::new(),
-            budget: Budget {
-                buffered: 0,
-                max_buffered: cfg.max_receive_buffer_bytes,
-                reassembly: 0,
-                max_reassembly: cfg.max_reassembly_bytes,
-            },
+            leaving: HashMap::new(),
+            candidates: Candidates::default(),
+            from_candidate: false,
+            shared: 0,
+            holders: BTreeMap::new(),
+            next_order: 0,
+            repair_credit: HashMap::new(),
+            budget: Budget::new(cfg.receive_budget_bytes),
             now,
             next_heartbeat: now,
+            last_heartbeat: now,
             heartbeat_rotation: 0,
             last_beyond_reply: None,
             delivered_since_heartbeat: (0, 0),
@@ -179,6 +204,23 @@ impl Endpoint {
             .collect();
         members.sort_by_key(|m| m.node);
         members
+    }
+
+    /// Bytes of the receive budget in use ([`Config::receive_budget_bytes`]): held and
+    /// partially reassembled messages of every sender, and per-sender state.
+    pub fn receive_memory(&self) -> usize {
+        self.budget.used()
+    }
+
+    /// Senders on probation: heard from, not members yet ([`Config::max_candidates`]).
+    pub fn candidates(&self) -> usize {
+        self.candidates.len()
+    }
+
+    /// Departed members and replay windows remembered (for tests of their bounds).
+    #[cfg(test)]
+    pub(crate) fn remembered(&self) -> (usize, usize) {
+        (self.departed.len(), self.replay.len())
     }
 
     /// Whether the send window has room for another message.
@@ -366,6 +408,12 @@ impl Endpoint {
             consider(Some(peer.last_heard + silence));
             consider(peer.stream.nak.map(|n| n.at));
         }
+        consider(
+            self.candidates
+                .oldest()
+                .map(|(_, first)| first + self.cfg.suspect_after),
+        );
+        consider(self.leaving.values().min().copied());
         earliest
     }
 
@@ -378,9 +426,30 @@ impl Endpoint {
         let now = self.now;
         if now >= self.next_heartbeat && !self.closing {
             self.queue_heartbeat();
-            self.next_heartbeat = now + self.cfg.heartbeat_interval;
+            // While senders are on probation, heartbeat twice as often: they (typically
+            // starting nodes, which hold us on probation too) then see our second heartbeat
+            // half an interval after the first, and joins take half an interval, not two.
+            let period = if self.candidates.len() > 0 {
+                self.cfg.heartbeat_interval / 2
+            } else {
+                self.cfg.heartbeat_interval
+            };
+            self.last_heartbeat = now;
+            self.next_heartbeat = now + period;
+            self.forget(now);
         }
         self.check_liveness(now);
+        self.expire_candidates(now);
+        let mut gone: Vec<NodeId> = self
+            .leaving
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(n, _)| *n)
+            .collect();
+        gone.sort_unstable();
+        for node in gone {
+            self.remove_peer(node, LeaveReason::Goodbye);
+        }
         self.fire_naks(now);
         if self.window.repair_deadline.is_some_and(|t| t <= now) {
             self.window.release_repairs();
@@ -411,6 +480,7 @@ impl Endpoint {
     }
 
     fn remove_peer(&mut self, node: NodeId, reason: LeaveReason) {
+        self.leaving.remove(&node);
         let Some(mut peer) = self.peers.remove(&node) else {
             return;
         };
@@ -419,8 +489,12 @@ impl Endpoint {
             stats: &mut self.stats,
             budget: &mut self.budget,
             delivered: (0, 0),
+            shared: 0,
         };
         peer.stream.finish(&mut out);
+        self.budget.release(SENDER_OVERHEAD);
+        self.holders.remove(&peer.stream.rank);
+        self.repair_credit.remove(&node);
         tracing::debug!(node = %self.cfg.node, peer = %node, ?reason, "member left");
         self.stats.members_left += 1;
         self.events.push_back(Event::MemberLeft {
@@ -429,21 +503,146 @@ impl Endpoint {
             reason,
         });
         let resume = peer.stream.started().then_some(peer.stream.next_expected);
+        if self.departed.len() >= self.cfg.max_members.get()
+            && !self.departed.contains_key(&node)
+            && let Some(oldest) = self
+                .departed
+                .iter()
+                .min_by_key(|(n, d)| (d.left_at, **n))
+                .map(|(n, _)| *n)
+        {
+            self.departed.remove(&oldest);
+            self.stats.departed_forgotten += 1;
+        }
         self.departed.insert(
             node,
             Departed {
                 incarnation: peer.incarnation,
                 reason,
                 resume,
+                left_at: self.now,
             },
         );
+    }
+
+    /// Forgets departed members and replay windows older than `forget_after` (called once
+    /// per heartbeat interval).
+    fn forget(&mut self, now: Instant) {
+        let keep = self.cfg.forget_after;
+        let before = self.departed.len();
+        self.departed.retain(|_, d| now < d.left_at + keep);
+        self.stats.departed_forgotten += (before - self.departed.len()) as u64;
+        let before = self.replay.len();
+        let (peers, candidates) = (&self.peers, &self.candidates);
+        self.replay.retain(|node, r| {
+            now < r.last_heard + keep || peers.contains_key(node) || candidates.get(node).is_some()
+        });
+        self.stats.replay_forgotten += (before - self.replay.len()) as u64;
+    }
+
+    /// Most replay windows remembered: members, candidates and departed members.
+    fn replay_capacity(&self) -> usize {
+        2 * self.cfg.max_members.get() + self.cfg.max_candidates.get()
+    }
+
+    /// Drops candidates that did not pass probation within `suspect_after` of their first
+    /// datagram.
+    fn expire_candidates(&mut self, now: Instant) {
+        while let Some((node, first)) = self.candidates.oldest() {
+            if now < first + self.cfg.suspect_after {
+                break;
+            }
+            self.drop_candidate(node);
+            self.stats.candidates_expired += 1;
+        }
+    }
+
+    /// Forgets a candidate and everything its stream holds.
+    fn drop_candidate(&mut self, node: NodeId) {
+        let Some(mut candidate) = self.candidates.remove(&node) else {
+            return;
+        };
+        let mut out = Out {
+            events: &mut self.events,
+            stats: &mut self.stats,
+            budget: &mut self.budget,
+            delivered: (0, 0),
+            shared: 0,
+        };
+        candidate.stream.discard(&mut out);
+        self.budget.release(SENDER_OVERHEAD);
+        self.holders.remove(&candidate.stream.rank);
+    }
+
+    fn next_rank(&mut self, candidate: bool) -> Rank {
+        self.next_order += 1;
+        Rank {
+            candidate,
+            order: self.next_order,
+        }
+    }
+
+    /// Makes room for `need` more bytes for a stream of rank `rank`, at sequence number
+    /// `seq` of its own (`None`: new state, no data yet). Held data gives way from the least
+    /// established stream down: every stream of a higher rank loses what it holds above its
+    /// delivery point (a candidate: everything), then the stream's own data farther than
+    /// `seq`; a member's next message in line (`head`) may also push out any member's data
+    /// held ahead of its delivery point. Nothing else is ever evicted, and nothing is
+    /// evicted if `need` already fits.
+    fn make_room(&mut self, rank: Rank, seq: Option<u64>, head: bool, need: usize) {
+        let mut cursor: Option<Rank> = None;
+        while !self.budget.fits(need) {
+            let next = match cursor {
+                None => self.holders.last_key_value(),
+                Some(c) => self.holders.range(..c).next_back(),
+            };
+            let Some((&victim, &node)) = next else {
+                break;
+            };
+            cursor = Some(victim);
+            if victim < rank && !head {
+                break;
+            }
+            let stream = if victim.candidate {
+                self.candidates.get_mut(&node).map(|c| &mut c.stream)
+            } else {
+                self.peers.get_mut(&node).map(|p| &mut p.stream)
+            };
+            let Some(stream) = stream else {
+                self.holders.remove(&victim);
+                continue;
+            };
+            let above = if victim == rank {
+                match seq {
+                    Some(seq) => seq,
+                    None => continue,
+                }
+            } else if stream.holding() {
+                0
+            } else {
+                stream.next_expected
+            };
+            let mut out = Out {
+                events: &mut self.events,
+                stats: &mut self.stats,
+                budget: &mut self.budget,
+                delivered: (0, 0),
+                shared: 0,
+            };
+            stream.evict_above(above, need, &mut out);
+            if stream.held_bytes() == 0 {
+                self.holders.remove(&victim);
+            }
+        }
     }
 
     fn fire_naks(&mut self, now: Instant) {
         let mut nodes: Vec<NodeId> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.stream.nak.is_some_and(|n| n.at <= now))
+            .filter(|(n, p)| {
+                p.stream.nak.is_some_and(|t| t.at <= now) && !self.leaving.contains_key(n)
+            })
             .map(|(n, _)| *n)
             .collect();
         nodes.sort_unstable();
@@ -613,7 +812,7 @@ impl Endpoint {
             Err(reason) => return self.drop_datagram(reason),
         };
         // Authenticate (and decrypt) before anything else looks at the sender or the body.
-        let body = match (&self.ciphers, header.key_id) {
+        let body: Bytes = match (&self.ciphers, header.key_id) {
             (None, 0) => {
                 let body_len = datagram.len() - wire::OVERHEAD;
                 Bytes::copy_from_slice(&datagram[wire::HEADER_LEN..wire::HEADER_LEN + body_len])
@@ -642,6 +841,7 @@ impl Endpoint {
         if self.ciphers.is_some() && !self.check_replay(&header) {
             return;
         }
+        let body_len = body.len();
         let frame = match wire::decode_body(body) {
             Ok(frame) => frame,
             Err(reason) => return self.drop_datagram(reason),
@@ -650,13 +850,26 @@ impl Endpoint {
             return self.drop_datagram(DropReason::UnknownFrame);
         };
         if let Kind::Goodbye(_) = kind
-            && !self.peers.contains_key(&header.node)
+            && self
+                .peers
+                .get(&header.node)
+                .is_none_or(|p| p.incarnation != header.incarnation)
         {
-            // A goodbye from a node never heard of (or already gone): nothing to settle.
+            // A goodbye from a node never heard of, already gone, or still on probation
+            // (forgotten here): nothing to settle.
             self.stats.goodbyes_received += 1;
+            if self
+                .candidates
+                .get(&header.node)
+                .is_some_and(|c| c.incarnation == header.incarnation)
+            {
+                self.drop_candidate(header.node);
+            }
             return;
         }
-        if !self.admit(header, from) {
+        self.shared = body_len;
+        let heartbeat = matches!(kind, Kind::Heartbeat(_));
+        if !self.admit(header, from, datagram.len(), heartbeat) {
             return;
         }
         let node = header.node;
@@ -671,8 +884,16 @@ impl Endpoint {
             }
             Kind::Goodbye(bye) => {
                 self.stats.goodbyes_received += 1;
-                if let Some(peer) = self.peers.get_mut(&node) {
+                let missing = self.peers.get_mut(&node).is_some_and(|peer| {
                     peer.stream.on_highest_sent(bye.highest_sent);
+                    peer.stream.has_gap()
+                });
+                if missing {
+                    // Its last data may still be in flight (reordered behind the goodbye):
+                    // wait a little for it before settling the stream.
+                    let deadline = self.now + self.cfg.nak_delay_max;
+                    self.leaving.entry(node).or_insert(deadline);
+                    return;
                 }
                 self.remove_peer(node, LeaveReason::Goodbye);
                 self.trim_stable();
@@ -690,10 +911,27 @@ impl Endpoint {
     /// its window, and any datagram of an incarnation older than the newest authenticated one;
     /// otherwise records the counter.
     fn check_replay(&mut self, header: &Header) -> bool {
-        let first = (
-            header.incarnation,
-            ReplayWindow::starting_at(header.counter),
-        );
+        let now = self.now;
+        let first = Replay {
+            incarnation: header.incarnation,
+            window: ReplayWindow::starting_at(header.counter),
+            last_heard: now,
+        };
+        if !self.replay.contains_key(&header.node) && self.replay.len() >= self.replay_capacity() {
+            // Full: forget the sender heard from least recently that is neither a member nor
+            // a candidate (one always exists: the capacity exceeds both tables together).
+            let (peers, candidates) = (&self.peers, &self.candidates);
+            let oldest = self
+                .replay
+                .iter()
+                .filter(|(n, _)| !peers.contains_key(n) && candidates.get(n).is_none())
+                .min_by_key(|(n, r)| (r.last_heard, **n))
+                .map(|(n, _)| *n);
+            if let Some(oldest) = oldest {
+                self.replay.remove(&oldest);
+                self.stats.replay_forgotten += 1;
+            }
+        }
         let entry = match self.replay.entry(header.node) {
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(first);
@@ -701,16 +939,17 @@ impl Endpoint {
             }
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
         };
-        if header.incarnation < entry.0 {
+        if header.incarnation < entry.incarnation {
             self.stats.stale_incarnation += 1;
             return false;
         }
-        if header.incarnation > entry.0 {
+        if header.incarnation > entry.incarnation {
             *entry = first;
             return true;
         }
-        if entry.1.is_fresh(header.counter) {
-            entry.1.accept(header.counter);
+        if entry.window.is_fresh(header.counter) {
+            entry.window.accept(header.counter);
+            entry.last_heard = now;
             return true;
         }
         self.drop_datagram(DropReason::Replayed);
@@ -755,10 +994,14 @@ impl Endpoint {
         self.stats.count_drop(reason);
     }
 
-    /// Membership bookkeeping for a valid datagram. Returns `false` if it must be ignored.
-    fn admit(&mut self, header: Header, from: SocketAddr) -> bool {
+    /// Membership bookkeeping for a valid datagram of `len` bytes (a heartbeat or not).
+    /// Returns `false` if it must be ignored; otherwise `from_candidate` says whose stream it
+    /// feeds.
+    fn admit(&mut self, header: Header, from: SocketAddr, len: usize, heartbeat: bool) -> bool {
         let (node, incarnation) = (header.node, header.incarnation);
+        self.from_candidate = false;
         let mut resume = None;
+        let mut rejoin = false;
         if let Some(gone) = self.departed.get(&node) {
             let stale = match gone.reason {
                 LeaveReason::Goodbye => incarnation <= gone.incarnation,
@@ -770,10 +1013,10 @@ impl Endpoint {
             }
             if incarnation == gone.incarnation {
                 resume = gone.resume;
+                rejoin = true;
             }
         }
         let now = self.now;
-        let acked = self.window.highest_sent();
         match self.peers.get_mut(&node) {
             Some(peer) if peer.incarnation == incarnation => {
                 peer.last_heard = now;
@@ -783,70 +1026,251 @@ impl Endpoint {
                     self.events
                         .push_back(Event::MemberAlive { node, incarnation });
                 }
-                true
+                return true;
             }
             Some(peer) if peer.incarnation > incarnation => {
                 self.stats.stale_incarnation += 1;
-                false
+                return false;
             }
-            Some(peer) => {
-                let old = peer.incarnation;
-                let mut out = Out {
-                    events: &mut self.events,
-                    stats: &mut self.stats,
-                    budget: &mut self.budget,
-                    delivered: (0, 0),
-                };
-                peer.stream.finish(&mut out);
-                *peer = Peer::new(node, incarnation, from, now, acked);
+            // A newer incarnation of a member: a restart, which goes through probation.
+            Some(_) => {}
+            // Back from a timeout (e.g. a healed partition), same incarnation: it proved
+            // itself before, so it rejoins at once.
+            None if rejoin => return self.rejoin(node, incarnation, from, resume),
+            None => {}
+        }
+        self.on_probation(node, incarnation, from, len, heartbeat)
+    }
+
+    /// A datagram of a (node, incarnation) that is not a member. Returns whether to handle it
+    /// (with `from_candidate` set when it feeds a candidate's stream). The sender becomes a
+    /// member with a heartbeat at least half a heartbeat interval after its first one.
+    fn on_probation(
+        &mut self,
+        node: NodeId,
+        incarnation: Incarnation,
+        from: SocketAddr,
+        len: usize,
+        heartbeat: bool,
+    ) -> bool {
+        let now = self.now;
+        let proof = self.cfg.heartbeat_interval / 2;
+        match self.candidates.get_mut(&node) {
+            Some(c) if c.incarnation == incarnation => {
+                c.addr = from;
+                c.received += len as u64;
+                if heartbeat {
+                    match c.first_heartbeat {
+                        Some(first) if now >= first + proof => return self.promote(node),
+                        Some(_) => {}
+                        None => c.first_heartbeat = Some(now),
+                    }
+                }
+                self.from_candidate = true;
+                return true;
+            }
+            Some(c) if c.incarnation > incarnation => {
+                self.stats.stale_incarnation += 1;
+                return false;
+            }
+            // A newer incarnation replaces it.
+            Some(_) => self.drop_candidate(node),
+            None => {}
+        }
+        let restart = self.peers.contains_key(&node);
+        if !restart && self.peers.len() >= self.cfg.max_members.get() {
+            self.stats.members_full += 1;
+            return false;
+        }
+        if self.candidates.len() >= self.cfg.max_candidates.get()
+            && let Some((oldest, _)) = self.candidates.oldest()
+        {
+            self.drop_candidate(oldest);
+            self.stats.candidates_evicted += 1;
+        }
+        // Newcomers never take room from anyone but older candidates (whose slots turn over
+        // like the table's).
+        while !self.budget.fits(SENDER_OVERHEAD) {
+            let Some((oldest, _)) = self.candidates.oldest() else {
+                break;
+            };
+            self.drop_candidate(oldest);
+            self.stats.candidates_evicted += 1;
+        }
+        if !self.budget.try_charge(SENDER_OVERHEAD) {
+            self.stats.senders_over_budget += 1;
+            return false;
+        }
+        let half = self.cfg.heartbeat_interval / 2;
+        self.next_heartbeat = self.next_heartbeat.min(self.last_heartbeat + half);
+        let rank = self.next_rank(true);
+        self.candidates.insert(
+            node,
+            Candidate {
+                incarnation,
+                addr: from,
+                first_heard: now,
+                first_heartbeat: heartbeat.then_some(now),
+                stream: RecvStream::held(node, incarnation, rank),
+                received: len as u64,
+                answered: 0,
+                acked: self.window.highest_sent(),
+            },
+        );
+        self.from_candidate = true;
+        true
+    }
+
+    /// A candidate passed probation: it becomes a member (or replaces its node's older
+    /// incarnation), and what its stream held is delivered. Returns `false` (dropping it) if
+    /// the member table filled up meanwhile.
+    fn promote(&mut self, node: NodeId) -> bool {
+        let Some(mut candidate) = self.candidates.remove(&node) else {
+            return false;
+        };
+        self.holders.remove(&candidate.stream.rank);
+        let restart = self.peers.get(&node).map(|p| p.incarnation);
+        if restart.is_none() && self.peers.len() >= self.cfg.max_members.get() {
+            let mut out = Out {
+                events: &mut self.events,
+                stats: &mut self.stats,
+                budget: &mut self.budget,
+                delivered: (0, 0),
+                shared: 0,
+            };
+            candidate.stream.discard(&mut out);
+            self.budget.release(SENDER_OVERHEAD);
+            self.stats.members_full += 1;
+            return false;
+        }
+        let (now, acked) = (self.now, candidate.acked);
+        let incarnation = candidate.incarnation;
+        let addr = candidate.addr;
+        let mut peer = Peer::new(node, incarnation, addr, now, acked);
+        candidate.stream.rank = self.next_rank(false);
+        peer.stream = candidate.stream;
+        match restart {
+            Some(old) => {
+                if let Some(mut previous) = self.peers.insert(node, peer) {
+                    let mut out = Out {
+                        events: &mut self.events,
+                        stats: &mut self.stats,
+                        budget: &mut self.budget,
+                        delivered: (0, 0),
+                        shared: 0,
+                    };
+                    previous.stream.finish(&mut out);
+                    self.budget.release(SENDER_OVERHEAD);
+                    self.holders.remove(&previous.stream.rank);
+                }
+                self.repair_credit.remove(&node);
                 tracing::debug!(node = %self.cfg.node, peer = %node, %old, new = %incarnation, "member restarted");
                 self.stats.members_restarted += 1;
                 self.events.push_back(Event::MemberRestarted {
                     node,
                     old,
                     new: incarnation,
-                    addr: from,
+                    addr,
                 });
-                true
             }
             None => {
                 self.departed.remove(&node);
-                let mut peer = Peer::new(node, incarnation, from, now, acked);
-                if let Some(next) = resume {
-                    // Back from a timeout (e.g. a healed partition): continue where the stream
-                    // stood, so that what was sent meanwhile is repaired or reported lost.
-                    peer.stream.start_at(next);
-                }
                 self.peers.insert(node, peer);
                 tracing::debug!(node = %self.cfg.node, peer = %node, %incarnation, "member joined");
                 self.stats.members_joined += 1;
                 self.events.push_back(Event::MemberJoined {
                     node,
                     incarnation,
-                    addr: from,
+                    addr,
                 });
-                true
             }
         }
+        self.with_stream(node, |stream, out| stream.release(out));
+        true
     }
 
+    /// A member that timed out is heard again with the same incarnation: it joins again at
+    /// once, its stream resuming where it stood (`resume`).
+    fn rejoin(
+        &mut self,
+        node: NodeId,
+        incarnation: Incarnation,
+        from: SocketAddr,
+        resume: Option<u64>,
+    ) -> bool {
+        if self.peers.len() >= self.cfg.max_members.get() {
+            self.stats.members_full += 1;
+            return false;
+        }
+        let rank = self.next_rank(false);
+        self.make_room(rank, None, false, SENDER_OVERHEAD);
+        if !self.budget.try_charge(SENDER_OVERHEAD) {
+            self.stats.senders_over_budget += 1;
+            return false;
+        }
+        self.departed.remove(&node);
+        let mut peer = Peer::new(
+            node,
+            incarnation,
+            from,
+            self.now,
+            self.window.highest_sent(),
+        );
+        peer.stream.rank = rank;
+        if let Some(next) = resume {
+            // Continue where the stream stood, so that what was sent meanwhile is repaired or
+            // reported lost.
+            peer.stream.start_at(next);
+        }
+        self.peers.insert(node, peer);
+        tracing::debug!(node = %self.cfg.node, peer = %node, %incarnation, "member joined");
+        self.stats.members_joined += 1;
+        self.events.push_back(Event::MemberJoined {
+            node,
+            incarnation,
+            addr: from,
+        });
+        true
+    }
+
+    /// Runs `f` on the stream the datagram being handled feeds (a member's, or a
+    /// candidate's when `from_candidate`), keeping the holders index up to date.
     fn with_stream<T>(
         &mut self,
         node: NodeId,
         f: impl FnOnce(&mut RecvStream, &mut Out<'_>) -> T,
     ) -> Option<T> {
-        let peer = self.peers.get_mut(&node)?;
+        let stream = if self.from_candidate {
+            &mut self.candidates.get_mut(&node)?.stream
+        } else {
+            &mut self.peers.get_mut(&node)?.stream
+        };
         let mut out = Out {
             events: &mut self.events,
             stats: &mut self.stats,
             budget: &mut self.budget,
             delivered: (0, 0),
+            shared: self.shared,
         };
-        let result = f(&mut peer.stream, &mut out);
+        let result = f(stream, &mut out);
         let (messages, bytes) = out.delivered;
         self.delivered_since_heartbeat.0 += messages;
         self.delivered_since_heartbeat.1 += bytes;
+        if stream.held_bytes() > 0 {
+            self.holders.insert(stream.rank, node);
+        } else {
+            self.holders.remove(&stream.rank);
+        }
         Some(result)
+    }
+
+    /// The stream the datagram being handled feeds (see [`Endpoint::with_stream`]).
+    fn current_stream(&self, node: NodeId) -> Option<&RecvStream> {
+        if self.from_candidate {
+            self.candidates.get(&node).map(|c| &c.stream)
+        } else {
+            self.peers.get(&node).map(|p| &p.stream)
+        }
     }
 
     fn on_data(&mut self, node: NodeId, data: proto::Data) -> Result<(), DropReason> {
@@ -854,9 +1278,25 @@ impl Endpoint {
         if data.first_seq == 0 || count == 0 || data.first_seq.checked_add(count).is_none() {
             return Err(DropReason::Malformed);
         }
+        let last = data.first_seq + (count - 1);
+        let room = self.current_stream(node).and_then(|s| {
+            // Messages from the delivery point on are delivered at once, not held.
+            let delivered_now = !s.holding() && (!s.started() || data.first_seq <= s.next_expected);
+            (!delivered_now).then_some(s.rank)
+        });
+        if let Some(rank) = room {
+            let shared = self.shared;
+            let need = data
+                .messages
+                .iter()
+                .map(|m| keep_charge(m.len(), shared))
+                .sum();
+            self.make_room(rank, Some(last), false, need);
+        }
         self.with_stream(node, |stream, out| {
-            for (seq, payload) in (data.first_seq..).zip(data.messages) {
-                stream.on_message(seq, payload, out);
+            // first_seq + count does not overflow (checked above): neither does any seq.
+            for (i, payload) in (0..count).zip(data.messages) {
+                stream.on_message(data.first_seq + i, payload, out);
             }
         });
         Ok(())
@@ -865,6 +1305,11 @@ impl Endpoint {
     fn on_fragment(&mut self, node: NodeId, frag: &proto::Fragment) -> Result<(), DropReason> {
         if frag.total_len as usize > self.cfg.max_message_size {
             return Err(DropReason::Oversized);
+        }
+        if let Some(s) = self.current_stream(node) {
+            let head = !s.holding() && (!s.started() || s.next_expected == frag.seq);
+            let need = REASSEMBLY_OVERHEAD + keep_charge(frag.chunk.len(), self.shared);
+            self.make_room(s.rank, Some(frag.seq), head, need);
         }
         self.with_stream(node, |stream, out| stream.on_fragment(frag, out))
             .unwrap_or(Ok(()))
@@ -922,13 +1367,28 @@ impl Endpoint {
                 return;
             }
             self.stats.naks_received += 1;
-            let beyond = self.window.on_nak(nak, now, self.cfg.repair_holdoff);
-            if beyond {
+            let allowance = self.repair_allowance(node);
+            let answer = self
+                .window
+                .on_nak(nak, now, self.cfg.repair_holdoff, allowance);
+            self.stats.nak_entries_ignored += answer.ignored;
+            self.stats.repairs_refused += answer.refused;
+            if self.from_candidate {
+                if let Some(c) = self.candidates.get_mut(&node) {
+                    c.answered += answer.charged;
+                }
+            } else if let Some(credit) = self.repair_credit.get_mut(&node) {
+                credit.spend(answer.charged);
+            }
+            if answer.beyond {
                 self.stats.naks_beyond_window += 1;
                 let recent = self
                     .last_beyond_reply
                     .is_some_and(|t| now < t + self.cfg.repair_holdoff);
-                if !recent && !self.closing {
+                if self.from_candidate {
+                    // Not a member yet: its own heartbeats will tell it soon enough.
+                    self.stats.repairs_refused += 1;
+                } else if !recent && !self.closing {
                     self.last_beyond_reply = Some(now);
                     self.queue_heartbeat();
                 }
@@ -955,11 +1415,34 @@ impl Endpoint {
         }
     }
 
+    /// Repair bytes the sender of the NAK being handled may still have queued: three times
+    /// what it sent us minus what it cost already for a candidate, its bucket for a member.
+    fn repair_allowance(&mut self, node: NodeId) -> u64 {
+        if self.from_candidate {
+            return self.candidates.get(&node).map_or(0, Candidate::allowance);
+        }
+        let size = self.cfg.repair_bytes_per_member.get() as u64;
+        let (now, period) = (self.now, self.cfg.heartbeat_interval);
+        self.repair_credit
+            .entry(node)
+            .or_insert_with(|| Allowance::full(size, now))
+            .available(size, period, now)
+    }
+
     /// After a data-bearing datagram: arm or disarm the stream's NAK timer; send an early
     /// heartbeat if much was delivered since the last one.
     fn after_receive(&mut self, node: NodeId) {
         let now = self.now;
-        if let Some(peer) = self.peers.get_mut(&node) {
+        let member = !self.from_candidate;
+        if member
+            && self.leaving.contains_key(&node)
+            && self.peers.get(&node).is_none_or(|p| !p.stream.has_gap())
+        {
+            self.remove_peer(node, LeaveReason::Goodbye);
+            self.trim_stable();
+            return;
+        }
+        if let Some(peer) = self.peers.get_mut(&node).filter(|_| member) {
             let stream = &mut peer.stream;
             if !stream.has_gap() {
                 stream.nak = None;
@@ -1005,6 +1488,16 @@ struct Departed {
     reason: LeaveReason,
     /// Next sequence number its stream expected when it left (if the stream had started).
     resume: Option<u64>,
+    left_at: Instant,
+}
+
+/// Replay protection state of one authenticated sender.
+#[derive(Debug)]
+struct Replay {
+    /// Its newest authenticated incarnation.
+    incarnation: Incarnation,
+    window: ReplayWindow,
+    last_heard: Instant,
 }
 
 impl Peer {

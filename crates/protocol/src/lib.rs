@@ -7,10 +7,20 @@
 //! large ones (up to [`Config::max_message_size`]) against the MTU, delivers every sender's
 //! stream in order and exactly once, detects gaps from data and heartbeats, repairs them with
 //! multicast NAKs (random delay, suppression, backoff, sender-side hold-off), reports
-//! unrecoverable loss explicitly ([`Event::Lost`]), tracks membership (join, suspect, alive,
-//! leave, restart) with heartbeats, trims its retransmission window by stability, and applies
-//! flow control (a bounded send window with backpressure and a token-bucket rate shared by data
-//! and repairs). Every datagram is framed by [`wire`]: a fixed header, a protobuf body
+//! unrecoverable loss explicitly ([`Event::Lost`]), tracks membership (join after probation,
+//! suspect, alive, leave, restart) with heartbeats, trims its retransmission window by
+//! stability, and applies flow control (a bounded send window with backpressure and a
+//! token-bucket rate shared by data and repairs).
+//!
+//! Nothing a peer sends can make it grow without bound: everything held for other senders is
+//! charged to one receive budget ([`Config::receive_budget_bytes`]) in which less established
+//! senders give way first; new senders are on probation (not members, no events) until two of
+//! their heartbeats half an interval apart, in a bounded table ([`Config::max_candidates`]);
+//! members are capped ([`Config::max_members`]); departed members and replay windows are
+//! forgotten ([`Config::forget_after`]); and the repairs a NAK can obtain are bounded per NAK,
+//! per message and per requester (three times its bytes for a non-member,
+//! [`Config::repair_bytes_per_member`] per heartbeat interval for a member). See
+//! `docs/protocol.md` §3.2.1, §3.3.1 and §3.4. Every datagram is framed by [`wire`]: a fixed header, a protobuf body
 //! (`proto/chorus.proto`) and a CRC32; anything malformed is dropped and counted in [`Stats`].
 //! With a [`Keyring`] in [`Config::keyring`], every datagram is sealed with
 //! XChaCha20-Poly1305 ([`auth`]): the header is authenticated, the body encrypted, and each
@@ -39,6 +49,7 @@
 pub mod auth;
 mod config;
 mod endpoint;
+mod probation;
 mod rate;
 mod recv;
 mod send;
@@ -203,7 +214,8 @@ pub enum Event {
         /// The lost sequence numbers.
         range: RangeInclusive<u64>,
     },
-    /// A node was heard from for the first time (or again after it left).
+    /// A node passed probation (two of its heartbeats, half a heartbeat interval apart) and is
+    /// a member; or a member that timed out is heard again with the same incarnation.
     MemberJoined {
         /// The node.
         node: NodeId,
@@ -235,7 +247,7 @@ pub enum Event {
         /// Goodbye or timeout.
         reason: LeaveReason,
     },
-    /// A known node appeared with a newer incarnation: its old stream is finished (anything
+    /// A newer incarnation of a member passed probation: its old stream is finished (anything
     /// missing from it was reported [`Event::Lost`] just before) and a new one begins.
     MemberRestarted {
         /// The node.

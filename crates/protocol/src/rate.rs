@@ -60,6 +60,43 @@ impl TokenBucket {
     }
 }
 
+/// A member's repair allowance: a bucket of `size` bytes refilled at `size` per `period`.
+/// Whole bytes, no deficit: what is not in the bucket is not answered.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Allowance {
+    left: u64,
+    updated: Instant,
+}
+
+impl Allowance {
+    /// A full bucket.
+    pub(crate) fn full(size: u64, now: Instant) -> Allowance {
+        Allowance {
+            left: size,
+            updated: now,
+        }
+    }
+
+    /// Bytes available at `now`.
+    pub(crate) fn available(&mut self, size: u64, period: Duration, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.updated);
+        let refill = u128::from(size) * elapsed.as_nanos() / period.as_nanos().max(1);
+        // Time that bought less than a byte is kept for later.
+        if refill > 0 || self.left >= size {
+            self.left = u64::try_from(u128::from(self.left) + refill)
+                .unwrap_or(u64::MAX)
+                .min(size);
+            self.updated = self.updated.max(now);
+        }
+        self.left
+    }
+
+    /// Takes `bytes` (at most what is available).
+    pub(crate) fn spend(&mut self, bytes: u64) {
+        self.left = self.left.saturating_sub(bytes);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +120,24 @@ mod tests {
         }
         // 10 s at 1000 B/s plus the 500 B burst, give or take one datagram.
         assert!((10_400..=10_700).contains(&sent), "{sent}");
+    }
+
+    #[test]
+    fn allowance_refills_at_its_rate_up_to_its_size() {
+        let t0 = Instant::now();
+        let period = Duration::from_millis(200);
+        let mut a = Allowance::full(1000, t0);
+        assert_eq!(a.available(1000, period, t0), 1000);
+        a.spend(1000);
+        assert_eq!(a.available(1000, period, t0), 0);
+        assert_eq!(
+            a.available(1000, period, t0 + Duration::from_millis(50)),
+            250
+        );
+        a.spend(250);
+        assert_eq!(
+            a.available(1000, period, t0 + Duration::from_secs(60)),
+            1000
+        );
     }
 }

@@ -2,8 +2,11 @@
 //!
 //! Holds the in-order delivery cursor, complete messages received out of order, partially
 //! reassembled fragmented messages, and the NAK timer. Delivery and loss go out through
-//! [`Out`] as events.
+//! [`Out`] as events. Everything a stream holds is charged to the endpoint's one receive
+//! [`Budget`]; the endpoint decides whose held data gives way when it is full (see
+//! `Endpoint::make_room`), a stream only refuses what does not fit.
 
+use std::collections::btree_map::Entry as MapEntry;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
@@ -21,13 +24,87 @@ pub(crate) const MAX_NAK_PARTIALS: usize = 128;
 /// Most missing byte ranges per partially received message in one NAK.
 pub(crate) const MAX_NAK_BYTE_RANGES: usize = 24;
 
-/// Memory accounting shared by every stream of an endpoint.
+/// Highest usable sequence number. `u64::MAX` is never a message (a `Data` frame's last seq
+/// must not overflow, a fragment at `u64::MAX` is malformed), so `seq + 1` never overflows.
+pub(crate) const MAX_SEQ: u64 = u64::MAX - 1;
+
+/// Bytes charged for each held message or fragment chunk besides its payload: its map slot
+/// and `Bytes` handle, rounded up.
+pub(crate) const ENTRY_OVERHEAD: usize = 64;
+/// Bytes charged for each partial reassembly besides its chunks.
+pub(crate) const REASSEMBLY_OVERHEAD: usize = 128;
+/// Bytes charged for the state of each sender this endpoint keeps (member or candidate):
+/// the table slot, the stream and its indexes, rounded up.
+pub(crate) const SENDER_OVERHEAD: usize = 1024;
+
+/// The one receive memory budget of an endpoint, over every sender.
 #[derive(Debug)]
 pub(crate) struct Budget {
-    pub(crate) buffered: usize,
-    pub(crate) max_buffered: usize,
-    pub(crate) reassembly: usize,
-    pub(crate) max_reassembly: usize,
+    used: usize,
+    max: usize,
+}
+
+impl Budget {
+    pub(crate) fn new(max: usize) -> Budget {
+        Budget { used: 0, max }
+    }
+
+    pub(crate) fn used(&self) -> usize {
+        self.used
+    }
+
+    /// Whether `bytes` more can be charged.
+    pub(crate) fn fits(&self, bytes: usize) -> bool {
+        bytes <= self.max - self.used.min(self.max)
+    }
+
+    /// Charges `bytes` if they fit; returns whether they were charged.
+    pub(crate) fn try_charge(&mut self, bytes: usize) -> bool {
+        if !self.fits(bytes) {
+            return false;
+        }
+        self.used += bytes;
+        true
+    }
+
+    /// Gives back `bytes` charged earlier.
+    pub(crate) fn release(&mut self, bytes: usize) {
+        debug_assert!(bytes <= self.used, "released {bytes} of {}", self.used);
+        self.used = self.used.saturating_sub(bytes);
+    }
+}
+
+/// What a payload held from a datagram costs, and the payload to hold: one shorter than half
+/// of the buffer it shares (the datagram body, `shared` bytes) is copied out, so that it holds
+/// only its own bytes; a longer one keeps sharing the buffer and is charged all of it.
+fn keep(payload: Bytes, shared: usize) -> (Bytes, usize) {
+    if payload.len().saturating_mul(2) < shared {
+        let own = Bytes::copy_from_slice(&payload);
+        let charge = own.len() + ENTRY_OVERHEAD;
+        (own, charge)
+    } else {
+        let charge = shared.max(payload.len()) + ENTRY_OVERHEAD;
+        (payload, charge)
+    }
+}
+
+/// The charge [`keep`] would make, without copying.
+pub(crate) fn keep_charge(len: usize, shared: usize) -> usize {
+    if len.saturating_mul(2) < shared {
+        len + ENTRY_OVERHEAD
+    } else {
+        shared.max(len) + ENTRY_OVERHEAD
+    }
+}
+
+/// How established a stream's sender is. Members rank below candidates, older below newer;
+/// when the budget is full, the highest ranks give way first.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default)]
+pub(crate) struct Rank {
+    /// Still on probation (not a member).
+    pub(crate) candidate: bool,
+    /// When it became what it is (a counter: larger = newer).
+    pub(crate) order: u64,
 }
 
 /// Where a stream puts what it produces.
@@ -37,6 +114,9 @@ pub(crate) struct Out<'a> {
     pub(crate) budget: &'a mut Budget,
     /// Messages and bytes delivered during this call (for early stability heartbeats).
     pub(crate) delivered: (u64, u64),
+    /// Size of the buffer the current frame's byte fields share (the datagram body): what a
+    /// held zero-copy slice of it pins.
+    pub(crate) shared: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -45,64 +125,160 @@ pub(crate) struct NakTimer {
     pub(crate) attempts: u32,
 }
 
+/// A held payload and what it is charged.
+#[derive(Debug)]
+struct Held {
+    payload: Bytes,
+    charge: usize,
+}
+
+/// What [`Reassembly::insert`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Inserted {
+    /// Every byte of the chunk was held already.
+    Duplicate,
+    /// The new bytes do not fit the budget; nothing changed.
+    NoRoom,
+    /// New bytes are held; the stream's charge changed by `+added - released`.
+    Added { added: usize, released: usize },
+}
+
+/// A fragmented message being received. Memory follows the bytes received, never the
+/// declared `total_len`: chunks are kept as they came and assembled once all are in.
 #[derive(Debug)]
 struct Reassembly {
-    buf: BytesMut,
     total_len: u32,
-    /// Received byte intervals `[start, end)`, sorted and disjoint.
-    have: Vec<(u32, u32)>,
+    /// Received chunks by offset, disjoint (adjacent ones are not merged).
+    chunks: BTreeMap<u32, Held>,
+    /// Bytes held (the sum of the chunks' lengths).
+    received: u32,
     max_end: u32,
+    /// What this reassembly is charged: [`REASSEMBLY_OVERHEAD`] plus its chunks' charges.
+    charge: usize,
+    /// Chunks looked at by `insert` (a test measure of its cost).
+    #[cfg(test)]
+    visited: usize,
 }
 
 impl Reassembly {
-    /// Returns whether the chunk added any new byte.
-    fn insert(&mut self, offset: u32, chunk: &[u8]) -> bool {
-        let (start, end) = (offset, offset + chunk.len() as u32);
-        if self.have.iter().any(|&(a, b)| a <= start && end <= b) {
-            return false;
+    fn new(total_len: u32) -> Reassembly {
+        Reassembly {
+            total_len,
+            chunks: BTreeMap::new(),
+            received: 0,
+            max_end: 0,
+            charge: REASSEMBLY_OVERHEAD,
+            #[cfg(test)]
+            visited: 0,
         }
-        self.buf[start as usize..end as usize].copy_from_slice(chunk);
-        let mut merged = Vec::with_capacity(self.have.len() + 1);
-        let (mut s, mut e) = (start, end);
-        for &(a, b) in &self.have {
-            if b < s || a > e {
-                merged.push((a, b));
+    }
+
+    /// Adds the bytes `[offset, offset + chunk.len())` that are not held yet, charging them
+    /// to `budget`. O(log n + chunks it replaces): held chunks entirely inside the new one
+    /// give way to it, and it is trimmed where it overlaps its neighbours.
+    fn insert(
+        &mut self,
+        offset: u32,
+        chunk: Bytes,
+        shared: usize,
+        budget: &mut Budget,
+    ) -> Inserted {
+        // The caller checked `offset + len <= total_len <= u32::MAX`.
+        let (start, end) = (offset, offset + chunk.len() as u32);
+        let mut covered = 0u32;
+        let mut inside = Vec::new();
+        let (mut from, mut to) = (start, end);
+        for (&a, held) in self.chunks.range(..end).rev() {
+            #[cfg(test)]
+            {
+                self.visited += 1;
+            }
+            let b = a + held.payload.len() as u32;
+            if b <= start {
+                break;
+            }
+            covered += b.min(end) - a.max(start);
+            if start <= a && b <= end {
+                inside.push((a, held.charge));
+            } else if a < start {
+                from = b;
             } else {
-                s = s.min(a);
-                e = e.max(b);
+                to = a;
             }
         }
-        merged.push((s, e));
-        merged.sort_unstable();
-        self.have = merged;
+        if covered == end - start {
+            return Inserted::Duplicate;
+        }
+        let piece = chunk.slice((from - offset) as usize..(to - offset) as usize);
+        let charge = keep_charge(piece.len(), shared);
+        let released: usize = inside.iter().map(|(_, c)| c).sum();
+        if !budget.fits(charge.saturating_sub(released)) {
+            return Inserted::NoRoom;
+        }
+        for (a, _) in &inside {
+            if let Some(old) = self.chunks.remove(a) {
+                self.received -= old.payload.len() as u32;
+            }
+        }
+        budget.release(released);
+        let (piece, charge) = keep(piece, shared);
+        budget.try_charge(charge);
+        self.received += piece.len() as u32;
+        self.chunks.insert(
+            from,
+            Held {
+                payload: piece,
+                charge,
+            },
+        );
+        self.charge = self.charge + charge - released;
         self.max_end = self.max_end.max(end);
-        true
+        Inserted::Added {
+            added: charge,
+            released,
+        }
     }
 
     fn complete(&self) -> bool {
-        self.have.len() == 1 && self.have[0] == (0, self.total_len)
+        self.received == self.total_len
+    }
+
+    /// The whole message and what it is charged once held as one payload.
+    fn assemble(mut self) -> (Bytes, usize) {
+        if self.chunks.len() == 1
+            && let Some((_, only)) = self.chunks.pop_first()
+        {
+            return (only.payload, only.charge);
+        }
+        let mut buf = BytesMut::with_capacity(self.total_len as usize);
+        for held in self.chunks.values() {
+            buf.extend_from_slice(&held.payload);
+        }
+        (buf.freeze(), self.total_len as usize + ENTRY_OVERHEAD)
     }
 
     /// Byte ranges missing below `limit`.
     fn missing(&self, limit: u32) -> Vec<proto::ByteRange> {
         let mut out = Vec::new();
         let mut cursor = 0u32;
-        for &(a, b) in &self.have {
-            if a > cursor && cursor < limit {
+        for (&a, held) in &self.chunks {
+            if cursor >= limit || out.len() == MAX_NAK_BYTE_RANGES {
+                break;
+            }
+            if a > cursor {
                 out.push(proto::ByteRange {
                     offset: cursor,
                     len: a.min(limit) - cursor,
                 });
             }
-            cursor = cursor.max(b);
+            cursor = cursor.max(a + held.payload.len() as u32);
         }
-        if cursor < limit {
+        if cursor < limit && out.len() < MAX_NAK_BYTE_RANGES {
             out.push(proto::ByteRange {
                 offset: cursor,
                 len: limit - cursor,
             });
         }
-        out.truncate(MAX_NAK_BYTE_RANGES);
         out
     }
 }
@@ -132,6 +308,14 @@ impl Missing {
 pub(crate) struct RecvStream {
     pub(crate) node: NodeId,
     pub(crate) incarnation: Incarnation,
+    /// How established the sender is (set by the endpoint).
+    pub(crate) rank: Rank,
+    /// Deliver nothing yet (the sender is on probation): every message is held, and the
+    /// retention floor heard meanwhile waits in `held_low`.
+    hold: bool,
+    held_low: u64,
+    /// Bytes charged for `buffered` and `partial`.
+    held: usize,
     /// First sequence number this endpoint took from the stream (0 = not started yet).
     start: u64,
     /// Next sequence number to deliver (0 = not started yet).
@@ -140,7 +324,7 @@ pub(crate) struct RecvStream {
     highest_seen: u64,
     /// Highest sequence number the sender said it transmitted completely.
     sender_highest_sent: u64,
-    buffered: BTreeMap<u64, Bytes>,
+    buffered: BTreeMap<u64, Held>,
     partial: BTreeMap<u64, Reassembly>,
     pub(crate) nak: Option<NakTimer>,
     /// Highest sequence number a NAK of this endpoint has asked for so far.
@@ -158,6 +342,10 @@ impl RecvStream {
         RecvStream {
             node,
             incarnation,
+            rank: Rank::default(),
+            hold: false,
+            held_low: 0,
+            held: 0,
             start: 0,
             next_expected: 0,
             highest_seen: 0,
@@ -171,8 +359,28 @@ impl RecvStream {
         }
     }
 
+    /// A stream of a sender on probation: it holds everything and delivers nothing until
+    /// [`RecvStream::release`].
+    pub(crate) fn held(node: NodeId, incarnation: Incarnation, rank: Rank) -> RecvStream {
+        RecvStream {
+            rank,
+            hold: true,
+            ..RecvStream::new(node, incarnation)
+        }
+    }
+
     pub(crate) fn started(&self) -> bool {
         self.next_expected != 0
+    }
+
+    /// Whether this stream holds everything (its sender is on probation).
+    pub(crate) fn holding(&self) -> bool {
+        self.hold
+    }
+
+    /// Bytes this stream has charged to the budget.
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.held
     }
 
     /// Begins the stream at `seq` if it has not begun yet.
@@ -210,7 +418,8 @@ impl RecvStream {
             seq,
             payload,
         });
-        self.next_expected = seq + 1;
+        // seq <= MAX_SEQ: no overflow (saturating all the same).
+        self.next_expected = seq.saturating_add(1);
     }
 
     fn lose(&mut self, first: u64, last: u64, out: &mut Out<'_>) {
@@ -221,18 +430,27 @@ impl RecvStream {
             incarnation: self.incarnation,
             range: first..=last,
         });
-        self.next_expected = last + 1;
+        // last < the retention floor <= u64::MAX: no overflow (saturating all the same).
+        self.next_expected = last.saturating_add(1);
+    }
+
+    fn unhold(&mut self, charge: usize, out: &mut Out<'_>) {
+        self.held -= charge;
+        out.budget.release(charge);
     }
 
     /// Delivers buffered messages that have become contiguous.
     fn drain(&mut self, out: &mut Out<'_>) {
+        if self.hold {
+            return;
+        }
         while let Some(entry) = self.buffered.first_entry() {
             if *entry.key() != self.next_expected {
                 break;
             }
-            let (seq, payload) = entry.remove_entry();
-            out.budget.buffered -= payload.len();
-            self.deliver(seq, payload, out);
+            let (seq, held) = entry.remove_entry();
+            self.unhold(held.charge, out);
+            self.deliver(seq, held.payload, out);
         }
     }
 
@@ -252,9 +470,9 @@ impl RecvStream {
             return;
         }
         if let Some(r) = self.partial.remove(&seq) {
-            out.budget.reassembly -= r.total_len as usize;
+            self.unhold(r.charge, out);
         }
-        if seq == self.next_expected {
+        if seq == self.next_expected && !self.hold {
             self.deliver(seq, payload, out);
             self.drain(out);
             return;
@@ -263,31 +481,36 @@ impl RecvStream {
             out.stats.duplicates += 1;
             return;
         }
-        self.buffer(seq, payload, out, false);
+        let (payload, charge) = keep(payload, out.shared);
+        self.buffer(seq, Held { payload, charge }, out);
     }
 
-    fn buffer(&mut self, seq: u64, payload: Bytes, out: &mut Out<'_>, force: bool) {
-        if !force && out.budget.buffered + payload.len() > out.budget.max_buffered {
+    fn buffer(&mut self, seq: u64, held: Held, out: &mut Out<'_>) {
+        if !out.budget.try_charge(held.charge) {
             out.stats.buffer_full += 1;
             return;
         }
-        out.budget.buffered += payload.len();
-        self.buffered.insert(seq, payload);
+        self.held += held.charge;
+        self.buffered.insert(seq, held);
     }
 
     /// One fragment arrived. The caller has checked `total_len <= max_message_size`.
     ///
     /// # Errors
     ///
-    /// [`DropReason::Malformed`] when the fragment is empty, exceeds its message, or
-    /// contradicts earlier fragments of the same message.
+    /// [`DropReason::Malformed`] when the fragment is empty, exceeds its message, is at
+    /// `u64::MAX`, or contradicts earlier fragments of the same message.
     pub(crate) fn on_fragment(
         &mut self,
         frag: &proto::Fragment,
         out: &mut Out<'_>,
     ) -> Result<(), DropReason> {
         let end = u64::from(frag.offset) + frag.chunk.len() as u64;
-        if frag.seq == 0 || frag.chunk.is_empty() || end > u64::from(frag.total_len) {
+        if frag.seq == 0
+            || frag.seq > MAX_SEQ
+            || frag.chunk.is_empty()
+            || end > u64::from(frag.total_len)
+        {
             return Err(DropReason::Malformed);
         }
         self.start_at(frag.seq);
@@ -300,57 +523,56 @@ impl RecvStream {
             return Ok(());
         }
         self.highest_seen = self.highest_seen.max(frag.seq);
-        if !self.partial.contains_key(&frag.seq) {
-            let need = frag.total_len as usize;
-            if out.budget.reassembly + need > out.budget.max_reassembly {
-                if frag.seq != self.next_expected {
+        let r = match self.partial.entry(frag.seq) {
+            MapEntry::Occupied(o) => o.into_mut(),
+            MapEntry::Vacant(v) => {
+                let need = REASSEMBLY_OVERHEAD + keep_charge(frag.chunk.len(), out.shared);
+                if !out.budget.fits(need) {
                     out.stats.buffer_full += 1;
                     return Ok(());
                 }
-                // The message next in line always gets room: evict the farthest ones.
-                while out.budget.reassembly + need > out.budget.max_reassembly {
-                    let Some((_, evicted)) = self.partial.pop_last() else {
-                        break;
-                    };
-                    out.budget.reassembly -= evicted.total_len as usize;
-                }
+                out.budget.try_charge(REASSEMBLY_OVERHEAD);
+                self.held += REASSEMBLY_OVERHEAD;
+                v.insert(Reassembly::new(frag.total_len))
             }
-            out.budget.reassembly += need;
-            let reassembly = Reassembly {
-                buf: BytesMut::zeroed(need),
-                total_len: frag.total_len,
-                have: Vec::new(),
-                max_end: 0,
-            };
-            self.partial.insert(frag.seq, reassembly);
-        }
-        let Some(r) = self.partial.get_mut(&frag.seq) else {
-            return Ok(());
         };
         if r.total_len != frag.total_len {
             return Err(DropReason::Malformed);
         }
-        if !r.insert(frag.offset, &frag.chunk) {
-            out.stats.duplicate_fragments += 1;
-            return Ok(());
+        match r.insert(frag.offset, frag.chunk.clone(), out.shared, out.budget) {
+            Inserted::Duplicate => {
+                out.stats.duplicate_fragments += 1;
+                return Ok(());
+            }
+            Inserted::NoRoom => {
+                out.stats.buffer_full += 1;
+                if r.received == 0 {
+                    // Only just made for this chunk: give its room back.
+                    self.partial.remove(&frag.seq);
+                    self.unhold(REASSEMBLY_OVERHEAD, out);
+                }
+                return Ok(());
+            }
+            Inserted::Added { added, released } => {
+                self.held = self.held + added - released;
+            }
         }
-        if frag.seq < self.highest_seen
-            || u64::from(frag.offset) + (frag.chunk.len() as u64) < u64::from(r.max_end)
-        {
+        if frag.seq < self.highest_seen || end < u64::from(r.max_end) {
             self.filled = true;
         }
         if r.complete() {
             let Some(r) = self.partial.remove(&frag.seq) else {
                 return Ok(());
             };
-            out.budget.reassembly -= r.total_len as usize;
+            self.unhold(r.charge, out);
             out.stats.messages_reassembled += 1;
-            let payload = r.buf.freeze();
-            if frag.seq == self.next_expected {
+            let (payload, charge) = r.assemble();
+            if frag.seq == self.next_expected && !self.hold {
                 self.deliver(frag.seq, payload, out);
                 self.drain(out);
             } else {
-                self.buffer(frag.seq, payload, out, true);
+                // Always fits: it is charged no more than the chunks just released.
+                self.buffer(frag.seq, Held { payload, charge }, out);
             }
         }
         Ok(())
@@ -358,12 +580,17 @@ impl RecvStream {
 
     /// The sender says it transmitted everything up to `highest_sent`.
     pub(crate) fn on_highest_sent(&mut self, highest_sent: u64) {
-        self.sender_highest_sent = self.sender_highest_sent.max(highest_sent);
+        self.sender_highest_sent = self.sender_highest_sent.max(highest_sent.min(MAX_SEQ));
     }
 
     /// The sender can no longer retransmit anything below `low`: deliver what is buffered
-    /// below it and report the rest lost.
+    /// below it and report the rest lost. While the stream holds (probation), the floor is
+    /// remembered and applied on [`RecvStream::release`].
     pub(crate) fn advance_to(&mut self, low: u64, out: &mut Out<'_>) {
+        if self.hold {
+            self.held_low = self.held_low.max(low);
+            return;
+        }
         if !self.started() || low <= self.next_expected {
             return;
         }
@@ -371,12 +598,12 @@ impl RecvStream {
             if *entry.key() >= low {
                 break;
             }
-            let (seq, payload) = entry.remove_entry();
-            out.budget.buffered -= payload.len();
+            let (seq, held) = entry.remove_entry();
+            self.unhold(held.charge, out);
             if seq > self.next_expected {
                 self.lose(self.next_expected, seq - 1, out);
             }
-            self.deliver(seq, payload, out);
+            self.deliver(seq, held.payload, out);
         }
         if self.next_expected < low {
             self.lose(self.next_expected, low - 1, out);
@@ -385,23 +612,58 @@ impl RecvStream {
             if *entry.key() >= low {
                 break;
             }
-            out.budget.reassembly -= entry.remove().total_len as usize;
+            let charge = entry.remove().charge;
+            self.unhold(charge, out);
         }
         self.highest_seen = self.highest_seen.max(low - 1);
         self.drain(out);
     }
 
+    /// The sender passed probation: deliver what was held, in order, then apply the retention
+    /// floor heard meanwhile.
+    pub(crate) fn release(&mut self, out: &mut Out<'_>) {
+        self.hold = false;
+        self.drain(out);
+        let low = std::mem::take(&mut self.held_low);
+        self.advance_to(low, out);
+    }
+
     /// The stream is over (sender left or restarted): settle everything known.
     pub(crate) fn finish(&mut self, out: &mut Out<'_>) {
         let end = self.highest_seen.max(self.sender_highest_sent);
-        if self.started() && end < u64::MAX {
+        if self.started() && !self.hold && end < u64::MAX {
             self.advance_to(end + 1, out);
         }
-        for (_, payload) in std::mem::take(&mut self.buffered) {
-            out.budget.buffered -= payload.len();
+        self.discard(out);
+    }
+
+    /// Drops everything held, without events.
+    pub(crate) fn discard(&mut self, out: &mut Out<'_>) {
+        for (_, held) in std::mem::take(&mut self.buffered) {
+            self.unhold(held.charge, out);
         }
         for (_, r) in std::mem::take(&mut self.partial) {
-            out.budget.reassembly -= r.total_len as usize;
+            self.unhold(r.charge, out);
+        }
+    }
+
+    /// Drops held messages and partial reassemblies with a sequence number above `above`,
+    /// farthest first, until `need` bytes fit the budget. Each one dropped is counted in
+    /// `receive_evicted`; what a member stream loses this way is NAKed again later.
+    pub(crate) fn evict_above(&mut self, above: u64, need: usize, out: &mut Out<'_>) {
+        while !out.budget.fits(need) {
+            let buffered = self.buffered.last_key_value().map(|(s, _)| *s);
+            let partial = self.partial.last_key_value().map(|(s, _)| *s);
+            let charge = match (buffered, partial) {
+                (Some(b), p) if b > above && p.is_none_or(|p| b > p) => {
+                    self.buffered.pop_last().map(|(_, h)| h.charge)
+                }
+                (_, Some(p)) if p > above => self.partial.pop_last().map(|(_, r)| r.charge),
+                _ => None,
+            };
+            let Some(charge) = charge else { break };
+            self.unhold(charge, out);
+            out.stats.receive_evicted += 1;
         }
     }
 
@@ -475,34 +737,27 @@ impl RecvStream {
         if mine.is_empty() {
             return false;
         }
-        let in_ranges = |first: u64, last: u64| {
-            nak.ranges
-                .iter()
-                .any(|r| r.first <= first && last <= r.last)
-        };
+        // Only as much of the NAK as this implementation ever sends is looked at: a NAK with
+        // thousands of entries costs no more than one with the usual few.
+        let ranges = &nak.ranges[..nak.ranges.len().min(MAX_NAK_RANGES)];
+        let partial = &nak.partial[..nak.partial.len().min(MAX_NAK_PARTIALS)];
+        let in_ranges =
+            |first: u64, last: u64| ranges.iter().any(|r| r.first <= first && last <= r.last);
         mine.ranges.iter().all(|r| in_ranges(r.first, r.last))
             && mine
                 .partial
                 .iter()
-                .all(|p| in_ranges(p.seq, p.seq) || nak.partial.iter().any(|q| q.seq == p.seq))
+                .all(|p| in_ranges(p.seq, p.seq) || partial.iter().any(|q| q.seq == p.seq))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
 
     fn out_parts() -> (VecDeque<Event>, Stats, Budget) {
-        (
-            VecDeque::new(),
-            Stats::default(),
-            Budget {
-                buffered: 0,
-                max_buffered: 1 << 20,
-                reassembly: 0,
-                max_reassembly: 1 << 20,
-            },
-        )
+        (VecDeque::new(), Stats::default(), Budget::new(1 << 20))
     }
 
     #[test]
@@ -513,6 +768,7 @@ mod tests {
             stats: &mut st,
             budget: &mut b,
             delivered: (0, 0),
+            shared: 0,
         };
         let mut s = RecvStream::new(NodeId(1), Incarnation(1));
         for seq in [1, 4, 5, 8] {
@@ -522,11 +778,11 @@ mod tests {
         let m = s.missing(0, usize::MAX);
         let ranges: Vec<(u64, u64)> = m.ranges.iter().map(|r| (r.first, r.last)).collect();
         assert_eq!(ranges, vec![(2, 3), (6, 7), (9, 10)]);
-        assert_eq!(out.budget.buffered, 3);
+        assert_eq!(out.budget.used(), 3 * (1 + ENTRY_OVERHEAD));
         s.advance_to(7, &mut out);
         // 2-3 lost, 4 and 5 delivered, 6 lost; 7 still missing.
         assert_eq!(s.next_expected, 7);
-        assert_eq!(out.budget.buffered, 1);
+        assert_eq!(out.budget.used(), 1 + ENTRY_OVERHEAD);
         assert_eq!(st.lost_messages, 3);
     }
 
@@ -538,6 +794,7 @@ mod tests {
             stats: &mut st,
             budget: &mut b,
             delivered: (0, 0),
+            shared: 0,
         };
         let mut s = RecvStream::new(NodeId(1), Incarnation(1));
         let frag = |offset: u32| proto::Fragment {
@@ -583,5 +840,166 @@ mod tests {
             ),
             Err(DropReason::Malformed)
         );
+    }
+
+    fn frag(seq: u64, total_len: u32, offset: u32, chunk: &[u8]) -> proto::Fragment {
+        proto::Fragment {
+            seq,
+            total_len,
+            offset,
+            chunk: Bytes::copy_from_slice(chunk),
+        }
+    }
+
+    #[test]
+    fn reassembly_memory_follows_bytes_received_not_declared_length() {
+        let (mut ev, mut st, mut b) = out_parts();
+        let mut out = Out {
+            events: &mut ev,
+            stats: &mut st,
+            budget: &mut b,
+            delivered: (0, 0),
+            shared: 1300,
+        };
+        let mut s = RecvStream::new(NodeId(1), Incarnation(1));
+        // One 1200-byte chunk near the end of a message declared 1 MiB long.
+        let total = 1 << 20;
+        s.on_fragment(&frag(1, total, total - 1200, &[7; 1200]), &mut out)
+            .unwrap();
+        let charged = REASSEMBLY_OVERHEAD + 1300 + ENTRY_OVERHEAD;
+        assert_eq!((out.budget.used(), s.held_bytes()), (charged, charged));
+        let r = &s.partial[&1];
+        assert_eq!(r.received, 1200);
+        assert!(r.chunks.values().all(|c| c.payload.len() == 1200));
+        // A budget with no room for it refuses the first chunk of another message.
+        let mut small = Budget::new(charged + 100);
+        let mut out = Out {
+            events: &mut ev,
+            stats: &mut st,
+            budget: &mut small,
+            delivered: (0, 0),
+            shared: 1300,
+        };
+        let mut s = RecvStream::new(NodeId(2), Incarnation(1));
+        s.on_fragment(&frag(1, total, 0, &[7; 1200]), &mut out)
+            .unwrap();
+        s.on_fragment(&frag(2, total, 0, &[7; 1200]), &mut out)
+            .unwrap();
+        assert_eq!(out.stats.buffer_full, 1);
+        assert_eq!(out.budget.used(), charged);
+    }
+
+    #[test]
+    fn held_payloads_pay_for_what_they_pin() {
+        let (mut ev, mut st, mut b) = out_parts();
+        let mut out = Out {
+            events: &mut ev,
+            stats: &mut st,
+            budget: &mut b,
+            delivered: (0, 0),
+            shared: 1000,
+        };
+        let mut s = RecvStream::new(NodeId(1), Incarnation(1));
+        s.on_message(1, Bytes::from_static(b"a"), &mut out);
+        // Out of order: held. A 1-byte slice of a 1000-byte body is copied out; an empty
+        // message is not free; a 600-byte one keeps sharing its body and pays for all of it.
+        let body = Bytes::from(vec![9u8; 1000]);
+        s.on_message(3, body.slice(10..11), &mut out);
+        s.on_message(4, Bytes::new(), &mut out);
+        s.on_message(5, body.slice(0..600), &mut out);
+        let expect = (1 + ENTRY_OVERHEAD) + ENTRY_OVERHEAD + (1000 + ENTRY_OVERHEAD);
+        assert_eq!(out.budget.used(), expect);
+        assert_eq!(s.held_bytes(), expect);
+        let copied = &s.buffered[&3].payload;
+        assert!(!std::ptr::eq(copied.as_ptr(), body[10..].as_ptr()));
+        s.on_message(2, Bytes::from_static(b"b"), &mut out);
+        assert_eq!(out.budget.used(), 0);
+        assert_eq!(s.next_expected, 6);
+    }
+
+    #[test]
+    fn fragment_insert_is_not_quadratic_and_reassembles_any_overlap() {
+        // Every other byte first, backwards (the worst order for a sorted interval list),
+        // then the rest: each insert looks at O(1) neighbours.
+        let n: u32 = 20_000;
+        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        let mut budget = Budget::new(usize::MAX);
+        let mut r = Reassembly::new(n);
+        let mut inserts = 0;
+        for start in [0u32, 1] {
+            for i in (start..n).step_by(2).rev() {
+                let at = i as usize;
+                let piece = Bytes::copy_from_slice(&data[at..at + 1]);
+                assert!(matches!(
+                    r.insert(i, piece, 1, &mut budget),
+                    Inserted::Added { .. }
+                ));
+                inserts += 1;
+            }
+        }
+        assert!(r.complete());
+        assert!(
+            r.visited <= 3 * inserts,
+            "{} visits for {inserts}",
+            r.visited
+        );
+        assert_eq!(budget.used() + REASSEMBLY_OVERHEAD, r.charge);
+        let (whole, _) = r.assemble();
+        assert_eq!(whole.as_ref(), data.as_slice());
+
+        // Random overlapping chunks against a model; the charge always matches.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for _ in 0..200 {
+            let len = rng.random_range(1..400u32);
+            let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let mut budget = Budget::new(usize::MAX);
+            let mut r = Reassembly::new(len);
+            let mut have = vec![false; len as usize];
+            while !r.complete() {
+                let a = rng.random_range(0..len);
+                let b = rng.random_range(a + 1..=len.min(a + 40));
+                let new = have[a as usize..b as usize].iter().any(|h| !h);
+                let got = r.insert(
+                    a,
+                    Bytes::copy_from_slice(&data[a as usize..b as usize]),
+                    64,
+                    &mut budget,
+                );
+                assert_eq!(matches!(got, Inserted::Added { .. }), new);
+                assert_eq!(got == Inserted::Duplicate, !new);
+                have[a as usize..b as usize].fill(true);
+                assert_eq!(r.received as usize, have.iter().filter(|h| **h).count());
+                assert_eq!(budget.used() + REASSEMBLY_OVERHEAD, r.charge);
+            }
+            assert_eq!(r.assemble().0.as_ref(), data.as_slice());
+        }
+    }
+
+    #[test]
+    fn sequence_numbers_stop_short_of_u64_max() {
+        let (mut ev, mut st, mut b) = out_parts();
+        let mut out = Out {
+            events: &mut ev,
+            stats: &mut st,
+            budget: &mut b,
+            delivered: (0, 0),
+            shared: 0,
+        };
+        let mut s = RecvStream::new(NodeId(1), Incarnation(1));
+        s.start_at(MAX_SEQ);
+        assert_eq!(
+            s.on_fragment(&frag(u64::MAX, 1, 0, b"x"), &mut out),
+            Err(DropReason::Malformed)
+        );
+        s.on_fragment(&frag(MAX_SEQ, 1, 0, b"x"), &mut out).unwrap();
+        assert_eq!(s.next_expected, u64::MAX);
+        // Nothing can follow, and nothing is missing.
+        s.on_highest_sent(u64::MAX);
+        assert!(!s.has_gap());
+        s.on_message(MAX_SEQ, Bytes::from_static(b"y"), &mut out);
+        s.advance_to(u64::MAX, &mut out);
+        s.finish(&mut out);
+        assert_eq!(out.stats.messages_delivered, 1);
+        assert_eq!(out.stats.duplicates, 1);
     }
 }

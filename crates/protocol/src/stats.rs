@@ -110,8 +110,34 @@ pub struct Stats {
     pub node_id_conflict: u64,
     /// Dropped: from an older incarnation of a member, or from a member that said goodbye.
     pub stale_incarnation: u64,
-    /// Dropped: out-of-order message or fragment beyond the receive/reassembly memory budget.
+    /// Not held: a message or fragment that did not fit the receive budget
+    /// (`Config::receive_budget_bytes`); a member's is NAKed again later.
     pub buffer_full: u64,
+    /// Held messages or partial reassemblies dropped to make room for a more established
+    /// stream (candidates' first, then the newest members' farthest-ahead data).
+    pub receive_evicted: u64,
+    /// Dropped: a datagram from a new sender while the member table is full
+    /// (`Config::max_members`).
+    pub members_full: u64,
+    /// Dropped: a datagram from a new sender whose state did not fit the receive budget.
+    pub senders_over_budget: u64,
+    /// Candidates (senders on probation) pushed out of the full probation table
+    /// (`Config::max_candidates`), oldest first.
+    pub candidates_evicted: u64,
+    /// Candidates forgotten because they did not pass probation within `suspect_after`.
+    pub candidates_expired: u64,
+    /// Departed members forgotten (older than `Config::forget_after`, or the oldest when more
+    /// than `max_members` are remembered).
+    pub departed_forgotten: u64,
+    /// Replay windows of senders no longer heard that were forgotten (same rule).
+    pub replay_forgotten: u64,
+    /// NAK entries ignored beyond the per-NAK caps (ranges, partial messages, byte ranges,
+    /// messages examined).
+    pub nak_entries_ignored: u64,
+    /// NAKed messages not repaired because the requester's repair allowance was spent
+    /// (3x its bytes for a non-member, `repair_bytes_per_member` per heartbeat interval for a
+    /// member), and beyond-window NAKs of non-members left unanswered.
+    pub repairs_refused: u64,
     /// Dropped: arrived after `close`.
     pub after_close: u64,
 }
@@ -191,6 +217,15 @@ impl Stats {
             node_id_conflict,
             stale_incarnation,
             buffer_full,
+            receive_evicted,
+            members_full,
+            senders_over_budget,
+            candidates_evicted,
+            candidates_expired,
+            departed_forgotten,
+            replay_forgotten,
+            nak_entries_ignored,
+            repairs_refused,
             after_close,
         } = self;
         vec![
@@ -245,6 +280,15 @@ impl Stats {
             ("node_id_conflict", *node_id_conflict),
             ("stale_incarnation", *stale_incarnation),
             ("buffer_full", *buffer_full),
+            ("receive_evicted", *receive_evicted),
+            ("members_full", *members_full),
+            ("senders_over_budget", *senders_over_budget),
+            ("candidates_evicted", *candidates_evicted),
+            ("candidates_expired", *candidates_expired),
+            ("departed_forgotten", *departed_forgotten),
+            ("replay_forgotten", *replay_forgotten),
+            ("nak_entries_ignored", *nak_entries_ignored),
+            ("repairs_refused", *repairs_refused),
             ("after_close", *after_close),
         ]
     }
@@ -267,6 +311,8 @@ impl Stats {
             + self.node_id_conflict
             + self.stale_incarnation
             + self.buffer_full
+            + self.members_full
+            + self.senders_over_budget
             + self.after_close
     }
 }

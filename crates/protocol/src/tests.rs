@@ -16,6 +16,10 @@ use crate::*;
 
 const CLUSTER: ClusterId = ClusterId(0xC0FFEE);
 
+/// Long enough for every node to pass every other's probation: a second heartbeat, one
+/// heartbeat interval (200 ms) after the first.
+const JOIN: Duration = Duration::from_millis(250);
+
 fn addr(i: usize) -> SocketAddr {
     SocketAddr::from(([10, 0, 0, i as u8 + 1], 7400))
 }
@@ -220,6 +224,21 @@ fn is_first_data(bytes: &Bytes) -> bool {
     matches!(frame_of(bytes), Kind::Data(_) | Kind::Fragment(_))
 }
 
+/// A plain heartbeat of `node`/`incarnation` saying it sent up to `highest_sent`.
+fn heartbeat(node: NodeId, incarnation: Incarnation, highest_sent: u64) -> Bytes {
+    let hb = proto::Heartbeat {
+        highest_sent,
+        low_retained: 1,
+        delivered: vec![],
+    };
+    wire::encode(
+        &Header::new(CLUSTER, node, incarnation),
+        &proto::Frame {
+            kind: Some(Kind::Heartbeat(hb)),
+        },
+    )
+}
+
 fn msg(i: u64) -> Bytes {
     Bytes::from(format!("message {i}"))
 }
@@ -268,7 +287,7 @@ fn in_order_delivery() {
 #[test]
 fn duplicates_are_dropped_and_counted() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(0, msg(1));
     net.run_for(Duration::from_millis(10));
     let data: Vec<Bytes> = net
@@ -289,7 +308,7 @@ fn duplicates_are_dropped_and_counted() {
 #[test]
 fn reordered_datagrams_are_delivered_in_order() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     // Capture five separate data datagrams without delivering them.
     net.filter = Box::new(|_, _, b| !is_first_data(b));
     for i in 1..=5 {
@@ -316,7 +335,7 @@ fn reordered_datagrams_are_delivered_in_order() {
 #[test]
 fn lost_data_is_repaired_after_nak() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     let mut nth = 0;
     net.filter = Box::new(move |from, _, b| {
         if from == 0 && is_first_data(b) {
@@ -341,7 +360,7 @@ fn lost_data_is_repaired_after_nak() {
 #[test]
 fn tail_loss_is_found_by_heartbeat() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     for i in 1..=3 {
         net.send(0, msg(i));
         net.run_for(Duration::from_millis(1));
@@ -368,7 +387,7 @@ fn gap_below_window_is_reported_lost() {
     let mut configs = vec![config(0, 1), config(1, 1)];
     configs[0].window_max_age = Duration::from_millis(50);
     let mut net = Net::new(configs);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(0, msg(1));
     net.run_for(Duration::from_millis(5));
     // Seq 2 and 3 never reach node 1, and neither do repairs.
@@ -401,7 +420,7 @@ fn gap_below_window_is_reported_lost() {
 #[test]
 fn one_mebibyte_is_fragmented_and_reassembled_under_loss() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let big: Vec<u8> = (0..(1 << 20)).map(|_| rng.random()).collect();
     let mut loss = ChaCha8Rng::seed_from_u64(8);
@@ -427,7 +446,7 @@ fn one_mebibyte_is_fragmented_and_reassembled_under_loss() {
 #[test]
 fn small_messages_are_batched() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     let now = net.now;
     for i in 1..=300 {
         net.node(0).send(now, msg(i)).unwrap();
@@ -449,7 +468,7 @@ fn full_window_pushes_back_until_stable() {
     let mut configs = vec![config(0, 1), config(1, 1)];
     configs[0].window_max_messages = NonZeroUsize::new(8).unwrap();
     let mut net = Net::new(configs);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     let now = net.now;
     for i in 1..=8 {
         assert_eq!(net.node(0).send(now, msg(i)), Ok(i));
@@ -506,7 +525,7 @@ fn rate_limit_paces_data() {
 #[test]
 fn naks_for_a_shared_gap_are_suppressed() {
     let mut net = Net::new(vec![config(0, 1), config(1, 1), config(2, 1)]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(0, msg(1));
     net.run_for(Duration::from_millis(1));
     net.filter = Box::new(|from, _, b| {
@@ -528,7 +547,7 @@ fn naks_for_a_shared_gap_are_suppressed() {
 #[test]
 fn membership_join_suspect_alive_leave() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     assert!(matches!(
         net.events[0][0],
         Event::MemberJoined {
@@ -573,13 +592,13 @@ fn membership_join_suspect_alive_leave() {
 #[test]
 fn restart_and_goodbye() {
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(1, msg(1));
     net.run_for(Duration::from_millis(10));
     // Node 1 crashes and restarts with a new incarnation.
     let now = net.now;
     net.nodes[1] = Some(Endpoint::new(config(1, 2), now));
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     assert!(net.events[0].iter().any(|e| matches!(
         e,
         Event::MemberRestarted {
@@ -740,7 +759,13 @@ fn every_drop_reason_is_counted() {
         )
     );
     assert_eq!(st.drops(), 14);
-    assert_eq!(st.messages_delivered, 1);
+    // Incarnation 3 is on probation: its message is held until it sends two heartbeats half
+    // a heartbeat interval apart.
+    assert_eq!(st.messages_delivered, 0);
+    ep.handle_datagram(t0, from, &heartbeat(NodeId(2), Incarnation(3), 1));
+    let later = t0 + Duration::from_millis(150);
+    ep.handle_datagram(later, from, &heartbeat(NodeId(2), Incarnation(3), 1));
+    assert_eq!(ep.stats().messages_delivered, 1);
     ep.close(t0);
     while ep.poll_transmit(t0).is_some() {}
     ep.handle_datagram(t0, from, &good);
@@ -783,7 +808,7 @@ fn garbage_never_panics() {
 fn random_loss_three_nodes_settles_every_stream() {
     for seed in 0..3u64 {
         let mut net = Net::new((0..3).map(|i| config(i, 1)).collect());
-        net.run_for(Duration::from_millis(10));
+        net.run_for(JOIN);
         let mut loss = ChaCha8Rng::seed_from_u64(seed);
         net.filter = Box::new(move |_, _, _| loss.random_bool(0.8));
         for round in 1..=300u64 {
@@ -834,7 +859,7 @@ fn same_seed_same_run() {
 #[test]
 fn member_back_from_timeout_resumes_its_stream() {
     let mut net = Net::new(vec![config(0, 1), config(1, 1), config(2, 1)]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     for i in 1..=3 {
         net.send(0, msg(i));
         net.run_for(Duration::from_millis(5));
@@ -866,7 +891,8 @@ fn stream_first_heard_through_a_nak_is_anchored_there() {
     let t0 = Instant::now();
     let mut ep = Endpoint::new(config(0, 1), t0);
     let h = Header::new(CLUSTER, NodeId(2), Incarnation(1));
-    // Node 2 is first heard through a NAK (about someone else's stream) saying it sent 10.
+    // Node 2 is first heard through a NAK (about someone else's stream) saying it sent 10;
+    // its heartbeats, later, say 12.
     let nak = proto::Nak {
         target_node: 9,
         target_incarnation: 1,
@@ -883,14 +909,18 @@ fn stream_first_heard_through_a_nak_is_anchored_there() {
             },
         ),
     );
-    // Its seq 11 is lost; seq 12 arrives: 11 must be NAKed, not skipped.
+    // Its seq 11 is lost; seq 12 arrives (after its probation): 11 must be NAKed, not
+    // skipped.
+    let t1 = t0 + Duration::from_millis(150);
+    ep.handle_datagram(t0, addr(1), &heartbeat(NodeId(2), Incarnation(1), 12));
+    ep.handle_datagram(t1, addr(1), &heartbeat(NodeId(2), Incarnation(1), 12));
     ep.handle_datagram(
-        t0,
+        t1,
         addr(1),
         &wire::encode_data(&h, 12, [msg(12)].iter(), None),
     );
     assert_eq!(ep.members()[0].delivered_up_to, 10);
-    let later = t0 + Duration::from_millis(30);
+    let later = t1 + Duration::from_millis(30);
     ep.handle_timeout(later);
     let naks: Vec<proto::Nak> = std::iter::from_fn(|| ep.poll_transmit(later))
         .filter_map(|t| match frame_of(&t.payload) {
@@ -960,7 +990,7 @@ fn membership_events(events: &[Event]) -> usize {
 fn sealed_pair_delivers_and_shows_no_plaintext() {
     let k = ring(1, 0x11);
     let mut net = Net::new(vec![keyed(0, 1, &k), keyed(1, 1, &k)]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     for i in 1..=300 {
         net.send(0, msg(i));
     }
@@ -1012,7 +1042,7 @@ fn wrong_or_missing_key_is_refused_and_counted() {
         keyed(0, 1, &ring(1, 0x11)),
         keyed(1, 1, &ring(1, 0x22)),
     ]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(0, msg(1));
     net.run_for(Duration::from_millis(500));
     assert!(net.node(1).members().is_empty());
@@ -1031,7 +1061,7 @@ fn wrong_or_missing_key_is_refused_and_counted() {
 
     // No key against a key, both ways: unauthenticated.
     let mut net = Net::new(vec![config(0, 1), keyed(1, 1, &ring(1, 0x11))]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(0, msg(1));
     net.run_for(Duration::from_millis(500));
     assert!(net.node(0).members().is_empty());
@@ -1074,8 +1104,12 @@ fn tampered_header_counter_body_or_tag_is_rejected() {
         2 * authenticated_bytes
     );
     assert_eq!(st.drops(), 2 * body_end as u64);
-    // The untouched datagram is accepted.
+    // The untouched datagram is accepted (and delivered once its sender passed probation).
     ep.handle_datagram(t0, addr(1), &sealed);
+    let hb = heartbeat(NodeId(2), Incarnation(1), 2);
+    ep.handle_datagram(t0, addr(1), &seal_with(&k, &hb, 2));
+    let later = t0 + Duration::from_millis(150);
+    ep.handle_datagram(later, addr(1), &seal_with(&k, &hb, 3));
     assert_eq!(ep.stats().messages_delivered, 2);
 }
 
@@ -1083,7 +1117,7 @@ fn tampered_header_counter_body_or_tag_is_rejected() {
 fn replayed_datagrams_are_rejected_and_counted() {
     let k = ring(1, 0x11);
     let mut net = Net::new(vec![keyed(0, 1, &k), keyed(1, 1, &k)]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     for i in 1..=50 {
         net.send(0, msg(i));
     }
@@ -1117,7 +1151,7 @@ fn replayed_datagrams_are_rejected_and_counted() {
 fn older_incarnation_is_rejected_once_a_newer_is_seen() {
     let k = ring(1, 0x11);
     let mut net = Net::new(vec![keyed(0, 1, &k), keyed(1, 1, &k)]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(1, msg(1));
     net.run_for(Duration::from_millis(300));
     let old: Vec<Bytes> = net
@@ -1151,7 +1185,7 @@ fn older_incarnation_is_rejected_once_a_newer_is_seen() {
 fn key_rotation_under_traffic_loses_nothing() {
     let k1 = ring(1, 0x11);
     let mut net = Net::new((0..3).map(|i| keyed(i, 1, &k1)).collect());
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     let mut sent = [0u64; 3];
     let mut traffic = |net: &mut Net, rounds: usize| {
         for _ in 0..rounds {
@@ -1246,7 +1280,7 @@ fn forged_goodbye_or_heartbeat_cannot_evict_restart_or_suspect_a_member() {
     let k = ring(1, 0x11);
     let wrong = ring(1, 0x66);
     let mut net = Net::new(vec![keyed(0, 1, &k), keyed(1, 1, &k)]);
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(1, msg(1));
     net.run_for(Duration::from_millis(50));
     let events = membership_events(&net.events[0]);
@@ -1278,7 +1312,7 @@ fn forged_goodbye_or_heartbeat_cannot_evict_restart_or_suspect_a_member() {
 
     // The same forgeries against an unkeyed cluster do the damage (the test can fail).
     let mut net = Net::pair();
-    net.run_for(Duration::from_millis(10));
+    net.run_for(JOIN);
     net.send(1, msg(1));
     net.run_for(Duration::from_millis(50));
     let now = net.now;
@@ -1293,4 +1327,468 @@ fn forged_goodbye_or_heartbeat_cannot_evict_restart_or_suspect_a_member() {
             ..
         } | Event::MemberRestarted { .. }
     )));
+}
+
+// --- Bounds against hostile senders ------------------------------------------------------
+
+fn nak_datagram(from: NodeId, target: NodeId, ranges: usize) -> Bytes {
+    let nak = proto::Nak {
+        target_node: target.0,
+        target_incarnation: 1,
+        ranges: vec![
+            proto::SeqRange {
+                first: 1,
+                last: u64::MAX
+            };
+            ranges
+        ],
+        partial: vec![],
+        sender_highest_sent: 0,
+    };
+    wire::encode(
+        &Header::new(CLUSTER, from, Incarnation(1)),
+        &proto::Frame {
+            kind: Some(Kind::Nak(nak)),
+        },
+    )
+}
+
+fn repair_bytes(net: &Net, from: usize, since: usize) -> u64 {
+    net.sent[since..]
+        .iter()
+        .filter(|(f, b)| *f == from && matches!(frame_of(b), Kind::Repair(_)))
+        .map(|(_, b)| b.len() as u64)
+        .sum()
+}
+
+#[test]
+fn a_new_sender_joins_only_after_probation_and_its_early_messages_are_held() {
+    let t0 = Instant::now();
+    let mut ep = Endpoint::new(config(0, 1), t0);
+    let (node, h) = (NodeId(7), Header::new(CLUSTER, NodeId(7), Incarnation(1)));
+    ep.handle_datagram(t0, addr(6), &heartbeat(node, Incarnation(1), 0));
+    for seq in 1..=3 {
+        ep.handle_datagram(
+            t0,
+            addr(6),
+            &wire::encode_data(&h, seq, [msg(seq)].iter(), None),
+        );
+    }
+    // Too soon for a second heartbeat to count, and other frames never do.
+    let early = t0 + Duration::from_millis(50);
+    ep.handle_datagram(early, addr(6), &heartbeat(node, Incarnation(1), 3));
+    let t1 = t0 + Duration::from_millis(150);
+    ep.handle_datagram(
+        t1,
+        addr(6),
+        &wire::encode_data(&h, 4, [msg(4)].iter(), None),
+    );
+    assert!(ep.poll_event().is_none(), "a candidate emits nothing");
+    assert!(ep.members().is_empty());
+    assert_eq!(ep.candidates(), 1);
+    let later = t0 + Duration::from_millis(160);
+    ep.handle_datagram(later, addr(6), &heartbeat(node, Incarnation(1), 4));
+    let events: Vec<Event> = std::iter::from_fn(|| ep.poll_event()).collect();
+    assert!(matches!(
+        events[0],
+        Event::MemberJoined {
+            node: NodeId(7),
+            ..
+        }
+    ));
+    let seqs: Vec<u64> = events[1..]
+        .iter()
+        .map(|e| match e {
+            Event::Delivered { seq, payload, .. } => {
+                assert_eq!(payload, &msg(*seq));
+                *seq
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!((ep.candidates(), ep.members().len()), (0, 1));
+    assert_eq!(ep.receive_memory(), crate::recv::SENDER_OVERHEAD);
+    // One-shot senders never join, and are forgotten after `suspect_after`.
+    for i in 0..100 {
+        ep.handle_datagram(
+            later,
+            addr(5),
+            &heartbeat(NodeId(100 + i), Incarnation(1), 0),
+        );
+    }
+    assert_eq!((ep.candidates(), ep.members().len()), (100, 1));
+    ep.handle_timeout(later + ep.config().suspect_after);
+    assert_eq!(ep.candidates(), 0);
+    assert_eq!(ep.stats().candidates_expired, 100);
+    assert!(
+        std::iter::from_fn(|| ep.poll_event()).all(|e| matches!(e, Event::MemberSuspected { .. }))
+    );
+}
+
+#[test]
+fn a_restart_takes_effect_only_once_the_new_incarnation_passed_probation() {
+    let mut net = Net::pair();
+    net.run_for(JOIN);
+    net.send(1, msg(1));
+    net.run_for(Duration::from_millis(10));
+    // One spoofed datagram of a "newer incarnation" of node 2 changes nothing.
+    let now = net.now;
+    net.node(0)
+        .handle_datagram(now, addr(1), &heartbeat(NodeId(2), Incarnation(9), 0));
+    net.send(1, msg(2));
+    net.run_for(Duration::from_millis(300));
+    assert!(
+        !net.events[0]
+            .iter()
+            .any(|e| matches!(e, Event::MemberRestarted { .. }))
+    );
+    assert_stream(&net, 0, NodeId(2), 2);
+    assert_eq!(net.node(0).members()[0].incarnation, Incarnation(1));
+    // A real restart is one a little later.
+    let now = net.now;
+    net.nodes[1] = Some(Endpoint::new(config(1, 10), now));
+    net.run_for(JOIN);
+    assert!(net.events[0].iter().any(|e| matches!(
+        e,
+        Event::MemberRestarted {
+            old: Incarnation(1),
+            new: Incarnation(10),
+            ..
+        }
+    )));
+}
+
+#[test]
+fn fragment_flood_from_fresh_ids_stays_within_the_budget_and_spares_members() {
+    let budget = 4 << 20;
+    let mut configs = vec![config(0, 1), config(1, 1)];
+    configs[1].receive_budget_bytes = budget;
+    let mut net = Net::new(configs);
+    net.run_for(JOIN);
+    let mut loss = ChaCha8Rng::seed_from_u64(21);
+    net.filter =
+        Box::new(move |from, _, b| !(from == 0 && is_first_data(b)) || loss.random_bool(0.9));
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    let big: Vec<u8> = (0..(600 << 10)).map(|_| rng.random()).collect();
+    net.send(0, big.clone());
+    let declared = net.node(1).config().max_message_size as u32;
+    let mut sent = 1;
+    for i in 0..10_000u64 {
+        let h = Header::new(CLUSTER, NodeId(1_000 + i), Incarnation(1));
+        let offset = rng.random_range(0..declared - 1200);
+        let d = wire::encode_fragment(&h, 1 + i % 5, declared, offset, &[0xAB; 1200], None);
+        let now = net.now;
+        net.node(1).handle_datagram(now, addr(7), &d);
+        assert!(net.node(1).receive_memory() <= budget);
+        if i % 100 == 99 {
+            sent += 1;
+            net.send(0, msg(sent));
+            net.run_for(Duration::from_millis(1));
+            assert!(net.node(1).receive_memory() <= budget);
+        }
+    }
+    net.run_for(Duration::from_secs(3));
+    let got = net.delivered(1, NodeId(1));
+    assert!(net.lost(1).is_empty(), "{:?}", net.node(1).stats());
+    assert_eq!(got.len(), sent as usize);
+    assert_eq!(got[0].1.as_ref(), big.as_slice());
+    for (seq, payload) in &got[1..] {
+        assert_eq!(payload, &msg(*seq));
+    }
+    let st = net.node(1).stats().clone();
+    assert_eq!(net.node(1).members().len(), 1);
+    assert!(
+        st.candidates_evicted > 0 && st.receive_evicted > 0,
+        "{st:?}"
+    );
+    assert!(
+        !net.events[1]
+            .iter()
+            .any(|e| matches!(e, Event::MemberJoined { node, .. } if node.0 >= 1_000))
+    );
+    // The candidates were forgotten: what is left is the member's own state.
+    assert_eq!(net.node(1).receive_memory(), crate::recv::SENDER_OVERHEAD);
+}
+
+#[test]
+fn membership_stays_bounded_under_heartbeats_from_fresh_ids() {
+    let mut net = Net::new(vec![config(0, 1), config(1, 1), config(2, 1)]);
+    net.nodes[2] = None;
+    net.run_for(JOIN);
+    let max_members = net.node(0).config().max_members.get();
+    let max_candidates = net.node(0).config().max_candidates.get();
+    // 20 000 one-shot heartbeats from fresh ids, 10 000 a second, while a real node starts.
+    for i in 0..20_000u64 {
+        let now = net.now;
+        let hb = heartbeat(NodeId(1_000 + i), Incarnation(1), 0);
+        net.node(0).handle_datagram(now, addr(7), &hb);
+        if i % 10 == 9 {
+            net.run_for(Duration::from_millis(1));
+        }
+        if i == 5_000 {
+            let now = net.now;
+            net.nodes[2] = Some(Endpoint::new(config(2, 1), now));
+        }
+        assert!(net.node(0).candidates() <= max_candidates);
+    }
+    let members: Vec<NodeId> = net.node(0).members().iter().map(|m| m.node).collect();
+    assert_eq!(members, vec![NodeId(2), NodeId(3)]);
+    let st = net.node(0).stats().clone();
+    assert_eq!(st.members_joined, 2);
+    assert!(st.candidates_evicted + st.candidates_expired >= 20_000 - max_candidates as u64);
+    // Senders that do prove themselves fill the table up to its bound, never beyond, and
+    // never push a member out.
+    let now = net.now;
+    for i in 0..400u64 {
+        let hb = heartbeat(NodeId(100_000 + i), Incarnation(1), 0);
+        net.node(0).handle_datagram(now, addr(7), &hb);
+    }
+    net.run_for(Duration::from_millis(120));
+    let now = net.now;
+    for i in 0..400u64 {
+        let hb = heartbeat(NodeId(100_000 + i), Incarnation(1), 0);
+        net.node(0).handle_datagram(now, addr(7), &hb);
+    }
+    assert_eq!(net.node(0).members().len(), max_members);
+    assert!(net.node(0).stats().members_full >= (400 - (max_members - 2)) as u64);
+    let members: Vec<NodeId> = net.node(0).members().iter().map(|m| m.node).collect();
+    assert!(members.contains(&NodeId(2)) && members.contains(&NodeId(3)));
+    // The established streams still flow.
+    net.send(1, msg(1));
+    net.send(2, msg(1));
+    net.run_for(Duration::from_millis(50));
+    assert_stream(&net, 0, NodeId(2), 1);
+    assert_stream(&net, 0, NodeId(3), 1);
+}
+
+#[test]
+fn departed_and_replay_tables_stay_bounded_over_join_leave_cycles() {
+    let k = ring(1, 0x11);
+    let t0 = Instant::now();
+    let mut ep = Endpoint::new(keyed(0, 1, &k), t0);
+    let max_members = ep.config().max_members.get();
+    let replay_capacity = 2 * max_members + ep.config().max_candidates.get();
+    let mut now = t0;
+    let goodbye = |node: NodeId| {
+        wire::encode(
+            &Header::new(CLUSTER, node, Incarnation(1)),
+            &proto::Frame {
+                kind: Some(Kind::Goodbye(proto::Goodbye { highest_sent: 0 })),
+            },
+        )
+    };
+    for batch in 0..50u64 {
+        let nodes: Vec<NodeId> = (0..100).map(|i| NodeId(1_000 + batch * 100 + i)).collect();
+        for (counter, at) in [(1, now), (2, now + Duration::from_millis(150))] {
+            for &node in &nodes {
+                let hb = seal_with(&k, &heartbeat(node, Incarnation(1), 0), counter);
+                ep.handle_datagram(at, addr(7), &hb);
+            }
+        }
+        assert_eq!(ep.members().len(), 100);
+        now += Duration::from_millis(150);
+        for &node in &nodes {
+            ep.handle_datagram(now, addr(7), &seal_with(&k, &goodbye(node), 3));
+        }
+        assert!(ep.members().is_empty());
+        ep.handle_timeout(now);
+        let (departed, replay) = ep.remembered();
+        assert!(departed <= max_members, "{departed}");
+        assert!(replay <= replay_capacity, "{replay}");
+    }
+    assert_eq!(ep.stats().members_joined, 5_000);
+    assert_eq!(ep.stats().departed_forgotten, 5_000 - max_members as u64);
+    assert_eq!(ep.stats().replay_forgotten, 5_000 - replay_capacity as u64);
+    // Past `forget_after`, nothing of them is left.
+    let much_later = now + ep.config().forget_after + Duration::from_secs(1);
+    ep.handle_timeout(much_later);
+    assert_eq!(ep.remembered(), (0, 0));
+}
+
+#[test]
+fn a_fresh_id_gets_at_most_three_times_its_bytes_in_repairs() {
+    let mut net = Net::pair();
+    net.run_for(JOIN);
+    // Node 1 goes quiet towards node 0, so node 0 keeps its whole window.
+    net.filter = Box::new(|from, _, _| from != 1);
+    let now = net.now;
+    for _ in 0..2_000 {
+        net.node(0).send(now, Bytes::from(vec![3u8; 1000])).unwrap();
+    }
+    net.run_for(Duration::from_millis(20));
+    assert_eq!(net.node(0).window_len(), 2_000);
+    let since = net.sent.len();
+    let mut asked = 0u64;
+    for round in 0..400u64 {
+        // One attacker id that keeps asking, and a new id every fourth round.
+        let from = if round % 4 == 3 {
+            NodeId(50_000 + round)
+        } else {
+            NodeId(40_000)
+        };
+        let nak = nak_datagram(from, NodeId(1), 1 + (round % 3) as usize * 1_000);
+        asked += nak.len() as u64;
+        let now = net.now;
+        net.node(0).handle_datagram(now, addr(8), &nak);
+        net.run_for(Duration::from_millis(6));
+    }
+    let answered = repair_bytes(&net, 0, since);
+    assert!(
+        answered <= 3 * asked,
+        "{answered} B of repairs for {asked} B asked"
+    );
+    assert!(net.node(0).stats().repairs_refused > 0);
+    assert!(net.node(0).stats().nak_entries_ignored > 0);
+}
+
+#[test]
+fn a_member_s_nak_flood_is_answered_within_its_budget_per_interval() {
+    let per_member = 1 << 20;
+    let mut configs = vec![config(0, 1), config(1, 1)];
+    configs[0].repair_bytes_per_member = NonZeroUsize::new(per_member).unwrap();
+    let mut net = Net::new(configs);
+    net.run_for(JOIN);
+    net.filter = Box::new(|from, _, _| from != 1);
+    let now = net.now;
+    for _ in 0..2_000 {
+        net.node(0).send(now, Bytes::from(vec![3u8; 1000])).unwrap();
+    }
+    net.run_for(Duration::from_millis(20));
+    let since = net.sent.len();
+    let start = net.now;
+    // Node 1 (a member) asks for everything every millisecond for one second.
+    for _ in 0..1_000 {
+        let now = net.now;
+        net.node(0)
+            .handle_datagram(now, addr(1), &nak_datagram(NodeId(2), NodeId(1), 4));
+        net.run_for(Duration::from_millis(1));
+    }
+    let elapsed = net.now - start;
+    let interval = net.node(0).config().heartbeat_interval;
+    let intervals = (elapsed.as_nanos() / interval.as_nanos()) as u64 + 1;
+    let answered = repair_bytes(&net, 0, since);
+    assert!(
+        answered <= intervals * per_member as u64,
+        "{answered} B in {intervals} intervals"
+    );
+    // Repairs did flow, within the bound.
+    assert!(answered >= per_member as u64);
+}
+
+#[test]
+fn sequence_numbers_near_u64_max_never_overflow() {
+    let t0 = Instant::now();
+    let mut ep = Endpoint::new(config(0, 1), t0);
+    let (node, inc) = (NodeId(7), Incarnation(1));
+    let h = Header::new(CLUSTER, node, inc);
+    let t1 = t0 + Duration::from_millis(150);
+    ep.handle_datagram(t0, addr(6), &heartbeat(node, inc, u64::MAX - 2));
+    ep.handle_datagram(t1, addr(6), &heartbeat(node, inc, u64::MAX - 2));
+    assert_eq!(ep.members().len(), 1);
+    let last = u64::MAX - 1;
+    ep.handle_datagram(
+        t1,
+        addr(6),
+        &wire::encode_data(&h, last, [msg(1)].iter(), None),
+    );
+    ep.handle_datagram(
+        t1,
+        addr(6),
+        &wire::encode_fragment(&h, u64::MAX, 1, 0, b"x", None),
+    );
+    ep.handle_datagram(
+        t1,
+        addr(6),
+        &wire::encode_data(&h, u64::MAX, [msg(2)].iter(), None),
+    );
+    let hb = proto::Heartbeat {
+        highest_sent: u64::MAX,
+        low_retained: u64::MAX,
+        delivered: vec![],
+    };
+    let hb = wire::encode(
+        &h,
+        &proto::Frame {
+            kind: Some(Kind::Heartbeat(hb)),
+        },
+    );
+    ep.handle_datagram(t1, addr(6), &hb);
+    assert_eq!(ep.stats().malformed, 2);
+    assert_eq!(ep.members()[0].delivered_up_to, last);
+    // Nothing is missing, so nothing is ever NAKed.
+    let mut now = t1;
+    for _ in 0..50 {
+        now += Duration::from_millis(20);
+        ep.handle_timeout(now);
+        while ep.poll_transmit(now).is_some() {}
+    }
+    assert_eq!(ep.stats().naks_sent, 0);
+    assert_eq!(ep.stats().messages_delivered, 1);
+}
+
+#[test]
+fn a_starting_node_and_its_peer_join_each_other_within_one_interval() {
+    let mut net = Net::new(vec![config(0, 1), config(1, 1)]);
+    net.nodes[1] = None;
+    net.run_for(Duration::from_millis(250));
+    let now = net.now;
+    net.nodes[1] = Some(Endpoint::new(config(1, 1), now));
+    let interval = net.node(0).config().heartbeat_interval;
+    // Each holds the other on probation, so each heartbeats every half interval: each sees the
+    // other's second heartbeat half an interval after its first (without that, the starting
+    // node would wait for its peer's second regular heartbeat: up to two intervals).
+    net.run_for(interval);
+    assert_eq!(net.node(0).members().len(), 1);
+    assert_eq!(net.node(1).members().len(), 1);
+    // Once nobody is on probation, heartbeats go back to one per interval.
+    let before = net.node(0).stats().heartbeats_sent;
+    net.run_for(interval * 10);
+    let sent = net.node(0).stats().heartbeats_sent - before;
+    assert!(
+        (9..=11).contains(&sent),
+        "{sent} heartbeats in 10 intervals"
+    );
+}
+
+#[test]
+fn a_goodbye_that_overtakes_the_last_data_waits_for_it() {
+    let mut net = Net::pair();
+    net.run_for(JOIN);
+    // Hold node 0's data back; let its goodbye through first.
+    net.filter = Box::new(|from, _, b| !(from == 0 && is_first_data(b)));
+    let now = net.now;
+    net.node(0).send(now, msg(1)).unwrap();
+    net.node(0).close(now);
+    net.run_for(Duration::from_millis(1));
+    let data: Vec<Bytes> = net
+        .sent
+        .iter()
+        .filter(|(f, b)| *f == 0 && is_first_data(b))
+        .map(|(_, b)| b.clone())
+        .collect();
+    assert_eq!(net.node(0).stats().goodbyes_sent, 1);
+    assert!(net.node(1).stats().goodbyes_received == 1 && data.len() == 1);
+    assert_eq!(net.node(1).members().len(), 1, "still waiting for its data");
+    let now = net.now;
+    net.node(1).handle_datagram(now, addr(0), &data[0]);
+    net.flush();
+    assert_stream(&net, 1, NodeId(1), 1);
+    assert!(net.lost(1).is_empty());
+    assert!(net.node(1).members().is_empty());
+    assert!(net.events[1].contains(&Event::MemberLeft {
+        node: NodeId(1),
+        incarnation: Incarnation(1),
+        reason: LeaveReason::Goodbye
+    }));
+    // Data that never comes is reported lost after the grace period.
+    let mut net = Net::pair();
+    net.run_for(JOIN);
+    net.filter = Box::new(|from, _, b| !(from == 0 && is_first_data(b)));
+    let now = net.now;
+    net.node(0).send(now, msg(1)).unwrap();
+    net.node(0).close(now);
+    net.run_for(Duration::from_millis(50));
+    assert_eq!(net.lost(1), vec![1..=1]);
+    assert!(net.node(1).members().is_empty());
 }

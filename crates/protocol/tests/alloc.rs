@@ -77,7 +77,8 @@ fn run(n: u64, warmup: u64, size: usize) -> Counts {
     let mut c = Counts::default();
     let mut delivered = 0u64;
     let mut sent = 0u64;
-    // Let the two find each other (heartbeats) before the stream starts.
+    // Let the two find each other before the stream starts: each passes the other's
+    // probation with its second heartbeat, one heartbeat interval after the first.
     for _ in 0..3 {
         a.handle_timeout(now);
         b.handle_timeout(now);
@@ -89,8 +90,9 @@ fn run(n: u64, warmup: u64, size: usize) -> Counts {
         }
         while a.poll_event().is_some() {}
         while b.poll_event().is_some() {}
-        now += Duration::from_millis(1);
+        now += Duration::from_millis(150);
     }
+    assert_eq!((a.members().len(), b.members().len()), (1, 1));
     let mut datagrams = Vec::with_capacity(256);
     while delivered < n {
         let counting = delivered >= warmup;
