@@ -380,6 +380,10 @@ impl Node {
     /// #     Node::builder().cluster("docs").node_id(u64::from(id)).start_with_transport(transport)
     /// # };
     /// let (a, b) = (node(1).await?, node(2).await?);
+    /// // A new node is on probation until its second heartbeat: wait until each knows the other.
+    /// while a.members().len() < 2 || b.members().len() < 2 {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    /// }
     /// let mut on_b = b.watch("");
     /// let v1 = a.put("app/mode", "blue").await?;
     /// let v2 = b.put("app/mode", "green").await?;

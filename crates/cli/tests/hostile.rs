@@ -74,7 +74,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Read in this one place, so that the test follows when they become one budget.
 fn receive_budget() -> u64 {
     let c = Config::lan(ClusterId(0), NodeId(0), Incarnation(0), 0);
-    (c.max_reassembly_bytes + c.max_receive_buffer_bytes) as u64
+    c.receive_budget_bytes as u64
 }
 
 /// The `chorus` binary the agents and the tool run: this build's, or `CHORUS_HOSTILE_BIN`.

@@ -230,6 +230,7 @@ fn heartbeat(node: NodeId, incarnation: Incarnation, highest_sent: u64) -> Bytes
         highest_sent,
         low_retained: 1,
         delivered: vec![],
+        wall_ms: 0,
     };
     wire::encode(
         &Header::new(CLUSTER, node, incarnation),
@@ -1706,6 +1707,7 @@ fn sequence_numbers_near_u64_max_never_overflow() {
         highest_sent: u64::MAX,
         low_retained: u64::MAX,
         delivered: vec![],
+        wall_ms: 0,
     };
     let hb = wire::encode(
         &h,

@@ -133,6 +133,7 @@ fn heartbeat(node: NodeId) -> Bytes {
         highest_sent: 0,
         low_retained: 1,
         delivered: vec![],
+        wall_ms: 0,
     };
     wire::encode(
         &Header::new(CLUSTER, node, Incarnation(1)),

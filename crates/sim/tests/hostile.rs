@@ -167,6 +167,7 @@ fn heartbeat(h: Header) -> Bytes {
         highest_sent: 0,
         low_retained: 1,
         delivered: vec![],
+        wall_ms: 0,
     };
     wire::encode(
         &h,
