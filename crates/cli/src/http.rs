@@ -542,7 +542,10 @@ mod tests {
         assert_eq!(body["bound_ms"], 59_000);
         assert_eq!(body["cause"], "wall_clock");
         let message = body["error"].as_str().unwrap();
-        assert!(message.contains("300000") && message.contains("59000"), "{message}");
+        assert!(
+            message.contains("300000") && message.contains("59000"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -78,9 +78,10 @@ pub struct Config {
     /// first heartbeat. When the table is full the oldest candidate is dropped
     /// (`candidates_evicted`).
     pub max_candidates: NonZeroUsize,
-    /// Repair bytes one member's NAKs may have queued per `heartbeat_interval` (a bucket of
-    /// this size, refilled at this rate; default 8 MiB). A requester that is not a member
-    /// may have at most three times the bytes it sent to this endpoint.
+    /// Most repair credit one member can hold (default 8 MiB). A member starts with 256 KiB
+    /// and earns twice the bytes it sends to this endpoint plus the bytes of this
+    /// endpoint's stream it acknowledges delivering; its NAKs spend it. A requester that is
+    /// not a member may have at most three times the bytes it sent to this endpoint.
     pub repair_bytes_per_member: NonZeroUsize,
     /// How long departed members and, with a keyring, the replay windows of senders no
     /// longer heard are remembered (default 10 min; at most `max_members` departed members).

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::auth::{Ciphers, ReplayWindow, SEAL_OVERHEAD};
 use crate::probation::{Candidate, Candidates};
 use crate::proto::{self, frame::Kind};
-use crate::rate::{Allowance, TokenBucket};
+use crate::rate::{Credit, TokenBucket};
 use crate::recv::{
     Budget, NakTimer, Out, REASSEMBLY_OVERHEAD, Rank, RecvStream, SENDER_OVERHEAD, keep_charge,
 };
@@ -25,6 +25,16 @@ use crate::{
 
 /// Least time between two log warnings about refused (unauthenticated) datagrams.
 const AUTH_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Repair credit a new member starts with, before it has acknowledged anything of our stream
+/// (a few hundred full datagrams: enough for the losses of a first burst).
+pub(crate) const REPAIR_START_CREDIT: u64 = 256 << 10;
+
+/// Repair credit a member earns per byte it sends us. Two, not quinn's three: with the start
+/// credit on top, what a member that never acknowledges anything gets stays under three times
+/// what it sent once it has sent more than the start credit. Real receivers earn their
+/// repairs mostly by acknowledging our stream.
+const MEMBER_CREDIT_PER_BYTE: u64 = 2;
 
 /// Bytes one `PeerProgress` entry can take in a heartbeat (3 tagged varints + framing).
 const PROGRESS_ENTRY_MAX: usize = 36;
@@ -80,7 +90,7 @@ pub struct Endpoint {
     /// Source of rank orders (larger = newer).
     next_order: u64,
     /// Repair allowance of each member that has NAKed (entries leave with the member).
-    repair_credit: HashMap<NodeId, Allowance>,
+    repair_credit: HashMap<NodeId, Credit>,
     budget: Budget,
     now: Instant,
     next_heartbeat: Instant,
@@ -1021,6 +1031,11 @@ impl Endpoint {
             Some(peer) if peer.incarnation == incarnation => {
                 peer.last_heard = now;
                 peer.addr = from;
+                let cap = self.cfg.repair_bytes_per_member.get() as u64;
+                self.repair_credit
+                    .entry(node)
+                    .or_insert_with(|| Credit::new(REPAIR_START_CREDIT, cap))
+                    .earn(MEMBER_CREDIT_PER_BYTE * len as u64, cap);
                 if peer.state == MemberState::Suspected {
                     peer.state = MemberState::Alive;
                     self.events
@@ -1340,10 +1355,21 @@ impl Endpoint {
             if let Some(wall) = self.cfg.wall_clock.filter(|_| hb.wall_ms != 0) {
                 peer.clock_offset_ms = Some(clock_offset(hb.wall_ms, wall.wall_ms(self.now)));
             }
+            let before = peer.acked;
             for progress in &hb.delivered {
                 if progress.node == me && progress.incarnation == mine {
                     peer.acked = peer.acked.max(progress.delivered_up_to);
                 }
+            }
+            if peer.acked > before {
+                // What it says it now holds of our stream earns it repair credit (counted
+                // before the stability trim below releases those messages).
+                let cap = self.cfg.repair_bytes_per_member.get() as u64;
+                let earned = self.window.sent_bytes_between(before + 1, peer.acked);
+                self.repair_credit
+                    .entry(node)
+                    .or_insert_with(|| Credit::new(REPAIR_START_CREDIT, cap))
+                    .earn(earned, cap);
             }
         }
         self.with_stream(node, |stream, out| {
@@ -1416,17 +1442,17 @@ impl Endpoint {
     }
 
     /// Repair bytes the sender of the NAK being handled may still have queued: three times
-    /// what it sent us minus what it cost already for a candidate, its bucket for a member.
+    /// what it sent us minus what it cost already for a candidate, its earned credit for a
+    /// member (see [`Credit`]).
     fn repair_allowance(&mut self, node: NodeId) -> u64 {
         if self.from_candidate {
             return self.candidates.get(&node).map_or(0, Candidate::allowance);
         }
-        let size = self.cfg.repair_bytes_per_member.get() as u64;
-        let (now, period) = (self.now, self.cfg.heartbeat_interval);
+        let cap = self.cfg.repair_bytes_per_member.get() as u64;
         self.repair_credit
             .entry(node)
-            .or_insert_with(|| Allowance::full(size, now))
-            .available(size, period, now)
+            .or_insert_with(|| Credit::new(REPAIR_START_CREDIT, cap))
+            .available()
     }
 
     /// After a data-bearing datagram: arm or disarm the stream's NAK timer; send an early

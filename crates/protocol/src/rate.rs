@@ -60,35 +60,33 @@ impl TokenBucket {
     }
 }
 
-/// A member's repair allowance: a bucket of `size` bytes refilled at `size` per `period`.
-/// Whole bytes, no deficit: what is not in the bucket is not answered.
+/// A member's repair credit: the bytes of repairs its NAKs may still have queued.
+///
+/// Earned, never granted by time alone: twice the bytes the member sends us and the bytes
+/// of our stream it acknowledges delivering in its heartbeats, up to a cap. A receiver that repairs what it lost and moves on earns more than
+/// it spends (at 20 % loss it acknowledges five bytes for each one repaired); a member that
+/// asks and never acknowledges gets its start credit plus twice what it sends.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Allowance {
+pub(crate) struct Credit {
     left: u64,
-    updated: Instant,
 }
 
-impl Allowance {
-    /// A full bucket.
-    pub(crate) fn full(size: u64, now: Instant) -> Allowance {
-        Allowance {
-            left: size,
-            updated: now,
+impl Credit {
+    /// A new member's credit: `start`, at most `cap`.
+    pub(crate) fn new(start: u64, cap: u64) -> Credit {
+        Credit {
+            left: start.min(cap),
         }
     }
 
-    /// Bytes available at `now`.
-    pub(crate) fn available(&mut self, size: u64, period: Duration, now: Instant) -> u64 {
-        let elapsed = now.saturating_duration_since(self.updated);
-        let refill = u128::from(size) * elapsed.as_nanos() / period.as_nanos().max(1);
-        // Time that bought less than a byte is kept for later.
-        if refill > 0 || self.left >= size {
-            self.left = u64::try_from(u128::from(self.left) + refill)
-                .unwrap_or(u64::MAX)
-                .min(size);
-            self.updated = self.updated.max(now);
-        }
+    /// Bytes available.
+    pub(crate) fn available(&self) -> u64 {
         self.left
+    }
+
+    /// Adds `bytes`, up to `cap`.
+    pub(crate) fn earn(&mut self, bytes: u64, cap: u64) {
+        self.left = self.left.saturating_add(bytes).min(cap);
     }
 
     /// Takes `bytes` (at most what is available).
@@ -123,21 +121,16 @@ mod tests {
     }
 
     #[test]
-    fn allowance_refills_at_its_rate_up_to_its_size() {
-        let t0 = Instant::now();
-        let period = Duration::from_millis(200);
-        let mut a = Allowance::full(1000, t0);
-        assert_eq!(a.available(1000, period, t0), 1000);
-        a.spend(1000);
-        assert_eq!(a.available(1000, period, t0), 0);
-        assert_eq!(
-            a.available(1000, period, t0 + Duration::from_millis(50)),
-            250
-        );
-        a.spend(250);
-        assert_eq!(
-            a.available(1000, period, t0 + Duration::from_secs(60)),
-            1000
-        );
+    fn credit_is_earned_capped_and_spent() {
+        let mut c = Credit::new(5_000, 1_000);
+        assert_eq!(c.available(), 1_000);
+        c.spend(400);
+        assert_eq!(c.available(), 600);
+        c.earn(300, 1_000);
+        assert_eq!(c.available(), 900);
+        c.earn(u64::MAX, 1_000);
+        assert_eq!(c.available(), 1_000);
+        c.spend(u64::MAX);
+        assert_eq!(c.available(), 0);
     }
 }

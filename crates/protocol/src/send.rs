@@ -126,6 +126,26 @@ impl SendWindow {
         self.low + self.entries.len() as u64
     }
 
+    /// Payload bytes of the retained messages in `first..=last` that were transmitted
+    /// (nothing for what was trimmed or not sent yet).
+    pub(crate) fn sent_bytes_between(&self, first: u64, last: u64) -> u64 {
+        let first = first.max(self.low);
+        let last = last.min(self.highest_sent());
+        if first > last {
+            return 0;
+        }
+        let (Ok(a), Ok(b)) = (
+            usize::try_from(first - self.low),
+            usize::try_from(last - self.low),
+        ) else {
+            return 0;
+        };
+        self.entries
+            .range(a..=b.min(self.entries.len().saturating_sub(1)))
+            .map(|e| e.payload.len() as u64)
+            .sum()
+    }
+
     fn entry(&self, seq: u64) -> Option<&Entry> {
         self.entries
             .get(usize::try_from(seq.checked_sub(self.low)?).ok()?)

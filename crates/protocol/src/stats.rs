@@ -135,7 +135,7 @@ pub struct Stats {
     /// messages examined).
     pub nak_entries_ignored: u64,
     /// NAKed messages not repaired because the requester's repair allowance was spent
-    /// (3x its bytes for a non-member, `repair_bytes_per_member` per heartbeat interval for a
+    /// (3x its bytes for a non-member, its earned credit for a
     /// member), and beyond-window NAKs of non-members left unanswered.
     pub repairs_refused: u64,
     /// Dropped: arrived after `close`.
