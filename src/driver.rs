@@ -228,6 +228,12 @@ fn protocol_config<T: DatagramTransport>(
         Preset::Lan => ProtocolConfig::lan(cluster, node, incarnation, seed),
         Preset::Lossy => ProtocolConfig::lossy(cluster, node, incarnation, seed),
     };
+    if let Some(max) = builder.max_members {
+        config.max_members = max;
+    }
+    if let Some(bytes) = builder.receive_budget_bytes {
+        config.receive_budget_bytes = bytes;
+    }
     // Datagrams as large as the path carries whole: the transport reads the interface's MTU
     // (64 KiB on lo, so dozens of messages share one system call there).
     config.mtu = transport.max_datagram_size();

@@ -108,6 +108,8 @@ pub struct NodeBuilder {
     pub(crate) data_dir: Option<PathBuf>,
     pub(crate) fsync: Fsync,
     pub(crate) keyring: Option<Keyring>,
+    pub(crate) max_members: Option<std::num::NonZeroUsize>,
+    pub(crate) receive_budget_bytes: Option<usize>,
 }
 
 /// The default multicast group when none is given.
@@ -128,6 +130,8 @@ impl Default for NodeBuilder {
             data_dir: None,
             fsync: Fsync::Always,
             keyring: None,
+            max_members: None,
+            receive_budget_bytes: None,
         }
     }
 }
@@ -176,6 +180,23 @@ impl NodeBuilder {
     /// Protocol tuning preset.
     pub fn preset(mut self, preset: Preset) -> Self {
         self.preset = preset;
+        self
+    }
+
+    /// Most members this node keeps (default 256). When the table is full, new senders are
+    /// refused and counted (`members_full`); members are never evicted by newcomers. See
+    /// `docs/protocol.md`, Heartbeats and membership.
+    pub fn max_members(mut self, max: std::num::NonZeroUsize) -> Self {
+        self.max_members = Some(max);
+        self
+    }
+
+    /// The receive budget: most bytes of received data held over all senders (out-of-order
+    /// messages, partial reassemblies, per-sender state; default 64 MiB, raised to twice the
+    /// largest message). When it is reached the newest, least-established senders lose first
+    /// (`receive_evicted`). See `docs/protocol.md`, The receive budget.
+    pub fn receive_budget_bytes(mut self, bytes: usize) -> Self {
+        self.receive_budget_bytes = Some(bytes);
         self
     }
 

@@ -86,6 +86,12 @@ pub fn builder(cfg: &AgentConfig) -> chorus::NodeBuilder {
     if let Some(id) = cfg.node_id {
         b = b.node_id(id);
     }
+    if let Some(max) = cfg.max_members {
+        b = b.max_members(max);
+    }
+    if let Some(bytes) = cfg.receive_budget_bytes {
+        b = b.receive_budget_bytes(bytes);
+    }
     match cfg.preset {
         Some(PresetName::Lan) => b = b.preset(Preset::Lan),
         Some(PresetName::Lossy) => b = b.preset(Preset::Lossy),

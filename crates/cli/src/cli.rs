@@ -185,6 +185,13 @@ pub struct AgentArgs {
     /// Most HTTP connections open at once (default 256); further ones wait to be accepted.
     #[arg(long)]
     pub http_max_connections: Option<usize>,
+    /// Most cluster members this node keeps (default 256); new senders beyond it are refused.
+    #[arg(long)]
+    pub max_members: Option<usize>,
+    /// Receive budget in MiB over all senders: out-of-order data, reassemblies and per-sender
+    /// state (default 64).
+    #[arg(long)]
+    pub receive_budget_mib: Option<usize>,
     /// Mirror the keys under --prefix as files in this directory.
     #[arg(long)]
     pub sync_dir: Option<PathBuf>,

@@ -82,6 +82,8 @@ pub struct FileConfig {
     insecure: Option<bool>,
     http_allow_hosts: Option<Vec<String>>,
     http_max_connections: Option<usize>,
+    max_members: Option<usize>,
+    receive_budget_mib: Option<usize>,
     sync: Option<FileSync>,
 }
 
@@ -181,6 +183,10 @@ pub struct AgentConfig {
     pub http_allow_hosts: Vec<String>,
     /// Most HTTP connections served at once.
     pub http_max_connections: NonZeroUsize,
+    /// Most members the node keeps (`--max-members`); `None` for the protocol's default.
+    pub max_members: Option<NonZeroUsize>,
+    /// Receive budget in bytes (`--receive-budget-mib`); `None` for the protocol's default.
+    pub receive_budget_bytes: Option<usize>,
     /// The cluster key(s), or why there is none.
     pub keys: ClusterKeys,
     /// Tuning preset, if any.
@@ -385,6 +391,21 @@ impl AgentConfig {
                 ConfigError::Invalid("--http-max-connections must be above 0".into())
             })?,
         };
+        let max_members = match args.max_members.or(file.max_members) {
+            None => None,
+            Some(n) => Some(
+                NonZeroUsize::new(n)
+                    .ok_or_else(|| ConfigError::Invalid("--max-members must be above 0".into()))?,
+            ),
+        };
+        let receive_budget_bytes = match args.receive_budget_mib.or(file.receive_budget_mib) {
+            None => None,
+            Some(mib) => Some(mib.checked_mul(1 << 20).filter(|&b| b > 0).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "--receive-budget-mib {mib} must be above 0 and fit in memory"
+                ))
+            })?),
+        };
 
         let data_dir = args.data_dir.clone().or(file.data_dir);
         let fsync = match args.fsync.clone().or(file.fsync) {
@@ -410,6 +431,8 @@ impl AgentConfig {
             http: args.http.or(file.http).unwrap_or(DEFAULT_HTTP),
             http_allow_hosts,
             http_max_connections,
+            max_members,
+            receive_budget_bytes,
             keys,
             preset,
             loss,
@@ -663,6 +686,34 @@ mod tests {
             ..AgentArgs::default()
         };
         assert!(matches!(merge(both, ""), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn member_and_receive_limits_from_flags_or_file() {
+        let cfg = merge(AgentArgs::default(), "").unwrap();
+        assert_eq!((cfg.max_members, cfg.receive_budget_bytes), (None, None));
+        let cfg = merge(
+            AgentArgs::default(),
+            "max_members = 32\nreceive_budget_mib = 16",
+        )
+        .unwrap();
+        assert_eq!(cfg.max_members.map(NonZeroUsize::get), Some(32));
+        assert_eq!(cfg.receive_budget_bytes, Some(16 << 20));
+        let args = AgentArgs {
+            max_members: Some(8),
+            ..AgentArgs::default()
+        };
+        let cfg = merge(args, "max_members = 32").unwrap();
+        assert_eq!(cfg.max_members.map(NonZeroUsize::get), Some(8), "flag wins");
+        assert!(merge(AgentArgs::default(), "max_members = 0").is_err());
+        assert!(merge(AgentArgs::default(), "receive_budget_mib = 0").is_err());
+        assert!(
+            merge(
+                AgentArgs::default(),
+                "receive_budget_mib = 17592186044416000"
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -1687,7 +1687,7 @@ fn a_member_that_acknowledges_what_it_receives_earns_its_repairs() {
     let mut n = 0u64;
     net.filter = Box::new(move |from, _, _| {
         n += 1;
-        !(from == 0 && n % 3 == 0)
+        !(from == 0 && n.is_multiple_of(3))
     });
     let now = net.now;
     for _ in 0..3_000 {
