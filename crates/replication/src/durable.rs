@@ -1269,47 +1269,23 @@ fn encode_frame(record: &wire::LogRecord, scratch: &mut Vec<u8>, out: &mut Vec<u
     out.push(0);
 }
 
-/// Appends `data` COBS-encoded to `out`: no zero byte in the output, at most one byte of
-/// overhead per 254 (plus one).
-fn cobs_encode(mut data: &[u8], out: &mut Vec<u8>) {
-    out.reserve(data.len() + data.len() / 254 + 1);
-    loop {
-        let window = &data[..data.len().min(254)];
-        match window.iter().position(|&b| b == 0) {
-            Some(n) => {
-                // `n < 254`: the code fits a byte and is below 0xFF (a zero follows).
-                out.push(n as u8 + 1);
-                out.extend_from_slice(&window[..n]);
-                data = &data[n + 1..];
-            }
-            None if window.len() == 254 => {
-                out.push(0xFF);
-                out.extend_from_slice(window);
-                data = &data[254..];
-            }
-            None => {
-                out.push(window.len() as u8 + 1);
-                out.extend_from_slice(window);
-                return;
-            }
-        }
-    }
+/// Appends `data` COBS-encoded to `out` (the `cobs` crate): no zero byte in the output, at
+/// most one byte of overhead per 254 (plus one).
+fn cobs_encode(data: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + cobs::max_encoding_length(data.len()), 0);
+    // The room is the crate's own worst case for this length, so encoding cannot run short.
+    let used = cobs::encode(data, &mut out[start..]);
+    out.truncate(start + used);
 }
 
 /// Decodes one COBS frame (without its delimiter) into `out`; `None` if it is malformed.
 /// `out` never grows beyond the frame's own length.
 fn cobs_decode(encoded: &[u8], out: &mut Vec<u8>) -> Option<()> {
     out.clear();
-    let mut rest = encoded;
-    while let Some((&code, tail)) = rest.split_first() {
-        let n = usize::from(code).checked_sub(1)?;
-        let run = tail.get(..n)?;
-        out.extend_from_slice(run);
-        rest = &tail[n..];
-        if code < 0xFF && !rest.is_empty() {
-            out.push(0);
-        }
-    }
+    out.resize(encoded.len(), 0);
+    let report = cobs::decode(encoded, out).ok()?;
+    out.truncate(report.frame_size());
     Some(())
 }
 
