@@ -38,7 +38,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Agent, BIN, free_port, random_group, try_http};
+use common::{Agent, BIN, free_port, loopback_agent_args, random_group, spawn_agent_of, try_http};
 
 const TARGET: u64 = 1;
 const PEER: u64 = 2;
@@ -87,39 +87,6 @@ fn rss(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// Starts `bin() agent ...` (as `common::spawn_agent` does with this build's binary).
-fn spawn(args: &[String], http: SocketAddr) -> Agent {
-    let log = std::env::temp_dir().join(format!(
-        "chorus-cli-hostile-{:016x}.log",
-        rand::random::<u64>()
-    ));
-    let file = std::fs::File::create(&log).unwrap();
-    let child = Command::new(bin())
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    let mut agent = Agent { child, http, log };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(status)) = agent.child.try_wait() {
-            panic!("agent exited early ({status}):\n{}", agent.log_text());
-        }
-        if matches!(try_http(http, "GET", "/v1/stats", &[], b""), Ok((200, _))) {
-            return agent;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent never answered:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
 }
 
 fn put(http: SocketAddr, key: &str, value: &[u8]) -> bool {
@@ -172,25 +139,11 @@ impl Lab {
         let cluster = format!("hostile-{r:016x}");
         let agent = |id: u64| {
             let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-            let args: Vec<String> = [
-                "agent",
-                "--cluster",
-                &cluster,
-                "--group",
-                &group.to_string(),
-                "--iface",
-                "127.0.0.1",
-                "--ttl",
-                "0",
-                "--node-id",
-                &id.to_string(),
-                "--http",
-                &http.to_string(),
-            ]
-            .iter()
-            .map(|s| (*s).to_string())
-            .collect();
-            spawn(&args, http)
+            spawn_agent_of(
+                &bin(),
+                &loopback_agent_args(&cluster, group, id, http),
+                http,
+            )
         };
         let lab = Lab {
             target: agent(TARGET),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Agent, free_port, http, random_group, spawn_agent};
+use common::{Agent, free_port, http, loopback_agent_args, random_group, spawn_agent};
 
 /// Keys written.
 const KEYS: usize = 200_000;
@@ -120,25 +120,7 @@ fn rss_per_key_on_writer_and_receiver() {
     let cluster = format!("rss-{r:016x}");
     let agent = |node: u64| {
         let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let args: Vec<String> = [
-            "agent",
-            "--cluster",
-            &cluster,
-            "--group",
-            &group.to_string(),
-            "--iface",
-            "127.0.0.1",
-            "--ttl",
-            "0",
-            "--node-id",
-            &node.to_string(),
-            "--http",
-            &http.to_string(),
-        ]
-        .iter()
-        .map(|s| (*s).to_string())
-        .collect();
-        spawn_agent(&args, http)
+        spawn_agent(&loopback_agent_args(&cluster, group, node, http), http)
     };
     let writer = agent(1);
     let receiver = agent(2);

@@ -86,15 +86,49 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The arguments of `chorus agent` as node `node` of `cluster` on loopback multicast group
+/// `group` (TTL 0), with its HTTP API on `http`.
+#[allow(dead_code)] // not every test binary starts agents this way
+pub fn loopback_agent_args(
+    cluster: &str,
+    group: SocketAddrV4,
+    node: u64,
+    http: SocketAddr,
+) -> Vec<String> {
+    [
+        "agent",
+        "--cluster",
+        cluster,
+        "--group",
+        &group.to_string(),
+        "--iface",
+        "127.0.0.1",
+        "--ttl",
+        "0",
+        "--node-id",
+        &node.to_string(),
+        "--http",
+        &http.to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_string())
+    .collect()
+}
+
 /// Starts `chorus` with `args` (an `agent` command whose HTTP API listens on `http`), logging
 /// to a temp file, and waits (at most 20 s) until the API answers.
 pub fn spawn_agent(args: &[String], http: SocketAddr) -> Agent {
+    spawn_agent_of(BIN, args, http)
+}
+
+/// [`spawn_agent`] with another `chorus` binary (e.g. a release build).
+pub fn spawn_agent_of(bin: &str, args: &[String], http: SocketAddr) -> Agent {
     let log = std::env::temp_dir().join(format!(
         "chorus-cli-agent-{:016x}.log",
         rand::random::<u64>()
     ));
     let file = std::fs::File::create(&log).unwrap();
-    let child = Command::new(BIN)
+    let child = Command::new(bin)
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
