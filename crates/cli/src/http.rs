@@ -451,6 +451,7 @@ pub fn metric_name(name: &str) -> String {
 
 async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
     let counters = node.counters();
+    let members = node.members();
     let mut text = String::new();
     let mut gauge = |name: &str, help: &str, v: u64| {
         let _ = writeln!(
@@ -471,13 +472,26 @@ async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
     gauge(
         "members",
         "Members known, this node included.",
-        node.members().len() as u64,
+        members.len() as u64,
     );
     gauge(
         "in_sync",
         "1 when the store matched every live peer at the last digest exchange.",
         u64::from(node.is_in_sync()),
     );
+    let _ = writeln!(
+        text,
+        "# HELP chorus_member_clock_offset_ms A member's wall clock minus this node's (ms), from its last heartbeat.\n# TYPE chorus_member_clock_offset_ms gauge"
+    );
+    for m in members.iter().filter(|m| m.node_id != node.node_id()) {
+        if let Some(offset) = m.clock_offset_ms {
+            let _ = writeln!(
+                text,
+                "chorus_member_clock_offset_ms{{node=\"{}\"}} {offset}",
+                m.node_id
+            );
+        }
+    }
     let mut seen = std::collections::BTreeSet::new();
     for (name, v) in counters {
         let metric = metric_name(&name);

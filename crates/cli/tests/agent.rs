@@ -235,6 +235,25 @@ fn put_on_one_is_readable_on_all_and_client_commands_work() {
     assert_eq!(status, 200);
     let metrics = String::from_utf8(metrics).unwrap();
     assert!(metrics.contains("# TYPE chorus_keys gauge"));
+    // Each peer's clock offset, measured from its heartbeats (same host: near 0).
+    let offsets: Vec<i64> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("chorus_member_clock_offset_ms{node=\""))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    assert_eq!(offsets.len(), 2, "{metrics}");
+    assert!(offsets.iter().all(|o| o.abs() < 1_000), "{offsets:?}");
+    let listed: Value = serde_json::from_slice(&a.cli(&["members", "--json"]).stdout).unwrap();
+    assert!(
+        listed["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["clock_offset_ms"]
+                .as_i64()
+                .is_some_and(|o| o.abs() < 1_000)),
+        "{listed}"
+    );
     assert!(
         metrics
             .lines()
