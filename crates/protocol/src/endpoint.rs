@@ -494,16 +494,7 @@ impl Endpoint {
         let Some(mut peer) = self.peers.remove(&node) else {
             return;
         };
-        let mut out = Out {
-            events: &mut self.events,
-            stats: &mut self.stats,
-            budget: &mut self.budget,
-            delivered: (0, 0),
-            shared: 0,
-        };
-        peer.stream.finish(&mut out);
-        self.budget.release(SENDER_OVERHEAD);
-        self.holders.remove(&peer.stream.rank);
+        self.end_stream(&mut peer.stream, StreamEnd::Settle);
         self.repair_credit.remove(&node);
         tracing::debug!(node = %self.cfg.node, peer = %node, ?reason, "member left");
         self.stats.members_left += 1;
@@ -572,6 +563,13 @@ impl Endpoint {
         let Some(mut candidate) = self.candidates.remove(&node) else {
             return;
         };
+        self.end_stream(&mut candidate.stream, StreamEnd::Discard);
+    }
+
+    /// Ends a stream already taken out of the member or candidate table: settles it
+    /// (delivers or reports lost what is known) or discards what it holds, and releases its
+    /// share of the receive budget.
+    fn end_stream(&mut self, stream: &mut RecvStream, end: StreamEnd) {
         let mut out = Out {
             events: &mut self.events,
             stats: &mut self.stats,
@@ -579,9 +577,12 @@ impl Endpoint {
             delivered: (0, 0),
             shared: 0,
         };
-        candidate.stream.discard(&mut out);
+        match end {
+            StreamEnd::Settle => stream.finish(&mut out),
+            StreamEnd::Discard => stream.discard(&mut out),
+        }
         self.budget.release(SENDER_OVERHEAD);
-        self.holders.remove(&candidate.stream.rank);
+        self.holders.remove(&stream.rank);
     }
 
     fn next_rank(&mut self, candidate: bool) -> Rank {
@@ -1167,16 +1168,7 @@ impl Endpoint {
         match restart {
             Some(old) => {
                 if let Some(mut previous) = self.peers.insert(node, peer) {
-                    let mut out = Out {
-                        events: &mut self.events,
-                        stats: &mut self.stats,
-                        budget: &mut self.budget,
-                        delivered: (0, 0),
-                        shared: 0,
-                    };
-                    previous.stream.finish(&mut out);
-                    self.budget.release(SENDER_OVERHEAD);
-                    self.holders.remove(&previous.stream.rank);
+                    self.end_stream(&mut previous.stream, StreamEnd::Settle);
                 }
                 self.repair_credit.remove(&node);
                 tracing::debug!(node = %self.cfg.node, peer = %node, %old, new = %incarnation, "member restarted");
@@ -1506,6 +1498,15 @@ impl Endpoint {
             self.queue_heartbeat();
         }
     }
+}
+
+/// How [`Endpoint::end_stream`] ends a stream.
+#[derive(Debug, Clone, Copy)]
+enum StreamEnd {
+    /// A member's stream: deliver what is complete, report the rest lost.
+    Settle,
+    /// A candidate's stream: nothing of it was delivered, so nothing is reported.
+    Discard,
 }
 
 #[derive(Debug)]
