@@ -90,6 +90,13 @@ async fn five_nodes_converge() {
         nodes[3].get("cfg/batch/b").map(|e| e.value),
         Some("2".into())
     );
+    // Membership follows heartbeats (a new sender is a member from its second one), data
+    // also travels by anti-entropy through any member: the stores can agree a moment before
+    // the last member is admitted everywhere. Every node sees all five soon after.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while nodes.iter().any(|n| n.members().len() != 5) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for n in &nodes {
         assert_eq!(
             n.members().len(),
