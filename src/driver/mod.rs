@@ -1,28 +1,30 @@
 //! The driver task: one per node, owning the sans-IO [`NodeCore`] and the transport.
+//!
+//! - `mod.rs`: set-up ([`spawn`]) and the event loop;
+//! - `shared.rs`: what the handles share with the driver (commands, published state);
+//! - `config.rs`: builder → transport and protocol configuration;
+//! - `snapshot.rs`: events, member and counter snapshots for readers.
 
-use std::collections::BTreeMap;
+mod config;
+mod shared;
+mod snapshot;
+
+pub(crate) use config::open_transport;
+use config::protocol_config;
+pub(crate) use shared::{Command, Shared};
+
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use chorus_protocol::{
-    ClusterId, Config as ProtocolConfig, Event, Incarnation, MemberState, NodeId,
-};
-use chorus_replication::{
-    Change, DiskLog, DiskOptions, NodeConfig, NodeCore, NodeEvent, NodeStats, Store, Version,
-    WallClock,
-};
-use chorus_transport::{
-    DatagramTransport, Destination, Interface, LinkRate, Mode, Outgoing, Received, TransportConfig,
-    UdpTransport,
-};
+use chorus_replication::{DiskLog, DiskOptions, NodeConfig, NodeCore, Version, WallClock};
+use chorus_transport::{DatagramTransport, Destination, Outgoing, Received};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant as TokioInstant;
 
 use crate::Error;
-use crate::node::{DEFAULT_GROUP, Entry, MemberInfo, NodeBuilder, Op, Preset};
+use crate::node::{NodeBuilder, Op};
 
 /// Most datagrams taken from the socket per receive call, and sent per send call.
 const IO_BATCH: usize = 64;
@@ -41,233 +43,6 @@ const WRITE_BACKLOG_MAX: usize = 1 << 20;
 /// How long the driver stops waiting for watchers after one made no progress while it
 /// yielded (an application that stopped reading its watch must not slow the node).
 const WATCH_PATIENCE: Duration = Duration::from_millis(100);
-
-/// A request from a [`Node`](crate::Node) handle to its driver.
-#[derive(Debug)]
-pub(crate) enum Command {
-    Put {
-        key: String,
-        value: Bytes,
-        reply: oneshot::Sender<Result<Version, Error>>,
-    },
-    Delete {
-        key: String,
-        reply: oneshot::Sender<Result<Version, Error>>,
-    },
-    Batch {
-        ops: Vec<Op>,
-        reply: oneshot::Sender<Result<Version, Error>>,
-    },
-    ChangesSince {
-        revision: u64,
-        prefix: String,
-        reply: oneshot::Sender<Result<Vec<Change>, Error>>,
-    },
-    Shutdown {
-        reply: oneshot::Sender<()>,
-    },
-}
-
-/// What the driver publishes for the handles: the store itself (read directly), and
-/// snapshots of members, counters and sync state.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) node_id: u64,
-    pub(crate) incarnation: u64,
-    store: Store,
-    /// Writes: not read while the write backlog is full (back-pressure).
-    write_tx: mpsc::Sender<Command>,
-    /// Everything else (watch backfill, shutdown): always read.
-    control_tx: mpsc::Sender<Command>,
-    pub(crate) in_sync: watch::Sender<bool>,
-    pub(crate) changes: broadcast::Sender<Change>,
-    members: Mutex<Vec<MemberInfo>>,
-    counters: Mutex<Vec<(String, u64)>>,
-    stopped: watch::Sender<bool>,
-    task: Mutex<Option<tokio::task::AbortHandle>>,
-}
-
-impl Shared {
-    pub(crate) fn get(&self, key: &str) -> Option<Entry> {
-        let entry = self.store.get_entry(key)?;
-        Some(Entry {
-            value: entry.value?,
-            version: entry.version,
-            revision: entry.revision,
-        })
-    }
-
-    pub(crate) fn scan(&self, prefix: &str) -> Vec<(String, Entry)> {
-        self.store
-            .scan_entries(prefix)
-            .into_iter()
-            .filter_map(|(k, e)| {
-                Some((
-                    k,
-                    Entry {
-                        value: e.value?,
-                        version: e.version,
-                        revision: e.revision,
-                    },
-                ))
-            })
-            .collect()
-    }
-
-    pub(crate) fn revision(&self) -> u64 {
-        self.store.revision()
-    }
-
-    pub(crate) fn members(&self) -> Vec<MemberInfo> {
-        self.members
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    pub(crate) fn counters(&self) -> Vec<(String, u64)> {
-        self.counters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    pub(crate) async fn changes_since(
-        &self,
-        revision: u64,
-        prefix: &str,
-    ) -> Result<Vec<Change>, Error> {
-        let (reply, rx) = oneshot::channel();
-        let cmd = Command::ChangesSince {
-            revision,
-            prefix: prefix.to_owned(),
-            reply,
-        };
-        self.send(cmd).await?;
-        rx.await.map_err(|_| Error::Closed)?
-    }
-
-    /// A receiver that turns true once the driver has stopped.
-    pub(crate) fn stopped_signal(&self) -> watch::Receiver<bool> {
-        self.stopped.subscribe()
-    }
-
-    /// Hands `cmd` to the driver: writes on the write channel, the rest on the control one.
-    pub(crate) async fn send(&self, cmd: Command) -> Result<(), Error> {
-        let channel = match cmd {
-            Command::Put { .. } | Command::Delete { .. } | Command::Batch { .. } => &self.write_tx,
-            Command::ChangesSince { .. } | Command::Shutdown { .. } => &self.control_tx,
-        };
-        channel.send(cmd).await.map_err(|_| Error::Closed)
-    }
-
-    pub(crate) async fn wait_stopped(&self) {
-        let mut rx = self.stopped.subscribe();
-        // An error means the sender is gone, which only happens once the driver is done.
-        let _ = rx.wait_for(|s| *s).await;
-    }
-
-    pub(crate) fn abort(&self) {
-        if let Some(handle) = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            handle.abort();
-        }
-        self.in_sync.send_replace(false);
-        self.stopped.send_replace(true);
-    }
-}
-
-/// Opens the real sockets the builder asks for.
-pub(crate) fn open_transport(builder: &NodeBuilder) -> Result<UdpTransport, Error> {
-    let mode = match &builder.mode {
-        Some(mode) => mode.clone(),
-        None => {
-            let group = builder.group.unwrap_or(DEFAULT_GROUP);
-            let interface = match (&builder.interface, group) {
-                (Some(iface), _) => iface.clone(),
-                (None, g) if g.is_ipv4() => Interface::loopback_v4(),
-                (None, _) => {
-                    return Err(Error::Config(
-                        "an IPv6 group needs an interface (name or index): IPv6 multicast does not route over lo".into(),
-                    ));
-                }
-            };
-            let on_loopback = match &interface {
-                Interface::Addr(a) => a.is_loopback(),
-                Interface::Name(n) => n == "lo",
-                _ => false,
-            };
-            let ttl = builder.ttl.unwrap_or(if on_loopback { 0 } else { 1 });
-            Mode::Multicast {
-                group,
-                interface,
-                ttl,
-                loopback: true,
-            }
-        }
-    };
-    let mut config = TransportConfig::loopback_multicast(DEFAULT_GROUP);
-    config.mode = mode;
-    Ok(UdpTransport::bind(config)?)
-}
-
-fn protocol_config<T: DatagramTransport>(
-    builder: &NodeBuilder,
-    node: u64,
-    incarnation: u64,
-    seed: u64,
-    transport: &T,
-) -> ProtocolConfig {
-    let cluster = ClusterId::from_name(&builder.cluster);
-    let (node, incarnation) = (NodeId(node), Incarnation(incarnation));
-    let mut config = match builder.preset {
-        Preset::Lan => ProtocolConfig::lan(cluster, node, incarnation, seed),
-        Preset::Lossy => ProtocolConfig::lossy(cluster, node, incarnation, seed),
-    };
-    if let Some(max) = builder.max_members {
-        config.max_members = max;
-    }
-    if let Some(bytes) = builder.receive_budget_bytes {
-        config.receive_budget_bytes = bytes;
-    }
-    // Datagrams as large as the path carries whole: the transport reads the interface's MTU
-    // (64 KiB on lo, so dozens of messages share one system call there).
-    config.mtu = transport.max_datagram_size();
-    // Keep no more in flight than a peer's socket holds: Linux reports twice the payload it
-    // grants (the rest is accounting overhead). A sender far ahead of a busy receiver
-    // otherwise overruns its socket and pays in NAKs and repairs; early heartbeats at a
-    // quarter of the window keep the stream moving.
-    if let Some(buffer) = transport.receive_buffer() {
-        let bytes = (buffer / 2).clamp(1 << 20, config.window_max_bytes.get());
-        config.window_max_bytes =
-            std::num::NonZeroUsize::new(bytes).unwrap_or(config.window_max_bytes);
-    }
-    // The LAN preset paces to what the link carries: the loopback has no wire (the CPU paces
-    // it; the send window still bounds what is in flight), Ethernet and veth report their
-    // speed. The lossy preset keeps its own, lower pace unless the link is slower still.
-    let link_bytes = match transport.link_rate() {
-        LinkRate::Unlimited => None,
-        LinkRate::BitsPerSec(bits) => std::num::NonZeroU64::new(bits / 8),
-        LinkRate::Unknown => config.rate_bytes_per_sec,
-    };
-    config.rate_bytes_per_sec = match builder.preset {
-        Preset::Lan => link_bytes,
-        Preset::Lossy => match (config.rate_bytes_per_sec, link_bytes) {
-            (Some(preset), Some(link)) => Some(preset.min(link)),
-            (preset, _) => preset,
-        },
-    };
-    // The driver batches by itself: every command waiting is handed to the core before the
-    // datagrams are built, so messages queued together share datagrams without a timer
-    // (tokio's 1 ms timer granularity made that timer cost small messages ~1 ms of latency).
-    config.batch_delay = Duration::ZERO;
-    config.keyring = builder.keyring.clone();
-    config
-}
 
 /// Starts the driver task for `builder` over `transport`.
 pub(crate) fn spawn<T: DatagramTransport>(
@@ -661,124 +436,4 @@ impl<T: DatagramTransport> Driver<T> {
             outgoing.clear();
         }
     }
-
-    fn drain_events(&mut self) {
-        let mut members_changed = false;
-        while let Some(event) = self.core.poll_event() {
-            match event {
-                NodeEvent::Change(change) => {
-                    // No receivers is fine: nobody watches.
-                    let _ = self.shared.changes.send(change);
-                }
-                NodeEvent::InSync => {
-                    self.shared.in_sync.send_replace(true);
-                }
-                NodeEvent::OutOfSync => {
-                    self.shared.in_sync.send_replace(false);
-                }
-                NodeEvent::Member(event) => {
-                    log_member(&event);
-                    members_changed = true;
-                }
-            }
-        }
-        if members_changed {
-            self.publish_members();
-        }
-    }
-
-    fn publish_members(&self) {
-        let mut members = vec![MemberInfo {
-            node_id: self.shared.node_id,
-            incarnation: self.shared.incarnation,
-            addr: self
-                .transport
-                .local_addr()
-                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
-            state: "self".to_owned(),
-            clock_offset_ms: Some(0),
-        }];
-        members.extend(self.core.members().into_iter().map(|m| {
-            MemberInfo {
-                node_id: m.node.0,
-                incarnation: m.incarnation.0,
-                addr: m.addr,
-                state: match m.state {
-                    MemberState::Alive => "alive",
-                    MemberState::Suspected => "suspected",
-                }
-                .to_owned(),
-                clock_offset_ms: m.clock_offset_ms,
-            }
-        }));
-        members.sort_by_key(|m| m.node_id);
-        *self
-            .shared
-            .members
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = members;
-    }
-
-    fn publish_snapshots(&self) {
-        self.publish_members();
-        let mut counters = counters(&self.core.stats());
-        counters.insert("driver_injected_drops".into(), self.dropped_by_injection);
-        counters.insert("driver_send_errors".into(), self.send_errors);
-        counters.insert("driver_recv_errors".into(), self.recv_errors);
-        counters.insert("store_keys".into(), self.core.store().len() as u64);
-        counters.insert("store_revision".into(), self.core.store().revision());
-        *self
-            .shared
-            .counters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = counters.into_iter().collect();
-    }
-}
-
-fn log_member(event: &Event) {
-    match event {
-        Event::MemberJoined {
-            node,
-            incarnation,
-            addr,
-        } => {
-            tracing::info!(%node, %incarnation, %addr, "member joined");
-        }
-        Event::MemberSuspected { node, .. } => tracing::warn!(%node, "member suspected"),
-        Event::MemberAlive { node, .. } => tracing::info!(%node, "member alive again"),
-        Event::MemberLeft { node, reason, .. } => tracing::info!(%node, ?reason, "member left"),
-        Event::MemberRestarted { node, new, .. } => {
-            tracing::info!(%node, incarnation = %new, "member restarted");
-        }
-        _ => {}
-    }
-}
-
-/// Every counter of both layers under one flat, stable snake_case name.
-fn counters(stats: &NodeStats) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    for (name, value) in stats.protocol.counters() {
-        out.insert(format!("protocol_{name}"), value);
-    }
-    for (name, value) in stats.replication.counters() {
-        out.insert(format!("replication_{name}"), value);
-    }
-    out.insert("core_write_backlog".into(), stats.write_backlog as u64);
-    out.insert("core_sync_backlog".into(), stats.sync_backlog as u64);
-    out.insert("core_sync_dropped".into(), stats.sync_dropped);
-    out.insert("core_too_large".into(), stats.too_large);
-    out.insert(
-        "core_clock_ahead_ms".into(),
-        u64::try_from(stats.clock_ahead_ms).unwrap_or(0),
-    );
-    out.insert(
-        "core_clock_refusing".into(),
-        u64::from(stats.clock_refusing),
-    );
-    if let Some(durable) = &stats.durable {
-        for (name, value) in durable.counters() {
-            out.insert(format!("durable_{name}"), value);
-        }
-    }
-    out
 }

@@ -1,0 +1,151 @@
+//! What the driver shares with the [`Node`](crate::Node) handles: the command channel and
+//! the published state (the store itself, read directly, and snapshots of members, counters
+//! and sync state).
+
+use std::sync::{Mutex, PoisonError};
+
+use bytes::Bytes;
+use chorus_replication::{Change, Store, Version};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::Error;
+use crate::node::{Entry, MemberInfo, Op};
+
+/// A request from a [`Node`](crate::Node) handle to its driver.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Put {
+        key: String,
+        value: Bytes,
+        reply: oneshot::Sender<Result<Version, Error>>,
+    },
+    Delete {
+        key: String,
+        reply: oneshot::Sender<Result<Version, Error>>,
+    },
+    Batch {
+        ops: Vec<Op>,
+        reply: oneshot::Sender<Result<Version, Error>>,
+    },
+    ChangesSince {
+        revision: u64,
+        prefix: String,
+        reply: oneshot::Sender<Result<Vec<Change>, Error>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// What the driver publishes for the handles: the store itself (read directly), and
+/// snapshots of members, counters and sync state.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) node_id: u64,
+    pub(crate) incarnation: u64,
+    pub(super) store: Store,
+    /// Writes: not read while the write backlog is full (back-pressure).
+    pub(super) write_tx: mpsc::Sender<Command>,
+    /// Everything else (watch backfill, shutdown): always read.
+    pub(super) control_tx: mpsc::Sender<Command>,
+    pub(crate) in_sync: watch::Sender<bool>,
+    pub(crate) changes: broadcast::Sender<Change>,
+    pub(super) members: Mutex<Vec<MemberInfo>>,
+    pub(super) counters: Mutex<Vec<(String, u64)>>,
+    pub(super) stopped: watch::Sender<bool>,
+    pub(super) task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Shared {
+    pub(crate) fn get(&self, key: &str) -> Option<Entry> {
+        let entry = self.store.get_entry(key)?;
+        Some(Entry {
+            value: entry.value?,
+            version: entry.version,
+            revision: entry.revision,
+        })
+    }
+
+    pub(crate) fn scan(&self, prefix: &str) -> Vec<(String, Entry)> {
+        self.store
+            .scan_entries(prefix)
+            .into_iter()
+            .filter_map(|(k, e)| {
+                Some((
+                    k,
+                    Entry {
+                        value: e.value?,
+                        version: e.version,
+                        revision: e.revision,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    pub(crate) fn revision(&self) -> u64 {
+        self.store.revision()
+    }
+
+    pub(crate) fn members(&self) -> Vec<MemberInfo> {
+        self.members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn counters(&self) -> Vec<(String, u64)> {
+        self.counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) async fn changes_since(
+        &self,
+        revision: u64,
+        prefix: &str,
+    ) -> Result<Vec<Change>, Error> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::ChangesSince {
+            revision,
+            prefix: prefix.to_owned(),
+            reply,
+        };
+        self.send(cmd).await?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// A receiver that turns true once the driver has stopped.
+    pub(crate) fn stopped_signal(&self) -> watch::Receiver<bool> {
+        self.stopped.subscribe()
+    }
+
+    /// Hands `cmd` to the driver: writes on the write channel, the rest on the control one.
+    pub(crate) async fn send(&self, cmd: Command) -> Result<(), Error> {
+        let channel = match cmd {
+            Command::Put { .. } | Command::Delete { .. } | Command::Batch { .. } => &self.write_tx,
+            Command::ChangesSince { .. } | Command::Shutdown { .. } => &self.control_tx,
+        };
+        channel.send(cmd).await.map_err(|_| Error::Closed)
+    }
+
+    pub(crate) async fn wait_stopped(&self) {
+        let mut rx = self.stopped.subscribe();
+        // An error means the sender is gone, which only happens once the driver is done.
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub(crate) fn abort(&self) {
+        if let Some(handle) = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            handle.abort();
+        }
+        self.in_sync.send_replace(false);
+        self.stopped.send_replace(true);
+    }
+}
