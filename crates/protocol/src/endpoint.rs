@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::auth::{Ciphers, ReplayWindow, SEAL_OVERHEAD};
@@ -17,6 +17,7 @@ use crate::recv::{
 };
 use crate::send::{SendWindow, Sent};
 use crate::stats::Stats;
+use crate::util::random_between;
 use crate::wire::{self, DropReason, Header};
 use crate::{
     Config, Destination, Event, Incarnation, Keyring, KeyringError, LeaveReason, Member,
@@ -1560,14 +1561,6 @@ fn payload_mtu(cfg: &Config) -> usize {
     } else {
         cfg.mtu
     }
-}
-
-fn random_between(rng: &mut ChaCha8Rng, min: Duration, max: Duration) -> Duration {
-    if max <= min {
-        return min;
-    }
-    let span = (max - min).as_nanos().min(u128::from(u64::MAX)) as u64;
-    min + Duration::from_nanos(rng.random_range(0..=span))
 }
 
 /// Wait before NAK attempt `attempts + 1`: exponential backoff plus jitter.
