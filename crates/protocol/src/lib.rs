@@ -63,7 +63,8 @@ mod tests;
 
 pub use auth::{Key, KeyId, Keyring, KeyringError};
 pub use config::{Config, ConfigError};
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, REPAIR_START_CREDIT};
+pub use recv::SENDER_OVERHEAD;
 pub use stats::Stats;
 pub use wall::WallClock;
 

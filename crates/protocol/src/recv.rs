@@ -33,9 +33,10 @@ pub(crate) const MAX_SEQ: u64 = u64::MAX - 1;
 pub(crate) const ENTRY_OVERHEAD: usize = 64;
 /// Bytes charged for each partial reassembly besides its chunks.
 pub(crate) const REASSEMBLY_OVERHEAD: usize = 128;
-/// Bytes charged for the state of each sender this endpoint keeps (member or candidate):
-/// the table slot, the stream and its indexes, rounded up.
-pub(crate) const SENDER_OVERHEAD: usize = 1024;
+/// Bytes charged to the receive budget ([`Config::receive_budget_bytes`](crate::Config)) for
+/// the state of each sender an endpoint keeps (member or candidate): the table slot, the
+/// stream and its indexes, rounded up. See `docs/protocol.md` §3.2.1.
+pub const SENDER_OVERHEAD: usize = 1024;
 
 /// The one receive memory budget of an endpoint, over every sender.
 #[derive(Debug)]
@@ -101,10 +102,30 @@ pub(crate) fn keep_charge(len: usize, shared: usize) -> usize {
 /// when the budget is full, the highest ranks give way first.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default)]
 pub(crate) struct Rank {
-    /// Still on probation (not a member).
-    pub(crate) candidate: bool,
+    /// Member or still on probation.
+    pub(crate) standing: Standing,
     /// When it became what it is (a counter: larger = newer).
     pub(crate) order: u64,
+}
+
+/// Whether a stream's sender is a member or on probation. Members rank below candidates.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default)]
+pub(crate) enum Standing {
+    /// Passed probation.
+    #[default]
+    Member,
+    /// Still on probation.
+    Candidate,
+}
+
+/// Whether a stream delivers what it receives.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Delivery {
+    /// In order, as it becomes contiguous.
+    Flowing,
+    /// Not yet: the sender is on probation, so every message is held, and the retention floor
+    /// heard meanwhile waits in `held_low`.
+    Held,
 }
 
 /// Where a stream puts what it produces.
@@ -310,9 +331,8 @@ pub(crate) struct RecvStream {
     pub(crate) incarnation: Incarnation,
     /// How established the sender is (set by the endpoint).
     pub(crate) rank: Rank,
-    /// Deliver nothing yet (the sender is on probation): every message is held, and the
-    /// retention floor heard meanwhile waits in `held_low`.
-    hold: bool,
+    /// Flowing, or held while the sender is on probation.
+    delivery: Delivery,
     held_low: u64,
     /// Bytes charged for `buffered` and `partial`.
     held: usize,
@@ -343,7 +363,7 @@ impl RecvStream {
             node,
             incarnation,
             rank: Rank::default(),
-            hold: false,
+            delivery: Delivery::Flowing,
             held_low: 0,
             held: 0,
             start: 0,
@@ -364,7 +384,7 @@ impl RecvStream {
     pub(crate) fn held(node: NodeId, incarnation: Incarnation, rank: Rank) -> RecvStream {
         RecvStream {
             rank,
-            hold: true,
+            delivery: Delivery::Held,
             ..RecvStream::new(node, incarnation)
         }
     }
@@ -375,7 +395,7 @@ impl RecvStream {
 
     /// Whether this stream holds everything (its sender is on probation).
     pub(crate) fn holding(&self) -> bool {
-        self.hold
+        self.delivery == Delivery::Held
     }
 
     /// Bytes this stream has charged to the budget.
@@ -441,7 +461,7 @@ impl RecvStream {
 
     /// Delivers buffered messages that have become contiguous.
     fn drain(&mut self, out: &mut Out<'_>) {
-        if self.hold {
+        if self.holding() {
             return;
         }
         while let Some(entry) = self.buffered.first_entry() {
@@ -472,7 +492,7 @@ impl RecvStream {
         if let Some(r) = self.partial.remove(&seq) {
             self.unhold(r.charge, out);
         }
-        if seq == self.next_expected && !self.hold {
+        if seq == self.next_expected && !self.holding() {
             self.deliver(seq, payload, out);
             self.drain(out);
             return;
@@ -567,7 +587,7 @@ impl RecvStream {
             self.unhold(r.charge, out);
             out.stats.messages_reassembled += 1;
             let (payload, charge) = r.assemble();
-            if frag.seq == self.next_expected && !self.hold {
+            if frag.seq == self.next_expected && !self.holding() {
                 self.deliver(frag.seq, payload, out);
                 self.drain(out);
             } else {
@@ -587,7 +607,7 @@ impl RecvStream {
     /// below it and report the rest lost. While the stream holds (probation), the floor is
     /// remembered and applied on [`RecvStream::release`].
     pub(crate) fn advance_to(&mut self, low: u64, out: &mut Out<'_>) {
-        if self.hold {
+        if self.holding() {
             self.held_low = self.held_low.max(low);
             return;
         }
@@ -622,7 +642,7 @@ impl RecvStream {
     /// The sender passed probation: deliver what was held, in order, then apply the retention
     /// floor heard meanwhile.
     pub(crate) fn release(&mut self, out: &mut Out<'_>) {
-        self.hold = false;
+        self.delivery = Delivery::Flowing;
         self.drain(out);
         let low = std::mem::take(&mut self.held_low);
         self.advance_to(low, out);
@@ -631,7 +651,7 @@ impl RecvStream {
     /// The stream is over (sender left or restarted): settle everything known.
     pub(crate) fn finish(&mut self, out: &mut Out<'_>) {
         let end = self.highest_seen.max(self.sender_highest_sent);
-        if self.started() && !self.hold && end < u64::MAX {
+        if self.started() && !self.holding() && end < u64::MAX {
             self.advance_to(end + 1, out);
         }
         self.discard(out);
