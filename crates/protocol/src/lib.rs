@@ -58,9 +58,6 @@ pub mod util;
 mod wall;
 pub mod wire;
 
-#[cfg(test)]
-mod tests;
-
 pub use auth::{Key, KeyId, Keyring, KeyringError};
 pub use config::{Config, ConfigError};
 pub use endpoint::{Endpoint, REPAIR_START_CREDIT};

@@ -248,3 +248,78 @@ impl Endpoint {
         self.end_stream(&mut candidate.stream, StreamEnd::Discard);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use crate::endpoint::tests::*;
+    use crate::wire::{self, Header};
+    use crate::*;
+
+    #[test]
+    fn a_new_sender_joins_only_after_probation_and_its_early_messages_are_held() {
+        let t0 = Instant::now();
+        let mut ep = Endpoint::new(config(0, 1), t0);
+        let (node, h) = (NodeId(7), Header::new(CLUSTER, NodeId(7), Incarnation(1)));
+        ep.handle_datagram(t0, addr(6), &heartbeat(node, Incarnation(1), 0));
+        for seq in 1..=3 {
+            ep.handle_datagram(
+                t0,
+                addr(6),
+                &wire::encode_data(&h, seq, [msg(seq)].iter(), None),
+            );
+        }
+        // Too soon for a second heartbeat to count, and other frames never do.
+        let early = t0 + Duration::from_millis(50);
+        ep.handle_datagram(early, addr(6), &heartbeat(node, Incarnation(1), 3));
+        let t1 = t0 + Duration::from_millis(150);
+        ep.handle_datagram(
+            t1,
+            addr(6),
+            &wire::encode_data(&h, 4, [msg(4)].iter(), None),
+        );
+        assert!(ep.poll_event().is_none(), "a candidate emits nothing");
+        assert!(ep.members().is_empty());
+        assert_eq!(ep.candidates(), 1);
+        let later = t0 + Duration::from_millis(160);
+        ep.handle_datagram(later, addr(6), &heartbeat(node, Incarnation(1), 4));
+        let events: Vec<Event> = std::iter::from_fn(|| ep.poll_event()).collect();
+        assert!(matches!(
+            events[0],
+            Event::MemberJoined {
+                node: NodeId(7),
+                ..
+            }
+        ));
+        let seqs: Vec<u64> = events[1..]
+            .iter()
+            .map(|e| match e {
+                Event::Delivered { seq, payload, .. } => {
+                    assert_eq!(payload, &msg(*seq));
+                    *seq
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        assert_eq!((ep.candidates(), ep.members().len()), (0, 1));
+        assert_eq!(ep.receive_memory(), SENDER_OVERHEAD);
+        // One-shot senders never join, and are forgotten after `suspect_after`.
+        for i in 0..100 {
+            ep.handle_datagram(
+                later,
+                addr(5),
+                &heartbeat(NodeId(100 + i), Incarnation(1), 0),
+            );
+        }
+        assert_eq!((ep.candidates(), ep.members().len()), (100, 1));
+        ep.handle_timeout(later + ep.config().suspect_after);
+        assert_eq!(ep.candidates(), 0);
+        assert_eq!(ep.stats().candidates_expired, 100);
+        assert!(
+            std::iter::from_fn(|| ep.poll_event())
+                .all(|e| matches!(e, Event::MemberSuspected { .. }))
+        );
+    }
+}

@@ -249,3 +249,57 @@ impl Endpoint {
         self.stats.replay_forgotten += (before - self.replay.len()) as u64;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use crate::endpoint::tests::*;
+    use crate::proto::{self, frame::Kind};
+    use crate::wire::{self, Header};
+    use crate::*;
+
+    #[test]
+    fn departed_and_replay_tables_stay_bounded_over_join_leave_cycles() {
+        let k = ring(1, 0x11);
+        let t0 = Instant::now();
+        let mut ep = Endpoint::new(keyed(0, 1, &k), t0);
+        let max_members = ep.config().max_members.get();
+        let replay_capacity = 2 * max_members + ep.config().max_candidates.get();
+        let mut now = t0;
+        let goodbye = |node: NodeId| {
+            wire::encode(
+                &Header::new(CLUSTER, node, Incarnation(1)),
+                &proto::Frame {
+                    kind: Some(Kind::Goodbye(proto::Goodbye { highest_sent: 0 })),
+                },
+            )
+        };
+        for batch in 0..50u64 {
+            let nodes: Vec<NodeId> = (0..100).map(|i| NodeId(1_000 + batch * 100 + i)).collect();
+            for (counter, at) in [(1, now), (2, now + Duration::from_millis(150))] {
+                for &node in &nodes {
+                    let hb = seal_with(&k, &heartbeat(node, Incarnation(1), 0), counter);
+                    ep.handle_datagram(at, addr(7), &hb);
+                }
+            }
+            assert_eq!(ep.members().len(), 100);
+            now += Duration::from_millis(150);
+            for &node in &nodes {
+                ep.handle_datagram(now, addr(7), &seal_with(&k, &goodbye(node), 3));
+            }
+            assert!(ep.members().is_empty());
+            ep.handle_timeout(now);
+            let (departed, replay) = ep.remembered();
+            assert!(departed <= max_members, "{departed}");
+            assert!(replay <= replay_capacity, "{replay}");
+        }
+        assert_eq!(ep.stats().members_joined, 5_000);
+        assert_eq!(ep.stats().departed_forgotten, 5_000 - max_members as u64);
+        assert_eq!(ep.stats().replay_forgotten, 5_000 - replay_capacity as u64);
+        // Past `forget_after`, nothing of them is left.
+        let much_later = now + ep.config().forget_after + Duration::from_secs(1);
+        ep.handle_timeout(much_later);
+        assert_eq!(ep.remembered(), (0, 0));
+    }
+}

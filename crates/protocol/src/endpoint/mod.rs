@@ -17,6 +17,9 @@ mod repair;
 mod replay;
 mod timers;
 
+#[cfg(test)]
+pub(crate) mod tests;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;

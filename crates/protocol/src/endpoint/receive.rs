@@ -187,3 +187,65 @@ impl Endpoint {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use crate::endpoint::tests::*;
+    use crate::proto::{self, frame::Kind};
+    use crate::wire::{self, Header};
+    use crate::*;
+
+    #[test]
+    fn sequence_numbers_near_u64_max_never_overflow() {
+        let t0 = Instant::now();
+        let mut ep = Endpoint::new(config(0, 1), t0);
+        let (node, inc) = (NodeId(7), Incarnation(1));
+        let h = Header::new(CLUSTER, node, inc);
+        let t1 = t0 + Duration::from_millis(150);
+        ep.handle_datagram(t0, addr(6), &heartbeat(node, inc, u64::MAX - 2));
+        ep.handle_datagram(t1, addr(6), &heartbeat(node, inc, u64::MAX - 2));
+        assert_eq!(ep.members().len(), 1);
+        let last = u64::MAX - 1;
+        ep.handle_datagram(
+            t1,
+            addr(6),
+            &wire::encode_data(&h, last, [msg(1)].iter(), None),
+        );
+        ep.handle_datagram(
+            t1,
+            addr(6),
+            &wire::encode_fragment(&h, u64::MAX, 1, 0, b"x", None),
+        );
+        ep.handle_datagram(
+            t1,
+            addr(6),
+            &wire::encode_data(&h, u64::MAX, [msg(2)].iter(), None),
+        );
+        let hb = proto::Heartbeat {
+            highest_sent: u64::MAX,
+            low_retained: u64::MAX,
+            delivered: vec![],
+            wall_ms: 0,
+        };
+        let hb = wire::encode(
+            &h,
+            &proto::Frame {
+                kind: Some(Kind::Heartbeat(hb)),
+            },
+        );
+        ep.handle_datagram(t1, addr(6), &hb);
+        assert_eq!(ep.stats().malformed, 2);
+        assert_eq!(ep.members()[0].delivered_up_to, last);
+        // Nothing is missing, so nothing is ever NAKed.
+        let mut now = t1;
+        for _ in 0..50 {
+            now += Duration::from_millis(20);
+            ep.handle_timeout(now);
+            while ep.poll_transmit(now).is_some() {}
+        }
+        assert_eq!(ep.stats().naks_sent, 0);
+        assert_eq!(ep.stats().messages_delivered, 1);
+    }
+}

@@ -274,3 +274,65 @@ fn retry_delay(cfg: &Config, rng: &mut ChaCha8Rng, attempts: u32) -> Duration {
         .min(cfg.nak_retry_max);
     backoff + random_between(rng, Duration::ZERO, cfg.nak_delay_max)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use crate::endpoint::tests::*;
+    use crate::proto::{self, frame::Kind};
+    use crate::wire::{self, Header};
+    use crate::*;
+
+    #[test]
+    fn stream_first_heard_through_a_nak_is_anchored_there() {
+        let t0 = Instant::now();
+        let mut ep = Endpoint::new(config(0, 1), t0);
+        let h = Header::new(CLUSTER, NodeId(2), Incarnation(1));
+        // Node 2 is first heard through a NAK (about someone else's stream) saying it sent 10;
+        // its heartbeats, later, say 12.
+        let nak = proto::Nak {
+            target_node: 9,
+            target_incarnation: 1,
+            sender_highest_sent: 10,
+            ..Default::default()
+        };
+        ep.handle_datagram(
+            t0,
+            addr(1),
+            &wire::encode(
+                &h,
+                &proto::Frame {
+                    kind: Some(Kind::Nak(nak)),
+                },
+            ),
+        );
+        // Its seq 11 is lost; seq 12 arrives (after its probation): 11 must be NAKed, not
+        // skipped.
+        let t1 = t0 + Duration::from_millis(150);
+        ep.handle_datagram(t0, addr(1), &heartbeat(NodeId(2), Incarnation(1), 12));
+        ep.handle_datagram(t1, addr(1), &heartbeat(NodeId(2), Incarnation(1), 12));
+        ep.handle_datagram(
+            t1,
+            addr(1),
+            &wire::encode_data(&h, 12, [msg(12)].iter(), None),
+        );
+        assert_eq!(ep.members()[0].delivered_up_to, 10);
+        let later = t1 + Duration::from_millis(30);
+        ep.handle_timeout(later);
+        let naks: Vec<proto::Nak> = std::iter::from_fn(|| ep.poll_transmit(later))
+            .filter_map(|t| match frame_of(&t.payload) {
+                Kind::Nak(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(naks.len(), 1);
+        assert_eq!(
+            naks[0].ranges,
+            vec![proto::SeqRange {
+                first: 11,
+                last: 11
+            }]
+        );
+    }
+}
