@@ -7,6 +7,7 @@
 //! - [`receive`]: data, fragments and repairs into receive streams, and the receive budget;
 //! - [`heartbeat`]: our heartbeats, theirs, and stability (trimming the send window);
 //! - [`repair`]: NAK scheduling, suppression and answering NAKs with repair credit;
+//! - [`transmit`]: what leaves when: control, repairs and data within the rate, the goodbye;
 //! - [`timers`]: the one timer table `poll_timeout` and `handle_timeout` both read.
 
 mod admission;
@@ -16,6 +17,7 @@ mod receive;
 mod repair;
 mod replay;
 mod timers;
+mod transmit;
 
 #[cfg(test)]
 pub(crate) mod tests;
@@ -30,15 +32,14 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::auth::{Ciphers, SEAL_OVERHEAD};
 use crate::probation::Candidates;
-use crate::proto::{self, frame::Kind};
+use crate::proto::frame::Kind;
 use crate::rate::{Credit, TokenBucket};
 use crate::recv::{Budget, Rank};
-use crate::send::{Batching, SendWindow, Sent};
+use crate::send::SendWindow;
 use crate::stats::Stats;
 use crate::wire::{self, DropReason, Header};
 use crate::{
-    Config, Destination, Event, Incarnation, Keyring, KeyringError, LeaveReason, NodeId, SendError,
-    Transmit,
+    Config, Event, Incarnation, Keyring, KeyringError, LeaveReason, NodeId, SendError, Transmit,
 };
 
 use admission::FrameClass;
@@ -313,92 +314,6 @@ impl Endpoint {
         transmit
     }
 
-    fn next_transmit(&mut self) -> Option<Transmit> {
-        if self.lifecycle == Lifecycle::Closed {
-            return None;
-        }
-        if let Some(t) = self.control.pop_front() {
-            return self.emit(t);
-        }
-        let now = self.now;
-        let data_due = self
-            .window
-            .data_due(now, self.cfg.batch_delay, self.batching());
-        if self.window.has_repairs() || data_due {
-            if !self.bucket.ready(now) {
-                self.stats.rate_limited += 1;
-                return None;
-            }
-            if let Some(datagram) = self.window.build_repair(now) {
-                self.stats.repairs_sent += 1;
-                self.bucket.consume(datagram.len());
-                return self.emit(Transmit {
-                    destination: Destination::Group,
-                    payload: datagram,
-                });
-            }
-            if data_due && let Some((datagram, sent)) = self.window.build_data(now) {
-                self.stats.data_datagrams_sent += 1;
-                match sent {
-                    Sent::Batch { messages } if messages > 1 => self.stats.batches_sent += 1,
-                    Sent::Batch { .. } => {}
-                    Sent::Fragment => self.stats.fragments_sent += 1,
-                }
-                self.bucket.consume(datagram.len());
-                return self.emit(Transmit {
-                    destination: Destination::Group,
-                    payload: datagram,
-                });
-            }
-        }
-        if self.lifecycle == Lifecycle::Closing
-            && self.window.highest_sent() + 1 == self.window.next_seq()
-        {
-            self.lifecycle = Lifecycle::Closed;
-            self.window.clear_repairs();
-            self.stats.goodbyes_sent += 1;
-            let frame = Kind::Goodbye(proto::Goodbye {
-                highest_sent: self.window.highest_sent(),
-            });
-            let payload = wire::encode(&self.header, &proto::Frame { kind: Some(frame) });
-            return self.emit(Transmit {
-                destination: Destination::Group,
-                payload,
-            });
-        }
-        None
-    }
-
-    /// Every datagram leaves through here: sealed when keyed, then counted.
-    fn emit(&mut self, mut t: Transmit) -> Option<Transmit> {
-        if let Some(ciphers) = &self.ciphers {
-            let sealed = match self.next_counter.checked_add(1) {
-                Some(next) => ciphers
-                    .seal(&t.payload, self.next_counter)
-                    .map(|d| (d, next)),
-                None => None,
-            };
-            let Some((payload, next)) = sealed else {
-                self.stats.seal_failed += 1;
-                return None;
-            };
-            self.next_counter = next;
-            t.payload = payload;
-        }
-        self.stats.datagrams_sent += 1;
-        self.stats.bytes_sent += t.payload.len() as u64;
-        Some(t)
-    }
-
-    /// Whether queued data waits for company ([`Batching::Wait`]) or goes at once because the
-    /// endpoint is closing ([`Batching::Flush`]).
-    fn batching(&self) -> Batching {
-        match self.lifecycle {
-            Lifecycle::Open => Batching::Wait,
-            Lifecycle::Closing | Lifecycle::Closed => Batching::Flush,
-        }
-    }
-
     /// When [`Endpoint::handle_timeout`] (or, for rate-limited or batched data,
     /// [`Endpoint::poll_transmit`]) next has work. `None` once closed. O(log n): the first
     /// entry of the timer table, or sooner if something waits to be transmitted.
@@ -411,35 +326,6 @@ impl Endpoint {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
-    }
-
-    /// When [`Endpoint::poll_transmit`] next has something to send: queued control datagrams
-    /// at once; while closing, as soon as the rate allows; repairs and due data when the rate
-    /// allows.
-    fn transmit_deadline(&self) -> Option<Instant> {
-        let mut earliest = None;
-        let mut consider = |t: Instant| {
-            earliest = Some(earliest.map_or(t, |e: Instant| e.min(t)));
-        };
-        if !self.control.is_empty() {
-            consider(self.now);
-        }
-        if self.lifecycle == Lifecycle::Closing {
-            // Flushing for the goodbye: due as soon as the rate allows.
-            consider(self.bucket.ready_at().unwrap_or(self.now));
-        }
-        let data = self
-            .window
-            .data_deadline(self.cfg.batch_delay, self.batching());
-        let paced = if self.window.has_repairs() {
-            Some(self.now)
-        } else {
-            data
-        };
-        if let Some(at) = paced {
-            consider(self.bucket.ready_at().map_or(at, |r| r.max(at)));
-        }
-        earliest
     }
 
     /// Runs every timer of the table due at `now`, in this order: heartbeat, liveness,
