@@ -54,15 +54,14 @@ mod rate;
 mod recv;
 mod send;
 mod stats;
+pub mod util;
 mod wall;
 pub mod wire;
 
-#[cfg(test)]
-mod tests;
-
 pub use auth::{Key, KeyId, Keyring, KeyringError};
 pub use config::{Config, ConfigError};
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, REPAIR_START_CREDIT};
+pub use recv::SENDER_OVERHEAD;
 pub use stats::Stats;
 pub use wall::WallClock;
 
@@ -103,7 +102,7 @@ impl fmt::Display for Incarnation {
 pub struct ClusterId(pub u64);
 
 impl ClusterId {
-    /// Derives a cluster id from a human-readable name with FNV-1a 64 (stable across builds,
+    /// Derives a cluster id from a human-readable name with FNV-1a 64 ([`util::fnv1a_64`]: stable across builds,
     /// platforms and languages).
     ///
     /// # Examples
@@ -114,14 +113,7 @@ impl ClusterId {
     /// assert_ne!(ClusterId::from_name("prod"), ClusterId::from_name("test"));
     /// ```
     pub fn from_name(name: &str) -> ClusterId {
-        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-        const PRIME: u64 = 0x0000_0100_0000_01b3;
-        let mut hash = OFFSET;
-        for byte in name.as_bytes() {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(PRIME);
-        }
-        ClusterId(hash)
+        ClusterId(util::fnv1a_64(name.as_bytes()))
     }
 }
 

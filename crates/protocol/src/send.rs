@@ -60,6 +60,15 @@ struct RepairItem {
     cursor: u32,
 }
 
+/// Whether small queued messages wait for company.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Batching {
+    /// A batch that is not full waits up to `batch_delay` while the stream is busy.
+    Wait,
+    /// Everything queued is due at once (the endpoint is closing).
+    Flush,
+}
+
 /// What one first-transmission datagram carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Sent {
@@ -178,9 +187,10 @@ impl SendWindow {
     }
 
     /// Whether unsent data exists and the datagram it would make is due now: a fragment, a
-    /// full batch, a batch whose oldest message waited `batch_delay`, or `flush`.
-    pub(crate) fn data_due(&self, now: Instant, batch_delay: Duration, flush: bool) -> bool {
-        match self.data_deadline(batch_delay, flush) {
+    /// full batch, a batch whose oldest message waited `batch_delay`, or anything with
+    /// [`Batching::Flush`].
+    pub(crate) fn data_due(&self, now: Instant, batch_delay: Duration, batching: Batching) -> bool {
+        match self.data_deadline(batch_delay, batching) {
             Some(at) => at <= now,
             None => false,
         }
@@ -190,9 +200,16 @@ impl SendWindow {
     /// reports the time it was queued. A batch that is not full goes `batch_delay` after the
     /// previous data datagram (at most one partial batch per `batch_delay`), or at once when
     /// that has passed: small messages wait for company only while the stream is busy.
-    pub(crate) fn data_deadline(&self, batch_delay: Duration, flush: bool) -> Option<Instant> {
+    pub(crate) fn data_deadline(
+        &self,
+        batch_delay: Duration,
+        batching: Batching,
+    ) -> Option<Instant> {
         let first = self.entry(self.next_tx)?;
-        if flush || !self.is_small(first.payload.len()) || self.frag_offset > 0 {
+        if batching == Batching::Flush
+            || !self.is_small(first.payload.len())
+            || self.frag_offset > 0
+        {
             return Some(first.at);
         }
         let mut size = DATA_OVERHEAD;

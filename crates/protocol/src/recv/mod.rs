@@ -3,19 +3,29 @@
 //! Holds the in-order delivery cursor, complete messages received out of order, partially
 //! reassembled fragmented messages, and the NAK timer. Delivery and loss go out through
 //! [`Out`] as events. Everything a stream holds is charged to the endpoint's one receive
-//! [`Budget`]; the endpoint decides whose held data gives way when it is full (see
+//! [`Budget`] ([`budget`]); fragmented messages are put together by [`reassembly`]. The
+//! endpoint decides whose held data gives way when it is full (see
 //! `Endpoint::make_room`), a stream only refuses what does not fit.
+
+mod budget;
+mod reassembly;
+
+pub use budget::SENDER_OVERHEAD;
+pub(crate) use budget::{Budget, REASSEMBLY_OVERHEAD, keep_charge};
 
 use std::collections::btree_map::Entry as MapEntry;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::proto;
 use crate::stats::Stats;
 use crate::wire::DropReason;
 use crate::{Event, Incarnation, NodeId};
+
+use budget::{Held, keep};
+use reassembly::{Inserted, Reassembly};
 
 /// Most whole-message ranges one NAK carries.
 pub(crate) const MAX_NAK_RANGES: usize = 48;
@@ -28,83 +38,34 @@ pub(crate) const MAX_NAK_BYTE_RANGES: usize = 24;
 /// must not overflow, a fragment at `u64::MAX` is malformed), so `seq + 1` never overflows.
 pub(crate) const MAX_SEQ: u64 = u64::MAX - 1;
 
-/// Bytes charged for each held message or fragment chunk besides its payload: its map slot
-/// and `Bytes` handle, rounded up.
-pub(crate) const ENTRY_OVERHEAD: usize = 64;
-/// Bytes charged for each partial reassembly besides its chunks.
-pub(crate) const REASSEMBLY_OVERHEAD: usize = 128;
-/// Bytes charged for the state of each sender this endpoint keeps (member or candidate):
-/// the table slot, the stream and its indexes, rounded up.
-pub(crate) const SENDER_OVERHEAD: usize = 1024;
-
-/// The one receive memory budget of an endpoint, over every sender.
-#[derive(Debug)]
-pub(crate) struct Budget {
-    used: usize,
-    max: usize,
-}
-
-impl Budget {
-    pub(crate) fn new(max: usize) -> Budget {
-        Budget { used: 0, max }
-    }
-
-    pub(crate) fn used(&self) -> usize {
-        self.used
-    }
-
-    /// Whether `bytes` more can be charged.
-    pub(crate) fn fits(&self, bytes: usize) -> bool {
-        bytes <= self.max - self.used.min(self.max)
-    }
-
-    /// Charges `bytes` if they fit; returns whether they were charged.
-    pub(crate) fn try_charge(&mut self, bytes: usize) -> bool {
-        if !self.fits(bytes) {
-            return false;
-        }
-        self.used += bytes;
-        true
-    }
-
-    /// Gives back `bytes` charged earlier.
-    pub(crate) fn release(&mut self, bytes: usize) {
-        debug_assert!(bytes <= self.used, "released {bytes} of {}", self.used);
-        self.used = self.used.saturating_sub(bytes);
-    }
-}
-
-/// What a payload held from a datagram costs, and the payload to hold: one shorter than half
-/// of the buffer it shares (the datagram body, `shared` bytes) is copied out, so that it holds
-/// only its own bytes; a longer one keeps sharing the buffer and is charged all of it.
-fn keep(payload: Bytes, shared: usize) -> (Bytes, usize) {
-    if payload.len().saturating_mul(2) < shared {
-        let own = Bytes::copy_from_slice(&payload);
-        let charge = own.len() + ENTRY_OVERHEAD;
-        (own, charge)
-    } else {
-        let charge = shared.max(payload.len()) + ENTRY_OVERHEAD;
-        (payload, charge)
-    }
-}
-
-/// The charge [`keep`] would make, without copying.
-pub(crate) fn keep_charge(len: usize, shared: usize) -> usize {
-    if len.saturating_mul(2) < shared {
-        len + ENTRY_OVERHEAD
-    } else {
-        shared.max(len) + ENTRY_OVERHEAD
-    }
-}
-
 /// How established a stream's sender is. Members rank below candidates, older below newer;
 /// when the budget is full, the highest ranks give way first.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default)]
 pub(crate) struct Rank {
-    /// Still on probation (not a member).
-    pub(crate) candidate: bool,
+    /// Member or still on probation.
+    pub(crate) standing: Standing,
     /// When it became what it is (a counter: larger = newer).
     pub(crate) order: u64,
+}
+
+/// Whether a stream's sender is a member or on probation. Members rank below candidates.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default)]
+pub(crate) enum Standing {
+    /// Passed probation.
+    #[default]
+    Member,
+    /// Still on probation.
+    Candidate,
+}
+
+/// Whether a stream delivers what it receives.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Delivery {
+    /// In order, as it becomes contiguous.
+    Flowing,
+    /// Not yet: the sender is on probation, so every message is held, and the retention floor
+    /// heard meanwhile waits in `held_low`.
+    Held,
 }
 
 /// Where a stream puts what it produces.
@@ -123,164 +84,6 @@ pub(crate) struct Out<'a> {
 pub(crate) struct NakTimer {
     pub(crate) at: Instant,
     pub(crate) attempts: u32,
-}
-
-/// A held payload and what it is charged.
-#[derive(Debug)]
-struct Held {
-    payload: Bytes,
-    charge: usize,
-}
-
-/// What [`Reassembly::insert`] did.
-#[derive(Debug, PartialEq, Eq)]
-enum Inserted {
-    /// Every byte of the chunk was held already.
-    Duplicate,
-    /// The new bytes do not fit the budget; nothing changed.
-    NoRoom,
-    /// New bytes are held; the stream's charge changed by `+added - released`.
-    Added { added: usize, released: usize },
-}
-
-/// A fragmented message being received. Memory follows the bytes received, never the
-/// declared `total_len`: chunks are kept as they came and assembled once all are in.
-#[derive(Debug)]
-struct Reassembly {
-    total_len: u32,
-    /// Received chunks by offset, disjoint (adjacent ones are not merged).
-    chunks: BTreeMap<u32, Held>,
-    /// Bytes held (the sum of the chunks' lengths).
-    received: u32,
-    max_end: u32,
-    /// What this reassembly is charged: [`REASSEMBLY_OVERHEAD`] plus its chunks' charges.
-    charge: usize,
-    /// Chunks looked at by `insert` (a test measure of its cost).
-    #[cfg(test)]
-    visited: usize,
-}
-
-impl Reassembly {
-    fn new(total_len: u32) -> Reassembly {
-        Reassembly {
-            total_len,
-            chunks: BTreeMap::new(),
-            received: 0,
-            max_end: 0,
-            charge: REASSEMBLY_OVERHEAD,
-            #[cfg(test)]
-            visited: 0,
-        }
-    }
-
-    /// Adds the bytes `[offset, offset + chunk.len())` that are not held yet, charging them
-    /// to `budget`. O(log n + chunks it replaces): held chunks entirely inside the new one
-    /// give way to it, and it is trimmed where it overlaps its neighbours.
-    fn insert(
-        &mut self,
-        offset: u32,
-        chunk: Bytes,
-        shared: usize,
-        budget: &mut Budget,
-    ) -> Inserted {
-        // The caller checked `offset + len <= total_len <= u32::MAX`.
-        let (start, end) = (offset, offset + chunk.len() as u32);
-        let mut covered = 0u32;
-        let mut inside = Vec::new();
-        let (mut from, mut to) = (start, end);
-        for (&a, held) in self.chunks.range(..end).rev() {
-            #[cfg(test)]
-            {
-                self.visited += 1;
-            }
-            let b = a + held.payload.len() as u32;
-            if b <= start {
-                break;
-            }
-            covered += b.min(end) - a.max(start);
-            if start <= a && b <= end {
-                inside.push((a, held.charge));
-            } else if a < start {
-                from = b;
-            } else {
-                to = a;
-            }
-        }
-        if covered == end - start {
-            return Inserted::Duplicate;
-        }
-        let piece = chunk.slice((from - offset) as usize..(to - offset) as usize);
-        let charge = keep_charge(piece.len(), shared);
-        let released: usize = inside.iter().map(|(_, c)| c).sum();
-        if !budget.fits(charge.saturating_sub(released)) {
-            return Inserted::NoRoom;
-        }
-        for (a, _) in &inside {
-            if let Some(old) = self.chunks.remove(a) {
-                self.received -= old.payload.len() as u32;
-            }
-        }
-        budget.release(released);
-        let (piece, charge) = keep(piece, shared);
-        budget.try_charge(charge);
-        self.received += piece.len() as u32;
-        self.chunks.insert(
-            from,
-            Held {
-                payload: piece,
-                charge,
-            },
-        );
-        self.charge = self.charge + charge - released;
-        self.max_end = self.max_end.max(end);
-        Inserted::Added {
-            added: charge,
-            released,
-        }
-    }
-
-    fn complete(&self) -> bool {
-        self.received == self.total_len
-    }
-
-    /// The whole message and what it is charged once held as one payload.
-    fn assemble(mut self) -> (Bytes, usize) {
-        if self.chunks.len() == 1
-            && let Some((_, only)) = self.chunks.pop_first()
-        {
-            return (only.payload, only.charge);
-        }
-        let mut buf = BytesMut::with_capacity(self.total_len as usize);
-        for held in self.chunks.values() {
-            buf.extend_from_slice(&held.payload);
-        }
-        (buf.freeze(), self.total_len as usize + ENTRY_OVERHEAD)
-    }
-
-    /// Byte ranges missing below `limit`.
-    fn missing(&self, limit: u32) -> Vec<proto::ByteRange> {
-        let mut out = Vec::new();
-        let mut cursor = 0u32;
-        for (&a, held) in &self.chunks {
-            if cursor >= limit || out.len() == MAX_NAK_BYTE_RANGES {
-                break;
-            }
-            if a > cursor {
-                out.push(proto::ByteRange {
-                    offset: cursor,
-                    len: a.min(limit) - cursor,
-                });
-            }
-            cursor = cursor.max(a + held.payload.len() as u32);
-        }
-        if cursor < limit && out.len() < MAX_NAK_BYTE_RANGES {
-            out.push(proto::ByteRange {
-                offset: cursor,
-                len: limit - cursor,
-            });
-        }
-        out
-    }
 }
 
 /// What a stream is missing, ready to go in a NAK.
@@ -310,9 +113,8 @@ pub(crate) struct RecvStream {
     pub(crate) incarnation: Incarnation,
     /// How established the sender is (set by the endpoint).
     pub(crate) rank: Rank,
-    /// Deliver nothing yet (the sender is on probation): every message is held, and the
-    /// retention floor heard meanwhile waits in `held_low`.
-    hold: bool,
+    /// Flowing, or held while the sender is on probation.
+    delivery: Delivery,
     held_low: u64,
     /// Bytes charged for `buffered` and `partial`.
     held: usize,
@@ -343,7 +145,7 @@ impl RecvStream {
             node,
             incarnation,
             rank: Rank::default(),
-            hold: false,
+            delivery: Delivery::Flowing,
             held_low: 0,
             held: 0,
             start: 0,
@@ -364,7 +166,7 @@ impl RecvStream {
     pub(crate) fn held(node: NodeId, incarnation: Incarnation, rank: Rank) -> RecvStream {
         RecvStream {
             rank,
-            hold: true,
+            delivery: Delivery::Held,
             ..RecvStream::new(node, incarnation)
         }
     }
@@ -375,7 +177,7 @@ impl RecvStream {
 
     /// Whether this stream holds everything (its sender is on probation).
     pub(crate) fn holding(&self) -> bool {
-        self.hold
+        self.delivery == Delivery::Held
     }
 
     /// Bytes this stream has charged to the budget.
@@ -441,7 +243,7 @@ impl RecvStream {
 
     /// Delivers buffered messages that have become contiguous.
     fn drain(&mut self, out: &mut Out<'_>) {
-        if self.hold {
+        if self.holding() {
             return;
         }
         while let Some(entry) = self.buffered.first_entry() {
@@ -472,7 +274,7 @@ impl RecvStream {
         if let Some(r) = self.partial.remove(&seq) {
             self.unhold(r.charge, out);
         }
-        if seq == self.next_expected && !self.hold {
+        if seq == self.next_expected && !self.holding() {
             self.deliver(seq, payload, out);
             self.drain(out);
             return;
@@ -567,7 +369,7 @@ impl RecvStream {
             self.unhold(r.charge, out);
             out.stats.messages_reassembled += 1;
             let (payload, charge) = r.assemble();
-            if frag.seq == self.next_expected && !self.hold {
+            if frag.seq == self.next_expected && !self.holding() {
                 self.deliver(frag.seq, payload, out);
                 self.drain(out);
             } else {
@@ -587,7 +389,7 @@ impl RecvStream {
     /// below it and report the rest lost. While the stream holds (probation), the floor is
     /// remembered and applied on [`RecvStream::release`].
     pub(crate) fn advance_to(&mut self, low: u64, out: &mut Out<'_>) {
-        if self.hold {
+        if self.holding() {
             self.held_low = self.held_low.max(low);
             return;
         }
@@ -622,7 +424,7 @@ impl RecvStream {
     /// The sender passed probation: deliver what was held, in order, then apply the retention
     /// floor heard meanwhile.
     pub(crate) fn release(&mut self, out: &mut Out<'_>) {
-        self.hold = false;
+        self.delivery = Delivery::Flowing;
         self.drain(out);
         let low = std::mem::take(&mut self.held_low);
         self.advance_to(low, out);
@@ -631,7 +433,7 @@ impl RecvStream {
     /// The stream is over (sender left or restarted): settle everything known.
     pub(crate) fn finish(&mut self, out: &mut Out<'_>) {
         let end = self.highest_seen.max(self.sender_highest_sent);
-        if self.started() && !self.hold && end < u64::MAX {
+        if self.started() && !self.holding() && end < u64::MAX {
             self.advance_to(end + 1, out);
         }
         self.discard(out);
@@ -752,254 +554,4 @@ impl RecvStream {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::{Rng, SeedableRng};
-
-    fn out_parts() -> (VecDeque<Event>, Stats, Budget) {
-        (VecDeque::new(), Stats::default(), Budget::new(1 << 20))
-    }
-
-    #[test]
-    fn missing_lists_gaps_between_buffered() {
-        let (mut ev, mut st, mut b) = out_parts();
-        let mut out = Out {
-            events: &mut ev,
-            stats: &mut st,
-            budget: &mut b,
-            delivered: (0, 0),
-            shared: 0,
-        };
-        let mut s = RecvStream::new(NodeId(1), Incarnation(1));
-        for seq in [1, 4, 5, 8] {
-            s.on_message(seq, Bytes::from_static(b"x"), &mut out);
-        }
-        s.on_highest_sent(10);
-        let m = s.missing(0, usize::MAX);
-        let ranges: Vec<(u64, u64)> = m.ranges.iter().map(|r| (r.first, r.last)).collect();
-        assert_eq!(ranges, vec![(2, 3), (6, 7), (9, 10)]);
-        assert_eq!(out.budget.used(), 3 * (1 + ENTRY_OVERHEAD));
-        s.advance_to(7, &mut out);
-        // 2-3 lost, 4 and 5 delivered, 6 lost; 7 still missing.
-        assert_eq!(s.next_expected, 7);
-        assert_eq!(out.budget.used(), 1 + ENTRY_OVERHEAD);
-        assert_eq!(st.lost_messages, 3);
-    }
-
-    #[test]
-    fn partial_missing_respects_in_flight_tail() {
-        let (mut ev, mut st, mut b) = out_parts();
-        let mut out = Out {
-            events: &mut ev,
-            stats: &mut st,
-            budget: &mut b,
-            delivered: (0, 0),
-            shared: 0,
-        };
-        let mut s = RecvStream::new(NodeId(1), Incarnation(1));
-        let frag = |offset: u32| proto::Fragment {
-            seq: 3,
-            total_len: 100,
-            offset,
-            chunk: Bytes::from(vec![1u8; 10]),
-        };
-        s.on_fragment(&frag(0), &mut out).unwrap();
-        s.on_fragment(&frag(20), &mut out).unwrap();
-        // Only bytes 10..20 are known missing while the message is still in flight.
-        let m = s.missing(0, usize::MAX);
-        assert!(m.ranges.is_empty());
-        assert_eq!(
-            m.partial[0].missing,
-            vec![proto::ByteRange {
-                offset: 10,
-                len: 10
-            }]
-        );
-        s.on_highest_sent(3);
-        let m = s.missing(0, usize::MAX);
-        assert_eq!(
-            m.partial[0].missing,
-            vec![
-                proto::ByteRange {
-                    offset: 10,
-                    len: 10
-                },
-                proto::ByteRange {
-                    offset: 30,
-                    len: 70
-                }
-            ]
-        );
-        assert_eq!(
-            s.on_fragment(
-                &proto::Fragment {
-                    total_len: 99,
-                    ..frag(40)
-                },
-                &mut out
-            ),
-            Err(DropReason::Malformed)
-        );
-    }
-
-    fn frag(seq: u64, total_len: u32, offset: u32, chunk: &[u8]) -> proto::Fragment {
-        proto::Fragment {
-            seq,
-            total_len,
-            offset,
-            chunk: Bytes::copy_from_slice(chunk),
-        }
-    }
-
-    #[test]
-    fn reassembly_memory_follows_bytes_received_not_declared_length() {
-        let (mut ev, mut st, mut b) = out_parts();
-        let mut out = Out {
-            events: &mut ev,
-            stats: &mut st,
-            budget: &mut b,
-            delivered: (0, 0),
-            shared: 1300,
-        };
-        let mut s = RecvStream::new(NodeId(1), Incarnation(1));
-        // One 1200-byte chunk near the end of a message declared 1 MiB long.
-        let total = 1 << 20;
-        s.on_fragment(&frag(1, total, total - 1200, &[7; 1200]), &mut out)
-            .unwrap();
-        let charged = REASSEMBLY_OVERHEAD + 1300 + ENTRY_OVERHEAD;
-        assert_eq!((out.budget.used(), s.held_bytes()), (charged, charged));
-        let r = &s.partial[&1];
-        assert_eq!(r.received, 1200);
-        assert!(r.chunks.values().all(|c| c.payload.len() == 1200));
-        // A budget with no room for it refuses the first chunk of another message.
-        let mut small = Budget::new(charged + 100);
-        let mut out = Out {
-            events: &mut ev,
-            stats: &mut st,
-            budget: &mut small,
-            delivered: (0, 0),
-            shared: 1300,
-        };
-        let mut s = RecvStream::new(NodeId(2), Incarnation(1));
-        s.on_fragment(&frag(1, total, 0, &[7; 1200]), &mut out)
-            .unwrap();
-        s.on_fragment(&frag(2, total, 0, &[7; 1200]), &mut out)
-            .unwrap();
-        assert_eq!(out.stats.buffer_full, 1);
-        assert_eq!(out.budget.used(), charged);
-    }
-
-    #[test]
-    fn held_payloads_pay_for_what_they_pin() {
-        let (mut ev, mut st, mut b) = out_parts();
-        let mut out = Out {
-            events: &mut ev,
-            stats: &mut st,
-            budget: &mut b,
-            delivered: (0, 0),
-            shared: 1000,
-        };
-        let mut s = RecvStream::new(NodeId(1), Incarnation(1));
-        s.on_message(1, Bytes::from_static(b"a"), &mut out);
-        // Out of order: held. A 1-byte slice of a 1000-byte body is copied out; an empty
-        // message is not free; a 600-byte one keeps sharing its body and pays for all of it.
-        let body = Bytes::from(vec![9u8; 1000]);
-        s.on_message(3, body.slice(10..11), &mut out);
-        s.on_message(4, Bytes::new(), &mut out);
-        s.on_message(5, body.slice(0..600), &mut out);
-        let expect = (1 + ENTRY_OVERHEAD) + ENTRY_OVERHEAD + (1000 + ENTRY_OVERHEAD);
-        assert_eq!(out.budget.used(), expect);
-        assert_eq!(s.held_bytes(), expect);
-        let copied = &s.buffered[&3].payload;
-        assert!(!std::ptr::eq(copied.as_ptr(), body[10..].as_ptr()));
-        s.on_message(2, Bytes::from_static(b"b"), &mut out);
-        assert_eq!(out.budget.used(), 0);
-        assert_eq!(s.next_expected, 6);
-    }
-
-    #[test]
-    fn fragment_insert_is_not_quadratic_and_reassembles_any_overlap() {
-        // Every other byte first, backwards (the worst order for a sorted interval list),
-        // then the rest: each insert looks at O(1) neighbours.
-        let n: u32 = 20_000;
-        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
-        let mut budget = Budget::new(usize::MAX);
-        let mut r = Reassembly::new(n);
-        let mut inserts = 0;
-        for start in [0u32, 1] {
-            for i in (start..n).step_by(2).rev() {
-                let at = i as usize;
-                let piece = Bytes::copy_from_slice(&data[at..at + 1]);
-                assert!(matches!(
-                    r.insert(i, piece, 1, &mut budget),
-                    Inserted::Added { .. }
-                ));
-                inserts += 1;
-            }
-        }
-        assert!(r.complete());
-        assert!(
-            r.visited <= 3 * inserts,
-            "{} visits for {inserts}",
-            r.visited
-        );
-        assert_eq!(budget.used() + REASSEMBLY_OVERHEAD, r.charge);
-        let (whole, _) = r.assemble();
-        assert_eq!(whole.as_ref(), data.as_slice());
-
-        // Random overlapping chunks against a model; the charge always matches.
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        for _ in 0..200 {
-            let len = rng.random_range(1..400u32);
-            let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-            let mut budget = Budget::new(usize::MAX);
-            let mut r = Reassembly::new(len);
-            let mut have = vec![false; len as usize];
-            while !r.complete() {
-                let a = rng.random_range(0..len);
-                let b = rng.random_range(a + 1..=len.min(a + 40));
-                let new = have[a as usize..b as usize].iter().any(|h| !h);
-                let got = r.insert(
-                    a,
-                    Bytes::copy_from_slice(&data[a as usize..b as usize]),
-                    64,
-                    &mut budget,
-                );
-                assert_eq!(matches!(got, Inserted::Added { .. }), new);
-                assert_eq!(got == Inserted::Duplicate, !new);
-                have[a as usize..b as usize].fill(true);
-                assert_eq!(r.received as usize, have.iter().filter(|h| **h).count());
-                assert_eq!(budget.used() + REASSEMBLY_OVERHEAD, r.charge);
-            }
-            assert_eq!(r.assemble().0.as_ref(), data.as_slice());
-        }
-    }
-
-    #[test]
-    fn sequence_numbers_stop_short_of_u64_max() {
-        let (mut ev, mut st, mut b) = out_parts();
-        let mut out = Out {
-            events: &mut ev,
-            stats: &mut st,
-            budget: &mut b,
-            delivered: (0, 0),
-            shared: 0,
-        };
-        let mut s = RecvStream::new(NodeId(1), Incarnation(1));
-        s.start_at(MAX_SEQ);
-        assert_eq!(
-            s.on_fragment(&frag(u64::MAX, 1, 0, b"x"), &mut out),
-            Err(DropReason::Malformed)
-        );
-        s.on_fragment(&frag(MAX_SEQ, 1, 0, b"x"), &mut out).unwrap();
-        assert_eq!(s.next_expected, u64::MAX);
-        // Nothing can follow, and nothing is missing.
-        s.on_highest_sent(u64::MAX);
-        assert!(!s.has_gap());
-        s.on_message(MAX_SEQ, Bytes::from_static(b"y"), &mut out);
-        s.advance_to(u64::MAX, &mut out);
-        s.finish(&mut out);
-        assert_eq!(out.stats.messages_delivered, 1);
-        assert_eq!(out.stats.duplicates, 1);
-    }
-}
+mod tests;
