@@ -197,6 +197,9 @@ impl Endpoint {
         peer.stream = candidate.stream;
         match restart {
             Some(old) => {
+                // A goodbye of the old incarnation still waiting for its last data is over:
+                // that stream ends here, and its deadline must not remove the new one.
+                self.timers.cancel(Timer::Leaving(node));
                 if let Some(mut previous) = self.peers.insert(node, peer) {
                     self.end_stream(&mut previous.stream, StreamEnd::Settle);
                 }

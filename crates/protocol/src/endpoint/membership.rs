@@ -302,4 +302,43 @@ mod tests {
         ep.handle_timeout(much_later);
         assert_eq!(ep.remembered(), (0, 0));
     }
+
+    #[test]
+    fn a_restart_cancels_the_old_incarnations_pending_goodbye() {
+        let t0 = Instant::now();
+        // A wait for a leaving member's last data longer than probation (a valid config, as
+        // with slow links), so the restart is admitted while the old goodbye is pending.
+        let mut cfg = config(0, 1);
+        cfg.nak_delay_max = cfg.heartbeat_interval * 2;
+        let mut ep = Endpoint::new(cfg, t0);
+        let b = NodeId(2);
+        let half = ep.config().heartbeat_interval / 2 + Duration::from_millis(1);
+        ep.handle_datagram(t0, addr(1), &heartbeat(b, Incarnation(1), 0));
+        ep.handle_datagram(t0 + half, addr(1), &heartbeat(b, Incarnation(1), 0));
+        assert_eq!(ep.members().len(), 1);
+        // It says goodbye with data still missing here: the endpoint waits a little for it.
+        let mut now = t0 + half;
+        let goodbye = wire::encode(
+            &Header::new(CLUSTER, b, Incarnation(1)),
+            &proto::Frame {
+                kind: Some(Kind::Goodbye(proto::Goodbye { highest_sent: 3 })),
+            },
+        );
+        ep.handle_datagram(now, addr(1), &goodbye);
+        assert_eq!(ep.members().len(), 1, "waits for the missing data");
+        // Before that wait is over, it is back with a new incarnation.
+        ep.handle_datagram(now, addr(1), &heartbeat(b, Incarnation(2), 0));
+        now += half;
+        ep.handle_datagram(now, addr(1), &heartbeat(b, Incarnation(2), 0));
+        ep.handle_timeout(now);
+        assert_eq!(ep.members().len(), 1);
+        assert_eq!(ep.members()[0].incarnation, Incarnation(2));
+        // The old incarnation's wait ends: the new incarnation stays.
+        now = t0 + half + ep.config().nak_delay_max;
+        ep.handle_timeout(now);
+        let members = ep.members();
+        assert_eq!(members.len(), 1, "the restarted member was removed");
+        assert_eq!(members[0].incarnation, Incarnation(2));
+        assert_eq!(ep.stats().members_left, 0);
+    }
 }
