@@ -135,7 +135,10 @@ impl Counters {
             ("core", self.core.counters()),
             (
                 "durable",
-                self.durable.as_ref().map(DurableStats::counters).unwrap_or_default(),
+                self.durable
+                    .as_ref()
+                    .map(DurableStats::counters)
+                    .unwrap_or_default(),
             ),
             ("driver", self.driver.counters()),
             ("store", self.store.counters()),
@@ -233,12 +236,19 @@ mod tests {
             ..DurableStats::default()
         });
         let all: Vec<(String, u64)> = counters.iter().collect();
-        assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "sorted, no duplicates");
+        assert!(
+            all.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted, no duplicates"
+        );
         for (name, value) in &all {
             assert_eq!(counters.get(name), Some(*value), "{name}");
         }
         assert_eq!(counters.get("replication_local_writes"), Some(3));
-        assert_eq!(counters.get("core_clock_ahead_ms"), Some(0), "behind reads 0");
+        assert_eq!(
+            counters.get("core_clock_ahead_ms"),
+            Some(0),
+            "behind reads 0"
+        );
         assert_eq!(counters.get("core_clock_refusing"), Some(1));
         assert_eq!(counters.get("driver_send_errors"), Some(2));
         assert_eq!(counters.get("store_keys"), Some(7));
@@ -248,6 +258,10 @@ mod tests {
 
         counters.durable = None;
         assert_eq!(counters.get("durable_fsyncs"), None);
-        assert!(counters.iter().all(|(name, _)| !name.starts_with("durable_")));
+        assert!(
+            counters
+                .iter()
+                .all(|(name, _)| !name.starts_with("durable_"))
+        );
     }
 }

@@ -63,7 +63,7 @@ pub use chorus_protocol::auth::KEY_LEN;
 pub use chorus_protocol::{Key, KeyId, Keyring, KeyringError, NodeId, Stats as ProtocolStats};
 pub use chorus_replication::{
     Change, ClockCause, DurableError, DurableStats, Error as ReplicationError, Fsync, Hlc, Op,
-    ReplicaStats, Version,
+    ParseFsyncError, ReplicaStats, Version,
 };
 pub use chorus_transport::{Interface, Mode, TransportError};
 pub use counters::{CoreCounters, Counters, DriverCounters, StoreCounters};

@@ -370,16 +370,16 @@ async fn watch(
     let changes = w
         .filter_map(|change| futures_util::future::ready(change.ok()))
         .map(|change| {
-        let kind = if change.value.is_some() {
-            "put"
-        } else {
-            "delete"
-        };
-        Ok(Event::default()
-            .id(change.revision.to_string())
-            .event(kind)
-            .data(change_json(&change).to_string()))
-    });
+            let kind = if change.value.is_some() {
+                "put"
+            } else {
+                "delete"
+            };
+            Ok(Event::default()
+                .id(change.revision.to_string())
+                .event(kind)
+                .data(change_json(&change).to_string()))
+        });
     Ok(Sse::new(opening.chain(changes))
         .keep_alive(KeepAlive::default())
         .into_response())
@@ -461,11 +461,7 @@ async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
         "Local revision (changes applied by this node).",
         node.revision(),
     );
-    gauge(
-        "keys",
-        "Live keys in the local store.",
-        counters.store.keys,
-    );
+    gauge("keys", "Live keys in the local store.", counters.store.keys);
     gauge(
         "members",
         "Members known, this node included.",

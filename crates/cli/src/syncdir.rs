@@ -600,11 +600,7 @@ pub async fn run(mut dir: SyncDir, mut inputs: mpsc::Receiver<SyncInput>, hook: 
 
 /// Whether the node's store matched a live peer's: only then is a key it lacks really gone.
 fn in_sync_with_a_peer(node: &Node) -> bool {
-    node.is_in_sync()
-        && node
-            .members()
-            .iter()
-            .any(|m| m.state == MemberState::Alive)
+    node.is_in_sync() && node.members().iter().any(|m| m.state == MemberState::Alive)
 }
 
 /// A fresh read of the prefix.
