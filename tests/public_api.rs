@@ -94,6 +94,17 @@ fn figures(c: &Counters) -> u64 {
         + store.keys
 }
 
+/// Handles and watches move between tasks and sit in `select!` without pinning.
+#[test]
+fn handles_and_watches_are_send_sync_and_unpin() {
+    fn check<T: Send + Sync + Unpin + 'static>() {}
+    check::<Node>();
+    check::<NodeBuilder>();
+    check::<Watch>();
+    check::<Counters>();
+    check::<Error>();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_api_through_chorus_alone() {
     let policy: Result<Fsync, ParseFsyncError> = "always".parse();
