@@ -55,7 +55,7 @@ pub struct NodeBuilder {
     pub(crate) node_id: Option<u64>,
     pub(crate) preset: Preset,
     /// Share of received datagrams to drop and the seed choosing them (the `testing`
-    /// feature's [`inject_receive_loss`](NodeBuilder::inject_receive_loss); `None` without).
+    /// feature's `inject_receive_loss`; `None` without).
     pub(crate) receive_loss: Option<(f64, u64)>,
     pub(crate) data_dir: Option<PathBuf>,
     pub(crate) fsync: Fsync,

@@ -23,7 +23,7 @@
 //! # Cargo features
 //!
 //! - `testing` (off by default): test hooks that break a node on purpose,
-//!   [`NodeBuilder::inject_receive_loss`] and [`Node::abort`]. Tests enable it through their
+//!   `NodeBuilder::inject_receive_loss` and `Node::abort`. Tests enable it through their
 //!   dev-dependencies; a production build should not.
 //!
 //! # Examples
