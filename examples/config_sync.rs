@@ -8,7 +8,8 @@
 
 use std::time::Duration;
 
-use chorus::{Node, Op};
+use chorus::{Node, NodeId, Op};
+use futures_util::StreamExt;
 
 #[tokio::main]
 async fn main() -> Result<(), chorus::Error> {
@@ -22,7 +23,7 @@ async fn main() -> Result<(), chorus::Error> {
             .group(group)
             .interface("127.0.0.1")
             .ttl(0)
-            .node_id(id)
+            .node_id(NodeId(id))
             .start()
             .await?;
         nodes.push(node);
@@ -32,7 +33,7 @@ async fn main() -> Result<(), chorus::Error> {
     let mut watch = nodes[2].watch("app/");
     let printer = tokio::spawn(async move {
         let mut seen = 0;
-        while let Some(change) = watch.next().await {
+        while let Some(Ok(change)) = watch.next().await {
             let value = change
                 .value
                 .as_ref()

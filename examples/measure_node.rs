@@ -8,7 +8,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use chorus::{Node, Op};
+use chorus::{Node, NodeId, Op};
+use futures_util::StreamExt;
 
 async fn start(port: u16, id: u64) -> Result<Node, chorus::Error> {
     let group = SocketAddr::from(([239, 255, 93, 1], port));
@@ -17,7 +18,7 @@ async fn start(port: u16, id: u64) -> Result<Node, chorus::Error> {
         .group(group)
         .interface("127.0.0.1")
         .ttl(0)
-        .node_id(id)
+        .node_id(NodeId(id))
         .start()
         .await
 }
@@ -82,7 +83,7 @@ async fn main() -> Result<(), chorus::Error> {
         let t = Instant::now();
         a.put(format!("lat/{i}"), "v").await?;
         match tokio::time::timeout(Duration::from_secs(2), watch.next()).await {
-            Ok(Some(_)) => samples.push(t.elapsed()),
+            Ok(Some(Ok(_))) => samples.push(t.elapsed()),
             _ => break,
         }
     }

@@ -13,11 +13,23 @@
 //! (XChaCha20-Poly1305); without, run it only on a trusted network segment.
 //!
 //! What it does not do: cross-node transactions or strong (linearizable) reads; see
-//! `docs/replication.md` for what is and is not guaranteed.
+//! `docs/replication.md` for what is and is not guaranteed, and `docs/api.md` for a tour of
+//! this API.
+//!
+//! Every type a public signature uses is exported from this crate (the transport's, for
+//! implementing or choosing a transport, under [`transport`]); an application needs no other
+//! Chorus crate.
+//!
+//! # Cargo features
+//!
+//! - `testing` (off by default): test hooks that break a node on purpose,
+//!   `NodeBuilder::inject_receive_loss` and `Node::abort`. Tests enable it through their
+//!   dev-dependencies; a production build should not.
 //!
 //! # Examples
 //!
 //! ```no_run
+//! use futures_util::StreamExt;
 //! # async fn demo() -> Result<(), chorus::Error> {
 //! let node = chorus::Node::builder()
 //!     .cluster("prod-config")
@@ -28,19 +40,40 @@
 //! node.put("app/db/url", "postgres://db1/app").await?;
 //! assert!(node.get("app/db/url").is_some());
 //! let mut changes = node.watch("app/");
-//! # let _ = &mut changes;
+//! while let Some(change) = changes.next().await {
+//!     let change = change?;
+//!     println!("{} = {:?} at revision {}", change.key, change.value, change.revision);
+//! #   break;
+//! }
 //! node.shutdown().await?;
 //! # Ok(()) }
 //! ```
 
+mod builder;
+mod counters;
 mod driver;
 mod error;
+mod member;
 mod node;
 mod watch;
 
-pub use chorus_protocol::{Key, KeyId, Keyring, KeyringError};
-pub use chorus_replication::{Change, ClockCause, DurableError, Fsync, Version};
-pub use chorus_transport::{Interface, Mode};
+pub use builder::{DEFAULT_GROUP, NodeBuilder, Preset};
+pub use bytes::Bytes;
+pub use chorus_protocol::auth::KEY_LEN;
+pub use chorus_protocol::{Key, KeyId, Keyring, KeyringError, NodeId, Stats as ProtocolStats};
+pub use chorus_replication::{
+    Change, ClockCause, DurableError, DurableStats, Error as ReplicationError, Fsync, Hlc, Op,
+    ParseFsyncError, ReplicaStats, Version,
+};
+pub use chorus_transport::{Interface, Mode, TransportError};
+pub use counters::{CoreCounters, Counters, DriverCounters, StoreCounters};
 pub use error::Error;
-pub use node::{DEFAULT_GROUP, Entry, MemberInfo, Node, NodeBuilder, Op, Preset};
+pub use member::{MemberInfo, MemberState};
+pub use node::{Entry, Node};
 pub use watch::Watch;
+
+/// The datagram transports a node runs over, for [`NodeBuilder::start_with_transport`]: the
+/// [`DatagramTransport`](transport::DatagramTransport) trait, UDP sockets
+/// ([`UdpTransport`](transport::UdpTransport)) and an in-memory network for tests
+/// ([`MemoryHub`](transport::MemoryHub)). The `chorus-transport` crate, re-exported.
+pub use chorus_transport as transport;

@@ -55,7 +55,7 @@ async fn start(cluster: &str, port: u16, id: u64, dir: Option<&Path>) -> Node {
             .group(group(port))
             .interface("127.0.0.1")
             .ttl(0)
-            .node_id(id);
+            .node_id(chorus::NodeId(id));
         if let Some(dir) = dir {
             b = b.data_dir(dir).fsync(Fsync::Always);
         }
@@ -93,10 +93,7 @@ async fn converge(nodes: &[&Node], within: Duration) {
 }
 
 fn counter(node: &Node, name: &str) -> u64 {
-    node.counters()
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .map_or(0, |(_, v)| v)
+    node.counters().get(name).unwrap_or(0)
 }
 
 /// Waits for the driver's next counter snapshot (published every 100 ms).

@@ -1,11 +1,12 @@
-//! `Node`s over the in-memory transport seam (`chorus_transport::MemoryHub`): the same driver
+//! `Node`s over the in-memory transport seam (`chorus::transport::MemoryHub`): the same driver
 //! as production, with seeded loss and partitions instead of sockets.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use chorus::Node;
-use chorus_transport::{HubConfig, MemoryHub};
+use chorus::transport::{HubConfig, MemoryHub};
+use chorus::{Bytes, Error, Node, NodeId, Op};
+use futures_util::StreamExt;
 
 fn addr(i: u8) -> SocketAddr {
     SocketAddr::from(([10, 9, 0, i], 7400))
@@ -50,7 +51,7 @@ async fn nodes_converge_over_a_lossy_partitioned_memory_hub() {
         let transport = hub.endpoint(addr(i)).expect("endpoint");
         let node = Node::builder()
             .cluster("memory")
-            .node_id(u64::from(i))
+            .node_id(NodeId(u64::from(i)))
             .start_with_transport(transport)
             .await
             .expect("node starts");
@@ -111,7 +112,7 @@ async fn nodes_started_at_once_get_distinct_ids() {
     let nodes: Vec<Node> = futures_util::future::try_join_all(starts)
         .await
         .expect("nodes start");
-    let ids: std::collections::BTreeSet<u64> = nodes.iter().map(Node::node_id).collect();
+    let ids: std::collections::BTreeSet<NodeId> = nodes.iter().map(Node::node_id).collect();
     assert_eq!(ids.len(), nodes.len(), "duplicate node ids: {ids:?}");
     for node in &nodes {
         node.abort();
@@ -129,7 +130,7 @@ async fn a_writer_waits_while_a_silent_member_holds_the_window() {
         let transport = hub.endpoint(addr(i)).expect("endpoint");
         Node::builder()
             .cluster("backpressure")
-            .node_id(u64::from(i))
+            .node_id(NodeId(u64::from(i)))
             // 15 s before a silent member is declared gone: the window stays held meanwhile.
             .preset(chorus::Preset::Lossy)
             .start_with_transport(transport)
@@ -181,4 +182,48 @@ async fn a_writer_waits_while_a_silent_member_holds_the_window() {
     for node in [&a, &b] {
         node.abort();
     }
+}
+
+/// A watch whose reader stops reading while more changes than the change log keeps (100 000
+/// by default) are applied ends with `Compacted` in the stream, then `None`; resuming from
+/// its revision is refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_falls_out_of_the_change_log_ends_with_compacted_in_the_stream() {
+    let hub = MemoryHub::new(HubConfig::default()).expect("hub");
+    let node = Node::builder()
+        .cluster("compacted")
+        .node_id(NodeId(1))
+        .start_with_transport(hub.endpoint(addr(1)).expect("endpoint"))
+        .await
+        .expect("node starts");
+    let mut watch = node.watch("k/");
+    let start = watch.revision();
+    for chunk in 0..110 {
+        let ops = (0..1000)
+            .map(|i| Op::Put {
+                key: format!("k/{chunk:03}/{i:04}"),
+                value: Bytes::from_static(b"v"),
+            })
+            .collect();
+        node.batch(ops).await.expect("batch");
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        let first = watch.next().await;
+        let after = watch.next().await;
+        (first, after)
+    })
+    .await
+    .expect("the watch answers within the deadline");
+    match ended {
+        (Some(Err(Error::Compacted { requested, oldest })), None) => {
+            assert_eq!(requested, start);
+            assert!(oldest > start + 1, "oldest {oldest}");
+        }
+        other => panic!("expected Compacted and then the end, got {other:?}"),
+    }
+    assert!(matches!(
+        node.watch_from("k/", start).await,
+        Err(Error::Compacted { .. })
+    ));
+    node.shutdown().await.expect("shutdown");
 }

@@ -8,7 +8,7 @@ use chorus_transport::{
 };
 
 use crate::Error;
-use crate::node::{DEFAULT_GROUP, NodeBuilder, Preset};
+use crate::{DEFAULT_GROUP, NodeBuilder, Preset};
 
 /// Opens the real sockets the builder asks for.
 pub(crate) fn open_transport(builder: &NodeBuilder) -> Result<UdpTransport, Error> {

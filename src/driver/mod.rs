@@ -23,8 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant as TokioInstant;
 
-use crate::Error;
-use crate::node::{NodeBuilder, Op};
+use crate::{Error, NodeBuilder};
 
 /// Most datagrams taken from the socket per receive call, and sent per send call.
 const IO_BATCH: usize = 64;
@@ -116,7 +115,7 @@ pub(crate) fn spawn<T: DatagramTransport>(
         in_sync: watch::Sender::new(false),
         changes: broadcast::Sender::new(WATCH_BUFFER),
         members: Mutex::new(Vec::new()),
-        counters: Mutex::new(Vec::new()),
+        counters: Mutex::default(),
         stopped: watch::Sender::new(false),
         task: Mutex::new(None),
     });
@@ -363,22 +362,7 @@ impl<T: DatagramTransport> Driver<T> {
         let now = std::time::Instant::now();
         let closed = Error::from;
         match cmd {
-            Command::Put { key, value, reply } => {
-                let result = self.core.put(now, key, value).map_err(closed);
-                self.acks.push((reply, result));
-            }
-            Command::Delete { key, reply } => {
-                let result = self.core.delete(now, key).map_err(closed);
-                self.acks.push((reply, result));
-            }
-            Command::Batch { ops, reply } => {
-                let ops = ops
-                    .into_iter()
-                    .map(|op| match op {
-                        Op::Put { key, value } => chorus_replication::Op::Put { key, value },
-                        Op::Delete { key } => chorus_replication::Op::Delete { key },
-                    })
-                    .collect();
+            Command::Write { ops, reply } => {
                 let result = self.core.batch(now, ops).map_err(closed);
                 self.acks.push((reply, result));
             }

@@ -4,26 +4,16 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use bytes::Bytes;
 use chorus_replication::{Change, Store, Version};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::Error;
-use crate::node::{Entry, MemberInfo, Op};
+use crate::{Counters, Entry, Error, MemberInfo, Op};
 
 /// A request from a [`Node`](crate::Node) handle to its driver.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Put {
-        key: String,
-        value: Bytes,
-        reply: oneshot::Sender<Result<Version, Error>>,
-    },
-    Delete {
-        key: String,
-        reply: oneshot::Sender<Result<Version, Error>>,
-    },
-    Batch {
+    /// A put, a delete or a batch: applied atomically under one version.
+    Write {
         ops: Vec<Op>,
         reply: oneshot::Sender<Result<Version, Error>>,
     },
@@ -51,35 +41,21 @@ pub(crate) struct Shared {
     pub(crate) in_sync: watch::Sender<bool>,
     pub(crate) changes: broadcast::Sender<Change>,
     pub(super) members: Mutex<Vec<MemberInfo>>,
-    pub(super) counters: Mutex<Vec<(String, u64)>>,
+    pub(super) counters: Mutex<Counters>,
     pub(super) stopped: watch::Sender<bool>,
     pub(super) task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Shared {
     pub(crate) fn get(&self, key: &str) -> Option<Entry> {
-        let entry = self.store.get_entry(key)?;
-        Some(Entry {
-            value: entry.value?,
-            version: entry.version,
-            revision: entry.revision,
-        })
+        Entry::live(self.store.get_entry(key)?)
     }
 
     pub(crate) fn scan(&self, prefix: &str) -> Vec<(String, Entry)> {
         self.store
             .scan_entries(prefix)
             .into_iter()
-            .filter_map(|(k, e)| {
-                Some((
-                    k,
-                    Entry {
-                        value: e.value?,
-                        version: e.version,
-                        revision: e.revision,
-                    },
-                ))
-            })
+            .filter_map(|(k, e)| Some((k, Entry::live(e)?)))
             .collect()
     }
 
@@ -94,7 +70,7 @@ impl Shared {
             .clone()
     }
 
-    pub(crate) fn counters(&self) -> Vec<(String, u64)> {
+    pub(crate) fn counters(&self) -> Counters {
         self.counters
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -124,7 +100,7 @@ impl Shared {
     /// Hands `cmd` to the driver: writes on the write channel, the rest on the control one.
     pub(crate) async fn send(&self, cmd: Command) -> Result<(), Error> {
         let channel = match cmd {
-            Command::Put { .. } | Command::Delete { .. } | Command::Batch { .. } => &self.write_tx,
+            Command::Write { .. } => &self.write_tx,
             Command::ChangesSince { .. } | Command::Shutdown { .. } => &self.control_tx,
         };
         channel.send(cmd).await.map_err(|_| Error::Closed)
@@ -136,6 +112,8 @@ impl Shared {
         let _ = rx.wait_for(|s| *s).await;
     }
 
+    /// Stops the driver task at once (the `testing` feature's `Node::abort`).
+    #[cfg(feature = "testing")]
     pub(crate) fn abort(&self) {
         if let Some(handle) = self
             .task

@@ -84,7 +84,7 @@ pub fn builder(cfg: &AgentConfig) -> chorus::NodeBuilder {
         }
     }
     if let Some(id) = cfg.node_id {
-        b = b.node_id(id);
+        b = b.node_id(chorus::NodeId(id));
     }
     if let Some(max) = cfg.max_members {
         b = b.max_members(max);
@@ -142,7 +142,7 @@ async fn serve(
         tracing::warn!(http = %cfg.http, "HTTP API is reachable from the network (bearer token required)");
     }
     tracing::info!(
-        node_id = node.node_id(),
+        node_id = node.node_id().0,
         cluster = cfg.cluster,
         transport = ?cfg.transport,
         http = %cfg.http,

@@ -66,7 +66,7 @@ impl IntoResponse for ApiError {
 /// until it is given a status here; `chorus::Error` is `#[non_exhaustive]`, so its new
 /// variants fall to 500 until they get an arm of their own.
 fn status_of(e: &chorus::Error) -> StatusCode {
-    use chorus_replication::Error as R;
+    use chorus::ReplicationError as R;
     match e {
         chorus::Error::Replication(refused) => match refused {
             R::ValueTooLarge { .. } | R::WriteTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -105,8 +105,8 @@ impl From<chorus::Error> for ApiError {
                 "offset_ms": offset_ms,
                 "bound_ms": bound_ms,
                 "cause": match cause {
-                    chorus_replication::ClockCause::WallClock => "wall_clock",
-                    chorus_replication::ClockCause::History => "history",
+                    chorus::ClockCause::WallClock => "wall_clock",
+                    chorus::ClockCause::History => "history",
                 },
             })),
             _ => None,
@@ -364,17 +364,22 @@ async fn watch(
             Event::default().comment(format!("watching {prefix:?} after revision {start}")),
         )
     });
-    let changes = w.into_stream().map(|change| {
-        let kind = if change.value.is_some() {
-            "put"
-        } else {
-            "delete"
-        };
-        Ok(Event::default()
-            .id(change.revision.to_string())
-            .event(kind)
-            .data(change_json(&change).to_string()))
-    });
+    // A watch that cannot go on (it fell behind the change log) yields its error and ends:
+    // the event stream ends with it, and a client reconnecting with Last-Event-ID gets 410
+    // Gone if that revision is too old.
+    let changes = w
+        .filter_map(|change| futures_util::future::ready(change.ok()))
+        .map(|change| {
+            let kind = if change.value.is_some() {
+                "put"
+            } else {
+                "delete"
+            };
+            Ok(Event::default()
+                .id(change.revision.to_string())
+                .event(kind)
+                .data(change_json(&change).to_string()))
+        });
     Ok(Sse::new(opening.chain(changes))
         .keep_alive(KeepAlive::default())
         .into_response())
@@ -386,39 +391,31 @@ async fn members(State(node): State<Node>) -> Response {
         .into_iter()
         .map(|m| {
             json!({
-                "node_id": m.node_id,
+                "node_id": m.node_id.0,
                 "incarnation": m.incarnation,
                 "addr": m.addr.to_string(),
-                "state": m.state,
+                "state": m.state.as_str(),
                 "clock_offset_ms": m.clock_offset_ms,
             })
         })
         .collect();
-    axum::Json(json!({ "node_id": node.node_id(), "members": list })).into_response()
-}
-
-/// Live keys in the store, from the node's counter snapshot (`store_keys`, refreshed every
-/// 100 ms): a scrape costs the same for ten keys or ten million, where `scan("")` copied every
-/// key of the store to count them.
-fn key_count(counters: &[(String, u64)]) -> u64 {
-    counters
-        .iter()
-        .find(|(name, _)| name == "store_keys")
-        .map_or(0, |(_, v)| *v)
+    axum::Json(json!({ "node_id": node.node_id().0, "members": list })).into_response()
 }
 
 /// The mirror's figures, when the agent runs `--sync-dir`.
 type SyncFigures = Option<Extension<Arc<SyncStats>>>;
 
 async fn stats(State(node): State<Node>, sync: SyncFigures) -> Response {
+    // Live keys from the node's counter snapshot (refreshed every 100 ms): a scrape costs the
+    // same for ten keys or ten million, where `scan("")` copied every key to count them.
     let snapshot = node.counters();
-    let keys = key_count(&snapshot);
+    let keys = snapshot.store.keys;
     let counters: serde_json::Map<String, Value> = snapshot
-        .into_iter()
+        .iter()
         .map(|(name, v)| (name, Value::from(v)))
         .collect();
     let mut answer = json!({
-        "node_id": node.node_id(),
+        "node_id": node.node_id().0,
         "revision": node.revision(),
         "in_sync": node.is_in_sync(),
         "keys": keys,
@@ -464,11 +461,7 @@ async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
         "Local revision (changes applied by this node).",
         node.revision(),
     );
-    gauge(
-        "keys",
-        "Live keys in the local store.",
-        key_count(&counters),
-    );
+    gauge("keys", "Live keys in the local store.", counters.store.keys);
     gauge(
         "members",
         "Members known, this node included.",
@@ -488,12 +481,12 @@ async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
             let _ = writeln!(
                 text,
                 "chorus_member_clock_offset_ms{{node=\"{}\"}} {offset}",
-                m.node_id
+                m.node_id.0
             );
         }
     }
     let mut seen = std::collections::BTreeSet::new();
-    for (name, v) in counters {
+    for (name, v) in counters.iter() {
         let metric = metric_name(&name);
         if !seen.insert(metric.clone()) {
             continue;
@@ -544,7 +537,7 @@ mod tests {
         let e = chorus::Error::ClockAhead {
             offset_ms: 300_000,
             bound_ms: 59_000,
-            cause: chorus_replication::ClockCause::WallClock,
+            cause: chorus::ClockCause::WallClock,
         };
         let response = ApiError::from(e).into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -579,11 +572,11 @@ mod tests {
     /// none: counting the keys with `scan("")` copied every key (more than 800 KB here).
     #[tokio::test]
     async fn a_scrape_does_not_copy_the_store() {
-        let hub = chorus_transport::MemoryHub::new(Default::default()).unwrap();
+        let hub = chorus::transport::MemoryHub::new(Default::default()).unwrap();
         let transport = hub.endpoint("10.0.0.1:7400".parse().unwrap()).unwrap();
         let node = Node::builder()
             .cluster("scrape")
-            .node_id(1)
+            .node_id(chorus::NodeId(1))
             .start_with_transport(transport)
             .await
             .unwrap();
@@ -597,7 +590,7 @@ mod tests {
             node.batch(ops).await.unwrap();
         }
         // The counter snapshot the answers read is refreshed every 100 ms.
-        while key_count(&node.counters()) < 10_000 {
+        while node.counters().store.keys < 10_000 {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         // Neither handler awaits anything: polled once, it runs on this thread alone.

@@ -31,7 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chorus::Node;
+use chorus::{MemberState, Node};
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -599,7 +600,7 @@ pub async fn run(mut dir: SyncDir, mut inputs: mpsc::Receiver<SyncInput>, hook: 
 
 /// Whether the node's store matched a live peer's: only then is a key it lacks really gone.
 fn in_sync_with_a_peer(node: &Node) -> bool {
-    node.is_in_sync() && node.members().iter().any(|m| m.state == "alive")
+    node.is_in_sync() && node.members().iter().any(|m| m.state == MemberState::Alive)
 }
 
 /// A fresh read of the prefix.
@@ -663,7 +664,7 @@ async fn feed(
     loop {
         tokio::select! {
             change = watch.next() => match change {
-                Some(change) => {
+                Some(Ok(change)) => {
                     let input = SyncInput::Change {
                         key: change.key,
                         value: change.value,
@@ -673,10 +674,11 @@ async fn feed(
                         return;
                     }
                 }
-                None => {
-                    // No error: the node stopped. An error: the watch fell behind the change
-                    // log; a new one and a fresh read carry on from now.
-                    let Some(e) = watch.error() else { return };
+                // The node stopped.
+                None => return,
+                Some(Err(e)) => {
+                    // The watch fell behind the change log; a new one and a fresh read carry
+                    // on from now.
                     bump(&stats.resyncs);
                     tracing::warn!(error = %e, "sync-dir: the watch fell behind; re-reading the prefix");
                     watch = node.watch(prefix);
@@ -1175,11 +1177,11 @@ mod tests {
             .unwrap();
     }
 
-    async fn node_on(hub: &chorus_transport::MemoryHub, id: u8) -> Node {
+    async fn node_on(hub: &chorus::transport::MemoryHub, id: u8) -> Node {
         let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).unwrap();
         Node::builder()
             .cluster("sync-dir")
-            .node_id(u64::from(id))
+            .node_id(chorus::NodeId(u64::from(id)))
             .start_with_transport(transport)
             .await
             .unwrap()
@@ -1192,7 +1194,7 @@ mod tests {
             let mut dir = open(&tmp.0);
             put(&mut dir, "app/stale.conf", "from the last run");
         }
-        let hub = chorus_transport::MemoryHub::new(Default::default()).unwrap();
+        let hub = chorus::transport::MemoryHub::new(Default::default()).unwrap();
         let a = node_on(&hub, 1).await;
         a.put("app/new.conf", "new").await.unwrap();
         let stats = Arc::new(SyncStats::default());
@@ -1243,7 +1245,7 @@ mod tests {
         let started = tmp.0.join("hook-started");
         let flag = tmp.0.join("hold");
         std::fs::write(&flag, "").unwrap();
-        let hub = chorus_transport::MemoryHub::new(Default::default()).unwrap();
+        let hub = chorus::transport::MemoryHub::new(Default::default()).unwrap();
         let node = node_on(&hub, 1).await;
         node.put("app/first", "1").await.unwrap();
         let stats = Arc::new(SyncStats::default());
