@@ -1,7 +1,7 @@
 //! [`Agent`]: a guard for a child process that serves an HTTP API (a `chorus agent`), with
 //! its stdout and stderr in a log file; SIGKILLed when the guard drops.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,8 +11,29 @@ use tempfile::TempPath;
 /// How long [`Agent::spawn`] waits for the API to answer.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The request [`Agent::spawn`] waits for: `GET` of this path answering 200.
-pub const READY_PATH: &str = "/v1/stats";
+/// When a freshly spawned agent counts as ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ready {
+    /// `GET` of this path answers 200 (a `chorus agent`: `/v1/stats`).
+    Answers(&'static str),
+    /// Its HTTP port accepts TCP connections (an API that refuses requests without a token).
+    Listening,
+}
+
+impl Ready {
+    fn reached(self, http: SocketAddr) -> bool {
+        match self {
+            Ready::Answers(path) => matches!(
+                crate::http::try_request(http, "GET", path, &[], b""),
+                Ok((200, _))
+            ),
+            Ready::Listening => TcpStream::connect(http).is_ok(),
+        }
+    }
+}
+
+/// What a `chorus agent` answers once it runs.
+pub const AGENT_READY: Ready = Ready::Answers("/v1/stats");
 
 /// A running agent process; killed (and its log file removed) on drop unless it already
 /// exited.
@@ -27,12 +48,20 @@ pub struct Agent {
 
 impl Agent {
     /// Spawns `command` (stdin closed, stdout and stderr to a fresh log file) and waits, at
-    /// most [`READY_TIMEOUT`], until `GET` [`READY_PATH`] on `http` answers 200.
+    /// most [`READY_TIMEOUT`], until it is [`AGENT_READY`] on `http`.
     ///
     /// # Panics
     /// If the log file cannot be made, the process cannot be spawned, exits early, or its API
     /// does not answer in time; the message holds its log.
-    pub fn spawn(mut command: Command, http: SocketAddr) -> Agent {
+    pub fn spawn(command: Command, http: SocketAddr) -> Agent {
+        Agent::spawn_until(command, http, AGENT_READY)
+    }
+
+    /// [`Agent::spawn`], ready when `ready` holds.
+    ///
+    /// # Panics
+    /// As [`Agent::spawn`].
+    pub fn spawn_until(mut command: Command, http: SocketAddr, ready: Ready) -> Agent {
         let file = tempfile::Builder::new()
             .prefix("chorus-agent-")
             .suffix(".log")
@@ -55,10 +84,7 @@ impl Agent {
             if let Ok(Some(status)) = agent.child.try_wait() {
                 panic!("agent exited early ({status}):\n{}", agent.log_text());
             }
-            if matches!(
-                crate::http::try_request(http, "GET", READY_PATH, &[], b""),
-                Ok((200, _))
-            ) {
+            if ready.reached(http) {
                 return agent;
             }
             assert!(

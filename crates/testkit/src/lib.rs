@@ -27,7 +27,7 @@ pub mod net;
 
 use std::time::{Duration, Instant};
 
-pub use agent::Agent;
+pub use agent::{Agent, Ready};
 pub use tempfile::{self, TempDir};
 
 /// A fresh directory under the system temp dir named `chorus-{tag}-XXXXXX`, removed (with
