@@ -808,7 +808,10 @@ mod tests {
         assert_eq!(read(tmp.path(), "a/b.conf").as_deref(), Some("two"));
         assert!(!put(&mut dir, "other/x", "x"));
         // A name of its own, so an unrelated file next to the temp dir cannot fail the check.
-        let escape = format!("{}-escape", tmp.path().file_name().unwrap().to_string_lossy());
+        let escape = format!(
+            "{}-escape",
+            tmp.path().file_name().unwrap().to_string_lossy()
+        );
         assert!(
             dir.apply(&format!("app/../{escape}"), Some(&Bytes::from("x")))
                 .is_err()
@@ -816,7 +819,10 @@ mod tests {
         assert!(!tmp.path().parent().unwrap().join(&escape).exists());
         assert!(dir.apply("app/a/b.conf", None).unwrap());
         assert!(read(tmp.path(), "a/b.conf").is_none());
-        assert!(!tmp.path().join("a").exists(), "empty parent directory pruned");
+        assert!(
+            !tmp.path().join("a").exists(),
+            "empty parent directory pruned"
+        );
         // No temporary files left behind.
         let names: Vec<_> = std::fs::read_dir(tmp.path())
             .unwrap()
@@ -856,7 +862,11 @@ mod tests {
         let owned: Vec<&str> = dir.owned.iter().map(String::as_str).collect();
         assert_eq!(owned, ["keep", "new"]);
         // A manifest naming a path outside the directory is not trusted.
-        std::fs::write(tmp.path().join(MANIFEST), "../user.txt\n/etc/passwd\nkeep\n").unwrap();
+        std::fs::write(
+            tmp.path().join(MANIFEST),
+            "../user.txt\n/etc/passwd\nkeep\n",
+        )
+        .unwrap();
         let dir = open(tmp.path());
         assert_eq!(dir.owned.iter().collect::<Vec<_>>(), ["keep"]);
     }
@@ -951,7 +961,9 @@ mod tests {
                 let entries = present
                     .iter()
                     .map(|(k, v)| (format!("app/{k}"), Bytes::from((*v).to_owned())));
-                open(fresh.path()).reconcile(entries, Absent::Remove).unwrap();
+                open(fresh.path())
+                    .reconcile(entries, Absent::Remove)
+                    .unwrap();
                 assert_eq!(
                     tree(fresh.path()),
                     tree(tmp.path()),

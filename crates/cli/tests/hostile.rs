@@ -651,7 +651,12 @@ fn attack(attack: &'static str, plan: Plan, extra: &[&str], setup: Setup) -> Fig
 
 #[test]
 fn hostile_fragments_with_large_declared_lengths_from_fresh_ids() {
-    let figures = attack("fragments", FLOOD, &["--datagram-bytes", "1300"], Setup::Idle);
+    let figures = attack(
+        "fragments",
+        FLOOD,
+        &["--datagram-bytes", "1300"],
+        Setup::Idle,
+    );
     assert!(figures.num("ids").unwrap_or(0.0) >= 20_000.0, "{figures:?}");
     check(&figures);
 }
@@ -713,7 +718,12 @@ fn hostile_requests_at_a_low_rate_are_not_amplified() {
         rate: 20,
         count: 40,
     };
-    check(&attack("requests", trickle, &["--key", BIG_KEY], Setup::BigKey));
+    check(&attack(
+        "requests",
+        trickle,
+        &["--key", BIG_KEY],
+        Setup::BigKey,
+    ));
 }
 
 #[test]

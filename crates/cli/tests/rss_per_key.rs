@@ -115,7 +115,14 @@ fn rss_per_key_on_writer_and_receiver() {
     // One stream, delivered in order: once the receiver holds this last write it holds the
     // others (or resyncs them). Waiting with GET, not /v1/stats, whose key count copies the
     // whole store and would leave its footprint in the figures.
-    assert_eq!(put(&mut Connection::open(writer.http).unwrap(), SENTINEL, b"last"), 200);
+    assert_eq!(
+        put(
+            &mut Connection::open(writer.http).unwrap(),
+            SENTINEL,
+            b"last"
+        ),
+        200
+    );
     while http(
         receiver.http,
         "GET",

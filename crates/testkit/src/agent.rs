@@ -160,6 +160,9 @@ mod tests {
             .err()
             .and_then(|e| e.downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        assert!(err.contains("exited early") && err.contains("booting"), "{err}");
+        assert!(
+            err.contains("exited early") && err.contains("booting"),
+            "{err}"
+        );
     }
 }

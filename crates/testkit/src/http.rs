@@ -164,9 +164,10 @@ impl Connection {
             };
             let value = value.trim();
             if name.eq_ignore_ascii_case("content-length") {
-                length = Some(value.parse::<usize>().map_err(|e| {
-                    io::Error::other(format!("bad content-length {value:?}: {e}"))
-                })?);
+                length =
+                    Some(value.parse::<usize>().map_err(|e| {
+                        io::Error::other(format!("bad content-length {value:?}: {e}"))
+                    })?);
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 chunked = value.eq_ignore_ascii_case("chunked");
             }
@@ -223,7 +224,8 @@ mod tests {
     /// A server on the loopback that reads one request head per answer in `answers` and
     /// replies with it; returns its address and the heads it read.
     fn serve(answers: Vec<&'static [u8]>) -> (SocketAddr, thread::JoinHandle<Vec<String>>) {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap_or_else(|e| panic!("{e}"));
+        let listener =
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap_or_else(|e| panic!("{e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
         let handle = thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap_or_else(|e| panic!("{e}"));
@@ -237,7 +239,9 @@ mod tests {
                 let mut length = 0;
                 loop {
                     let mut line = String::new();
-                    reader.read_line(&mut line).unwrap_or_else(|e| panic!("{e}"));
+                    reader
+                        .read_line(&mut line)
+                        .unwrap_or_else(|e| panic!("{e}"));
                     if let Some(v) = line.strip_prefix("Content-Length: ") {
                         length = v.trim().parse().unwrap_or_else(|e| panic!("{e}"));
                     }
@@ -247,9 +251,14 @@ mod tests {
                     }
                 }
                 let mut body = vec![0; length];
-                reader.read_exact(&mut body).unwrap_or_else(|e| panic!("{e}"));
+                reader
+                    .read_exact(&mut body)
+                    .unwrap_or_else(|e| panic!("{e}"));
                 heads.push(head);
-                reader.get_mut().write_all(answer).unwrap_or_else(|e| panic!("{e}"));
+                reader
+                    .get_mut()
+                    .write_all(answer)
+                    .unwrap_or_else(|e| panic!("{e}"));
             }
             heads
         });
@@ -287,10 +296,15 @@ mod tests {
         let first = c.request("GET", "/x", &[("Host", "chorus.test")], b"");
         assert_eq!(first.unwrap_or_else(|e| panic!("{e}")), (204, vec![]));
         let requests = vec![("/a".to_owned(), b"1".to_vec()), ("/b".to_owned(), vec![])];
-        let answers = c.pipeline("PUT", &requests).unwrap_or_else(|e| panic!("{e}"));
+        let answers = c
+            .pipeline("PUT", &requests)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(answers, [(200, b"a".to_vec()), (200, b"b".to_vec())]);
         let heads = server.join().unwrap_or_else(|_| panic!("server panicked"));
-        assert_eq!(heads[0], "GET /x HTTP/1.1\r\nHost: chorus.test\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            heads[0],
+            "GET /x HTTP/1.1\r\nHost: chorus.test\r\nContent-Length: 0\r\n\r\n"
+        );
         assert!(heads[2].starts_with("PUT /b HTTP/1.1\r\n"), "{heads:?}");
     }
 

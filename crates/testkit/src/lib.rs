@@ -78,7 +78,10 @@ mod tests {
         let dir = temp_dir("kit");
         let path = dir.path().to_path_buf();
         assert!(path.is_dir());
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         assert!(name.starts_with("chorus-kit-"), "{name}");
         std::fs::write(path.join("f"), b"x").unwrap_or_else(|e| panic!("{e}"));
         drop(dir);
