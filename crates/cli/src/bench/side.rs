@@ -29,6 +29,19 @@ struct Side {
     seed: u64,
 }
 
+impl Side {
+    /// When a receiving side started now stops: after every expected message, once idle after
+    /// the first one, or at `--max-secs` plus the time a sender may take to show up.
+    fn receive_bounds(&self) -> Bounds {
+        Bounds {
+            expect: self.messages,
+            deadline: now_ns().saturating_add(nanos(self.max + MEMBER_WAIT)),
+            idle: Some(self.idle),
+            idle_before_first: false,
+        }
+    }
+}
+
 /// The `key=value` fields of a `RESULT` line.
 type Fields = Vec<(&'static str, String)>;
 
@@ -93,14 +106,7 @@ fn raw_receive_side(side: &Side) -> anyhow::Result<Fields> {
         "bench: READY raw receiver on {} via {}",
         side.group, side.iface
     );
-    let started = now_ns();
-    let bounds = Bounds {
-        expect: side.messages,
-        deadline: started.saturating_add(nanos(side.max + MEMBER_WAIT)),
-        idle: Some(side.idle),
-        idle_before_first: false,
-    };
-    let tally = raw::receive(&sock, side.size, bounds);
+    let tally = raw::receive(&sock, side.size, side.receive_bounds());
     Ok(receive_fields("raw", side, &tally))
 }
 
@@ -158,14 +164,7 @@ async fn chorus_receive_side(side: &Side) -> anyhow::Result<Fields> {
             side.group,
             side.iface
         );
-        let started = now_ns();
-        let bounds = Bounds {
-            expect: side.messages,
-            deadline: started.saturating_add(nanos(side.max + MEMBER_WAIT)),
-            idle: Some(side.idle),
-            idle_before_first: false,
-        };
-        let tally = super::chorus::receive(node.clone(), watch, bounds).await;
+        let tally = super::chorus::receive(node.clone(), watch, side.receive_bounds()).await;
         node.put(
             format!("bench-done/{}", node.node_id()),
             bytes::Bytes::from(tally.count.to_string()),
