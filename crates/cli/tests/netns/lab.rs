@@ -1,7 +1,7 @@
 //! The lab: a private network of node namespaces on a bridge (made by `tests/netns/lab.sh`),
-//! a `chorus agent` in each, iptables loss and partitions, HTTP to each agent from inside its
-//! namespace, store dumps and counters; dropping it kills its agents and deletes its
-//! namespaces.
+//! a `chorus agent` in each, HTTP to each agent from inside its namespace, store dumps,
+//! counters and bounded waits; dropping it kills its agents and deletes its namespaces.
+//! (What the kernel of a namespace is told, iptables and the probe tool: `kernel`.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
