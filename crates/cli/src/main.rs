@@ -76,57 +76,14 @@ fn init_tracing(agent: bool) {
         .init();
 }
 
-/// The unit tests count what each thread allocates (see `test_alloc`).
+/// The unit tests count what each thread allocates, so a test can bound what one call costs
+/// (`http` tests: a scrape must not copy the store).
 #[cfg(test)]
 #[global_allocator]
-static GLOBAL: test_alloc::Counting = test_alloc::Counting;
+static GLOBAL: chorus_testkit::alloc::Counting = chorus_testkit::alloc::Counting;
 
-/// A global allocator for the unit tests that counts the bytes each thread allocates, so a
-/// test can bound what one call costs (`http` tests: a scrape must not copy the store).
+/// The name the `http` tests read the count by.
 #[cfg(test)]
-#[allow(unsafe_code)]
 mod test_alloc {
-    use std::alloc::{GlobalAlloc, Layout, System};
-    use std::cell::Cell;
-
-    thread_local! {
-        // Const-initialised and without a destructor: reading it never allocates.
-        static ALLOCATED: Cell<u64> = const { Cell::new(0) };
-    }
-
-    fn count(bytes: usize) {
-        let _ = ALLOCATED.try_with(|a| a.set(a.get().saturating_add(bytes as u64)));
-    }
-
-    /// Bytes allocated by the calling thread since it started.
-    pub fn allocated() -> u64 {
-        ALLOCATED.try_with(Cell::get).unwrap_or(0)
-    }
-
-    /// Forwards to the system allocator, counting.
-    pub struct Counting;
-
-    // SAFETY: every call is forwarded unchanged to the system allocator; the counter has no
-    // effect on the memory handed out.
-    unsafe impl GlobalAlloc for Counting {
-        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            count(layout.size());
-            // SAFETY: same contract as the caller's.
-            unsafe { System.alloc(layout) }
-        }
-        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-            count(layout.size());
-            // SAFETY: same contract as the caller's.
-            unsafe { System.alloc_zeroed(layout) }
-        }
-        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-            // SAFETY: same contract as the caller's.
-            unsafe { System.dealloc(ptr, layout) }
-        }
-        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-            count(new_size);
-            // SAFETY: same contract as the caller's.
-            unsafe { System.realloc(ptr, layout, new_size) }
-        }
-    }
+    pub use chorus_testkit::alloc::thread_allocated_bytes as allocated;
 }

@@ -721,22 +721,6 @@ mod tests {
 
     use super::*;
 
-    /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new() -> Self {
-            let p = std::env::temp_dir()
-                .join(format!("chorus-sync-test-{:016x}", rand::random::<u64>()));
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     fn read(root: &Path, rel: &str) -> Option<String> {
         std::fs::read_to_string(root.join(rel)).ok()
     }
@@ -814,29 +798,35 @@ mod tests {
 
     #[test]
     fn apply_writes_changes_and_removes() {
-        let tmp = TempDir::new();
-        let mut dir = open(&tmp.0);
+        let tmp = chorus_testkit::temp_dir("sync-test");
+        let mut dir = open(tmp.path());
         assert!(put(&mut dir, "app/a/b.conf", "one"));
-        assert_eq!(read(&tmp.0, "a/b.conf").as_deref(), Some("one"));
+        assert_eq!(read(tmp.path(), "a/b.conf").as_deref(), Some("one"));
         assert!(
             !put(&mut dir, "app/a/b.conf", "one"),
             "same value is no change"
         );
         assert!(put(&mut dir, "app/a/b.conf", "two"));
-        assert_eq!(read(&tmp.0, "a/b.conf").as_deref(), Some("two"));
+        assert_eq!(read(tmp.path(), "a/b.conf").as_deref(), Some("two"));
         assert!(!put(&mut dir, "other/x", "x"));
         // A name of its own, so an unrelated file next to the temp dir cannot fail the check.
-        let escape = format!("{}-escape", tmp.0.file_name().unwrap().to_string_lossy());
+        let escape = format!(
+            "{}-escape",
+            tmp.path().file_name().unwrap().to_string_lossy()
+        );
         assert!(
             dir.apply(&format!("app/../{escape}"), Some(&Bytes::from("x")))
                 .is_err()
         );
-        assert!(!tmp.0.parent().unwrap().join(&escape).exists());
+        assert!(!tmp.path().parent().unwrap().join(&escape).exists());
         assert!(dir.apply("app/a/b.conf", None).unwrap());
-        assert!(read(&tmp.0, "a/b.conf").is_none());
-        assert!(!tmp.0.join("a").exists(), "empty parent directory pruned");
+        assert!(read(tmp.path(), "a/b.conf").is_none());
+        assert!(
+            !tmp.path().join("a").exists(),
+            "empty parent directory pruned"
+        );
         // No temporary files left behind.
-        let names: Vec<_> = std::fs::read_dir(&tmp.0)
+        let names: Vec<_> = std::fs::read_dir(tmp.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
@@ -845,10 +835,10 @@ mod tests {
 
     #[test]
     fn reconcile_removes_only_stale_owned_files_and_only_when_told() {
-        let tmp = TempDir::new();
-        std::fs::write(tmp.0.join("user.txt"), "mine").unwrap();
+        let tmp = chorus_testkit::temp_dir("sync-test");
+        std::fs::write(tmp.path().join("user.txt"), "mine").unwrap();
         {
-            let mut dir = open(&tmp.0);
+            let mut dir = open(tmp.path());
             put(&mut dir, "app/keep", "k");
             put(&mut dir, "app/stale", "s");
         }
@@ -860,22 +850,26 @@ mod tests {
         };
         // Restart unconfirmed: the state is written, the owned file it lacks is kept.
         let stats = Arc::new(SyncStats::default());
-        let mut dir = SyncDir::open(&tmp.0, "app/", Arc::clone(&stats)).unwrap();
+        let mut dir = SyncDir::open(tmp.path(), "app/", Arc::clone(&stats)).unwrap();
         assert_eq!(dir.reconcile(state(), Absent::Keep).unwrap(), 2);
-        assert_eq!(read(&tmp.0, "stale").as_deref(), Some("s"));
+        assert_eq!(read(tmp.path(), "stale").as_deref(), Some("s"));
         assert_eq!(figure(&stats, "kept_unconfirmed"), 1);
         // Confirmed: now it goes.
         assert_eq!(dir.reconcile(state(), Absent::Remove).unwrap(), 1);
-        assert_eq!(read(&tmp.0, "keep").as_deref(), Some("k2"));
-        assert_eq!(read(&tmp.0, "new").as_deref(), Some("n"));
-        assert!(read(&tmp.0, "stale").is_none());
-        assert_eq!(read(&tmp.0, "user.txt").as_deref(), Some("mine"));
+        assert_eq!(read(tmp.path(), "keep").as_deref(), Some("k2"));
+        assert_eq!(read(tmp.path(), "new").as_deref(), Some("n"));
+        assert!(read(tmp.path(), "stale").is_none());
+        assert_eq!(read(tmp.path(), "user.txt").as_deref(), Some("mine"));
         assert_eq!(figure(&stats, "kept_unconfirmed"), 0);
         let owned: Vec<&str> = dir.owned.iter().map(String::as_str).collect();
         assert_eq!(owned, ["keep", "new"]);
         // A manifest naming a path outside the directory is not trusted.
-        std::fs::write(tmp.0.join(MANIFEST), "../user.txt\n/etc/passwd\nkeep\n").unwrap();
-        let dir = open(&tmp.0);
+        std::fs::write(
+            tmp.path().join(MANIFEST),
+            "../user.txt\n/etc/passwd\nkeep\n",
+        )
+        .unwrap();
+        let dir = open(tmp.path());
         assert_eq!(dir.owned.iter().collect::<Vec<_>>(), ["keep"]);
     }
 
@@ -915,8 +909,8 @@ mod tests {
         let keys = ["a", "a/b", "a/b/c", "d"];
         let value = |k: &str| format!("value of {k}");
         for order in permutations(&keys) {
-            let tmp = TempDir::new();
-            let mut dir = open(&tmp.0);
+            let tmp = chorus_testkit::temp_dir("sync-test");
+            let mut dir = open(tmp.path());
             let mut present = BTreeMap::new();
             let values: Vec<String> = keys.iter().map(|k| value(k)).collect();
             for key in &order {
@@ -924,30 +918,30 @@ mod tests {
                 let i = keys.iter().position(|k| k == key).unwrap();
                 present.insert(*key, values[i].as_str());
                 assert_eq!(
-                    tree(&tmp.0),
+                    tree(tmp.path()),
                     expected(&present),
                     "after putting {order:?} up to {key}"
                 );
             }
             // The deepest key wins; the others wait.
-            assert_eq!(read(&tmp.0, "a/b/c"), Some(value("a/b/c")));
+            assert_eq!(read(tmp.path(), "a/b/c"), Some(value("a/b/c")));
             assert_eq!(figure(&dir.stats, "shadowed_keys"), 2);
             // Deleting in the reverse order brings each shadowed key back as a file.
             for key in order.iter().rev() {
                 dir.apply(&format!("app/{key}"), None).unwrap();
                 present.remove(key);
                 assert_eq!(
-                    tree(&tmp.0),
+                    tree(tmp.path()),
                     expected(&present),
                     "after deleting {key} ({order:?})"
                 );
             }
-            assert!(tree(&tmp.0).is_empty());
+            assert!(tree(tmp.path()).is_empty());
         }
         // Every deletion order after one insertion order, and a fresh reconcile agrees.
         for order in permutations(&keys) {
-            let tmp = TempDir::new();
-            let mut dir = open(&tmp.0);
+            let tmp = chorus_testkit::temp_dir("sync-test");
+            let mut dir = open(tmp.path());
             let values: Vec<String> = keys.iter().map(|k| value(k)).collect();
             let mut present: BTreeMap<&str, &str> = keys
                 .iter()
@@ -961,18 +955,20 @@ mod tests {
                 dir.apply(&format!("app/{key}"), None).unwrap();
                 present.remove(key);
                 assert_eq!(
-                    tree(&tmp.0),
+                    tree(tmp.path()),
                     expected(&present),
                     "after deleting {order:?} up to {key}"
                 );
-                let fresh = TempDir::new();
+                let fresh = chorus_testkit::temp_dir("sync-test");
                 let entries = present
                     .iter()
                     .map(|(k, v)| (format!("app/{k}"), Bytes::from((*v).to_owned())));
-                open(&fresh.0).reconcile(entries, Absent::Remove).unwrap();
+                open(fresh.path())
+                    .reconcile(entries, Absent::Remove)
+                    .unwrap();
                 assert_eq!(
-                    tree(&fresh.0),
-                    tree(&tmp.0),
+                    tree(fresh.path()),
+                    tree(tmp.path()),
                     "reconcile disagrees ({order:?})"
                 );
             }
@@ -981,30 +977,30 @@ mod tests {
 
     #[test]
     fn symlinks_planted_in_the_directory_are_never_followed() {
-        let tmp = TempDir::new();
-        let outside = TempDir::new();
-        std::fs::write(outside.0.join("secret"), "untouched").unwrap();
-        let mirror = tmp.0.join("mirror");
+        let tmp = chorus_testkit::temp_dir("sync-test");
+        let outside = chorus_testkit::temp_dir("sync-test");
+        std::fs::write(outside.path().join("secret"), "untouched").unwrap();
+        let mirror = tmp.path().join("mirror");
         let stats = Arc::new(SyncStats::default());
         let mut dir = SyncDir::open(&mirror, "app/", Arc::clone(&stats)).unwrap();
         // A directory replaced by a link to elsewhere.
-        std::os::unix::fs::symlink(&outside.0, mirror.join("evil")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), mirror.join("evil")).unwrap();
         assert!(!put(&mut dir, "app/evil/planted", "x"));
         assert!(
-            !outside.0.join("planted").exists(),
+            !outside.path().join("planted").exists(),
             "wrote through a symlinked directory"
         );
         // A file replaced by a link to a file elsewhere: neither written nor read through.
-        std::os::unix::fs::symlink(outside.0.join("secret"), mirror.join("f")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), mirror.join("f")).unwrap();
         assert!(!put(&mut dir, "app/f", "overwritten"));
-        assert_eq!(read(&outside.0, "secret").as_deref(), Some("untouched"));
+        assert_eq!(read(outside.path(), "secret").as_deref(), Some("untouched"));
         assert_eq!(figure(&stats, "errors"), 2);
         // An owned file whose directory is swapped for a link: the removal stays inside.
         assert!(put(&mut dir, "app/d/secret", "mine"));
         std::fs::remove_dir_all(mirror.join("d")).unwrap();
-        std::os::unix::fs::symlink(&outside.0, mirror.join("d")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), mirror.join("d")).unwrap();
         dir.apply("app/d/secret", None).unwrap();
-        assert_eq!(read(&outside.0, "secret").as_deref(), Some("untouched"));
+        assert_eq!(read(outside.path(), "secret").as_deref(), Some("untouched"));
         assert!(
             std::fs::symlink_metadata(mirror.join("d"))
                 .unwrap()
@@ -1013,48 +1009,48 @@ mod tests {
         // The manifest itself is not read through a link either.
         drop(dir);
         std::fs::remove_file(mirror.join(MANIFEST)).unwrap();
-        std::os::unix::fs::symlink(outside.0.join("secret"), mirror.join(MANIFEST)).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), mirror.join(MANIFEST)).unwrap();
         assert!(SyncDir::open(&mirror, "app/", Arc::default()).is_err());
     }
 
     #[test]
     fn a_rewrite_keeps_the_file_mode() {
-        let tmp = TempDir::new();
-        let mut dir = open(&tmp.0);
+        let tmp = chorus_testkit::temp_dir("sync-test");
+        let mut dir = open(tmp.path());
         put(&mut dir, "app/conf", "one");
-        let path = tmp.0.join("conf");
+        let path = tmp.path().join("conf");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         put(&mut dir, "app/conf", "two");
-        assert_eq!(read(&tmp.0, "conf").as_deref(), Some("two"));
+        assert_eq!(read(tmp.path(), "conf").as_deref(), Some("two"));
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o640);
     }
 
     #[test]
     fn a_255_byte_name_is_written() {
-        let tmp = TempDir::new();
-        let mut dir = open(&tmp.0);
+        let tmp = chorus_testkit::temp_dir("sync-test");
+        let mut dir = open(tmp.path());
         let name = "n".repeat(255);
         assert!(put(&mut dir, &format!("app/sub/{name}"), "long"));
         assert_eq!(
-            read(&tmp.0, &format!("sub/{name}")).as_deref(),
+            read(tmp.path(), &format!("sub/{name}")).as_deref(),
             Some("long")
         );
         // The manifest records it and a restart reads it back.
-        assert!(open(&tmp.0).owned.contains(&format!("sub/{name}")));
+        assert!(open(tmp.path()).owned.contains(&format!("sub/{name}")));
     }
 
     #[test]
     fn temporaries_left_by_a_crash_are_removed_at_open() {
-        let tmp = TempDir::new();
-        let mut dir = open(&tmp.0);
+        let tmp = chorus_testkit::temp_dir("sync-test");
+        let mut dir = open(tmp.path());
         put(&mut dir, "app/sub/x", "x");
         drop(dir);
-        std::fs::write(tmp.0.join(".chorus-tmp-0123456789abcdef"), "half").unwrap();
-        std::fs::write(tmp.0.join("sub/.chorus-tmp-0123456789abcdef"), "half").unwrap();
-        let _dir = open(&tmp.0);
+        std::fs::write(tmp.path().join(".chorus-tmp-0123456789abcdef"), "half").unwrap();
+        std::fs::write(tmp.path().join("sub/.chorus-tmp-0123456789abcdef"), "half").unwrap();
+        let _dir = open(tmp.path());
         assert!(
-            tree(&tmp.0)
+            tree(tmp.path())
                 .keys()
                 .all(|name| !name.contains(".chorus-tmp-"))
         );
@@ -1081,9 +1077,9 @@ mod tests {
 
     #[tokio::test]
     async fn hook_runs_once_after_changes_settle() {
-        let tmp = TempDir::new();
-        let marker = tmp.0.join("hook-count");
-        let mirror = tmp.0.join("mirror");
+        let tmp = chorus_testkit::temp_dir("sync-test");
+        let marker = tmp.path().join("hook-count");
+        let mirror = tmp.path().join("mirror");
         let stats = Arc::new(SyncStats::default());
         let dir = SyncDir::open(&mirror, "app/", Arc::clone(&stats)).unwrap();
         let (tx, rx) = mpsc::channel(16);
@@ -1139,9 +1135,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_hook_that_overruns_its_timeout_is_killed_and_the_mirror_goes_on() {
-        let tmp = TempDir::new();
-        let mirror = tmp.0.join("mirror");
-        let pid_file = tmp.0.join("pid");
+        let tmp = chorus_testkit::temp_dir("sync-test");
+        let mirror = tmp.path().join("mirror");
+        let pid_file = tmp.path().join("pid");
         let stats = Arc::new(SyncStats::default());
         let dir = SyncDir::open(&mirror, "app/", Arc::clone(&stats)).unwrap();
         let (tx, rx) = mpsc::channel(16);
@@ -1157,14 +1153,14 @@ mod tests {
         let task = tokio::spawn(run(dir, rx, hook));
         tx.send(event("app/a", Some("1"), 1)).await.unwrap();
         wait_for("the hook started", || {
-            read(&tmp.0, "pid").is_some_and(|p| p.ends_with('\n'))
+            read(tmp.path(), "pid").is_some_and(|p| p.ends_with('\n'))
         })
         .await;
         // Without the timeout the mirror would sit in the hook for a minute.
         tx.send(event("app/b", Some("2"), 2)).await.unwrap();
         wait_for("the next change", || read(&mirror, "b").is_some()).await;
         assert!(figure(&stats, "hook_timeouts") >= 1);
-        let pid = read(&tmp.0, "pid").unwrap().trim().to_owned();
+        let pid = read(tmp.path(), "pid").unwrap().trim().to_owned();
         wait_for("the hook's child was killed", || {
             std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .map_or(true, |stat| stat.split_whitespace().nth(2) == Some("Z"))
@@ -1189,9 +1185,9 @@ mod tests {
 
     #[tokio::test]
     async fn at_start_files_of_absent_keys_stay_until_the_node_is_in_sync_with_a_peer() {
-        let tmp = TempDir::new();
+        let tmp = chorus_testkit::temp_dir("sync-test");
         {
-            let mut dir = open(&tmp.0);
+            let mut dir = open(tmp.path());
             put(&mut dir, "app/stale.conf", "from the last run");
         }
         let hub = chorus::transport::MemoryHub::new(Default::default()).unwrap();
@@ -1203,15 +1199,15 @@ mod tests {
             debounce: Duration::from_millis(10),
             timeout: Duration::from_secs(60),
         };
-        let dir = SyncDir::open(&tmp.0, "app/", Arc::clone(&stats)).unwrap();
+        let dir = SyncDir::open(tmp.path(), "app/", Arc::clone(&stats)).unwrap();
         // Alone, the node calls itself in sync after 3 s; the wait for a peer gives up first.
         let mirror = tokio::spawn(mirror(a.clone(), dir, hook, Duration::from_millis(300)));
         wait_for("the local state written", || {
-            read(&tmp.0, "new.conf").is_some()
+            read(tmp.path(), "new.conf").is_some()
         })
         .await;
         assert_eq!(
-            read(&tmp.0, "stale.conf").as_deref(),
+            read(tmp.path(), "stale.conf").as_deref(),
             Some("from the last run")
         );
         assert_eq!(figure(&stats, "kept_unconfirmed"), 1);
@@ -1219,16 +1215,16 @@ mod tests {
         a.wait_in_sync(Duration::from_secs(10)).await.unwrap();
         tokio::time::sleep(2 * SYNC_POLL).await;
         assert_eq!(
-            read(&tmp.0, "stale.conf").as_deref(),
+            read(tmp.path(), "stale.conf").as_deref(),
             Some("from the last run")
         );
         // A peer arrives; once in sync with it, the absent key's file goes.
         let b = node_on(&hub, 2).await;
         wait_for("the stale file removed", || {
-            read(&tmp.0, "stale.conf").is_none()
+            read(tmp.path(), "stale.conf").is_none()
         })
         .await;
-        assert_eq!(read(&tmp.0, "new.conf").as_deref(), Some("new"));
+        assert_eq!(read(tmp.path(), "new.conf").as_deref(), Some("new"));
         assert_eq!(figure(&stats, "kept_unconfirmed"), 0);
         a.shutdown().await.unwrap();
         b.shutdown().await.unwrap();
@@ -1240,10 +1236,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_watch_that_fell_behind_the_change_log_resumes_from_a_fresh_read() {
-        let tmp = TempDir::new();
-        let mirror = tmp.0.join("mirror");
-        let started = tmp.0.join("hook-started");
-        let flag = tmp.0.join("hold");
+        let tmp = chorus_testkit::temp_dir("sync-test");
+        let mirror = tmp.path().join("mirror");
+        let started = tmp.path().join("hook-started");
+        let flag = tmp.path().join("hold");
         std::fs::write(&flag, "").unwrap();
         let hub = chorus::transport::MemoryHub::new(Default::default()).unwrap();
         let node = node_on(&hub, 1).await;

@@ -5,76 +5,29 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use chorus_testkit::http::request as http;
+use chorus_testkit::net::{free_tcp_port, random_group};
+use chorus_testkit::{Agent, temp_dir, wait_until};
 use serde_json::Value;
 
 mod common;
 
-use common::{Agent, BIN, TempDir, free_port, http, random_group, spawn_agent};
+use common::{Api, BIN, Net, local_http, spawn_agent};
 
-impl Agent {
+/// The client commands, run against an agent.
+trait Client {
     /// Runs a client command against this agent.
+    fn cli(&self, args: &[&str]) -> Output;
+}
+
+impl Client for Agent {
     fn cli(&self, args: &[&str]) -> Output {
         cli_with_stdin(args, &self.url(), None)
-    }
-
-    fn get_json(&self, path: &str) -> Value {
-        let (status, body) = http(self.http, "GET", path, &[], b"");
-        assert_eq!(
-            status,
-            200,
-            "GET {path}: {}",
-            String::from_utf8_lossy(&body)
-        );
-        serde_json::from_slice(&body).expect("JSON body")
-    }
-}
-
-/// A cluster name and loopback group no other test uses.
-struct Net {
-    cluster: String,
-    group: SocketAddr,
-}
-
-impl Net {
-    fn new() -> Self {
-        let (r, group) = random_group();
-        Self {
-            cluster: format!("test-{r:016x}"),
-            group: group.into(),
-        }
-    }
-
-    fn base_args(&self, node_id: u64, http: SocketAddr) -> Vec<String> {
-        [
-            "agent",
-            "--cluster",
-            &self.cluster,
-            "--group",
-            &self.group.to_string(),
-            "--iface",
-            "127.0.0.1",
-            "--ttl",
-            "0",
-            "--node-id",
-            &node_id.to_string(),
-            "--http",
-            &http.to_string(),
-        ]
-        .iter()
-        .map(|s| (*s).to_string())
-        .collect()
-    }
-
-    fn agent(&self, node_id: u64, extra: &[&str]) -> Agent {
-        let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let mut args = self.base_args(node_id, http);
-        args.extend(extra.iter().map(|s| (*s).to_string()));
-        spawn_agent(&args, http)
     }
 }
 
@@ -117,21 +70,6 @@ fn wait_output(mut child: Child, timeout: Duration) -> Output {
     }
 }
 
-fn http_get_status(addr: SocketAddr, path: &str) -> u16 {
-    http(addr, "GET", path, &[], b"").0
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -142,11 +80,11 @@ fn read(path: &Path) -> Option<String> {
 
 #[test]
 fn put_on_one_is_readable_on_all_and_client_commands_work() {
-    let net = Net::new();
+    let net = Net::new("test");
     // One agent from a TOML file, to cover --config.
-    let dir = TempDir::new("config");
-    let http0 = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-    let config = dir.0.join("agent.toml");
+    let dir = temp_dir("config");
+    let http0 = local_http();
+    let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
         format!(
@@ -185,7 +123,7 @@ fn put_on_one_is_readable_on_all_and_client_commands_work() {
     // Absent key: exit code 1; unreachable agent: exit code 2.
     assert_eq!(c.cli(&["get", "app/nope"]).status.code(), Some(1));
     assert_eq!(c.cli(&["del", "app/nope"]).status.code(), Some(1));
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = format!("http://127.0.0.1:{}", free_tcp_port());
     assert_eq!(
         cli_with_stdin(&["get", "x"], &dead, None).status.code(),
         Some(2)
@@ -229,7 +167,7 @@ fn put_on_one_is_readable_on_all_and_client_commands_work() {
     assert!(stats["counters"].as_object().is_some_and(|c| !c.is_empty()));
     // Health turns 200 once in sync; metrics are Prometheus text.
     wait_until("health 200", Duration::from_secs(30), || {
-        http_get_status(b.http, "/v1/health") == 200
+        b.get("/v1/health").0 == 200
     });
     let (status, metrics) = http(a.http, "GET", "/metrics", &[], b"");
     assert_eq!(status, 200);
@@ -264,10 +202,10 @@ fn put_on_one_is_readable_on_all_and_client_commands_work() {
 
 #[test]
 fn watch_streams_changes_and_resumes() {
-    let net = Net::new();
+    let net = Net::new("test");
     let a = net.agent(1, &[]);
     let b = net.agent(2, &[]);
-    let start = b.get_json("/v1/stats")["revision"].as_u64().unwrap();
+    let start = b.json("/v1/stats")["revision"].as_u64().unwrap();
     let watcher = Command::new(BIN)
         .args([
             "watch",
@@ -334,10 +272,10 @@ fn watch_streams_changes_and_resumes() {
 
 #[test]
 fn sync_dir_mirrors_files_and_runs_the_hook() {
-    let net = Net::new();
-    let dir = TempDir::new("sync");
-    let mirror = dir.0.join("etc");
-    let marker = dir.0.join("hook-runs");
+    let net = Net::new("test");
+    let dir = temp_dir("sync");
+    let mirror = dir.path().join("etc");
+    let marker = dir.path().join("hook-runs");
     std::fs::create_dir_all(&mirror).unwrap();
     std::fs::write(mirror.join("not-mine.txt"), "user file").unwrap();
     let hook = format!("echo \"$CHORUS_PREFIX\" >> '{}'", marker.display());
@@ -369,7 +307,7 @@ fn sync_dir_mirrors_files_and_runs_the_hook() {
         read(&marker).is_some_and(|t| !t.is_empty())
     });
     assert_eq!(read(&marker).unwrap().lines().next(), Some("cfg/"));
-    assert!(!dir.0.join("escape").exists() && !mirror.join("escape").exists());
+    assert!(!dir.path().join("escape").exists() && !mirror.join("escape").exists());
 
     let runs_before = read(&marker).unwrap().lines().count();
     writer.cli(&["put", "cfg/app.conf", "port = 2"]);
@@ -399,7 +337,7 @@ fn sync_dir_mirrors_files_and_runs_the_hook() {
 
 #[test]
 fn bad_http_input_gets_a_json_4xx() {
-    let net = Net::new();
+    let net = Net::new("test");
     let a = net.agent(1, &[]);
     let cases: Vec<(&str, String, Vec<u8>, u16)> = vec![
         ("GET", "/v1/kv/%FF%FE".into(), vec![], 400),
@@ -455,7 +393,7 @@ fn bad_http_input_gets_a_json_4xx() {
     assert_eq!(status, 200);
     let (status, body) = http(a.http, "GET", "/v1/kv/a/b%20c/d", &[], b"");
     assert_eq!((status, body.as_slice()), (200, b"v".as_slice()));
-    let list = a.get_json("/v1/kv?prefix=a%2Fb");
+    let list = a.json("/v1/kv?prefix=a%2Fb");
     assert_eq!(list["entries"][0]["key"], "a/b c/d");
 }
 
@@ -463,7 +401,7 @@ fn bad_http_input_gets_a_json_4xx() {
 fn an_unkeyed_agent_off_the_loopback_refuses_to_start_and_says_how_to_fix_it() {
     let (_, group) = random_group();
     let group = group.to_string();
-    let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port())).to_string();
+    let http = local_http().to_string();
     // An interface that does not exist: were the check missing, the node would fail to start
     // on it, so this test never sends a datagram either way.
     let base = [
@@ -502,27 +440,9 @@ fn an_unkeyed_agent_off_the_loopback_refuses_to_start_and_says_how_to_fix_it() {
     assert!(err.contains("no-such-if0"), "{err}");
 }
 
-/// One raw request with the given `Host` header; the status.
-fn status_with_host(addr: SocketAddr, host: &str) -> u16 {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /v1/stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {answer:?}"))
-}
-
 #[test]
 fn a_tokenless_api_answers_only_to_its_own_names() {
-    let net = Net::new();
+    let net = Net::new("test");
     let a = net.agent(1, &["--http-allow-host", "chorus.test"]);
     let port = a.http.port();
     for (host, expected) in [
@@ -534,17 +454,18 @@ fn a_tokenless_api_answers_only_to_its_own_names() {
         (format!("evil.example:{port}"), 403),
         (format!("localhost:{}", port.wrapping_add(1)), 403),
     ] {
-        assert_eq!(status_with_host(a.http, &host), expected, "Host: {host}");
+        let (status, _) = http(a.http, "GET", "/v1/stats", &[("Host", &host)], b"");
+        assert_eq!(status, expected, "Host: {host}");
     }
 }
 
 #[test]
 fn sigterm_shuts_down_gracefully_without_losing_acknowledged_writes() {
-    let net = Net::new();
+    let net = Net::new("test");
     let mut a = net.agent(1, &[]);
     let b = net.agent(2, &[]);
     wait_until("two members", Duration::from_secs(20), || {
-        a.get_json("/v1/members")["members"]
+        a.json("/v1/members")["members"]
             .as_array()
             .is_some_and(|l| l.len() == 2)
     });
@@ -576,7 +497,7 @@ fn sigterm_shuts_down_gracefully_without_losing_acknowledged_writes() {
     wait_until(
         "every acknowledged write on b",
         Duration::from_secs(20),
-        || b.get_json("/v1/kv?prefix=last/")["count"] == 20,
+        || b.json("/v1/kv?prefix=last/")["count"] == 20,
     );
 }
 

@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,49 +20,31 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Agent, TempDir, free_port, http, random_group, spawn_agent, try_http};
+use chorus_testkit::http::{request as http, try_request as try_http};
+use chorus_testkit::{Agent, TempDir, temp_dir};
+use common::{Net, local_http, spawn_agent};
 
 /// One single-node "cluster" on a loopback group no other test uses, with its data directory.
 struct Node {
-    cluster: String,
-    group: SocketAddr,
+    net: Net,
     data: TempDir,
 }
 
 impl Node {
     fn new(tag: &str) -> Self {
-        let (r, group) = random_group();
         Self {
-            cluster: format!("kill-{r:016x}"),
-            group: group.into(),
-            data: TempDir::new(tag),
+            net: Net::new("kill"),
+            data: temp_dir(tag),
         }
     }
 
     /// Starts (or restarts) the agent on the data directory, on a fresh HTTP port (so a restart
     /// never races the previous process's sockets), and waits until its HTTP API answers.
     fn start(&self) -> Agent {
-        let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let args = [
-            "agent".to_string(),
-            "--cluster".into(),
-            self.cluster.clone(),
-            "--group".into(),
-            self.group.to_string(),
-            "--iface".into(),
-            "127.0.0.1".into(),
-            "--ttl".into(),
-            "0".into(),
-            "--node-id".into(),
-            "1".into(),
-            "--http".into(),
-            http.to_string(),
-            "--data-dir".into(),
-            self.data.0.display().to_string(),
-            "--fsync".into(),
-            "always".into(),
-        ];
-        spawn_agent(&args, http)
+        let http = local_http();
+        let data = self.data.path().display().to_string();
+        let extra = ["--data-dir", &data, "--fsync", "always"];
+        spawn_agent(&self.net.args(1, http, &extra), http)
     }
 }
 
@@ -253,7 +235,7 @@ fn acknowledged_delete_survives_kill_9() {
     assert_eq!(status, 404, "deleted key came back:\n{}", agent.log_text());
     let keys: Vec<String> = list(&agent, "").into_keys().collect();
     assert_eq!(keys, ["kept"]);
-    assert_data_dir_not_empty(&node.data.0);
+    assert_data_dir_not_empty(node.data.path());
 }
 
 fn assert_data_dir_not_empty(dir: &Path) {

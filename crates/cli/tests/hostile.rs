@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,7 +38,10 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Agent, BIN, free_port, loopback_agent_args, random_group, spawn_agent_of, try_http};
+use chorus_testkit::http::try_request as try_http;
+use chorus_testkit::net::random_group;
+use chorus_testkit::{Agent, poll_until};
+use common::{BIN, Net};
 
 const TARGET: u64 = 1;
 const PEER: u64 = 2;
@@ -111,23 +114,13 @@ fn json(http: SocketAddr, path: &str) -> Option<Value> {
 }
 
 /// Waits (at most `secs`) until `f` holds.
-fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_until(secs: u64, f: impl FnMut() -> bool) -> bool {
+    poll_until(Duration::from_secs(secs), Duration::from_millis(50), f)
 }
 
 /// A target agent and its established peer on a group of their own.
 struct Lab {
-    cluster: String,
-    group: SocketAddrV4,
+    net: Net,
     target: Agent,
     peer: Agent,
 }
@@ -135,21 +128,11 @@ struct Lab {
 impl Lab {
     fn start() -> Lab {
         let started = Instant::now();
-        let (r, group) = random_group();
-        let cluster = format!("hostile-{r:016x}");
-        let agent = |id: u64| {
-            let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-            spawn_agent_of(
-                &bin(),
-                &loopback_agent_args(&cluster, group, id, http),
-                http,
-            )
-        };
+        let net = Net::new("hostile");
         let lab = Lab {
-            target: agent(TARGET),
-            peer: agent(PEER),
-            cluster,
-            group,
+            target: net.agent_of(&bin(), TARGET, &[]),
+            peer: net.agent_of(&bin(), PEER, &[]),
+            net,
         };
         let sees = |a: &Agent, other: u64| {
             json(a.http, "/v1/members").is_some_and(|m| {
@@ -477,11 +460,11 @@ fn play(
     let mut args: Vec<String> = [
         "hostile",
         "--group",
-        &lab.group.to_string(),
+        &lab.net.group.to_string(),
         "--interface",
         "127.0.0.1",
         "--cluster",
-        &lab.cluster,
+        &lab.net.cluster,
         "--target",
         &TARGET.to_string(),
         "--attack",
@@ -639,16 +622,40 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-#[test]
-fn hostile_fragments_with_large_declared_lengths_from_fresh_ids() {
+/// What runs on the lab before and during an attack.
+enum Setup {
+    /// Nothing beyond the lab's own traffic.
+    Idle,
+    /// Writes on the target during the attack: the NAK attacks need a window full of them
+    /// (the attacker, a member that acknowledges nothing, keeps it from being trimmed).
+    FillWindow,
+    /// The big key, written on the target and held by the peer before the attack.
+    BigKey,
+}
+
+/// Plays `attack` with the tool's `extra` flags against a fresh lab set up as `setup`, one
+/// test at a time.
+fn attack(attack: &'static str, plan: Plan, extra: &[&str], setup: Setup) -> Figures {
     let _one = serial();
     let lab = Lab::start();
-    let figures = play(
-        &lab,
+    let load = match setup {
+        Setup::Idle => None,
+        Setup::FillWindow => Some(window_filler(lab.target.http)),
+        Setup::BigKey => {
+            write_big_key(&lab);
+            None
+        }
+    };
+    play(&lab, attack, plan, extra, load)
+}
+
+#[test]
+fn hostile_fragments_with_large_declared_lengths_from_fresh_ids() {
+    let figures = attack(
         "fragments",
         FLOOD,
         &["--datagram-bytes", "1300"],
-        None,
+        Setup::Idle,
     );
     assert!(figures.num("ids").unwrap_or(0.0) >= 20_000.0, "{figures:?}");
     check(&figures);
@@ -656,15 +663,12 @@ fn hostile_fragments_with_large_declared_lengths_from_fresh_ids() {
 
 #[test]
 fn hostile_heartbeats_from_many_fresh_ids() {
-    let _one = serial();
-    let lab = Lab::start();
-    let figures = play(&lab, "heartbeats", FLOOD, &[], None);
+    let figures = attack("heartbeats", FLOOD, &[], Setup::Idle);
     assert!(figures.num("ids").unwrap_or(0.0) >= 20_000.0, "{figures:?}");
     check(&figures);
 }
 
-/// Writes 2 KiB values on the target in a loop: the NAK attacks need a window full of them
-/// (the attacker, a member that acknowledges nothing, keeps it from being trimmed).
+/// Writes 2 KiB values on the target in a loop ([`Setup::FillWindow`]).
 fn window_filler(http: SocketAddr) -> Box<dyn FnMut() + Send> {
     let value = vec![b'w'; 2048];
     let mut i = 0u64;
@@ -677,32 +681,14 @@ fn window_filler(http: SocketAddr) -> Box<dyn FnMut() + Send> {
 
 #[test]
 fn hostile_naks_of_thousands_of_ranges_and_partial_parts() {
-    let _one = serial();
-    let lab = Lab::start();
-    let load = window_filler(lab.target.http);
-    let figures = play(
-        &lab,
-        "naks",
-        FLOOD,
-        &["--ranges", "2000", "--partials", "8"],
-        Some(load),
-    );
-    check(&figures);
+    let extra = ["--ranges", "2000", "--partials", "8"];
+    check(&attack("naks", FLOOD, &extra, Setup::FillWindow));
 }
 
 #[test]
 fn hostile_small_naks_against_a_full_window() {
-    let _one = serial();
-    let lab = Lab::start();
-    let load = window_filler(lab.target.http);
-    let figures = play(
-        &lab,
-        "naks",
-        FLOOD,
-        &["--ranges", "1", "--partials", "0"],
-        Some(load),
-    );
-    check(&figures);
+    let extra = ["--ranges", "1", "--partials", "0"];
+    check(&attack("naks", FLOOD, &extra, Setup::FillWindow));
 }
 
 /// Writes the big key on the target and waits until the peer holds it.
@@ -720,40 +706,29 @@ fn write_big_key(lab: &Lab) {
 /// TCP handshake: a limit of this lab, not of the node; docs/security.md.)
 #[test]
 fn hostile_requests_naming_one_big_key_many_times() {
-    let _one = serial();
-    let lab = Lab::start();
-    write_big_key(&lab);
-    let figures = play(
-        &lab,
-        "requests",
-        FLOOD,
-        &["--key", BIG_KEY, "--datagram-bytes", "16000"],
-        None,
-    );
-    check(&figures);
+    let extra = ["--key", BIG_KEY, "--datagram-bytes", "16000"];
+    check(&attack("requests", FLOOD, &extra, Setup::BigKey));
 }
 
 /// The same requests at 20/s: a flood mostly overwhelms or is dropped before it is answered,
 /// where a slow trickle shows what one request costs in answers.
 #[test]
 fn hostile_requests_at_a_low_rate_are_not_amplified() {
-    let _one = serial();
-    let lab = Lab::start();
-    write_big_key(&lab);
     let trickle = Plan {
         rate: 20,
         count: 40,
     };
-    let figures = play(&lab, "requests", trickle, &["--key", BIG_KEY], None);
-    check(&figures);
+    check(&attack(
+        "requests",
+        trickle,
+        &["--key", BIG_KEY],
+        Setup::BigKey,
+    ));
 }
 
 #[test]
 fn hostile_junk_and_mutated_frames() {
-    let _one = serial();
-    let lab = Lab::start();
-    let figures = play(&lab, "junk", FLOOD, &[], None);
-    check(&figures);
+    check(&attack("junk", FLOOD, &[], Setup::Idle));
 }
 
 #[test]

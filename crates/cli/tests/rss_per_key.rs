@@ -8,15 +8,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Agent, free_port, http, loopback_agent_args, random_group, spawn_agent};
+use chorus_testkit::Agent;
+use chorus_testkit::http::{Connection, request as http};
+use common::Net;
 
 /// Keys written.
 const KEYS: usize = 200_000;
@@ -62,66 +62,19 @@ fn members(agent: &Agent) -> usize {
     v["members"].as_array().map_or(0, Vec::len)
 }
 
-/// A minimal HTTP/1.1 keep-alive client: one PUT at a time on one connection.
-struct Conn {
-    addr: SocketAddr,
-    reader: BufReader<TcpStream>,
-}
-
-impl Conn {
-    fn new(addr: SocketAddr) -> Conn {
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_nodelay(true).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        Conn {
-            addr,
-            reader: BufReader::new(s),
-        }
-    }
-
-    /// PUT `body` at `/v1/kv/{key}`; returns the status.
-    fn put(&mut self, key: &str, body: &[u8]) -> u16 {
-        let mut req = format!(
-            "PUT /v1/kv/{key} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
-            self.addr,
-            body.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(body);
-        self.reader.get_mut().write_all(&req).unwrap();
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        let status: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let mut len = 0usize;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line).unwrap();
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = l.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                len = value.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; len];
-        self.reader.read_exact(&mut body).unwrap();
-        status
-    }
+/// PUT `body` at `/v1/kv/{key}` on a keep-alive connection; returns the status.
+fn put(conn: &mut Connection, key: &str, body: &[u8]) -> u16 {
+    conn.request("PUT", &format!("/v1/kv/{key}"), &[], body)
+        .unwrap()
+        .0
 }
 
 #[test]
 #[ignore = "writes 200 000 keys; run with --release -- --ignored --nocapture"]
 fn rss_per_key_on_writer_and_receiver() {
     let start = Instant::now();
-    let (r, group) = random_group();
-    let cluster = format!("rss-{r:016x}");
-    let agent = |node: u64| {
-        let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        spawn_agent(&loopback_agent_args(&cluster, group, node, http), http)
-    };
+    let net = Net::new("rss");
+    let agent = |node: u64| net.agent(node, &[]);
     let writer = agent(1);
     let receiver = agent(2);
     while members(&writer) < 2 || members(&receiver) < 2 {
@@ -140,7 +93,7 @@ fn rss_per_key_on_writer_and_receiver() {
             let next = next.clone();
             let addr = writer.http;
             std::thread::spawn(move || {
-                let mut conn = Conn::new(addr);
+                let mut conn = Connection::open(addr).unwrap();
                 let mut value = vec![b'v'; VALUE_LEN];
                 value[0] = b'0' + t as u8;
                 loop {
@@ -148,7 +101,7 @@ fn rss_per_key_on_writer_and_receiver() {
                     if i >= KEYS || start.elapsed() > DEADLINE {
                         return;
                     }
-                    let status = conn.put(&key(i), &value);
+                    let status = put(&mut conn, &key(i), &value);
                     assert_eq!(status, 200, "PUT {}", key(i));
                 }
             })
@@ -162,7 +115,14 @@ fn rss_per_key_on_writer_and_receiver() {
     // One stream, delivered in order: once the receiver holds this last write it holds the
     // others (or resyncs them). Waiting with GET, not /v1/stats, whose key count copies the
     // whole store and would leave its footprint in the figures.
-    assert_eq!(Conn::new(writer.http).put(SENTINEL, b"last"), 200);
+    assert_eq!(
+        put(
+            &mut Connection::open(writer.http).unwrap(),
+            SENTINEL,
+            b"last"
+        ),
+        200
+    );
     while http(
         receiver.http,
         "GET",

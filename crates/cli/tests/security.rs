@@ -6,202 +6,36 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use chorus_testkit::http::request as http;
+use chorus_testkit::net::free_tcp_port;
+use chorus_testkit::{Agent, Ready, temp_dir, wait_until};
 use socket2::{Domain, Protocol, Socket, Type};
 
 mod common;
 
-use common::{BIN, TempDir, free_port, random_group};
+use common::{Api, BIN, Net, agent_command, local_http};
 
-struct Agent {
-    child: Child,
-    http: SocketAddr,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn get(&self, path: &str) -> (u16, Vec<u8>) {
-        http(self.http, "GET", path, b"")
-    }
-
-    fn json(&self, path: &str) -> Value {
-        let (status, body) = self.get(path);
-        assert_eq!(
-            status,
-            200,
-            "GET {path}: {}",
-            String::from_utf8_lossy(&body)
-        );
-        serde_json::from_slice(&body).unwrap()
-    }
-
-    fn counter(&self, name: &str) -> u64 {
-        self.json("/v1/stats")["counters"][name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no counter {name}"))
-    }
-
-    fn member_ids(&self) -> Vec<u64> {
-        let mut ids: Vec<u64> = self.json("/v1/members")["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["state"] != "self")
-            .map(|m| m["node_id"].as_u64().unwrap())
-            .collect();
-        ids.sort_unstable();
-        ids
-    }
-
-    fn value(&self, key: &str) -> Option<Vec<u8>> {
-        let (status, body) = self.get(&format!("/v1/kv/{key}"));
-        (status == 200).then_some(body)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-struct Net {
-    cluster: String,
-    group: SocketAddrV4,
-}
-
-impl Net {
-    fn new() -> Self {
-        let (r, group) = random_group();
-        Self {
-            cluster: format!("sec-{r:016x}"),
-            group,
-        }
-    }
-
-    fn args(&self, node_id: u64, http: SocketAddr, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "agent",
-            "--cluster",
-            &self.cluster,
-            "--group",
-            &self.group.to_string(),
-            "--iface",
-            "127.0.0.1",
-            "--ttl",
-            "0",
-            "--node-id",
-            &node_id.to_string(),
-            "--http",
-            &http.to_string(),
-        ]
-        .iter()
-        .map(|s| (*s).to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| (*s).to_string()));
-        args
-    }
-
-    fn agent(&self, node_id: u64, extra: &[&str]) -> Agent {
-        let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let log =
-            std::env::temp_dir().join(format!("chorus-sec-{:016x}.log", rand::random::<u64>()));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
-            .args(self.args(node_id, http, extra))
-            .env("RUST_LOG", "info")
-            .env_remove("CHORUS_KEY_FILE")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        let mut agent = Agent { child, http, log };
-        wait_until("agent answers", Duration::from_secs(20), || {
-            assert!(agent.alive(), "agent exited early:\n{}", agent.log_text());
-            TcpStream::connect(http).is_ok() && agent.get("/v1/stats").0 == 200
-        });
-        agent
-    }
-
-    /// A socket on the group (loopback only, TTL 0) that sees every datagram and can send.
-    fn raw_socket(&self) -> UdpSocket {
-        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
-        s.set_reuse_address(true).unwrap();
-        s.set_reuse_port(true).unwrap();
-        s.bind(&SocketAddr::from((*self.group.ip(), self.group.port())).into())
-            .unwrap();
-        s.join_multicast_v4(self.group.ip(), &Ipv4Addr::LOCALHOST)
-            .unwrap();
-        s.set_multicast_if_v4(&Ipv4Addr::LOCALHOST).unwrap();
-        s.set_multicast_ttl_v4(0).unwrap();
-        s.set_multicast_loop_v4(true).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        s.into()
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// One HTTP/1.0 request (the answer ends at connection close, never chunked).
-fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    http_with(addr, method, path, "", body)
-}
-
-/// [`http`] with extra header lines (each ending in `\r\n`).
-fn http_with(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &str,
-    body: &[u8],
-) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(raw.len());
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, raw.get(split + 4..).unwrap_or_default().to_vec())
+/// A socket on the group (loopback only, TTL 0) that sees every datagram and can send.
+fn raw_socket(net: &Net) -> UdpSocket {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.bind(&SocketAddr::from((*net.group.ip(), net.group.port())).into())
+        .unwrap();
+    s.join_multicast_v4(net.group.ip(), &Ipv4Addr::LOCALHOST)
+        .unwrap();
+    s.set_multicast_if_v4(&Ipv4Addr::LOCALHOST).unwrap();
+    s.set_multicast_ttl_v4(0).unwrap();
+    s.set_multicast_loop_v4(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    s.into()
 }
 
 fn keygen(path: &Path, id: u16) {
@@ -241,16 +75,16 @@ fn capture(sock: UdpSocket) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<Vec
 
 #[test]
 fn keyed_cluster_refuses_outsiders_shows_nothing_and_rejects_replays() {
-    let dir = TempDir::new("sec");
-    let key = dir.0.join("cluster.key");
-    let wrong = dir.0.join("wrong.key");
+    let dir = temp_dir("sec");
+    let key = dir.path().join("cluster.key");
+    let wrong = dir.path().join("wrong.key");
     keygen(&key, 1);
     keygen(&wrong, 1); // the same key id, another secret
     let key_arg = key.to_str().unwrap();
-    let net = Net::new();
+    let net = Net::new("sec");
 
     // A raw receiver on the group from the start.
-    let (stop, captured) = capture(net.raw_socket());
+    let (stop, captured) = capture(raw_socket(&net));
 
     let a = net.agent(1, &["--key-file", key_arg]);
     let b = net.agent(2, &["--key-file", key_arg]);
@@ -265,7 +99,7 @@ fn keyed_cluster_refuses_outsiders_shows_nothing_and_rejects_replays() {
 
     // A value known to be written.
     let secret = format!("TOPSECRET-{:016x}", rand::random::<u64>());
-    let (status, _) = http(a.http, "PUT", "/v1/kv/app/secret", secret.as_bytes());
+    let (status, _) = http(a.http, "PUT", "/v1/kv/app/secret", &[], secret.as_bytes());
     assert_eq!(status, 200);
     wait_until("B has the value", Duration::from_secs(20), || {
         b.value("app/secret").as_deref() == Some(secret.as_bytes())
@@ -280,11 +114,11 @@ fn keyed_cluster_refuses_outsiders_shows_nothing_and_rejects_replays() {
         nokey.log_text()
     );
     for (agent, key) in [(&nokey, "app/evil-plain"), (&wrongkey, "app/evil-wrong")] {
-        let (status, _) = http(agent.http, "PUT", &format!("/v1/kv/{key}"), b"pwned");
+        let (status, _) = http(agent.http, "PUT", &format!("/v1/kv/{key}"), &[], b"pwned");
         assert_eq!(status, 200);
     }
     // A raw attacker: garbage, truncated and forged headers with random key ids (bounded).
-    let attacker = net.raw_socket();
+    let attacker = raw_socket(&net);
     let to = SocketAddr::from(net.group);
     for i in 0..2_000u32 {
         let mut d: Vec<u8> = (0..(i % 200) as usize).map(|_| rand::random()).collect();
@@ -399,7 +233,7 @@ fn keyed_cluster_refuses_outsiders_shows_nothing_and_rejects_replays() {
     assert_eq!(b.value("app/secret").as_deref(), Some(secret.as_bytes()));
 
     // Still working after all that: a new write travels.
-    let (status, _) = http(b.http, "PUT", "/v1/kv/app/after", b"ok");
+    let (status, _) = http(b.http, "PUT", "/v1/kv/app/after", &[], b"ok");
     assert_eq!(status, 200);
     wait_until("A has the new value", Duration::from_secs(20), || {
         a.value("app/after").as_deref() == Some(&b"ok"[..])
@@ -408,13 +242,13 @@ fn keyed_cluster_refuses_outsiders_shows_nothing_and_rejects_replays() {
 
 #[test]
 fn readable_key_file_and_open_http_are_refused_with_the_fix() {
-    let dir = TempDir::new("sec");
-    let key = dir.0.join("k");
+    let dir = temp_dir("sec");
+    let key = dir.path().join("k");
     keygen(&key, 5);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let net = Net::new();
-    let http_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let net = Net::new("sec");
+    let http_addr = local_http();
     let out = Command::new(BIN)
         .args(net.args(1, http_addr, &[]))
         .env("CHORUS_KEY_FILE", &key)
@@ -429,7 +263,7 @@ fn readable_key_file_and_open_http_are_refused_with_the_fix() {
 
     // The HTTP API on a non-loopback address needs a token.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let open = SocketAddr::from((Ipv4Addr::UNSPECIFIED, free_port()));
+    let open = SocketAddr::from((Ipv4Addr::UNSPECIFIED, free_tcp_port()));
     let out = Command::new(BIN)
         .args(net.args(1, open, &[]))
         .env("CHORUS_KEY_FILE", &key)
@@ -441,31 +275,20 @@ fn readable_key_file_and_open_http_are_refused_with_the_fix() {
     assert!(err.contains("--http-token"), "{err}");
 
     // With a token (here on the loopback), requests without it, or with another, are refused.
-    let http_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-    let child = Command::new(BIN)
-        .args(net.args(1, http_addr, &["--key-file", key.to_str().unwrap()]))
-        .env("CHORUS_HTTP_TOKEN", "s3cret")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut agent = Agent {
-        child,
-        http: http_addr,
-        log: dir.0.join("unused.log"),
-    };
-    wait_until("agent listens", Duration::from_secs(20), || {
-        assert!(agent.alive(), "agent with a token exited early");
-        TcpStream::connect(http_addr).is_ok()
-    });
+    let http_addr = local_http();
+    let mut command = agent_command(
+        BIN,
+        &net.args(1, http_addr, &["--key-file", key.to_str().unwrap()]),
+    );
+    command.env("CHORUS_HTTP_TOKEN", "s3cret");
+    let agent = Agent::spawn_until(command, http_addr, Ready::Listening);
     assert_eq!(agent.get("/v1/stats").0, 401);
-    let wrong = "Authorization: Bearer s3crex\r\n";
-    assert_eq!(http_with(http_addr, "GET", "/v1/stats", wrong, b"").0, 401);
-    let right = "Authorization: Bearer s3cret\r\n";
-    assert_eq!(http_with(http_addr, "GET", "/v1/stats", right, b"").0, 200);
+    let wrong = [("Authorization", "Bearer s3crex")];
+    assert_eq!(http(http_addr, "GET", "/v1/stats", &wrong, b"").0, 401);
+    let right = [("Authorization", "Bearer s3cret")];
+    assert_eq!(http(http_addr, "GET", "/v1/stats", &right, b"").0, 200);
     assert_eq!(
-        http_with(http_addr, "PUT", "/v1/kv/x", "", b"v").0,
+        http(http_addr, "PUT", "/v1/kv/x", &[], b"v").0,
         401,
         "a write without the token"
     );

@@ -8,46 +8,15 @@
 //!
 //! Run: `cargo test -p chorus-protocol --release --test alloc -- --nocapture`
 
-// A global allocator is an `unsafe` trait; this wrapper only counts and forwards.
-#![allow(unsafe_code)]
-
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus_protocol::{ClusterId, Config, Endpoint, Event, Incarnation, NodeId};
-
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the counter has no effect
-// on the memory handed out.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use chorus_testkit::alloc::{Counting, allocations};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-fn allocs() -> u64 {
-    ALLOCS.load(Ordering::Relaxed)
-}
 
 fn config(node: u64) -> Config {
     let mut c = Config::lan(ClusterId(9), NodeId(node), Incarnation(1), node);
@@ -96,7 +65,7 @@ fn run(n: u64, warmup: u64, size: usize) -> Counts {
     let mut datagrams = Vec::with_capacity(256);
     while delivered < n {
         let counting = delivered >= warmup;
-        let before = allocs();
+        let before = allocations();
         // Send path: queue a burst, then build its datagrams.
         let mut burst = 0;
         while sent < n && burst < 256 && a.send(now, payloads[(sent % 64) as usize].clone()).is_ok()
@@ -107,7 +76,7 @@ fn run(n: u64, warmup: u64, size: usize) -> Counts {
         while let Some(t) = a.poll_transmit(now) {
             datagrams.push(t.payload);
         }
-        let mid = allocs();
+        let mid = allocations();
         // Receive path.
         let mut got = 0u64;
         for d in datagrams.drain(..) {
@@ -118,7 +87,7 @@ fn run(n: u64, warmup: u64, size: usize) -> Counts {
                 }
             }
         }
-        let after = allocs();
+        let after = allocations();
         if counting {
             c.send_allocs += mid - before;
             c.recv_allocs += after - mid;

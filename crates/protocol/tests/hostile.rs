@@ -6,60 +6,24 @@
 //!
 //! Only the public API is used, so the same file measures any version of the endpoint.
 
-// A global allocator is an `unsafe` trait; this wrapper only counts and forwards.
-#![allow(unsafe_code)]
-
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chorus_protocol::proto::{self, frame::Kind};
 use chorus_protocol::wire::{self, Header};
 use chorus_protocol::{ClusterId, Config, Endpoint, Event, Incarnation, NodeId};
-
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the counter has no effect
-// on the memory handed out.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use chorus_sim::forge;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: chorus_testkit::alloc::Counting = chorus_testkit::alloc::Counting;
 
 /// One measurement at a time: the counter is global.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
+    // At most a few GiB in this test: the count fits an isize.
+    chorus_testkit::alloc::live_bytes() as isize
 }
 
 const CLUSTER: ClusterId = ClusterId(13);
@@ -128,21 +92,6 @@ impl Pair {
     }
 }
 
-fn heartbeat(node: NodeId) -> Bytes {
-    let hb = proto::Heartbeat {
-        highest_sent: 0,
-        low_retained: 1,
-        delivered: vec![],
-        wall_ms: 0,
-    };
-    wire::encode(
-        &Header::new(CLUSTER, node, Incarnation(1)),
-        &proto::Frame {
-            kind: Some(Kind::Heartbeat(hb)),
-        },
-    )
-}
-
 #[test]
 fn fragments_declaring_large_messages_from_fresh_ids_stay_within_the_budget() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -188,8 +137,11 @@ fn heartbeats_from_fresh_ids_neither_join_nor_grow_memory_without_bound() {
     let mut peak = 0isize;
     for i in 0..20_000u64 {
         let now = pair.now;
-        pair.victim
-            .handle_datagram(now, addr(9), &heartbeat(NodeId(100_000 + i)));
+        pair.victim.handle_datagram(
+            now,
+            addr(9),
+            &forge::heartbeat(&Header::new(CLUSTER, NodeId(100_000 + i), Incarnation(1))),
+        );
         if i % 1_000 == 999 {
             pair.step(Duration::from_millis(20));
         }

@@ -9,48 +9,18 @@
 //!
 //! Run: `cargo test -p chorus-replication --release --test alloc -- --nocapture`
 
-// A global allocator is an `unsafe` trait; this wrapper only counts and forwards.
-#![allow(unsafe_code)]
 #![allow(clippy::unwrap_used)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus_protocol::{ClusterId, Config, Incarnation, NodeId};
 use chorus_replication::{NodeConfig, NodeCore, NodeEvent, WallClock};
-
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the counter has no effect
-// on the memory handed out.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use chorus_testkit::alloc::{Counting, allocations};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-fn allocs() -> u64 {
-    ALLOCS.load(Ordering::Relaxed)
-}
 
 fn core(node: u64, mtu: usize, t0: Instant) -> NodeCore {
     let mut p = Config::lan(ClusterId(9), NodeId(node), Incarnation(1), node);
@@ -103,7 +73,7 @@ fn run(n: usize, warmup: usize, size: usize, mtu: usize) -> Counts {
     let mut datagrams = Vec::with_capacity(1024);
     while applied < n {
         let counting = applied >= warmup;
-        let before = allocs();
+        let before = allocations();
         let mut burst = 0;
         while sent < n && burst < 256 {
             let Some(key) = keys.pop() else { break };
@@ -114,7 +84,7 @@ fn run(n: usize, warmup: usize, size: usize, mtu: usize) -> Counts {
         while let Some(t) = a.poll_transmit(now) {
             datagrams.push(t.payload);
         }
-        let mid = allocs();
+        let mid = allocations();
         let mut got = 0;
         for d in datagrams.drain(..) {
             b.handle_datagram(now, a_addr, &d);
@@ -124,7 +94,7 @@ fn run(n: usize, warmup: usize, size: usize, mtu: usize) -> Counts {
                 }
             }
         }
-        let after = allocs();
+        let after = allocations();
         if counting {
             c.send_allocs += mid - before;
             c.recv_allocs += after - mid;

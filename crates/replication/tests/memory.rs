@@ -6,15 +6,11 @@
 //!
 //! Run: `cargo test -p chorus-replication --release --test memory -- --nocapture`
 
-// A global allocator is an `unsafe` trait; this wrapper only counts and forwards.
-#![allow(unsafe_code)]
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,31 +18,8 @@ use chorus_protocol::{ClusterId, Config, Incarnation, NodeId};
 use chorus_replication::{
     Hlc, Loaded, NodeConfig, NodeCore, Replica, ReplicaConfig, Version, WallClock,
 };
+use chorus_testkit::alloc::{Counting, live_bytes};
 use common::Forgetful;
-
-struct Counting;
-
-static LIVE: AtomicI64 = AtomicI64::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the counter has no effect
-// on the memory handed out.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -63,15 +36,11 @@ const BUFFER: usize = 8192;
 const MAX_PER_KEY: i64 = 450;
 const WALL0: u64 = 1_800_000_000_000;
 
-fn live() -> i64 {
-    LIVE.load(Ordering::Relaxed)
-}
-
 /// Heap bytes freed by dropping `x`.
 fn footprint<T>(x: T) -> i64 {
-    let before = live();
+    let before = live_bytes();
     drop(x);
-    before - live()
+    before - live_bytes()
 }
 
 fn key(i: usize) -> String {

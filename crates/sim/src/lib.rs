@@ -34,6 +34,8 @@
 //! after every input it hands to a machine — the place to drain `poll_event` and record every
 //! event of every node with the time it happened.
 //!
+//! [`forge`] builds frames a hostile peer sends (for tests that flood a node with them).
+//!
 //! # What it does not do
 //!
 //! No sockets, no tokio, no threads, no wall-clock reads after the epoch, no global RNG. It does
@@ -42,6 +44,7 @@
 //! itself; the tests in `tests/` do.
 
 mod endpoint;
+pub mod forge;
 mod net;
 mod seed;
 

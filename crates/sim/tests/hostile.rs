@@ -25,7 +25,7 @@ use bytes::Bytes;
 use chorus_protocol::proto::{self, frame::Kind};
 use chorus_protocol::wire::{self, Header};
 use chorus_protocol::{Destination, Endpoint, Event, Incarnation, NodeId, Transmit};
-use chorus_sim::{LinkConfig, Machine, Sim, SimConfig, Spawn};
+use chorus_sim::{LinkConfig, Machine, Sim, SimConfig, Spawn, forge};
 use common::{Preset, node_id, pick_seed, proptest_config, replay_hint};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -110,7 +110,7 @@ impl Flooder {
         self.next = now + Duration::from_millis(1);
         if now >= self.next_squatter_heartbeat {
             self.next_squatter_heartbeat = now + Duration::from_millis(200);
-            self.push(heartbeat(header(SQUATTER)));
+            self.push(forge::heartbeat(&header(SQUATTER)));
         }
         for i in 0..PER_MS {
             let target = node_id(self.rng.random_range(0..HONEST));
@@ -124,7 +124,7 @@ impl Flooder {
                 }
                 1 => {
                     let h = self.fresh();
-                    heartbeat(h)
+                    forge::heartbeat(&h)
                 }
                 2 => {
                     let h = self.fresh();
@@ -136,7 +136,7 @@ impl Flooder {
                     let mut junk: Vec<u8> = (0..len).map(|_| self.rng.random()).collect();
                     if len > wire::HEADER_LEN && self.rng.random_bool(0.5) {
                         // A valid header in front of junk: gets past the first checks.
-                        let good = heartbeat(self.fresh());
+                        let good = forge::heartbeat(&self.fresh());
                         junk[..wire::HEADER_LEN].copy_from_slice(&good[..wire::HEADER_LEN]);
                     }
                     Bytes::from(junk)
@@ -160,21 +160,6 @@ fn cluster() -> chorus_protocol::ClusterId {
 
 fn header(node: NodeId) -> Header {
     Header::new(cluster(), node, Incarnation(1))
-}
-
-fn heartbeat(h: Header) -> Bytes {
-    let hb = proto::Heartbeat {
-        highest_sent: 0,
-        low_retained: 1,
-        delivered: vec![],
-        wall_ms: 0,
-    };
-    wire::encode(
-        &h,
-        &proto::Frame {
-            kind: Some(Kind::Heartbeat(hb)),
-        },
-    )
 }
 
 fn nak(h: Header, target: NodeId, ranges: usize) -> Bytes {

@@ -1,224 +1,147 @@
-//! Helpers shared by the end-to-end tests of the `chorus` binary: a guard for a running
-//! `chorus agent`, temporary directories, a loopback multicast group of one's own, and a
-//! minimal HTTP/1.1 client. Each test binary uses part of it.
+//! What the end-to-end tests of the `chorus` binary share beyond `chorus-testkit`: the binary
+//! under test, a cluster of one's own on loopback multicast ([`Net`]) and its agents, and the
+//! agent's HTTP API read as JSON ([`Api`]). Each test binary uses part of it.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::process::Command;
+
+use chorus_testkit::Agent;
+use chorus_testkit::http::request;
+use chorus_testkit::net::{free_tcp_port, random_group};
+use serde_json::Value;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_chorus");
 
-/// A running `chorus agent`; SIGKILLed on drop unless it already exited.
-pub struct Agent {
-    pub child: Child,
-    pub http: SocketAddr,
-    pub log: PathBuf,
+/// A loopback HTTP address on a port that was free a moment ago.
+pub fn local_http() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()))
 }
 
-impl Agent {
-    pub fn url(&self) -> String {
-        format!("http://{}", self.http)
+/// A cluster name and a loopback multicast group (TTL 0) no other test uses.
+pub struct Net {
+    pub cluster: String,
+    pub group: SocketAddrV4,
+}
+
+impl Net {
+    /// A cluster named `{tag}-{random}`.
+    pub fn new(tag: &str) -> Net {
+        let (r, group) = random_group();
+        Net {
+            cluster: format!("{tag}-{r:016x}"),
+            group,
+        }
     }
 
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+    /// The arguments of `chorus agent` as node `node` on this group (127.0.0.1, TTL 0), with
+    /// its HTTP API on `http`, then `extra`.
+    pub fn args(&self, node: u64, http: SocketAddr, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "agent",
+            "--cluster",
+            &self.cluster,
+            "--group",
+            &self.group.to_string(),
+            "--iface",
+            "127.0.0.1",
+            "--ttl",
+            "0",
+            "--node-id",
+            &node.to_string(),
+            "--http",
+            &http.to_string(),
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| (*s).to_string()));
+        args
     }
 
-    /// `kill -9`: `Child::kill` sends SIGKILL on Unix; waits until the process is gone.
-    pub fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(!status.success(), "a SIGKILLed agent cannot exit cleanly");
+    /// Starts node `node` (with `extra` arguments) on a fresh HTTP port and waits until its
+    /// API answers.
+    pub fn agent(&self, node: u64, extra: &[&str]) -> Agent {
+        self.agent_of(BIN, node, extra)
     }
-}
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-/// A directory under the system temp dir, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "chorus-cli-{tag}-{}-{:016x}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+    /// [`Net::agent`] with another `chorus` binary (e.g. a release build).
+    pub fn agent_of(&self, bin: &str, node: u64, extra: &[&str]) -> Agent {
+        let http = local_http();
+        spawn_agent_of(bin, &self.args(node, http, extra), http)
     }
 }
 
-/// A random value (for a cluster name) and a loopback multicast group derived from it that no
-/// other test uses: 239.255.x.y on a port in 20 000..50 000.
-pub fn random_group() -> (u64, SocketAddrV4) {
-    let r: u64 = rand::random();
-    let b = r.to_le_bytes();
-    let group = SocketAddrV4::new(
-        Ipv4Addr::new(239, 255, b[0], b[1].max(1)),
-        20_000 + u16::from_le_bytes([b[2], b[3]]) % 30_000,
-    );
-    (r, group)
+/// The `chorus` command with `args`, logging at `info`, never inheriting a key file from the
+/// environment the tests run in.
+pub fn agent_command(bin: &str, args: &[String]) -> Command {
+    let mut command = Command::new(bin);
+    command
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("CHORUS_KEY_FILE");
+    command
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The arguments of `chorus agent` as node `node` of `cluster` on loopback multicast group
-/// `group` (TTL 0), with its HTTP API on `http`.
-#[allow(dead_code)] // not every test binary starts agents this way
-pub fn loopback_agent_args(
-    cluster: &str,
-    group: SocketAddrV4,
-    node: u64,
-    http: SocketAddr,
-) -> Vec<String> {
-    [
-        "agent",
-        "--cluster",
-        cluster,
-        "--group",
-        &group.to_string(),
-        "--iface",
-        "127.0.0.1",
-        "--ttl",
-        "0",
-        "--node-id",
-        &node.to_string(),
-        "--http",
-        &http.to_string(),
-    ]
-    .iter()
-    .map(|s| (*s).to_string())
-    .collect()
-}
-
-/// Starts `chorus` with `args` (an `agent` command whose HTTP API listens on `http`), logging
-/// to a temp file, and waits (at most 20 s) until the API answers.
+/// Starts `chorus` with `args` (an `agent` command whose HTTP API listens on `http`) and waits
+/// until the API answers.
 pub fn spawn_agent(args: &[String], http: SocketAddr) -> Agent {
     spawn_agent_of(BIN, args, http)
 }
 
-/// [`spawn_agent`] with another `chorus` binary (e.g. a release build).
+/// [`spawn_agent`] with another `chorus` binary.
 pub fn spawn_agent_of(bin: &str, args: &[String], http: SocketAddr) -> Agent {
-    let log = std::env::temp_dir().join(format!(
-        "chorus-cli-agent-{:016x}.log",
-        rand::random::<u64>()
-    ));
-    let file = std::fs::File::create(&log).unwrap();
-    let child = Command::new(bin)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    let mut agent = Agent { child, http, log };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(status)) = agent.child.try_wait() {
-            panic!("agent exited early ({status}):\n{}", agent.log_text());
-        }
-        if matches!(try_http(http, "GET", "/v1/stats", &[], b""), Ok((200, _))) {
-            return agent;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent never answered:\n{}",
-            agent.log_text()
+    Agent::spawn(agent_command(bin, args), http)
+}
+
+/// The agent's HTTP API, read as its tests read it.
+pub trait Api {
+    /// `GET path`: status and body.
+    fn get(&self, path: &str) -> (u16, Vec<u8>);
+
+    /// `GET path` as JSON; panics unless the status is 200.
+    fn json(&self, path: &str) -> Value {
+        let (status, body) = self.get(path);
+        assert_eq!(
+            status,
+            200,
+            "GET {path}: {}",
+            String::from_utf8_lossy(&body)
         );
-        std::thread::sleep(Duration::from_millis(25));
+        serde_json::from_slice(&body).expect("JSON body")
+    }
+
+    /// Counter `name` of `/v1/stats`; panics if there is none.
+    fn counter(&self, name: &str) -> u64 {
+        self.json("/v1/stats")["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    /// Node ids of the other members, sorted.
+    fn member_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.json("/v1/members")["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["state"] != "self")
+            .map(|m| m["node_id"].as_u64().unwrap())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The value of `key`, if the agent holds it.
+    fn value(&self, key: &str) -> Option<Vec<u8>> {
+        let (status, body) = self.get(&format!("/v1/kv/{key}"));
+        (status == 200).then_some(body)
     }
 }
 
-/// One raw HTTP/1.1 request (Connection: close); returns status and body (de-chunked), or the
-/// I/O error (a writer sees those when the agent is killed under it).
-pub fn try_http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.set_nodelay(true)?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
+impl Api for Agent {
+    fn get(&self, path: &str) -> (u16, Vec<u8>) {
+        request(self.http, "GET", path, &[], b"")
     }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    // The server may answer (413) before reading a large body; a failed write is fine then.
-    let _ = s.write_all(body);
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp);
-    let head_end = resp
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("response without a complete head"))?;
-    let head = String::from_utf8_lossy(&resp[..head_end]).to_ascii_lowercase();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
-    let mut body = resp[head_end + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
-    Ok((status, body))
-}
-
-/// [`try_http`] that panics on an I/O error.
-pub fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, Vec<u8>) {
-    try_http(addr, method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
-                .unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = line_end + 2;
-        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
-        data = &data[(start + size + 2).min(data.len())..];
-    }
-    out
 }

@@ -482,6 +482,28 @@ fn message_len(rng: &mut ChaCha8Rng) -> usize {
     }
 }
 
+/// Adds a random number (in `count`) of sends, each at a random time (ms in `window`) from
+/// a random node of `0..nodes`, of a random length.
+fn random_sends(
+    rng: &mut ChaCha8Rng,
+    count: std::ops::RangeInclusive<usize>,
+    window: std::ops::RangeInclusive<u64>,
+    nodes: usize,
+    actions: &mut Vec<(Duration, Action)>,
+) {
+    for _ in 0..rng.random_range(count) {
+        let at = ms(rng, window.clone());
+        let node = rng.random_range(0..nodes);
+        actions.push((
+            at,
+            Action::Send {
+                node,
+                len: message_len(rng),
+            },
+        ));
+    }
+}
+
 fn random_link(rng: &mut ChaCha8Rng, max_loss: f64) -> LinkConfig {
     let loss = if rng.random_bool(0.2) {
         0.0
@@ -521,17 +543,7 @@ impl Scenario {
             Preset::Lan
         };
         let mut actions = Vec::new();
-        for _ in 0..rng.random_range(5..=60) {
-            let at = ms(&mut rng, 200..=5_000);
-            let node = rng.random_range(0..nodes);
-            actions.push((
-                at,
-                Action::Send {
-                    node,
-                    len: message_len(&mut rng),
-                },
-            ));
-        }
+        random_sends(&mut rng, 5..=60, 200..=5_000, nodes, &mut actions);
         for _ in 0..rng.random_range(0..=2) {
             let at = ms(&mut rng, 200..=5_000);
             let (a, b) = random_split(&mut rng, nodes);
@@ -575,17 +587,7 @@ impl Scenario {
             actions.push((at, Action::Partition { a, b }));
             actions.push((at + ms(&mut rng, 100..=2_000), Action::Heal));
         }
-        for _ in 0..rng.random_range(10..=50) {
-            let at = ms(&mut rng, 200..=6_000);
-            let node = rng.random_range(0..total);
-            actions.push((
-                at,
-                Action::Send {
-                    node,
-                    len: message_len(&mut rng),
-                },
-            ));
-        }
+        random_sends(&mut rng, 10..=50, 200..=6_000, total, &mut actions);
         actions.sort_by_key(|(at, _)| *at);
         Scenario {
             seed,
