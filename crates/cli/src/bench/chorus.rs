@@ -71,16 +71,16 @@ pub(super) async fn receive(node: chorus::Node, mut watch: chorus::Watch, bounds
     while !bounds.done(&tally, started) {
         let until = tokio_at(bounds.wake(&tally, started));
         match tokio::time::timeout_at(until, watch.next()).await {
-            Ok(Some(change)) => {
+            Ok(Some(Ok(change))) => {
                 if let Some(value) = change.value.as_deref() {
                     tally.record(value);
                 }
             }
             Ok(None) => {
-                let Some(e) = watch.error() else {
-                    tally.stop = "node-stopped";
-                    return tally;
-                };
+                tally.stop = "node-stopped";
+                return tally;
+            }
+            Ok(Some(Err(e))) => {
                 let from = watch.revision();
                 eprintln!(
                     "bench: the watch ended after {} changes ({e}); counting the changes \
@@ -100,16 +100,12 @@ pub(super) async fn receive(node: chorus::Node, mut watch: chorus::Watch, bounds
     tally
 }
 
-/// `name`'s value summed over a node's counters (`protocol_naks_sent`, ...).
-pub(super) fn counter(node: &chorus::Node, name: &str) -> u64 {
-    crate::demo::counter(&node.counters().into_iter().collect(), name)
-}
-
 /// The NAK and repair counters of `node` as `RESULT` fields.
 pub(super) fn repair_fields(node: &chorus::Node) -> [(&'static str, String); 2] {
+    let protocol = node.counters().protocol;
     [
-        ("naks_sent", counter(node, "naks_sent").to_string()),
-        ("repairs_sent", counter(node, "repairs_sent").to_string()),
+        ("naks_sent", protocol.naks_sent.to_string()),
+        ("repairs_sent", protocol.repairs_sent.to_string()),
     ]
 }
 
@@ -134,7 +130,7 @@ pub async fn measure(
             .group(SocketAddr::V4(group))
             .interface("127.0.0.1")
             .ttl(0)
-            .node_id(id);
+            .node_id(chorus::NodeId(id));
         if lossy && loss > 0.0 {
             b = b.inject_receive_loss(loss, id);
         }
@@ -182,14 +178,16 @@ pub async fn measure(
         let mut figures = Figures::from_tallies(sent, start, &tallies);
         // Counter snapshots are refreshed every 100 ms.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let sum = |name: &str| all_nodes.iter().map(|n| counter(n, name)).sum::<u64>();
+        let sum = |field: fn(&chorus::Counters) -> u64| {
+            all_nodes.iter().map(|n| field(&n.counters())).sum::<u64>()
+        };
         // Delivered = the writes each receiver's replication layer got from the protocol
         // (exactly once each). A watch can see fewer: when anti-entropy brings a key's newer
         // value first, the older in-flight writes of that key arrive stale and are not changes
         // of the store (last writer wins), so no watch reports them.
         let protocol_delivered: u64 = nodes
             .iter()
-            .map(|n| counter(n, "remote_writes").min(sent))
+            .map(|n| n.counters().replication.remote_writes.min(sent))
             .sum();
         let watched = figures.delivered;
         if protocol_delivered > watched {
@@ -200,7 +198,7 @@ pub async fn measure(
                  rest were superseded by a newer value of the same key that anti-entropy \
                  brought first: {} entries); latency is measured on what the watches saw",
                 sent * nodes.len() as u64,
-                sum("entries_received"),
+                sum(|c| c.replication.entries_received),
             );
         }
         if figures.delivered < sent * nodes.len() as u64 {
@@ -208,17 +206,17 @@ pub async fn measure(
             eprintln!(
                 "  note: not every receiver got every message (stopped by: {stops:?}); \
                  messages the protocol gave up as lost: {}",
-                sum("lost_messages"),
+                sum(|c| c.protocol.lost_messages),
             );
             if std::env::var_os("CHORUS_BENCH_DEBUG").is_some() {
                 for n in &all_nodes {
-                    let c: Vec<_> = n.counters().into_iter().filter(|(_, v)| *v > 0).collect();
-                    eprintln!("  node {}: {c:?}", n.node_id());
+                    let c: Vec<_> = n.counters().iter().filter(|(_, v)| *v > 0).collect();
+                    eprintln!("  node {}: {c:?}", n.node_id().0);
                 }
             }
         }
-        figures.repairs = Some(sum("repairs_sent"));
-        figures.naks = Some(sum("naks_sent"));
+        figures.repairs = Some(sum(|c| c.protocol.repairs_sent));
+        figures.naks = Some(sum(|c| c.protocol.naks_sent));
         Ok(figures)
     }
     .await;
@@ -247,7 +245,7 @@ pub async fn late_join(
             .group(SocketAddr::V4(group))
             .interface("127.0.0.1")
             .ttl(0)
-            .node_id(id)
+            .node_id(chorus::NodeId(id))
             .start()
     };
     let writer = start_node(1).await?;

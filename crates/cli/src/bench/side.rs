@@ -136,7 +136,7 @@ async fn side_node(side: &Side, lossy: bool) -> anyhow::Result<chorus::Node> {
         // An id from the OS-seeded generator: the builder's default derives it from the
         // clock's milliseconds and the pid, so two nodes started in the same millisecond by
         // one process (the unit test below) would get the same id.
-        .node_id(rand::random::<u64>() >> 1);
+        .node_id(chorus::NodeId(rand::random::<u64>() >> 1));
     if lossy && side.loss > 0.0 {
         b = b.inject_receive_loss(side.loss, side.seed);
     }
@@ -147,7 +147,7 @@ async fn side_node(side: &Side, lossy: bool) -> anyhow::Result<chorus::Node> {
 fn up_members(node: &chorus::Node) -> usize {
     node.members()
         .iter()
-        .filter(|m| m.state != "suspected")
+        .filter(|m| m.state != chorus::MemberState::Suspected)
         .count()
 }
 
@@ -160,13 +160,13 @@ async fn chorus_receive_side(side: &Side) -> anyhow::Result<Fields> {
         let watch = node.watch("bench/");
         eprintln!(
             "bench: READY chorus receiver node {} on {} via {}",
-            node.node_id(),
+            node.node_id().0,
             side.group,
             side.iface
         );
         let tally = super::chorus::receive(node.clone(), watch, side.receive_bounds()).await;
         node.put(
-            format!("bench-done/{}", node.node_id()),
+            format!("bench-done/{}", node.node_id().0),
             bytes::Bytes::from(tally.count.to_string()),
         )
         .await?;

@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chorus_protocol::util::random_between;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -106,10 +107,10 @@ impl LinkConfig {
     }
 
     fn one_copy(&self, rng: &mut ChaCha8Rng, payload: &Bytes) -> Copy {
-        let mut delay = self.delay + random_duration(rng, self.jitter);
+        let mut delay = self.delay + random_between(rng, Duration::ZERO, self.jitter);
         let reordered = chance(rng, self.reorder);
         if reordered {
-            delay += random_duration(rng, self.reorder_delay);
+            delay += random_between(rng, Duration::ZERO, self.reorder_delay);
         }
         let corrupted = !payload.is_empty() && chance(rng, self.corrupt);
         let payload = if corrupted {
@@ -215,15 +216,6 @@ fn chance(rng: &mut ChaCha8Rng, p: f64) -> bool {
         return false;
     }
     rng.random::<f64>() < p.min(1.0)
-}
-
-/// A uniform random duration in `[0, max]`.
-fn random_duration(rng: &mut ChaCha8Rng, max: Duration) -> Duration {
-    if max.is_zero() {
-        return Duration::ZERO;
-    }
-    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(rng.random_range(0..=nanos))
 }
 
 /// Flips 1–3 random bits, or truncates to a random shorter length. `payload` is non-empty.

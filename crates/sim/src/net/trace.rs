@@ -4,6 +4,8 @@
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
+use chorus_protocol::util::{FNV1A_64_OFFSET, Fnv1a, fnv1a_64};
+
 /// One entry of the optional trace ([`SimConfig::record_trace`](crate::SimConfig::record_trace)).
 /// Times are virtual time since the epoch, so traces of two runs compare equal exactly when the
 /// runs behaved the same.
@@ -104,13 +106,14 @@ impl Recorder {
     pub(super) fn new(keep: Keep) -> Recorder {
         Recorder {
             keep,
-            digest: FNV_OFFSET,
+            digest: FNV1A_64_OFFSET,
             events: Vec::new(),
         }
     }
 
     pub(super) fn record(&mut self, event: TraceEvent) {
-        let mut hasher = Fnv(self.digest);
+        // FNV-1a as a `Hasher`, so the digest never depends on std's randomly keyed hasher.
+        let mut hasher = Fnv1a::with_state(self.digest);
         event.hash(&mut hasher);
         self.digest = hasher.finish();
         if self.keep == Keep::Trace {
@@ -129,28 +132,5 @@ impl Recorder {
 
 /// The FNV-1a hash of `bytes` (as in [`TraceEvent::Sent`]).
 pub(super) fn payload_hash(bytes: &[u8]) -> u64 {
-    fnv1a(FNV_OFFSET, bytes)
-}
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-/// FNV-1a as a `Hasher`, so the digest never depends on std's randomly keyed hasher.
-struct Fnv(u64);
-
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        self.0 = fnv1a(self.0, bytes);
-    }
-}
-
-fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
+    fnv1a_64(bytes)
 }
