@@ -594,18 +594,18 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         // Neither handler awaits anything: polled once, it runs on this thread alone.
-        let before = crate::test_alloc::allocated();
+        let before = chorus_testkit::alloc::thread_allocated_bytes();
         let answer = stats(State(node.clone()), None).await;
-        let stats_cost = crate::test_alloc::allocated() - before;
+        let stats_cost = chorus_testkit::alloc::thread_allocated_bytes() - before;
         let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
             .await
             .unwrap();
         let json: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["keys"], 10_000);
 
-        let before = crate::test_alloc::allocated();
+        let before = chorus_testkit::alloc::thread_allocated_bytes();
         let answer = metrics(State(node.clone()), None).await;
-        let metrics_cost = crate::test_alloc::allocated() - before;
+        let metrics_cost = chorus_testkit::alloc::thread_allocated_bytes() - before;
         let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
             .await
             .unwrap();

@@ -81,9 +81,3 @@ fn init_tracing(agent: bool) {
 #[cfg(test)]
 #[global_allocator]
 static GLOBAL: chorus_testkit::alloc::Counting = chorus_testkit::alloc::Counting;
-
-/// The name the `http` tests read the count by.
-#[cfg(test)]
-mod test_alloc {
-    pub use chorus_testkit::alloc::thread_allocated_bytes as allocated;
-}
