@@ -1,21 +1,19 @@
 //! Several `Node`s in one process over real loopback multicast (127.0.0.1, TTL 0).
 //!
-//! Each test uses its own group port so tests can run in parallel. Every wait is bounded.
+//! Each test uses a loopback group of its own (`chorus_testkit::net::random_group`) so tests
+//! can run in parallel. Every wait is bounded.
 
-use std::net::SocketAddr;
+use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
 use chorus::{Node, NodeId, Op};
+use chorus_testkit::net::random_group;
 use futures_util::StreamExt;
 
-fn group(port: u16) -> SocketAddr {
-    SocketAddr::from(([239, 255, 91, (port % 200) as u8 + 1], port))
-}
-
-async fn start(cluster: &str, port: u16, id: u64) -> Node {
+async fn start(cluster: &str, group: SocketAddrV4, id: u64) -> Node {
     Node::builder()
         .cluster(cluster)
-        .group(group(port))
+        .group(group.into())
         .interface("127.0.0.1")
         .ttl(0)
         .node_id(NodeId(id))
@@ -49,10 +47,10 @@ async fn converge(nodes: &[&Node], within: Duration, done: impl Fn(&[(String, Ve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_converge() {
-    let port = 17_611;
+    let (_, group) = random_group();
     let mut nodes = Vec::new();
     for id in 1..=5 {
-        nodes.push(start("t-five", port, id).await);
+        nodes.push(start("t-five", group, id).await);
     }
     for (i, node) in nodes.iter().enumerate() {
         for k in 0..40 {
@@ -125,9 +123,9 @@ async fn five_nodes_converge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_joiner_catches_up_ten_thousand_keys() {
-    let port = 17_612;
-    let a = start("t-late", port, 1).await;
-    let b = start("t-late", port, 2).await;
+    let (_, group) = random_group();
+    let a = start("t-late", group, 1).await;
+    let b = start("t-late", group, 2).await;
     let ops: Vec<Op> = (0..10_000)
         .map(|i| Op::Put {
             key: format!("k/{i:05}"),
@@ -139,7 +137,7 @@ async fn late_joiner_catches_up_ten_thousand_keys() {
     }
     converge(&[&a, &b], Duration::from_secs(30), |d| d.len() == 10_000).await;
     let started = Instant::now();
-    let c = start("t-late", port, 3).await;
+    let c = start("t-late", group, 3).await;
     c.wait_in_sync(Duration::from_secs(60))
         .await
         .expect("late joiner gets in sync");
@@ -158,10 +156,10 @@ async fn late_joiner_catches_up_ten_thousand_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_node_resyncs() {
-    let port = 17_613;
-    let a = start("t-restart", port, 1).await;
-    let b = start("t-restart", port, 2).await;
-    let c = start("t-restart", port, 3).await;
+    let (_, group) = random_group();
+    let a = start("t-restart", group, 1).await;
+    let b = start("t-restart", group, 2).await;
+    let c = start("t-restart", group, 3).await;
     for k in 0..200 {
         a.put(format!("r/{k}"), "before").await.expect("put");
     }
@@ -172,7 +170,7 @@ async fn restarted_node_resyncs() {
         b.put(format!("r/{k}"), "while-away").await.expect("put");
     }
     b.delete("r/7").await.expect("delete");
-    let c = start("t-restart", port, 3).await;
+    let c = start("t-restart", group, 3).await;
     c.wait_in_sync(Duration::from_secs(30))
         .await
         .expect("restarted node resyncs");
@@ -186,9 +184,9 @@ async fn restarted_node_resyncs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_sees_every_change_of_its_prefix() {
-    let port = 17_614;
-    let a = start("t-watch", port, 1).await;
-    let b = start("t-watch", port, 2).await;
+    let (_, group) = random_group();
+    let a = start("t-watch", group, 1).await;
+    let b = start("t-watch", group, 2).await;
     let mut w = b.watch("app/");
     for k in 0..50 {
         a.put(format!("app/{k}"), format!("{k}"))
@@ -234,17 +232,17 @@ async fn watch_sees_every_change_of_its_prefix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_loses_no_acknowledged_write() {
-    let port = 17_615;
+    let (_, group) = random_group();
     let receiver = Node::builder()
         .cluster("t-drain")
-        .group(group(port))
+        .group(group.into())
         .interface("127.0.0.1")
         .node_id(NodeId(2))
         .inject_receive_loss(0.2, 7)
         .start()
         .await
         .expect("receiver starts");
-    let writer = start("t-drain", port, 1).await;
+    let writer = start("t-drain", group, 1).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while writer.members().len() < 2 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
