@@ -78,12 +78,7 @@ pub(super) async fn run_hook(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::sync::Arc;
-
-    use tokio::sync::mpsc;
-
-    use super::super::test_support::{event, figure, read, wait_for};
-    use super::super::{SyncDir, SyncStats, run};
+    use super::super::test_support::{event, figure, read, spawn_run, wait_for};
     use super::*;
 
     #[tokio::test]
@@ -91,9 +86,6 @@ mod tests {
         let tmp = chorus_testkit::temp_dir("sync-test");
         let mirror = tmp.path().join("mirror");
         let pid_file = tmp.path().join("pid");
-        let stats = Arc::new(SyncStats::default());
-        let dir = SyncDir::open(&mirror, "app/", Arc::clone(&stats)).unwrap();
-        let (tx, rx) = mpsc::channel(16);
         // The hook leaves a grandchild behind; killing the group takes it too.
         let hook = Hook {
             command: Some(format!(
@@ -103,7 +95,7 @@ mod tests {
             debounce: Duration::from_millis(10),
             timeout: Duration::from_millis(300),
         };
-        let task = tokio::spawn(run(dir, rx, hook));
+        let (stats, tx, task) = spawn_run(&mirror, hook);
         tx.send(event("app/a", Some("1"), 1)).await.unwrap();
         wait_for("the hook started", || {
             read(tmp.path(), "pid").is_some_and(|p| p.ends_with('\n'))

@@ -167,7 +167,7 @@ pub async fn mirror(node: Node, dir: SyncDir, hook: Hook, sync_wait: Duration) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::test_support::{event, figure, read, wait_for};
+    use super::test_support::{event, figure, read, spawn_run, wait_for};
     use super::*;
 
     #[tokio::test]
@@ -175,15 +175,12 @@ mod tests {
         let tmp = chorus_testkit::temp_dir("sync-test");
         let marker = tmp.path().join("hook-count");
         let mirror = tmp.path().join("mirror");
-        let stats = Arc::new(SyncStats::default());
-        let dir = SyncDir::open(&mirror, "app/", Arc::clone(&stats)).unwrap();
-        let (tx, rx) = mpsc::channel(16);
         let hook = Hook {
             command: Some(format!("echo \"$CHORUS_PREFIX\" >> '{}'", marker.display())),
             debounce: Duration::from_millis(300),
             timeout: Duration::from_secs(60),
         };
-        let task = tokio::spawn(run(dir, rx, hook));
+        let (stats, tx, task) = spawn_run(&mirror, hook);
         // A burst of changes closer together than the debounce delay.
         for i in 0..5 {
             tx.send(event(&format!("app/k{i}"), Some(&format!("v{i}")), i + 1))

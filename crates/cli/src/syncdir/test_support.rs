@@ -1,5 +1,5 @@
 //! What the tests of the mirror share: reading its files, a mirror of `app/`, its figures,
-//! a change, and an async bounded wait.
+//! a mirror run on a task, a change, and an async bounded wait.
 
 #![allow(clippy::unwrap_used)]
 
@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
-use super::{SyncDir, SyncInput, SyncStats};
+use super::{Hook, SyncDir, SyncInput, SyncStats, run};
 
 pub(super) fn read(root: &Path, rel: &str) -> Option<String> {
     std::fs::read_to_string(root.join(rel)).ok()
@@ -31,6 +33,18 @@ pub(super) fn figure(stats: &SyncStats, name: &str) -> u64 {
         .find(|(n, _, _)| *n == name)
         .map(|(_, _, v)| v)
         .unwrap()
+}
+
+/// A mirror of `app/` into `root`, run by [`run`] with `hook` on a task of its own: its
+/// figures, its input (room for 16) and the task.
+pub(super) fn spawn_run(
+    root: &Path,
+    hook: Hook,
+) -> (Arc<SyncStats>, mpsc::Sender<SyncInput>, JoinHandle<()>) {
+    let stats = Arc::new(SyncStats::default());
+    let dir = SyncDir::open(root, "app/", Arc::clone(&stats)).unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    (stats, tx, tokio::spawn(run(dir, rx, hook)))
 }
 
 pub(super) fn event(key: &str, value: Option<&str>, revision: u64) -> SyncInput {
