@@ -10,6 +10,15 @@ use crate::hlc::{Hlc, Version};
 use crate::store::{Key, Stored, Value};
 use crate::wire;
 
+/// Where a change set comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// This node's own put, delete or batch (the durable backend acknowledges these).
+    Local,
+    /// A remote write or sync entries.
+    Remote,
+}
+
 impl Replica {
     pub(super) fn on_write(&mut self, now: Instant, wall_ms: u64, from: u64, w: wire::Write) {
         let limits = self.cfg.limits;
@@ -47,7 +56,7 @@ impl Replica {
             .map(|op| (op.key, op.value, version))
             .collect();
         self.stats.remote_writes += 1;
-        self.apply(items, wall_ms, false);
+        self.apply(items, wall_ms, Origin::Remote);
     }
 
     pub(super) fn on_entries(&mut self, now: Instant, wall_ms: u64, from: u64, e: wire::Entries) {
@@ -91,11 +100,11 @@ impl Replica {
             items.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
             items.dedup_by(|later, first| later.0 == first.0);
         }
-        let applied = self.apply(items, wall_ms, false);
+        let applied = self.apply(items, wall_ms, Origin::Remote);
         if rejected {
             self.dropped_from(now, from);
         }
-        if applied > 0 && !self.in_sync {
+        if applied > 0 && !self.is_in_sync() {
             // Let the answers settle, then show the peers where this node stands.
             self.trigger_digest(now);
         }
@@ -103,7 +112,7 @@ impl Replica {
 
     /// Merges entries: each wins only over an older version. Applied as one change set, so
     /// multi-key readers see all or none of it, after it was handed to the durable backend
-    /// (`local`: this node's own write). Returns how many entries were stored. The keys of
+    /// (`origin`: this node's own write or not). Returns how many entries were stored. The keys of
     /// `items` must be distinct (the store is read for the old versions and written at the
     /// end).
     ///
@@ -111,7 +120,7 @@ impl Replica {
     /// of its length (an overwrite reuses the stored one), and every value is copied out of
     /// whatever buffer it came in (an HTTP request body, a datagram, a decoded message), so
     /// that a 100-byte value never pins a kilobytes-long buffer.
-    pub(super) fn apply(&mut self, items: Vec<Item>, wall_ms: u64, local: bool) -> usize {
+    pub(super) fn apply(&mut self, items: Vec<Item>, wall_ms: u64, origin: Origin) -> usize {
         let horizon = self.horizon_ms(wall_ms);
         // A scratch vector kept between calls: no allocation per applied write.
         let mut commit = std::mem::take(&mut self.commit_scratch);
@@ -171,7 +180,7 @@ impl Replica {
         let n = commit.len();
         self.stats.changes_applied += n as u64;
         if n > 0 {
-            self.persist_commit(&commit, wall_ms, local);
+            self.persist_commit(&commit, wall_ms, origin);
         }
         if n > 0 {
             self.store.commit(commit.drain(..));

@@ -7,6 +7,7 @@
 //! call into the durable backend), `stats` (counters).
 
 mod changelog;
+mod lifecycle;
 mod merge;
 mod persist;
 mod stats;
@@ -30,6 +31,7 @@ use crate::store::{Key, Store, Stored};
 use crate::wire;
 
 use changelog::Logged;
+use lifecycle::{Standing, SyncState};
 pub use stats::ReplicaStats;
 use sync::{Bucket, Offer, Peer};
 pub use write::Op;
@@ -108,7 +110,8 @@ pub struct Replica {
     events: VecDeque<ReplicaEvent>,
     outgoing: VecDeque<Outgoing>,
     peers: BTreeMap<u64, Peer>,
-    in_sync: bool,
+    /// What this node last reported (`InSync` / `OutOfSync`).
+    sync: SyncState,
     created: Instant,
     round: u64,
     next_digest: Instant,
@@ -127,18 +130,13 @@ pub struct Replica {
     /// isolated: one that runs alone for longer than the grace period before it meets a peer
     /// recovers like one cut off for that long.
     isolated_since: Option<Instant>,
-    /// Created empty and not yet in sync: holds nothing that peers could have deleted.
-    fresh: bool,
-    /// Back from an isolation longer than the grace period, not yet in sync: entries older
-    /// than the grace period that a peer turns out to lack are forgotten, not offered.
-    recovering: bool,
+    /// What this node's store is evidence of: fresh, recovering after a long isolation or
+    /// absence, or settled.
+    standing: Standing,
     last_wall_ms: u64,
     stats: ReplicaStats,
     /// Where committed changes are persisted; `None` keeps the store in memory only.
     durability: Option<Box<dyn Durability>>,
-    /// Loaded from disk after an absence longer than the grace period: enter recovery when
-    /// the first peer comes up, as after a long isolation.
-    absent_too_long: bool,
 }
 
 impl Replica {
@@ -161,7 +159,7 @@ impl Replica {
             events: VecDeque::new(),
             outgoing: VecDeque::new(),
             peers: BTreeMap::new(),
-            in_sync: false,
+            sync: SyncState::OutOfSync,
             created: now,
             round: 0,
             next_digest: now + first,
@@ -171,12 +169,10 @@ impl Replica {
             confirm_wanted: false,
             sync_room: usize::MAX,
             isolated_since: Some(now),
-            fresh: true,
-            recovering: false,
+            standing: Standing::Fresh,
             last_wall_ms: 0,
             stats: ReplicaStats::default(),
             durability: None,
-            absent_too_long: false,
             cfg,
         }
     }
@@ -208,7 +204,7 @@ impl Replica {
     /// Whether the replica currently considers itself in sync (last event sent).
     #[must_use]
     pub fn is_in_sync(&self) -> bool {
-        self.in_sync
+        self.sync == SyncState::InSync
     }
 
     /// How many bytes of sync messages (digests, summaries, requests, entries) the owner can
@@ -246,7 +242,7 @@ impl Replica {
         let peer = self
             .peers
             .values()
-            .filter(|p| p.live)
+            .filter(|p| p.is_live())
             .filter_map(|p| p.clock_offset_ms)
             .max();
         let reference = i128::from(wall_ms) + i128::from(peer.unwrap_or(0));
@@ -313,7 +309,7 @@ impl Replica {
         if let Some(d) = self.durable_timeout() {
             t = t.min(d);
         }
-        if !self.in_sync && !self.has_live_peer() {
+        if !self.is_in_sync() && !self.has_live_peer() {
             t = t.min(self.created + self.cfg.solo_in_sync_after);
         }
         Some(t)

@@ -4,6 +4,8 @@
 use std::time::Instant;
 
 use super::Replica;
+use super::lifecycle::Standing;
+use super::merge::Origin;
 use crate::config::ReplicaConfig;
 use crate::durable::{Durability, DurableError, Loaded};
 use crate::hash::{bucket_of, entry_hash};
@@ -80,8 +82,13 @@ impl Replica {
         if had_data {
             r.store.commit(commit.into_iter());
         }
-        r.fresh = !had_data || damaged;
-        r.absent_too_long = had_data && loaded.last_wall_ms > 0 && absent_ms > grace;
+        r.standing = if !had_data || damaged {
+            Standing::Fresh
+        } else if loaded.last_wall_ms > 0 && absent_ms > grace {
+            Standing::AbsentTooLong
+        } else {
+            Standing::Settled
+        };
         r.durability = Some(durability);
         if let Err(error) = r.check_clock(wall_ms) {
             tracing::warn!(
@@ -144,9 +151,14 @@ impl Replica {
         }
     }
 
-    /// Hands a change set about to be committed to the durable backend (`local`: this node's
-    /// own write).
-    pub(super) fn persist_commit(&mut self, commit: &[(Key, Stored)], wall_ms: u64, local: bool) {
+    /// Hands a change set about to be committed to the durable backend (`origin`: this node's
+    /// own write or not).
+    pub(super) fn persist_commit(
+        &mut self,
+        commit: &[(Key, Stored)],
+        wall_ms: u64,
+        origin: Origin,
+    ) {
         if let Some(d) = self.durability.as_mut() {
             let record = wire::LogRecord {
                 wall_ms: self.last_wall_ms.max(wall_ms),
@@ -161,7 +173,7 @@ impl Replica {
                     .collect(),
                 removed: Vec::new(),
             };
-            d.append(&record, local);
+            d.append(&record, origin == Origin::Local);
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use prost::Message as _;
 
+use super::lifecycle::{Standing, SyncState};
 use super::{Outgoing, OutgoingKind, Replica, ReplicaEvent, envelope, random_below};
 use crate::hash::{bucket_of, rendezvous};
 use crate::hlc::{Hlc, Version};
@@ -34,18 +35,57 @@ pub(super) struct Offer {
 /// factor).
 const ANSWER_FACTOR: usize = 3;
 
+/// What this node knows of one peer.
 #[derive(Debug, Default)]
 pub(super) struct Peer {
-    pub(super) live: bool,
+    pub(super) presence: Presence,
     /// Latest digest received from the peer.
     pub(super) digest: Option<Vec<u64>>,
-    /// The peer's latest digest said it is fresh (never in sync yet, no stale data).
-    pub(super) fresh: bool,
-    /// The latest digest matched ours when it arrived (with one mismatch of hysteresis).
-    pub(super) matched: bool,
-    pub(super) mismatch_streak: u32,
+    /// How the peer's digests compared with ours.
+    pub(super) agreement: Agreement,
     /// Its wall clock minus ours (ms), as the protocol measured it from its heartbeats.
     pub(super) clock_offset_ms: Option<i64>,
+}
+
+impl Peer {
+    pub(super) fn is_live(&self) -> bool {
+        self.presence == Presence::Live
+    }
+}
+
+/// Whether the protocol reported a peer up.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Presence {
+    /// Only heard from: a digest arrived before [`Replica::handle_peer_up`] (or after the
+    /// peer left). Its digests are compared, but it counts for nothing else.
+    #[default]
+    Heard,
+    /// Reported up by the protocol ([`Replica::handle_peer_up`]), not down since.
+    Live,
+}
+
+/// How a peer's digests compared with ours when they arrived: the in-sync rule's view of
+/// it, with one mismatch of hysteresis once matched.
+///
+/// A matching digest makes it `Matched`; a differing one turns `Matched` into `Doubted`
+/// (still counted as matched: the difference may be writes in flight) and `Doubted` into
+/// `Differs`; a reported loss or a dropped entry of the peer makes it `Differs`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Agreement {
+    /// No digest matched yet, or two in a row differed, or the peer's writes may be missing.
+    #[default]
+    Differs,
+    /// The latest digest matched ours.
+    Matched,
+    /// Matched, then one digest differed; the next one decides.
+    Doubted,
+}
+
+impl Agreement {
+    /// Whether the in-sync rule counts the peer as agreeing.
+    pub(super) fn agrees(self) -> bool {
+        matches!(self, Agreement::Matched | Agreement::Doubted)
+    }
 }
 
 impl Replica {
@@ -67,7 +107,9 @@ impl Replica {
     ) {
         self.last_wall_ms = self.last_wall_ms.max(wall_ms);
         match self.peers.get_mut(&node) {
-            Some(p) if p.live && p.clock_offset_ms != offset_ms => p.clock_offset_ms = offset_ms,
+            Some(p) if p.is_live() && p.clock_offset_ms != offset_ms => {
+                p.clock_offset_ms = offset_ms
+            }
             _ => return,
         }
         self.evaluate_sync(now);
@@ -82,14 +124,14 @@ impl Replica {
             .isolated_since
             .take()
             .is_some_and(|since| now.saturating_duration_since(since) > self.cfg.tombstone_grace);
-        let long_absence = std::mem::take(&mut self.absent_too_long);
-        if (long_isolation || long_absence) && !self.fresh {
-            self.recovering = true;
+        let long_absence = self.standing == Standing::AbsentTooLong;
+        if (long_isolation || long_absence) && self.standing != Standing::Fresh {
+            self.standing = Standing::Recovering;
             self.stats.recoveries += 1;
         }
         let peer = self.peers.entry(node).or_default();
         *peer = Peer {
-            live: true,
+            presence: Presence::Live,
             ..Peer::default()
         };
         self.trigger_digest(now);
@@ -110,11 +152,11 @@ impl Replica {
     pub fn handle_lost(&mut self, now: Instant, node: u64) {
         self.stats.losses += 1;
         if let Some(p) = self.peers.get_mut(&node) {
-            p.matched = false;
+            p.agreement = Agreement::Differs;
         }
         // Every peer may hold the lost writes (they were multicast), so ask everyone.
         for p in self.peers.values_mut() {
-            p.matched = false;
+            p.agreement = Agreement::Differs;
         }
         self.evaluate_sync(now);
         self.trigger_digest(now);
@@ -126,7 +168,7 @@ impl Replica {
             self.stats.bucket_mismatch += 1;
             return;
         }
-        if self.recovering && !d.fresh {
+        if self.standing == Standing::Recovering && !d.fresh {
             // An empty bucket at a peer that is not fresh: the peer lacks every key of ours
             // there, so our old keys in it were deleted (and collected) while we were away.
             for b in 0..self.buckets.len() {
@@ -141,21 +183,18 @@ impl Replica {
         let mut confirm = false;
         {
             let peer = self.peers.entry(from).or_default();
-            if equal {
-                peer.matched = true;
-                peer.mismatch_streak = 0;
-            } else {
-                peer.mismatch_streak = peer.mismatch_streak.saturating_add(1);
-                if peer.mismatch_streak >= 2 {
-                    peer.matched = false;
-                } else if peer.matched {
+            peer.agreement = match (equal, peer.agreement) {
+                (true, _) => Agreement::Matched,
+                (false, Agreement::Matched) => {
                     // The hysteresis holds for one digest (the difference may be writes in
                     // flight); ask for the peer's next digest now, so that a lasting
                     // difference ends "in sync" within a round trip, not a sync interval.
                     self.confirm_wanted = true;
                     confirm = true;
+                    Agreement::Doubted
                 }
-            }
+                (false, Agreement::Doubted | Agreement::Differs) => Agreement::Differs,
+            };
         }
         if confirm {
             self.trigger_digest(now);
@@ -191,7 +230,6 @@ impl Replica {
         // Remember the digest after answering, so responder selection used the older view.
         if let Some(p) = self.peers.get_mut(&from) {
             p.digest = Some(d.buckets);
-            p.fresh = d.fresh;
         }
         if d.reply_wanted {
             self.trigger_digest(now);
@@ -239,7 +277,9 @@ impl Replica {
                 continue;
             };
             match theirs.get(&**key) {
-                None if self.recovering && meta.version.hlc.physical_ms() < horizon => {
+                None if self.standing == Standing::Recovering
+                    && meta.version.hlc.physical_ms() < horizon =>
+                {
                     to_forget.push(key.clone());
                 }
                 None => to_send.push(key.clone()),
@@ -288,7 +328,7 @@ impl Replica {
             }
         }
         drop(seen);
-        if self.recovering {
+        if self.standing == Standing::Recovering {
             // The requester lacks (or holds an older copy of) these keys; old ones may have
             // been deleted while we were away, so forget them rather than spread them.
             let horizon = self.horizon_ms(self.last_wall_ms);
@@ -315,14 +355,14 @@ impl Replica {
     /// digest soon (which wants a reply: `from` then sees the difference too).
     pub(super) fn dropped_from(&mut self, now: Instant, from: u64) {
         if let Some(p) = self.peers.get_mut(&from) {
-            p.matched = false;
+            p.agreement = Agreement::Differs;
         }
         self.evaluate_sync(now);
         self.trigger_digest(now);
     }
 
     pub(super) fn has_live_peer(&self) -> bool {
-        self.peers.values().any(|p| p.live)
+        self.peers.values().any(Peer::is_live)
     }
 
     fn entry_item(&self, key: &str) -> Option<wire::Entry> {
@@ -342,7 +382,7 @@ impl Replica {
         let mine = rendezvous(requester, round, bucket, me);
         !self.peers.iter().any(|(&node, p)| {
             node != requester
-                && p.live
+                && p.is_live()
                 && p.digest.as_ref().is_none_or(|d| {
                     let h = d.get(bucket as usize).copied().unwrap_or(0);
                     h != theirs && h != 0
@@ -366,8 +406,8 @@ impl Replica {
         let d = wire::Digest {
             round: self.round,
             buckets: self.digest(),
-            reply_wanted: !self.in_sync || std::mem::take(&mut self.confirm_wanted),
-            fresh: self.fresh,
+            reply_wanted: !self.is_in_sync() || std::mem::take(&mut self.confirm_wanted),
+            fresh: self.standing == Standing::Fresh,
         };
         self.push_sync(envelope(wire::envelope::Body::Digest(d)));
         self.stats.digests_sent += 1;
@@ -512,22 +552,29 @@ impl Replica {
     /// of hysteresis once matched); with no live peer, once `solo_in_sync_after` has passed
     /// since creation; and in both cases local writes are not refused by the clock check.
     pub(super) fn evaluate_sync(&mut self, now: Instant) {
-        let live: Vec<&Peer> = self.peers.values().filter(|p| p.live).collect();
+        let live: Vec<&Peer> = self.peers.values().filter(|p| p.is_live()).collect();
         let with_peers = !live.is_empty();
         let agreed = if live.is_empty() {
             now.saturating_duration_since(self.created) >= self.cfg.solo_in_sync_after
         } else {
-            live.iter().all(|p| p.matched)
+            live.iter().all(|p| p.agreement.agrees())
         };
         // A node whose writes its peers would drop is not in sync, whatever the digests say.
         let target = agreed && self.check_clock(self.last_wall_ms).is_ok();
-        if target != self.in_sync {
-            self.in_sync = target;
-            if target && with_peers {
+        let state = if target {
+            SyncState::InSync
+        } else {
+            SyncState::OutOfSync
+        };
+        if state != self.sync {
+            self.sync = state;
+            if target
+                && with_peers
+                && matches!(self.standing, Standing::Fresh | Standing::Recovering)
+            {
                 // Only agreement with a peer ends these: a node alone (say its first peer
                 // after a long isolation left mid-sync) has learnt nothing from anyone.
-                self.fresh = false;
-                self.recovering = false;
+                self.standing = Standing::Settled;
             }
             self.events.push_back(if target {
                 ReplicaEvent::InSync

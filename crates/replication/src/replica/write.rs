@@ -4,6 +4,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use std::collections::HashSet;
 
+use super::merge::Origin;
 use super::{Outgoing, OutgoingKind, Replica, envelope};
 use crate::config::Limits;
 use crate::error::Error;
@@ -125,7 +126,7 @@ impl Replica {
                 Op::Delete { key } => (key, None, version),
             })
             .collect();
-        self.apply(items, wall_ms, true);
+        self.apply(items, wall_ms, Origin::Local);
         self.stats.local_writes += 1;
         self.outgoing.push_back(Outgoing {
             kind: OutgoingKind::Write,
