@@ -1,7 +1,7 @@
 //! Benchmarks of the store's reads (`get` hit and miss, a 100-key prefix scan and a scan of
 //! everything, among 1 M keys) and of what anti-entropy enumerates from the key index (the
-//! summaries of one bucket, of every bucket of a digest, of one bucket holding all 1 M keys,
-//! and the handling of a received summary).
+//! summaries of one bucket, with its key list at hand or built first, of every bucket of a
+//! digest, of one bucket holding all 1 M keys, and the handling of a received summary).
 //!
 //! Run: `cargo bench -p chorus-replication --bench store -- --warm-up-time 1 --measurement-time 3`
 //! (the figures are in `docs/performance.md`).
@@ -123,6 +123,26 @@ fn summaries(c: &mut Criterion) {
                 now += step;
                 r.handle_message(now, WALL_MS, PEER, black_box(&one));
                 assert!(drain(&mut r) > 0);
+            })
+        });
+        // The same when the bucket key lists are gone (dropped after a digest round in which
+        // anti-entropy listed nothing): one walk of the index builds them all first.
+        g.bench_function("summary_1_of_256_buckets_cold", |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    for _ in 0..2 {
+                        now += Duration::from_secs(10);
+                        r.handle_timeout(now, WALL_MS);
+                        drain(&mut r);
+                    }
+                    now += step;
+                    let t = Instant::now();
+                    r.handle_message(now, WALL_MS, PEER, black_box(&one));
+                    assert!(drain(&mut r) > 0);
+                    spent += t.elapsed();
+                }
+                spent
             })
         });
         g.bench_function("summaries_256_of_256_buckets", |b| {

@@ -127,7 +127,8 @@ impl Replica {
         commit.clear();
         for (key, value, version) in items {
             let b = bucket_of(&key, self.cfg.buckets.get()) as usize;
-            let old = self.store.meta(&key);
+            let found = self.store.lookup(&key);
+            let old = found.as_ref().map(|(_, m)| *m);
             if old.is_some_and(|m| m.version >= version) {
                 self.stats.stale_ignored += 1;
                 continue;
@@ -138,27 +139,23 @@ impl Replica {
                 self.stats.expired_tombstones_dropped += 1;
                 continue;
             }
-            let bucket = &mut self.buckets[b];
             // Overwriting a known key (the common case) needs no new copy of the key.
-            let key: Key = match bucket.keys.get(key.as_str()) {
-                Some(k) => k.clone(),
+            let key: Key = match found {
+                Some((k, _)) => k,
                 None => {
                     let k = Key::from(key);
-                    bucket.keys.insert(k.clone());
+                    self.buckets.insert_key(b, &k);
                     k
                 }
             };
             if let Some(m) = old {
-                bucket.sum = bucket
-                    .sum
-                    .wrapping_sub(entry_hash(&key, m.version, m.is_tombstone()));
+                self.buckets
+                    .subtract(b, entry_hash(&key, m.version, m.is_tombstone()));
                 if m.is_tombstone() {
                     self.tombstones.remove(&(m.version, key.clone()));
                 }
             }
-            bucket.sum = bucket
-                .sum
-                .wrapping_add(entry_hash(&key, version, tombstone));
+            self.buckets.add(b, entry_hash(&key, version, tombstone));
             if tombstone {
                 self.tombstones.insert((version, key.clone()));
             }

@@ -6,6 +6,7 @@
 //! (digests, summaries, requests, entries, peers and the in-sync rule), `persist` (every
 //! call into the durable backend), `stats` (counters).
 
+mod buckets;
 mod changelog;
 mod lifecycle;
 mod merge;
@@ -30,10 +31,11 @@ use crate::hlc::{Hlc, HlcClock, Version};
 use crate::store::{Key, Store, Stored};
 use crate::wire;
 
+use buckets::Buckets;
 use changelog::Logged;
 use lifecycle::{Standing, SyncState};
 pub use stats::ReplicaStats;
-use sync::{Bucket, Offer, Peer};
+use sync::{Offer, Peer};
 pub use write::Op;
 
 /// What a replica reports through [`Replica::poll_event`].
@@ -98,7 +100,8 @@ pub struct Replica {
     store: Store,
     clock: HlcClock,
     rng: ChaCha8Rng,
-    buckets: Vec<Bucket>,
+    /// The digest buckets (sums, counts, and key lists while anti-entropy needs them).
+    buckets: Buckets,
     /// Tombstones by version, oldest first, for collection.
     tombstones: BTreeSet<(Version, Key)>,
     next_revision: u64,
@@ -145,7 +148,7 @@ impl Replica {
     pub fn new(cfg: ReplicaConfig, now: Instant) -> Replica {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.rng_seed);
         let first = jittered(&mut rng, cfg.sync_interval);
-        let buckets = (0..cfg.buckets.get()).map(|_| Bucket::default()).collect();
+        let buckets = Buckets::new(cfg.buckets.get());
         Replica {
             clock: HlcClock::new(cfg.max_drift_ms),
             store: Store::new(),
@@ -323,6 +326,7 @@ impl Replica {
         let due = self.next_digest <= now || self.triggered_digest.is_some_and(|t| t <= now);
         if due {
             self.collect_tombstones(wall_ms);
+            self.buckets.end_round();
             if self.has_live_peer() {
                 self.send_digest();
             }

@@ -45,19 +45,17 @@ impl Replica {
         let damaged = loaded.damaged();
         let absent_ms = wall_ms.saturating_sub(loaded.last_wall_ms);
         let grace = u64::try_from(r.cfg.tombstone_grace.as_millis()).unwrap_or(u64::MAX);
-        let mut commit = Vec::with_capacity(loaded.entries.len());
+        let mut commit: Vec<(Key, Stored)> = Vec::with_capacity(loaded.entries.len());
         for (key, value, version) in loaded.entries {
             let b = bucket_of(&key, r.cfg.buckets.get()) as usize;
             let tombstone = value.is_none();
-            let key: Key = Key::from(key);
-            let bucket = &mut r.buckets[b];
-            if !bucket.keys.insert(key.clone()) {
-                // Keys come from a map, so this is unreachable; keep the first (as the sums do).
+            if commit.last().is_some_and(|(last, _)| **last == *key) {
+                // Sorted keys from a map, so this is unreachable; keep the first (as the sums do).
                 continue;
             }
-            bucket.sum = bucket
-                .sum
-                .wrapping_add(entry_hash(&key, version, tombstone));
+            let key: Key = Key::from(key);
+            r.buckets.insert_key(b, &key);
+            r.buckets.add(b, entry_hash(&key, version, tombstone));
             if tombstone {
                 r.tombstones.insert((version, key.clone()));
             }

@@ -1,6 +1,6 @@
 //! Anti-entropy: digests, summaries, requests and entries, the peers' view and the in-sync rule.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::time::Instant;
 
@@ -9,18 +9,10 @@ use prost::Message as _;
 
 use super::lifecycle::{Standing, SyncState};
 use super::{Outgoing, OutgoingKind, Replica, ReplicaEvent, envelope, random_below};
-use crate::hash::{bucket_of, rendezvous};
+use crate::hash::rendezvous;
 use crate::hlc::{Hlc, Version};
 use crate::store::Key;
 use crate::wire;
-
-/// One digest bucket: the wrapping sum of its entries' hashes and its keys, sorted (the
-/// keys are shared with the store; versions are read from there).
-#[derive(Debug, Default)]
-pub(super) struct Bucket {
-    pub(super) sum: u64,
-    pub(super) keys: BTreeSet<Key>,
-}
 
 /// What this node offered one requester in its summaries: the bytes of entries the
 /// requester may then ask for (see `docs/replication.md`, bounded answers).
@@ -92,7 +84,7 @@ impl Replica {
     /// The current digest: one order-independent hash per bucket.
     #[must_use]
     pub fn digest(&self) -> Vec<u64> {
-        self.buckets.iter().map(|b| b.sum).collect()
+        self.buckets.digest()
     }
 
     /// The clock offset of live peer `node` (its wall clock minus ours, in milliseconds, as
@@ -172,7 +164,7 @@ impl Replica {
             // An empty bucket at a peer that is not fresh: the peer lacks every key of ours
             // there, so our old keys in it were deleted (and collected) while we were away.
             for b in 0..self.buckets.len() {
-                if d.buckets[b] == 0 && self.buckets[b].sum != 0 {
+                if d.buckets[b] == 0 && self.buckets.sum(b) != 0 {
                     let keys = self.old_keys(b);
                     keys.into_iter().for_each(|k| self.forget(&k));
                 }
@@ -203,7 +195,7 @@ impl Replica {
             for (b, (mine, theirs)) in ours.iter().zip(&d.buckets).enumerate() {
                 // Bucket indices fit in u32: the count is a NonZeroU32.
                 let bucket = b as u32;
-                if mine == theirs || self.buckets[b].keys.is_empty() {
+                if mine == theirs || self.buckets.is_empty(b) {
                     continue;
                 }
                 if !self.is_responder(from, d.round, bucket, *theirs) {
@@ -220,7 +212,7 @@ impl Replica {
                 self.stats.buckets_answered += 1;
                 if *theirs == 0 {
                     // The requester holds nothing here: send everything, skip the summary.
-                    let keys = self.buckets[b].keys.iter().cloned().collect();
+                    let keys = self.buckets.keys(&self.store, b).iter().cloned().collect();
                     self.send_entries(keys, usize::MAX);
                 } else {
                     self.send_summaries(now, from, bucket);
@@ -272,7 +264,11 @@ impl Replica {
         let horizon = self.horizon_ms(self.last_wall_ms);
         let mut to_send = Vec::new();
         let mut to_forget = Vec::new();
-        for key in self.buckets[bucket].keys.range::<str, _>((lower, upper)) {
+        for key in self
+            .buckets
+            .keys(&self.store, bucket)
+            .range::<str, _>((lower, upper))
+        {
             let Some(meta) = self.store.meta(key) else {
                 continue;
             };
@@ -312,7 +308,6 @@ impl Replica {
         if r.keys.len() > max_keys {
             self.stats.request_keys_ignored += (r.keys.len() - max_keys) as u64;
         }
-        let buckets = self.cfg.buckets.get();
         let mut seen = HashSet::with_capacity(r.keys.len().min(max_keys));
         let mut held: Vec<Key> = Vec::new();
         for k in r.keys.iter().take(max_keys) {
@@ -320,11 +315,8 @@ impl Replica {
                 self.stats.request_duplicates += 1;
                 continue;
             }
-            if let Some(key) = self.buckets[bucket_of(k, buckets) as usize]
-                .keys
-                .get(k.as_str())
-            {
-                held.push(key.clone());
+            if let Some((key, _)) = self.store.lookup(k) {
+                held.push(key);
             }
         }
         drop(seen);
@@ -427,7 +419,7 @@ impl Replica {
             keys: Vec::new(),
         };
         let mut size = cur.encoded_len() + 16;
-        for key in &self.buckets[bucket as usize].keys {
+        for key in self.buckets.keys(&self.store, bucket as usize) {
             let Some(meta) = self.store.meta(key) else {
                 continue;
             };

@@ -26,9 +26,8 @@ impl Replica {
                 .meta(&key)
                 .is_some_and(|m| m.is_tombstone() && m.version == version)
             {
-                let bucket = &mut self.buckets[b];
-                bucket.keys.remove(&*key);
-                bucket.sum = bucket.sum.wrapping_sub(entry_hash(&key, version, true));
+                self.buckets.remove_key(b, &key);
+                self.buckets.subtract(b, entry_hash(&key, version, true));
                 self.store.remove_tombstone(&key, version);
                 self.stats.tombstones_collected += 1;
                 removed.push(wire::KeyVersion {
@@ -42,12 +41,17 @@ impl Replica {
     }
 
     /// Keys of bucket `b` whose version is older than the grace period.
-    pub(super) fn old_keys(&self, b: usize) -> Vec<Key> {
+    pub(super) fn old_keys(&mut self, b: usize) -> Vec<Key> {
         let horizon = self.horizon_ms(self.last_wall_ms);
-        self.buckets[b]
-            .keys
+        let store = &self.store;
+        self.buckets
+            .keys(store, b)
             .iter()
-            .filter(|k| self.is_old(k, horizon))
+            .filter(|k| {
+                store
+                    .meta(k)
+                    .is_some_and(|m| m.version.hlc.physical_ms() < horizon)
+            })
             .cloned()
             .collect()
     }
@@ -63,13 +67,12 @@ impl Replica {
     /// reported as a change to `None` carrying the forgotten version.
     pub(super) fn forget(&mut self, key: &str) {
         let b = bucket_of(key, self.cfg.buckets.get()) as usize;
-        let (Some(m), Some(key)) = (self.store.meta(key), self.buckets[b].keys.take(key)) else {
+        let Some((key, m)) = self.store.lookup(key) else {
             return;
         };
-        let bucket = &mut self.buckets[b];
-        bucket.sum = bucket
-            .sum
-            .wrapping_sub(entry_hash(&key, m.version, m.is_tombstone()));
+        self.buckets.remove_key(b, &key);
+        self.buckets
+            .subtract(b, entry_hash(&key, m.version, m.is_tombstone()));
         if m.is_tombstone() {
             self.tombstones.remove(&(m.version, key.clone()));
         }

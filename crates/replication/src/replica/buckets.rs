@@ -1,0 +1,171 @@
+//! The digest buckets: per bucket what must be kept incrementally (the wrapping sum of its
+//! entries' hashes, its key count), and the bucket's keys in key order, derived from the
+//! store's ordered index when anti-entropy needs to list them.
+
+use std::collections::BTreeSet;
+
+use crate::hash::bucket_of;
+use crate::store::{Key, Store};
+
+/// Every digest bucket of a replica.
+///
+/// Listing one bucket's keys from the store's index alone means walking the whole index
+/// (keys fall into buckets by hash), so the lists are built together, in one walk, the
+/// first time a round of anti-entropy needs any of them, kept up to date by every change
+/// while they live, and dropped after a whole digest round in which none was read (see
+/// `docs/replication.md`, Anti-entropy). A node in sync with its peers holds none.
+#[derive(Debug)]
+pub(super) struct Buckets {
+    sums: Vec<u64>,
+    counts: Vec<usize>,
+    /// Every bucket's keys, sorted (shared with the store), while anti-entropy uses them.
+    keys: Option<Vec<BTreeSet<Key>>>,
+    /// `keys` was read since the last digest round.
+    used: bool,
+}
+
+impl Buckets {
+    /// `n` empty buckets.
+    pub(super) fn new(n: u32) -> Buckets {
+        let n = n as usize;
+        Buckets {
+            sums: vec![0; n],
+            counts: vec![0; n],
+            keys: None,
+            used: false,
+        }
+    }
+
+    /// How many buckets there are.
+    pub(super) fn len(&self) -> usize {
+        self.sums.len()
+    }
+
+    /// The digest: every bucket's sum.
+    pub(super) fn digest(&self) -> Vec<u64> {
+        self.sums.clone()
+    }
+
+    /// Bucket `b`'s sum.
+    pub(super) fn sum(&self, b: usize) -> u64 {
+        self.sums[b]
+    }
+
+    /// Whether bucket `b` holds no key.
+    pub(super) fn is_empty(&self, b: usize) -> bool {
+        self.counts[b] == 0
+    }
+
+    /// Adds an entry's hash to bucket `b`.
+    pub(super) fn add(&mut self, b: usize, hash: u64) {
+        self.sums[b] = self.sums[b].wrapping_add(hash);
+    }
+
+    /// Takes an entry's hash out of bucket `b`.
+    pub(super) fn subtract(&mut self, b: usize, hash: u64) {
+        self.sums[b] = self.sums[b].wrapping_sub(hash);
+    }
+
+    /// `key`, not stored until now, joins bucket `b`.
+    pub(super) fn insert_key(&mut self, b: usize, key: &Key) {
+        self.counts[b] += 1;
+        if let Some(lists) = self.keys.as_mut() {
+            lists[b].insert(key.clone());
+        }
+    }
+
+    /// `key` leaves bucket `b` (and the store).
+    pub(super) fn remove_key(&mut self, b: usize, key: &str) {
+        self.counts[b] = self.counts[b].saturating_sub(1);
+        if let Some(lists) = self.keys.as_mut() {
+            lists[b].remove(key);
+        }
+    }
+
+    /// Bucket `b`'s keys in key order, building every bucket's list from `store` in one walk
+    /// of its index if they are not there.
+    pub(super) fn keys(&mut self, store: &Store, b: usize) -> &BTreeSet<Key> {
+        self.used = true;
+        let n = self.sums.len();
+        let lists = self.keys.get_or_insert_with(|| {
+            let mut lists: Vec<Vec<Key>> =
+                self.counts.iter().map(|&c| Vec::with_capacity(c)).collect();
+            // Bucket counts fit in u32 (`ReplicaConfig::buckets`).
+            store.for_each_key(|k| lists[bucket_of(k, n as u32) as usize].push(k.clone()));
+            // Already sorted: the index is walked in key order, so the sets are bulk-built.
+            lists.into_iter().map(BTreeSet::from_iter).collect()
+        });
+        &lists[b]
+    }
+
+    /// A digest round passed: drops the key lists if nothing read them during the last one.
+    pub(super) fn end_round(&mut self) {
+        if !self.used {
+            self.keys = None;
+        }
+        self.used = false;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::hlc::{Hlc, Version};
+    use crate::store::Stored;
+
+    fn stored(rev: u64) -> Stored {
+        Stored {
+            value: None,
+            version: Version {
+                hlc: Hlc::new(1, 0),
+                node: 1,
+            },
+            revision: rev,
+        }
+    }
+
+    fn listed(b: &mut Buckets, store: &Store) -> Vec<Vec<String>> {
+        (0..b.len())
+            .map(|i| b.keys(store, i).iter().map(|k| k.to_string()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn key_lists_follow_the_index_and_go_after_an_unused_round() {
+        let store = Store::new();
+        let mut b = Buckets::new(4);
+        let mut commit = Vec::new();
+        for (i, k) in ["c", "a", "e", "b"].into_iter().enumerate() {
+            let key = Key::from(k);
+            b.insert_key(bucket_of(k, 4) as usize, &key);
+            commit.push((key, stored(i as u64 + 1)));
+        }
+        store.commit(commit.into_iter());
+        let mut expected: Vec<Vec<String>> = vec![Vec::new(); 4];
+        for k in ["a", "b", "c", "e"] {
+            expected[bucket_of(k, 4) as usize].push(k.to_owned());
+        }
+        assert_eq!(listed(&mut b, &store), expected);
+        assert_eq!(
+            (0..4).filter(|&i| !b.is_empty(i)).count(),
+            expected.iter().filter(|l| !l.is_empty()).count()
+        );
+        // Changes while the lists live keep them right.
+        let d = Key::from("d");
+        b.insert_key(bucket_of("d", 4) as usize, &d);
+        store.commit(std::iter::once((d, stored(5))));
+        b.remove_key(bucket_of("a", 4) as usize, "a");
+        store.remove("a");
+        expected[bucket_of("d", 4) as usize].push("d".to_owned());
+        expected[bucket_of("d", 4) as usize].sort();
+        expected[bucket_of("a", 4) as usize].retain(|k| k != "a");
+        assert_eq!(listed(&mut b, &store), expected);
+        // Used during the round: kept; unused for a whole round: dropped.
+        b.end_round();
+        assert!(b.keys.is_some());
+        b.end_round();
+        assert!(b.keys.is_none());
+        assert_eq!(listed(&mut b, &store), expected);
+    }
+}
