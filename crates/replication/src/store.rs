@@ -429,7 +429,7 @@ mod tests {
     fn readers_on_other_threads_never_see_half_a_batch() {
         let s = Store::new();
         let batch = |n: u64| {
-            let v: &'static str = if n % 2 == 0 { "even" } else { "odd" };
+            let v: &'static str = if n.is_multiple_of(2) { "even" } else { "odd" };
             vec![
                 (Key::from("k/a"), entry(Some(v), n, 2 * n)),
                 (Key::from("k/b"), entry(Some(v), n, 2 * n + 1)),
