@@ -86,6 +86,15 @@ fn store_reads(c: &mut Criterion) {
     let miss = "user/x".to_owned();
     let mut g = c.benchmark_group("store_1M");
     g.bench_function("get_hit", |b| b.iter(|| store.get(black_box(&hit))));
+    // Keys spread over the whole store, as a server's reads would be (cache misses included).
+    let spread: Vec<String> = (0..65_536).map(|i| key(i * 7919 % KEYS)).collect();
+    let mut i = 0;
+    g.bench_function("get_hit_spread", |b| {
+        b.iter(|| {
+            i = (i + 1) % spread.len();
+            store.get(black_box(&spread[i]))
+        })
+    });
     g.bench_function("get_miss", |b| b.iter(|| store.get(black_box(&miss))));
     g.bench_function("scan_prefix_100", |b| {
         b.iter(|| {

@@ -279,6 +279,15 @@ impl Store {
         }
     }
 
+    /// Calls `f` with every stored key and its [`Meta`], in key order (summaries of many
+    /// buckets are built from this, in one walk).
+    pub(crate) fn for_each_meta(&self, mut f: impl FnMut(&Key, Meta)) {
+        for e in self.inner.map.iter() {
+            let meta = lock(e.value()).meta();
+            f(e.key(), meta);
+        }
+    }
+
     /// Number of keys holding a value (tombstones excluded).
     #[must_use]
     pub fn len(&self) -> usize {

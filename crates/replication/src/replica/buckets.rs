@@ -2,8 +2,6 @@
 //! entries' hashes, its key count), and the bucket's keys in key order, derived from the
 //! store's ordered index when anti-entropy needs to list them.
 
-use std::collections::BTreeSet;
-
 use crate::hash::bucket_of;
 use crate::store::{Key, Store};
 
@@ -19,7 +17,8 @@ pub(super) struct Buckets {
     sums: Vec<u64>,
     counts: Vec<usize>,
     /// Every bucket's keys, sorted (shared with the store), while anti-entropy uses them.
-    keys: Option<Vec<BTreeSet<Key>>>,
+    /// Sorted vectors: 16 bytes a key, built at their exact size.
+    keys: Option<Vec<Vec<Key>>>,
     /// `keys` was read since the last digest round.
     used: bool,
 }
@@ -70,7 +69,14 @@ impl Buckets {
     pub(super) fn insert_key(&mut self, b: usize, key: &Key) {
         self.counts[b] += 1;
         if let Some(lists) = self.keys.as_mut() {
-            lists[b].insert(key.clone());
+            let list = &mut lists[b];
+            if let Err(at) = list.binary_search(key) {
+                if list.len() == list.capacity() {
+                    // Grow by an eighth, not double: the lists are sized exactly when built.
+                    list.reserve_exact(list.len() / 8 + 1);
+                }
+                list.insert(at, key.clone());
+            }
         }
     }
 
@@ -78,24 +84,36 @@ impl Buckets {
     pub(super) fn remove_key(&mut self, b: usize, key: &str) {
         self.counts[b] = self.counts[b].saturating_sub(1);
         if let Some(lists) = self.keys.as_mut() {
-            lists[b].remove(key);
+            let list = &mut lists[b];
+            if let Ok(at) = list.binary_search_by(|k| (**k).cmp(key)) {
+                list.remove(at);
+            }
         }
     }
 
     /// Bucket `b`'s keys in key order, building every bucket's list from `store` in one walk
     /// of its index if they are not there.
-    pub(super) fn keys(&mut self, store: &Store, b: usize) -> &BTreeSet<Key> {
+    pub(super) fn keys(&mut self, store: &Store, b: usize) -> &[Key] {
         self.used = true;
-        let n = self.sums.len();
+        let n = self.bucket_count();
         let lists = self.keys.get_or_insert_with(|| {
             let mut lists: Vec<Vec<Key>> =
                 self.counts.iter().map(|&c| Vec::with_capacity(c)).collect();
-            // Bucket counts fit in u32 (`ReplicaConfig::buckets`).
-            store.for_each_key(|k| lists[bucket_of(k, n as u32) as usize].push(k.clone()));
-            // Already sorted: the index is walked in key order, so the sets are bulk-built.
-            lists.into_iter().map(BTreeSet::from_iter).collect()
+            // Sorted as they come: the index is walked in key order.
+            store.for_each_key(|k| lists[bucket_of(k, n) as usize].push(k.clone()));
+            lists
         });
         &lists[b]
+    }
+
+    /// How many keys buckets `bs` hold together.
+    pub(super) fn count_of(&self, bs: impl Iterator<Item = usize>) -> usize {
+        bs.map(|b| self.counts[b]).sum()
+    }
+
+    /// The bucket count as the hash takes it (it fits: `ReplicaConfig::buckets` is a u32).
+    pub(super) fn bucket_count(&self) -> u32 {
+        u32::try_from(self.sums.len()).unwrap_or(u32::MAX)
     }
 
     /// A digest round passed: drops the key lists if nothing read them during the last one.

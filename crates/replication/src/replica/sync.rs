@@ -9,9 +9,9 @@ use prost::Message as _;
 
 use super::lifecycle::{Standing, SyncState};
 use super::{Outgoing, OutgoingKind, Replica, ReplicaEvent, envelope, random_below};
-use crate::hash::rendezvous;
+use crate::hash::{bucket_of, rendezvous};
 use crate::hlc::{Hlc, Version};
-use crate::store::Key;
+use crate::store::{Key, Meta};
 use crate::wire;
 
 /// What this node offered one requester in its summaries: the bytes of entries the
@@ -192,6 +192,7 @@ impl Replica {
             self.trigger_digest(now);
         }
         if !equal {
+            let mut answers: Vec<(usize, Answer)> = Vec::new();
             for (b, (mine, theirs)) in ours.iter().zip(&d.buckets).enumerate() {
                 // Bucket indices fit in u32: the count is a NonZeroU32.
                 let bucket = b as u32;
@@ -210,12 +211,28 @@ impl Replica {
                 }
                 self.answered.insert((from, bucket), now);
                 self.stats.buckets_answered += 1;
-                if *theirs == 0 {
-                    // The requester holds nothing here: send everything, skip the summary.
-                    let keys = self.buckets.keys(&self.store, b).iter().cloned().collect();
-                    self.send_entries(keys, usize::MAX);
-                } else {
-                    self.send_summaries(now, from, bucket);
+                // The requester holds nothing here: send everything, skip the summary.
+                answers.push((
+                    b,
+                    if *theirs == 0 {
+                        Answer::Entries
+                    } else {
+                        Answer::Summary
+                    },
+                ));
+            }
+            let mut summaries = self.summaries(from, &answers);
+            for (b, answer) in answers {
+                match answer {
+                    Answer::Entries => {
+                        let keys = self.buckets.keys(&self.store, b).to_vec();
+                        self.send_entries(keys, usize::MAX);
+                    }
+                    Answer::Summary => {
+                        if let Some(chunks) = summaries.get_mut(b).and_then(Option::take) {
+                            self.send_summaries(now, from, chunks);
+                        }
+                    }
                 }
             }
         }
@@ -264,11 +281,16 @@ impl Replica {
         let horizon = self.horizon_ms(self.last_wall_ms);
         let mut to_send = Vec::new();
         let mut to_forget = Vec::new();
-        for key in self
-            .buckets
-            .keys(&self.store, bucket)
-            .range::<str, _>((lower, upper))
-        {
+        let keys = self.buckets.keys(&self.store, bucket);
+        let first = match lower {
+            Bound::Excluded(a) => keys.partition_point(|k| &**k <= a),
+            _ => 0,
+        };
+        let end = match upper {
+            Bound::Included(u) => keys.partition_point(|k| &**k <= u),
+            _ => keys.len(),
+        };
+        for key in &keys[first..end.max(first)] {
             let Some(meta) = self.store.meta(key) else {
                 continue;
             };
@@ -405,49 +427,70 @@ impl Replica {
         self.stats.digests_sent += 1;
     }
 
-    /// Sends `target` this node's keys of `bucket` with their versions, and records what it
-    /// thereby offers: `target` may then ask for any of these entries once.
-    fn send_summaries(&mut self, now: Instant, target: u64, bucket: u32) {
+    /// The summaries answering `target`'s digest, by bucket, for the buckets of `answers`
+    /// to be summarised: from the buckets' key lists and a lookup per key when they hold few
+    /// keys, else from one walk of the store's index for all of them (see
+    /// `docs/replication.md`, Anti-entropy: a lookup costs about `LOOKUP_STEPS` steps of a
+    /// walk).
+    fn summaries(
+        &mut self,
+        target: u64,
+        answers: &[(usize, Answer)],
+    ) -> Vec<Option<SummaryChunks>> {
         let max = self.cfg.max_sync_message;
-        let mut offered = 0usize;
-        let mut chunks: Vec<wire::Summary> = Vec::new();
-        let mut cur = wire::Summary {
-            target,
-            bucket,
-            after: None,
-            upto: None,
-            keys: Vec::new(),
+        let mut out: Vec<Option<SummaryChunks>> = (0..self.buckets.len()).map(|_| None).collect();
+        let wanted = || {
+            answers
+                .iter()
+                .filter(|(_, a)| *a == Answer::Summary)
+                .map(|(b, _)| *b)
         };
-        let mut size = cur.encoded_len() + 16;
-        for key in self.buckets.keys(&self.store, bucket as usize) {
-            let Some(meta) = self.store.meta(key) else {
+        for b in wanted() {
+            // Bucket indices fit in u32: the count is a NonZeroU32.
+            out[b] = Some(SummaryChunks::new(target, b as u32, max));
+        }
+        let keys = self.buckets.count_of(wanted());
+        if keys == 0 {
+            return out;
+        }
+        if keys.saturating_mul(LOOKUP_STEPS) >= self.store.entry_count() {
+            self.summaries_by_walk(&mut out);
+        } else {
+            self.summaries_by_lookup(&mut out);
+        }
+        out
+    }
+
+    /// Fills the summaries of `out` from one walk of the store's index.
+    fn summaries_by_walk(&self, out: &mut [Option<SummaryChunks>]) {
+        let n = self.buckets.bucket_count();
+        self.store.for_each_meta(|key, meta| {
+            if let Some(chunks) = out[bucket_of(key, n) as usize].as_mut() {
+                chunks.push(key, meta);
+            }
+        });
+    }
+
+    /// Fills the summaries of `out` from the buckets' key lists, looking every key up.
+    fn summaries_by_lookup(&mut self, out: &mut [Option<SummaryChunks>]) {
+        let store = &self.store;
+        for (b, chunks) in out.iter_mut().enumerate() {
+            let Some(chunks) = chunks.as_mut() else {
                 continue;
             };
-            offered = offered.saturating_add(entry_size(key, meta.value_len));
-            let kv = wire::KeyVersion {
-                key: key.to_string(),
-                hlc: meta.version.hlc.0,
-                node: meta.version.node,
-            };
-            let len = kv.encoded_len() + 4;
-            if !cur.keys.is_empty() && size + len * 2 > max {
-                let last = cur.keys.last().map(|k| k.key.clone());
-                let next = wire::Summary {
-                    target,
-                    bucket,
-                    after: last.clone(),
-                    upto: None,
-                    keys: Vec::new(),
-                };
-                let mut done = std::mem::replace(&mut cur, next);
-                done.upto = last;
-                chunks.push(done);
-                size = cur.encoded_len() + 16 + key.len();
+            for key in self.buckets.keys(store, b) {
+                if let Some(meta) = store.meta(key) {
+                    chunks.push(key, meta);
+                }
             }
-            size += len;
-            cur.keys.push(kv);
         }
-        chunks.push(cur);
+    }
+
+    /// Sends `target` the summaries of one bucket (this node's keys of it with their
+    /// versions), and records what it thereby offers: `target` may then ask for any of these
+    /// entries once.
+    fn send_summaries(&mut self, now: Instant, target: u64, chunks: SummaryChunks) {
+        let (chunks, offered) = chunks.finish();
         for s in chunks {
             self.push_sync(envelope(wire::envelope::Body::Summary(s)));
             self.stats.summaries_sent += 1;
@@ -581,4 +624,124 @@ impl Replica {
 /// a tombstone), framing included.
 fn entry_size(key: &str, value_len: Option<usize>) -> usize {
     key.len() + value_len.map_or(0, |n| n + 4) + 32
+}
+
+/// How a node answers a requester's bucket that differs from its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// The requester's bucket is empty: every entry of it.
+    Entries,
+    /// Its keys with their versions, in chunks.
+    Summary,
+}
+
+/// A lookup in the store's index (a search from the top of the skip list, cache misses at
+/// every level) costs about this many steps of a walk along it: measured at 1 M keys, about
+/// 3 µs against 0.1 µs (`benches/store.rs`, `docs/performance.md`).
+const LOOKUP_STEPS: usize = 16;
+
+/// The summaries of one bucket as they are built, key by key in key order: chunks of at most
+/// `max_sync_message` bytes, each covering the key range `(after, upto]`.
+#[derive(Debug)]
+struct SummaryChunks {
+    max: usize,
+    chunks: Vec<wire::Summary>,
+    cur: wire::Summary,
+    size: usize,
+    /// Bytes of the entries offered (what the requester may then ask for).
+    offered: usize,
+}
+
+impl SummaryChunks {
+    fn new(target: u64, bucket: u32, max: usize) -> SummaryChunks {
+        let cur = wire::Summary {
+            target,
+            bucket,
+            after: None,
+            upto: None,
+            keys: Vec::new(),
+        };
+        SummaryChunks {
+            max,
+            chunks: Vec::new(),
+            size: cur.encoded_len() + 16,
+            cur,
+            offered: 0,
+        }
+    }
+
+    /// Adds `key` (the next in key order) with its version.
+    fn push(&mut self, key: &str, meta: Meta) {
+        self.offered = self.offered.saturating_add(entry_size(key, meta.value_len));
+        let kv = wire::KeyVersion {
+            key: key.to_owned(),
+            hlc: meta.version.hlc.0,
+            node: meta.version.node,
+        };
+        let len = kv.encoded_len() + 4;
+        if !self.cur.keys.is_empty() && self.size + len * 2 > self.max {
+            let last = self.cur.keys.last().map(|k| k.key.clone());
+            let next = wire::Summary {
+                target: self.cur.target,
+                bucket: self.cur.bucket,
+                after: last.clone(),
+                upto: None,
+                keys: Vec::new(),
+            };
+            let mut done = std::mem::replace(&mut self.cur, next);
+            done.upto = last;
+            self.chunks.push(done);
+            self.size = self.cur.encoded_len() + 16 + key.len();
+        }
+        self.size += len;
+        self.cur.keys.push(kv);
+    }
+
+    /// The chunks, and the bytes offered.
+    fn finish(mut self) -> (Vec<wire::Summary>, usize) {
+        self.chunks.push(self.cur);
+        (self.chunks, self.offered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ReplicaConfig;
+
+    /// Both ways of building summaries yield the same messages, and the offers they record.
+    #[test]
+    fn summaries_by_walk_equal_summaries_by_lookup() {
+        let now = Instant::now();
+        let mut cfg = ReplicaConfig::new(1, 1);
+        cfg.buckets = std::num::NonZeroU32::new(8).unwrap_or(std::num::NonZeroU32::MIN);
+        // Small messages, so that buckets take several chunks.
+        cfg.max_sync_message = 600;
+        let mut r = Replica::new(cfg, now);
+        for i in 0..2_000 {
+            let key = format!("k/{:05}", (i * 7_919) % 10_000);
+            if i % 5 == 0 {
+                assert!(r.delete(1_000, key).is_ok());
+            } else {
+                assert!(r.put(1_000, key, vec![7u8; i % 40]).is_ok());
+            }
+        }
+        let fresh = |r: &Replica| -> Vec<Option<SummaryChunks>> {
+            (0..r.buckets.len())
+                .map(|b| (b % 3 != 1).then(|| SummaryChunks::new(2, b as u32, 600)))
+                .collect()
+        };
+        let mut walked = fresh(&r);
+        r.summaries_by_walk(&mut walked);
+        let mut looked = fresh(&r);
+        r.summaries_by_lookup(&mut looked);
+        let finish = |v: Vec<Option<SummaryChunks>>| -> Vec<Option<(Vec<wire::Summary>, usize)>> {
+            v.into_iter()
+                .map(|c| c.map(SummaryChunks::finish))
+                .collect()
+        };
+        let (walked, looked) = (finish(walked), finish(looked));
+        assert!(walked.iter().flatten().any(|(chunks, _)| chunks.len() > 2));
+        assert_eq!(walked, looked);
+    }
 }
