@@ -134,8 +134,8 @@ fn summaries(c: &mut Criterion) {
                 assert!(drain(&mut r) > 0);
             })
         });
-        // The same when the bucket key lists are gone (dropped after a digest round in which
-        // anti-entropy listed nothing): one walk of the index builds them all first.
+        // The same when the bucket key lists are gone (dropped at a timer tick that found
+        // them unread since the tick before): one walk of the index builds them all first.
         g.bench_function("summary_1_of_256_buckets_cold", |b| {
             b.iter_custom(|iters| {
                 let mut spent = Duration::ZERO;

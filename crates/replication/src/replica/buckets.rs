@@ -9,9 +9,9 @@ use crate::store::{Key, Store};
 ///
 /// Listing one bucket's keys from the store's index alone means walking the whole index
 /// (keys fall into buckets by hash), so the lists are built together, in one walk, the
-/// first time a round of anti-entropy needs any of them, kept up to date by every change
-/// while they live, and dropped after a whole digest round in which none was read (see
-/// `docs/replication.md`, Anti-entropy). A node in sync with its peers holds none.
+/// first time anti-entropy needs any of them, kept up to date by every change while they
+/// live, and dropped at the first timer tick that finds them unread since the tick before
+/// (see `docs/replication.md`, Anti-entropy). A node at rest holds none.
 #[derive(Debug)]
 pub(super) struct Buckets {
     sums: Vec<u64>,
@@ -19,7 +19,7 @@ pub(super) struct Buckets {
     /// Every bucket's keys, sorted (shared with the store), while anti-entropy uses them.
     /// Sorted vectors: 16 bytes a key, built at their exact size.
     keys: Option<Vec<Vec<Key>>>,
-    /// `keys` was read since the last digest round.
+    /// `keys` was read since the last timer tick.
     used: bool,
 }
 
@@ -116,8 +116,10 @@ impl Buckets {
         u32::try_from(self.sums.len()).unwrap_or(u32::MAX)
     }
 
-    /// A digest round passed: drops the key lists if nothing read them during the last one.
-    pub(super) fn end_round(&mut self) {
+    /// A timer tick (`Replica::handle_timeout`): drops the key lists if nothing read them
+    /// since the tick before. A burst of anti-entropy (summaries answered and received, old
+    /// keys forgotten) keeps them; a node at rest holds none.
+    pub(super) fn tick(&mut self) {
         if !self.used {
             self.keys = None;
         }
@@ -150,7 +152,7 @@ mod tests {
     }
 
     #[test]
-    fn key_lists_follow_the_index_and_go_after_an_unused_round() {
+    fn key_lists_follow_the_index_and_go_when_unread_between_ticks() {
         let store = Store::new();
         let mut b = Buckets::new(4);
         let mut commit = Vec::new();
@@ -179,10 +181,10 @@ mod tests {
         expected[bucket_of("d", 4) as usize].sort();
         expected[bucket_of("a", 4) as usize].retain(|k| k != "a");
         assert_eq!(listed(&mut b, &store), expected);
-        // Used during the round: kept; unused for a whole round: dropped.
-        b.end_round();
+        // Read since the last tick: kept; unread from one tick to the next: dropped.
+        b.tick();
         assert!(b.keys.is_some());
-        b.end_round();
+        b.tick();
         assert!(b.keys.is_none());
         assert_eq!(listed(&mut b, &store), expected);
     }

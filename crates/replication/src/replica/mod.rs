@@ -322,11 +322,11 @@ impl Replica {
     /// the durable backend's fsync interval.
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
         self.last_wall_ms = self.last_wall_ms.max(wall_ms);
+        self.buckets.tick();
         self.handle_durable_timeout(now);
         let due = self.next_digest <= now || self.triggered_digest.is_some_and(|t| t <= now);
         if due {
             self.collect_tombstones(wall_ms);
-            self.buckets.end_round();
             if self.has_live_peer() {
                 self.send_digest();
             }
