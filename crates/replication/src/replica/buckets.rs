@@ -2,6 +2,8 @@
 //! entries' hashes, its key count), and the bucket's keys in key order, derived from the
 //! store's ordered index when anti-entropy needs to list them.
 
+use std::time::{Duration, Instant};
+
 use crate::hash::bucket_of;
 use crate::store::{Key, Store};
 
@@ -10,8 +12,8 @@ use crate::store::{Key, Store};
 /// Listing one bucket's keys from the store's index alone means walking the whole index
 /// (keys fall into buckets by hash), so the lists are built together, in one walk, the
 /// first time anti-entropy needs any of them, kept up to date by every change while they
-/// live, and dropped at the first timer tick that finds them unread since the tick before
-/// (see `docs/replication.md`, Anti-entropy). A node at rest holds none.
+/// live, and dropped once unread for a while (the replica's `resend_holdoff`, through its
+/// timer; see `docs/replication.md`, Anti-entropy). A node at rest holds none.
 #[derive(Debug)]
 pub(super) struct Buckets {
     sums: Vec<u64>,
@@ -19,8 +21,10 @@ pub(super) struct Buckets {
     /// Every bucket's keys, sorted (shared with the store), while anti-entropy uses them.
     /// Sorted vectors: 16 bytes a key, built at their exact size.
     keys: Option<Vec<Vec<Key>>>,
-    /// `keys` was read since the last timer tick.
+    /// `keys` was read since the last [`settle`](Buckets::settle).
     used: bool,
+    /// When `keys` was last read, as of the last `settle`.
+    last_read: Option<Instant>,
 }
 
 impl Buckets {
@@ -32,6 +36,7 @@ impl Buckets {
             counts: vec![0; n],
             keys: None,
             used: false,
+            last_read: None,
         }
     }
 
@@ -116,14 +121,26 @@ impl Buckets {
         u32::try_from(self.sums.len()).unwrap_or(u32::MAX)
     }
 
-    /// A timer tick (`Replica::handle_timeout`): drops the key lists if nothing read them
-    /// since the tick before. A burst of anti-entropy (summaries answered and received, old
-    /// keys forgotten) keeps them; a node at rest holds none.
-    pub(super) fn tick(&mut self) {
-        if !self.used {
+    /// Notes that whatever read the key lists since the last call did so at `now` (called
+    /// after every handled message).
+    pub(super) fn settle(&mut self, now: Instant) {
+        if std::mem::take(&mut self.used) {
+            self.last_read = Some(now);
+        }
+    }
+
+    /// When the key lists, unread since, are to be dropped: `idle` after their last read.
+    pub(super) fn expiry(&self, idle: Duration) -> Option<Instant> {
+        self.keys.as_ref()?;
+        self.last_read.map(|t| t + idle)
+    }
+
+    /// Drops the key lists if they went unread for `idle` (a node at rest holds none).
+    pub(super) fn expire(&mut self, now: Instant, idle: Duration) {
+        self.settle(now);
+        if self.expiry(idle).is_some_and(|t| t <= now) {
             self.keys = None;
         }
-        self.used = false;
     }
 }
 
@@ -152,7 +169,7 @@ mod tests {
     }
 
     #[test]
-    fn key_lists_follow_the_index_and_go_when_unread_between_ticks() {
+    fn key_lists_follow_the_index_and_go_when_unread_for_a_while() {
         let store = Store::new();
         let mut b = Buckets::new(4);
         let mut commit = Vec::new();
@@ -181,10 +198,14 @@ mod tests {
         expected[bucket_of("d", 4) as usize].sort();
         expected[bucket_of("a", 4) as usize].retain(|k| k != "a");
         assert_eq!(listed(&mut b, &store), expected);
-        // Read since the last tick: kept; unread from one tick to the next: dropped.
-        b.tick();
+        // Kept while read within `idle`, dropped once unread for that long.
+        let (t0, idle) = (Instant::now(), Duration::from_secs(1));
+        b.settle(t0);
+        assert_eq!(b.expiry(idle), Some(t0 + idle));
+        b.expire(t0 + idle / 2, idle);
         assert!(b.keys.is_some());
-        b.tick();
+        b.expire(t0 + idle, idle);
+        assert_eq!(b.expiry(idle), None);
         assert!(b.keys.is_none());
         assert_eq!(listed(&mut b, &store), expected);
     }

@@ -309,6 +309,9 @@ impl Replica {
         if let Some(tr) = self.triggered_digest {
             t = t.min(tr);
         }
+        if let Some(e) = self.buckets.expiry(self.cfg.resend_holdoff) {
+            t = t.min(e);
+        }
         if let Some(d) = self.durable_timeout() {
             t = t.min(d);
         }
@@ -319,10 +322,11 @@ impl Replica {
     }
 
     /// Timers: periodic and triggered digests, tombstone collection, the solo in-sync rule,
-    /// the durable backend's fsync interval.
+    /// the durable backend's fsync interval, and dropping the digest buckets' key lists once
+    /// unread for `resend_holdoff`.
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
         self.last_wall_ms = self.last_wall_ms.max(wall_ms);
-        self.buckets.tick();
+        self.buckets.expire(now, self.cfg.resend_holdoff);
         self.handle_durable_timeout(now);
         let due = self.next_digest <= now || self.triggered_digest.is_some_and(|t| t <= now);
         if due {
@@ -367,6 +371,7 @@ impl Replica {
             Some(wire::envelope::Body::Entries(e)) => self.on_entries(now, wall_ms, from, e),
             None => self.stats.malformed += 1,
         }
+        self.buckets.settle(now);
     }
 }
 
