@@ -12,8 +12,8 @@ use crate::store::{Key, Store};
 /// Listing one bucket's keys from the store's index alone means walking the whole index
 /// (keys fall into buckets by hash), so the lists are built together, in one walk, the
 /// first time anti-entropy needs any of them, kept up to date by every change while they
-/// live, and dropped once unread for a while (the replica's `resend_holdoff`, through its
-/// timer; see `docs/replication.md`, Anti-entropy). A node at rest holds none.
+/// live, and dropped once unread for a while (the replica's `resend_holdoff`, checked at its
+/// timer calls; see `docs/replication.md`, Anti-entropy). A node at rest holds none.
 #[derive(Debug)]
 pub(super) struct Buckets {
     sums: Vec<u64>,

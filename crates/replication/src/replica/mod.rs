@@ -309,9 +309,6 @@ impl Replica {
         if let Some(tr) = self.triggered_digest {
             t = t.min(tr);
         }
-        if let Some(e) = self.buckets.expiry(self.cfg.resend_holdoff) {
-            t = t.min(e);
-        }
         if let Some(d) = self.durable_timeout() {
             t = t.min(d);
         }
@@ -323,7 +320,8 @@ impl Replica {
 
     /// Timers: periodic and triggered digests, tombstone collection, the solo in-sync rule,
     /// the durable backend's fsync interval, and dropping the digest buckets' key lists once
-    /// unread for `resend_holdoff`.
+    /// unread for `resend_holdoff` (checked at every call: no timer of its own, so that the
+    /// schedule of wake-ups stays as it was; `NodeCore` calls this at every protocol timer).
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
         self.last_wall_ms = self.last_wall_ms.max(wall_ms);
         self.buckets.expire(now, self.cfg.resend_holdoff);
