@@ -1,11 +1,18 @@
-//! The replicated map as readers see it: a cheap-clone handle over a concurrent map.
+//! The replicated map as readers see it: a cheap-clone handle over one ordered, lock-free
+//! index of keys.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
-/// A stored key: one exact-size allocation, shared by the map, the digest buckets, the
-/// tombstone index and the change log.
+use bytes::Bytes;
+use crossbeam_skiplist::SkipMap;
+
+use crate::hlc::Version;
+
+/// A stored key: one exact-size allocation, shared by the index, the tombstone index, the
+/// change log and (while anti-entropy lists them) the digest buckets' key lists.
 pub(crate) type Key = Arc<str>;
 
 /// A stored value: one allocation of exactly its bytes (plus the reference counts), shared
@@ -33,12 +40,14 @@ impl Stored {
             revision: self.revision,
         }
     }
+
+    fn meta(&self) -> Meta {
+        Meta {
+            version: self.version,
+            value_len: self.value.as_ref().map(|v| v.len()),
+        }
+    }
 }
-
-use bytes::Bytes;
-use dashmap::DashMap;
-
-use crate::hlc::Version;
 
 /// What the replica needs to know of a stored key for sync: its version and its value's
 /// length (`None`: a tombstone).
@@ -76,15 +85,22 @@ impl Entry {
 
 /// A read handle on a node's replicated store. Clone it freely and read from any thread.
 ///
-/// Every read goes straight to the map; no read holds a map reference across another map
-/// call. Writes come only from the owning [`Replica`](crate::Replica).
+/// The store is one ordered index of keys, a lock-free skip list: a lookup costs
+/// O(log n), a prefix scan O(log n + k) with no sort, and no reader, however long it walks
+/// the index, blocks the writer's single-key changes. Writes come only from the owning
+/// [`Replica`](crate::Replica).
 ///
 /// # Consistency for readers
 /// - A single-key read ([`get`](Store::get), [`get_entry`](Store::get_entry)) returns either
-///   the entry before or after any write, never a mix.
+///   the entry before or after any write, never a mix and never "absent" for a key that is
+///   overwritten: an entry is replaced in place, in a slot locked only to copy or swap it.
 /// - Multi-key reads ([`scan_prefix`](Store::scan_prefix), [`get_many`](Store::get_many),
-///   [`entries`](Store::entries)) never observe part of a batch: batches are applied under
-///   the write side of a small gate that multi-key reads take for reading.
+///   [`entries`](Store::entries)) never observe part of a batch. They read optimistically:
+///   a multi-entry change set bumps a counter to odd before and to even after it is
+///   applied, and a read that saw the counter move is done again. After two such tries a
+///   read takes a small gate for reading, which the writer takes for writing around a
+///   multi-entry change set; so the writer can wait for a reader only when batches kept
+///   landing during that reader's walk, and then for one walk at most.
 ///
 /// # Durability seam
 /// Every mutation goes through [`Store::commit`] (and the tombstone collector's
@@ -97,16 +113,34 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// An entry in the index. The skip list's own replace unlinks the old node before it links
+/// the new one (a reader could find the key missing in between), so an entry is overwritten
+/// in place instead, under this lock, held only to clone or swap the entry.
+type Slot = Mutex<Stored>;
+
+/// How many times a multi-key read runs without the gate before it takes it.
+const OPTIMISTIC_READS: usize = 2;
+
 #[derive(Default)]
 struct Inner {
-    map: DashMap<Key, Stored>,
+    /// The one index of keys, in key order.
+    map: SkipMap<Key, Slot>,
     /// Highest revision whose change is fully visible.
     revision: AtomicU64,
     /// Number of entries that hold a value (tombstones excluded).
     live: AtomicUsize,
-    /// Held for writing while a multi-key change is applied, for reading by multi-key reads.
-    /// Guards no data, so poisoning carries no meaning and is ignored.
+    /// Odd while a multi-entry change set is being applied: incremented before and after.
+    batches: AtomicU64,
+    /// Held for writing while a multi-entry change set is applied, for reading by multi-key
+    /// reads that failed their optimistic tries. Guards no data, so poisoning carries no
+    /// meaning and is ignored.
     gate: RwLock<()>,
+}
+
+/// The entry in `slot`. No code panics while holding a slot (it only clones or swaps), so a
+/// poisoned slot still holds a whole entry.
+fn lock(slot: &Slot) -> MutexGuard<'_, Stored> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl std::fmt::Debug for Store {
@@ -128,84 +162,130 @@ impl Store {
     /// The value stored under `key`, `None` when absent or deleted.
     #[must_use]
     pub fn get(&self, key: &str) -> Option<Bytes> {
-        self.inner
-            .map
-            .get(key)
-            .and_then(|e| e.value.as_ref().map(bytes_of))
+        let e = self.inner.map.get(key)?;
+        lock(e.value()).value.as_ref().map(bytes_of)
     }
 
     /// The entry under `key`, tombstones included.
     #[must_use]
     pub fn get_entry(&self, key: &str) -> Option<Entry> {
-        self.inner.map.get(key).map(|e| e.entry())
+        self.inner.map.get(key).map(|e| lock(e.value()).entry())
     }
 
     /// The values of several keys, read at one point with respect to batches.
     #[must_use]
     pub fn get_many(&self, keys: &[&str]) -> Vec<Option<Bytes>> {
-        let _gate = self
-            .inner
-            .gate
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        keys.iter().map(|k| self.get(k)).collect()
+        self.consistent(|| keys.iter().map(|k| self.get(k)).collect())
     }
 
     /// Every live `(key, value)` whose key starts with `prefix`, sorted by key.
     ///
-    /// Walks the whole map (O(n)); never observes half a batch.
+    /// A range of the index: O(log n + k) for k keys under the prefix (tombstones among
+    /// them included); never observes half a batch.
     #[must_use]
     pub fn scan_prefix(&self, prefix: &str) -> Vec<(String, Bytes)> {
-        self.scan_entries(prefix)
-            .into_iter()
-            .filter_map(|(k, e)| e.value.map(|v| (k, v)))
-            .collect()
+        self.consistent(|| {
+            self.prefix_range(prefix)
+                .filter_map(|e| {
+                    let value = lock(e.value()).value.as_ref().map(bytes_of)?;
+                    Some((e.key().to_string(), value))
+                })
+                .collect()
+        })
     }
 
     /// Every live entry (with its version and revision) whose key starts with `prefix`,
     /// sorted by key. Tombstones are left out.
     ///
-    /// Walks the whole map (O(n)); never observes half a batch.
+    /// A range of the index: O(log n + k); never observes half a batch.
     #[must_use]
     pub fn scan_entries(&self, prefix: &str) -> Vec<(String, Entry)> {
-        let mut out: Vec<(String, Entry)> = {
-            let _gate = self
-                .inner
-                .gate
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            self.inner
-                .map
-                .iter()
-                .filter(|r| r.key().starts_with(prefix) && r.value().value.is_some())
-                .map(|r| (r.key().to_string(), r.value().entry()))
+        self.consistent(|| {
+            self.prefix_range(prefix)
+                .filter_map(|e| {
+                    let entry = lock(e.value()).entry();
+                    (!entry.is_tombstone()).then(|| (e.key().to_string(), entry))
+                })
                 .collect()
-        };
-        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        out
+        })
     }
 
     /// Every entry, tombstones included, sorted by key (a consistent copy).
     #[must_use]
     pub fn entries(&self) -> BTreeMap<String, Entry> {
+        self.consistent(|| {
+            self.inner
+                .map
+                .iter()
+                .map(|e| (e.key().to_string(), lock(e.value()).entry()))
+                .collect()
+        })
+    }
+
+    /// The index entries whose key starts with `prefix`, in key order.
+    fn prefix_range<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = crossbeam_skiplist::map::Entry<'a, Key, Slot>> + 'a {
+        self.inner
+            .map
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |e| e.key().starts_with(prefix))
+    }
+
+    /// Runs the multi-key read `read` so that it observes no part of a batch: optimistically
+    /// (again if a batch was applied meanwhile), then behind the gate.
+    fn consistent<T>(&self, mut read: impl FnMut() -> T) -> T {
+        for _ in 0..OPTIMISTIC_READS {
+            let before = self.inner.batches.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                // A batch is being applied: wait for it at the gate.
+                break;
+            }
+            let out = read();
+            // Every entry read above is ordered before this load: had one come from a batch,
+            // the counter would have moved.
+            fence(Ordering::Acquire);
+            if self.inner.batches.load(Ordering::Relaxed) == before {
+                return out;
+            }
+        }
         let _gate = self
             .inner
             .gate
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        self.inner
-            .map
-            .iter()
-            .map(|r| (r.key().to_string(), r.value().entry()))
-            .collect()
+        read()
     }
 
     /// The version of `key` and its value's length, without touching the value.
     pub(crate) fn meta(&self, key: &str) -> Option<Meta> {
-        self.inner.map.get(key).map(|e| Meta {
-            version: e.version,
-            value_len: e.value.as_ref().map(|v| v.len()),
-        })
+        self.inner.map.get(key).map(|e| lock(e.value()).meta())
+    }
+
+    /// The stored key equal to `key` (the shared allocation) and its [`Meta`].
+    pub(crate) fn lookup(&self, key: &str) -> Option<(Key, Meta)> {
+        self.inner
+            .map
+            .get(key)
+            .map(|e| (e.key().clone(), lock(e.value()).meta()))
+    }
+
+    /// Calls `f` with every stored key, in key order (the digest buckets' key lists are
+    /// built from this).
+    pub(crate) fn for_each_key(&self, mut f: impl FnMut(&Key)) {
+        for e in self.inner.map.iter() {
+            f(e.key());
+        }
+    }
+
+    /// Calls `f` with every stored key and its [`Meta`], in key order (summaries of many
+    /// buckets are built from this, in one walk).
+    pub(crate) fn for_each_meta(&self, mut f: impl FnMut(&Key, Meta)) {
+        for e in self.inner.map.iter() {
+            let meta = lock(e.value()).meta();
+            f(e.key(), meta);
+        }
     }
 
     /// Number of keys holding a value (tombstones excluded).
@@ -232,25 +312,37 @@ impl Store {
         self.inner.revision.load(Ordering::Acquire)
     }
 
-    /// Stores already-decided winners. Multi-entry change sets are applied behind the gate,
-    /// so multi-key readers see all of them or none. The published revision moves to the
-    /// highest revision in the set once every entry is visible.
+    /// Stores already-decided winners. Multi-entry change sets are applied between two
+    /// increments of the batch counter, behind the gate, so multi-key readers see all of
+    /// them or none. The published revision moves to the highest revision in the set once
+    /// every entry is visible.
     pub(crate) fn commit(&self, changes: impl ExactSizeIterator<Item = (Key, Stored)>) {
-        let _gate = (changes.len() > 1).then(|| {
+        let batch = changes.len() > 1;
+        let _gate = batch.then(|| {
             self.inner
                 .gate
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
         });
+        if batch {
+            self.inner.batches.fetch_add(1, Ordering::Relaxed);
+            // The odd count is ordered before every entry written below.
+            fence(Ordering::Release);
+        }
         let mut top = 0;
         for (key, entry) in changes {
             top = top.max(entry.revision);
             let is_value = entry.value.is_some();
-            let was_value = self
-                .inner
-                .map
-                .insert(key, entry)
-                .is_some_and(|old| old.value.is_some());
+            let was_value = match self.inner.map.get(&*key) {
+                Some(e) => {
+                    let old = std::mem::replace(&mut *lock(e.value()), entry);
+                    old.value.is_some()
+                }
+                None => {
+                    self.inner.map.insert(key, Mutex::new(entry));
+                    false
+                }
+            };
             match (was_value, is_value) {
                 (false, true) => {
                     self.inner.live.fetch_add(1, Ordering::AcqRel);
@@ -261,21 +353,29 @@ impl Store {
                 _ => {}
             }
         }
+        if batch {
+            self.inner.batches.fetch_add(1, Ordering::Release);
+        }
         self.inner.revision.fetch_max(top, Ordering::AcqRel);
     }
 
     /// Removes `key` if it is still the tombstone of `version` (tombstone collection).
     pub(crate) fn remove_tombstone(&self, key: &str, version: Version) -> bool {
-        self.inner
-            .map
-            .remove_if(key, |_, e| e.value.is_none() && e.version == version)
-            .is_some()
+        let Some(e) = self.inner.map.get(key) else {
+            return false;
+        };
+        let collectable = {
+            let s = lock(e.value());
+            s.value.is_none() && s.version == version
+        };
+        // Only the owning replica writes, so the entry cannot change in between.
+        collectable && e.remove()
     }
 
     /// Removes `key` whatever it holds (used when a long-isolated node forgets old entries).
     pub(crate) fn remove(&self, key: &str) {
-        if let Some((_, old)) = self.inner.map.remove(key)
-            && old.value.is_some()
+        if let Some(e) = self.inner.map.remove(key)
+            && lock(e.value()).value.is_some()
         {
             self.inner.live.fetch_sub(1, Ordering::AcqRel);
         }
@@ -332,6 +432,47 @@ mod tests {
             }
         ));
         assert_eq!(s.entry_count(), 1);
+    }
+
+    #[test]
+    fn readers_on_other_threads_never_see_half_a_batch() {
+        let s = Store::new();
+        let batch = |n: u64| {
+            let v: &'static str = if n.is_multiple_of(2) { "even" } else { "odd" };
+            vec![
+                (Key::from("k/a"), entry(Some(v), n, 2 * n)),
+                (Key::from("k/b"), entry(Some(v), n, 2 * n + 1)),
+            ]
+        };
+        s.commit(batch(1).into_iter());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (s, stop) = (s.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut reads = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let many = s.get_many(&["k/a", "k/b"]);
+                        assert_eq!(many[0], many[1], "get_many saw half a batch");
+                        let scan = s.scan_prefix("k/");
+                        assert_eq!(scan.len(), 2);
+                        assert_eq!(scan[0].1, scan[1].1, "scan_prefix saw half a batch");
+                        // A key being overwritten is never missing.
+                        assert!(s.get("k/a").is_some());
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        for n in 2..20_000 {
+            s.commit(batch(n).into_iter());
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            assert!(r.join().unwrap() > 0);
+        }
+        assert_eq!(s.len(), 2);
     }
 
     #[test]
