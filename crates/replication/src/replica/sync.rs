@@ -1,0 +1,545 @@
+//! Anti-entropy: digests, summaries, requests and entries, the peers' view and the in-sync rule.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
+use std::time::Instant;
+
+use bytes::Bytes;
+use prost::Message as _;
+
+use super::{Outgoing, OutgoingKind, Replica, ReplicaEvent, envelope, random_below};
+use crate::hash::{bucket_of, rendezvous};
+use crate::hlc::{Hlc, Version};
+use crate::store::Key;
+use crate::wire;
+
+/// One digest bucket: the wrapping sum of its entries' hashes and its keys, sorted (the
+/// keys are shared with the store; versions are read from there).
+#[derive(Debug, Default)]
+pub(super) struct Bucket {
+    pub(super) sum: u64,
+    pub(super) keys: BTreeSet<Key>,
+}
+
+/// What this node offered one requester in its summaries: the bytes of entries the
+/// requester may then ask for (see `docs/replication.md`, bounded answers).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Offer {
+    pub(super) bytes: usize,
+    pub(super) at: Instant,
+}
+
+/// A `Request` is answered with at most this many times its own size in entries, beyond
+/// what this node offered the requester in its summaries (quinn's anti-amplification
+/// factor).
+const ANSWER_FACTOR: usize = 3;
+
+#[derive(Debug, Default)]
+pub(super) struct Peer {
+    pub(super) live: bool,
+    /// Latest digest received from the peer.
+    pub(super) digest: Option<Vec<u64>>,
+    /// The peer's latest digest said it is fresh (never in sync yet, no stale data).
+    pub(super) fresh: bool,
+    /// The latest digest matched ours when it arrived (with one mismatch of hysteresis).
+    pub(super) matched: bool,
+    pub(super) mismatch_streak: u32,
+    /// Its wall clock minus ours (ms), as the protocol measured it from its heartbeats.
+    pub(super) clock_offset_ms: Option<i64>,
+}
+
+impl Replica {
+    /// The current digest: one order-independent hash per bucket.
+    #[must_use]
+    pub fn digest(&self) -> Vec<u64> {
+        self.buckets.iter().map(|b| b.sum).collect()
+    }
+
+    /// The clock offset of live peer `node` (its wall clock minus ours, in milliseconds, as
+    /// `chorus_protocol::Member::clock_offset_ms` reports it; `None` when unknown). Unknown
+    /// or departed nodes are ignored.
+    pub fn handle_peer_clock(
+        &mut self,
+        now: Instant,
+        wall_ms: u64,
+        node: u64,
+        offset_ms: Option<i64>,
+    ) {
+        self.last_wall_ms = self.last_wall_ms.max(wall_ms);
+        match self.peers.get_mut(&node) {
+            Some(p) if p.live && p.clock_offset_ms != offset_ms => p.clock_offset_ms = offset_ms,
+            _ => return,
+        }
+        self.evaluate_sync(now);
+    }
+
+    /// A peer became live (joined, restarted, or came back after a partition).
+    pub fn handle_peer_up(&mut self, now: Instant, node: u64) {
+        if node == self.cfg.node {
+            return;
+        }
+        let long_isolation = self
+            .isolated_since
+            .take()
+            .is_some_and(|since| now.saturating_duration_since(since) > self.cfg.tombstone_grace);
+        let long_absence = std::mem::take(&mut self.absent_too_long);
+        if (long_isolation || long_absence) && !self.fresh {
+            self.recovering = true;
+            self.stats.recoveries += 1;
+        }
+        let peer = self.peers.entry(node).or_default();
+        *peer = Peer {
+            live: true,
+            ..Peer::default()
+        };
+        self.trigger_digest(now);
+        self.evaluate_sync(now);
+    }
+
+    /// A peer left (goodbye or timeout).
+    pub fn handle_peer_down(&mut self, now: Instant, node: u64) {
+        self.peers.remove(&node);
+        self.offers.remove(&node);
+        if !self.has_live_peer() && self.isolated_since.is_none() {
+            self.isolated_since = Some(now);
+        }
+        self.evaluate_sync(now);
+    }
+
+    /// The protocol reported unrecoverable loss of messages from `node`: resync.
+    pub fn handle_lost(&mut self, now: Instant, node: u64) {
+        self.stats.losses += 1;
+        if let Some(p) = self.peers.get_mut(&node) {
+            p.matched = false;
+        }
+        // Every peer may hold the lost writes (they were multicast), so ask everyone.
+        for p in self.peers.values_mut() {
+            p.matched = false;
+        }
+        self.evaluate_sync(now);
+        self.trigger_digest(now);
+    }
+
+    pub(super) fn on_digest(&mut self, now: Instant, from: u64, d: wire::Digest) {
+        self.stats.digests_received += 1;
+        if d.buckets.len() != self.buckets.len() {
+            self.stats.bucket_mismatch += 1;
+            return;
+        }
+        if self.recovering && !d.fresh {
+            // An empty bucket at a peer that is not fresh: the peer lacks every key of ours
+            // there, so our old keys in it were deleted (and collected) while we were away.
+            for b in 0..self.buckets.len() {
+                if d.buckets[b] == 0 && self.buckets[b].sum != 0 {
+                    let keys = self.old_keys(b);
+                    keys.into_iter().for_each(|k| self.forget(&k));
+                }
+            }
+        }
+        let ours = self.digest();
+        let equal = ours == d.buckets;
+        let mut confirm = false;
+        {
+            let peer = self.peers.entry(from).or_default();
+            if equal {
+                peer.matched = true;
+                peer.mismatch_streak = 0;
+            } else {
+                peer.mismatch_streak = peer.mismatch_streak.saturating_add(1);
+                if peer.mismatch_streak >= 2 {
+                    peer.matched = false;
+                } else if peer.matched {
+                    // The hysteresis holds for one digest (the difference may be writes in
+                    // flight); ask for the peer's next digest now, so that a lasting
+                    // difference ends "in sync" within a round trip, not a sync interval.
+                    self.confirm_wanted = true;
+                    confirm = true;
+                }
+            }
+        }
+        if confirm {
+            self.trigger_digest(now);
+        }
+        if !equal {
+            for (b, (mine, theirs)) in ours.iter().zip(&d.buckets).enumerate() {
+                // Bucket indices fit in u32: the count is a NonZeroU32.
+                let bucket = b as u32;
+                if mine == theirs || self.buckets[b].keys.is_empty() {
+                    continue;
+                }
+                if !self.is_responder(from, d.round, bucket, *theirs) {
+                    continue;
+                }
+                if self
+                    .answered
+                    .get(&(from, bucket))
+                    .is_some_and(|t| now.saturating_duration_since(*t) < self.cfg.resend_holdoff)
+                {
+                    continue;
+                }
+                self.answered.insert((from, bucket), now);
+                self.stats.buckets_answered += 1;
+                if *theirs == 0 {
+                    // The requester holds nothing here: send everything, skip the summary.
+                    let keys = self.buckets[b].keys.iter().cloned().collect();
+                    self.send_entries(keys, usize::MAX);
+                } else {
+                    self.send_summaries(now, from, bucket);
+                }
+            }
+        }
+        // Remember the digest after answering, so responder selection used the older view.
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.digest = Some(d.buckets);
+            p.fresh = d.fresh;
+        }
+        if d.reply_wanted {
+            self.trigger_digest(now);
+        }
+        self.evaluate_sync(now);
+    }
+
+    pub(super) fn on_summary(&mut self, from: u64, s: wire::Summary) {
+        if s.target != self.cfg.node {
+            return;
+        }
+        let Some(bucket) = usize::try_from(s.bucket)
+            .ok()
+            .filter(|b| *b < self.buckets.len())
+        else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let lower = s.after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        let upper = s.upto.as_deref().map_or(Bound::Unbounded, Bound::Included);
+        if let (Bound::Excluded(a), Bound::Included(u)) = (lower, upper)
+            && a >= u
+        {
+            self.stats.malformed += 1;
+            return;
+        }
+        let theirs: HashMap<String, Version> = s
+            .keys
+            .into_iter()
+            .map(|kv| {
+                (
+                    kv.key,
+                    Version {
+                        hlc: Hlc(kv.hlc),
+                        node: kv.node,
+                    },
+                )
+            })
+            .collect();
+        let horizon = self.horizon_ms(self.last_wall_ms);
+        let mut to_send = Vec::new();
+        let mut to_forget = Vec::new();
+        for key in self.buckets[bucket].keys.range::<str, _>((lower, upper)) {
+            let Some(meta) = self.store.meta(key) else {
+                continue;
+            };
+            match theirs.get(&**key) {
+                None if self.recovering && meta.version.hlc.physical_ms() < horizon => {
+                    to_forget.push(key.clone());
+                }
+                None => to_send.push(key.clone()),
+                Some(v) if *v < meta.version => to_send.push(key.clone()),
+                Some(_) => {}
+            }
+        }
+        to_forget.iter().for_each(|k| self.forget(k));
+        let mut to_request: Vec<String> = theirs
+            .into_iter()
+            .filter(|(key, v)| self.store.meta(key).is_none_or(|m| m.version < *v))
+            .map(|(key, _)| key)
+            .collect();
+        to_request.sort_unstable();
+        self.send_entries(to_send, usize::MAX);
+        self.send_requests(from, to_request);
+    }
+
+    /// Answers a `Request` naming this node: each distinct key it holds once, within the
+    /// bound of `docs/replication.md` (bounded answers): at most `ANSWER_FACTOR` times the
+    /// request's size, plus what this node offered the requester in its recent summaries.
+    pub(super) fn on_request(&mut self, now: Instant, from: u64, r: wire::Request) {
+        if r.target != self.cfg.node {
+            return;
+        }
+        let asked = r.encoded_len();
+        // A Request built by `send_requests` fits one sync message: keys of at least one
+        // byte take at least three, so more keys than that are not from a Chorus node.
+        let max_keys = self.cfg.max_sync_message / 3 + 1;
+        if r.keys.len() > max_keys {
+            self.stats.request_keys_ignored += (r.keys.len() - max_keys) as u64;
+        }
+        let buckets = self.cfg.buckets.get();
+        let mut seen = HashSet::with_capacity(r.keys.len().min(max_keys));
+        let mut held: Vec<Key> = Vec::new();
+        for k in r.keys.iter().take(max_keys) {
+            if !seen.insert(k.as_str()) {
+                self.stats.request_duplicates += 1;
+                continue;
+            }
+            if let Some(key) = self.buckets[bucket_of(k, buckets) as usize]
+                .keys
+                .get(k.as_str())
+            {
+                held.push(key.clone());
+            }
+        }
+        drop(seen);
+        if self.recovering {
+            // The requester lacks (or holds an older copy of) these keys; old ones may have
+            // been deleted while we were away, so forget them rather than spread them.
+            let horizon = self.horizon_ms(self.last_wall_ms);
+            let (old, keep): (Vec<Key>, Vec<Key>) =
+                held.into_iter().partition(|k| self.is_old(k, horizon));
+            old.iter().for_each(|k| self.forget(k));
+            held = keep;
+        }
+        let ttl = self.cfg.sync_interval * 2;
+        let offered = self
+            .offers
+            .get(&from)
+            .filter(|o| now.saturating_duration_since(o.at) < ttl)
+            .map_or(0, |o| o.bytes);
+        let allowance = asked.saturating_mul(ANSWER_FACTOR);
+        let used = self.send_entries(held, allowance.saturating_add(offered));
+        if let Some(o) = self.offers.get_mut(&from) {
+            o.bytes = o.bytes.saturating_sub(used.saturating_sub(allowance));
+        }
+    }
+
+    /// This node dropped an entry `from` holds (too far in the future): their stores differ
+    /// for as long as that lasts, so this node is not in sync with `from`, and says so in a
+    /// digest soon (which wants a reply: `from` then sees the difference too).
+    pub(super) fn dropped_from(&mut self, now: Instant, from: u64) {
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.matched = false;
+        }
+        self.evaluate_sync(now);
+        self.trigger_digest(now);
+    }
+
+    pub(super) fn has_live_peer(&self) -> bool {
+        self.peers.values().any(|p| p.live)
+    }
+
+    fn entry_item(&self, key: &str) -> Option<wire::Entry> {
+        let e = self.store.get_entry(key)?;
+        Some(wire::Entry {
+            key: key.to_owned(),
+            hlc: e.version.hlc.0,
+            node: e.version.node,
+            value: e.value,
+        })
+    }
+
+    /// Rendezvous choice among live members (this node included, the requester excluded)
+    /// whose bucket differs from the requester's, as far as this node knows.
+    fn is_responder(&self, requester: u64, round: u64, bucket: u32, theirs: u64) -> bool {
+        let me = self.cfg.node;
+        let mine = rendezvous(requester, round, bucket, me);
+        !self.peers.iter().any(|(&node, p)| {
+            node != requester
+                && p.live
+                && p.digest.as_ref().is_none_or(|d| {
+                    let h = d.get(bucket as usize).copied().unwrap_or(0);
+                    h != theirs && h != 0
+                })
+                && {
+                    let score = rendezvous(requester, round, bucket, node);
+                    (score, node) > (mine, me)
+                }
+        })
+    }
+
+    pub(super) fn trigger_digest(&mut self, now: Instant) {
+        let base = self.cfg.trigger_delay;
+        let extra = random_below(&mut self.rng, base);
+        let at = now + base + extra;
+        self.triggered_digest = Some(self.triggered_digest.map_or(at, |t| t.min(at)));
+    }
+
+    pub(super) fn send_digest(&mut self) {
+        self.round += 1;
+        let d = wire::Digest {
+            round: self.round,
+            buckets: self.digest(),
+            reply_wanted: !self.in_sync || std::mem::take(&mut self.confirm_wanted),
+            fresh: self.fresh,
+        };
+        self.push_sync(envelope(wire::envelope::Body::Digest(d)));
+        self.stats.digests_sent += 1;
+    }
+
+    /// Sends `target` this node's keys of `bucket` with their versions, and records what it
+    /// thereby offers: `target` may then ask for any of these entries once.
+    fn send_summaries(&mut self, now: Instant, target: u64, bucket: u32) {
+        let max = self.cfg.max_sync_message;
+        let mut offered = 0usize;
+        let mut chunks: Vec<wire::Summary> = Vec::new();
+        let mut cur = wire::Summary {
+            target,
+            bucket,
+            after: None,
+            upto: None,
+            keys: Vec::new(),
+        };
+        let mut size = cur.encoded_len() + 16;
+        for key in &self.buckets[bucket as usize].keys {
+            let Some(meta) = self.store.meta(key) else {
+                continue;
+            };
+            offered = offered.saturating_add(entry_size(key, meta.value_len));
+            let kv = wire::KeyVersion {
+                key: key.to_string(),
+                hlc: meta.version.hlc.0,
+                node: meta.version.node,
+            };
+            let len = kv.encoded_len() + 4;
+            if !cur.keys.is_empty() && size + len * 2 > max {
+                let last = cur.keys.last().map(|k| k.key.clone());
+                let next = wire::Summary {
+                    target,
+                    bucket,
+                    after: last.clone(),
+                    upto: None,
+                    keys: Vec::new(),
+                };
+                let mut done = std::mem::replace(&mut cur, next);
+                done.upto = last;
+                chunks.push(done);
+                size = cur.encoded_len() + 16 + key.len();
+            }
+            size += len;
+            cur.keys.push(kv);
+        }
+        chunks.push(cur);
+        for s in chunks {
+            self.push_sync(envelope(wire::envelope::Body::Summary(s)));
+            self.stats.summaries_sent += 1;
+        }
+        let offer = self
+            .offers
+            .entry(target)
+            .or_insert(Offer { bytes: 0, at: now });
+        offer.bytes = offer.bytes.saturating_add(offered);
+        offer.at = now;
+    }
+
+    fn send_requests(&mut self, target: u64, keys: Vec<String>) {
+        let max = self.cfg.max_sync_message;
+        let mut cur = Vec::new();
+        let mut size = 16;
+        for key in keys {
+            let len = key.len() + 4;
+            if !cur.is_empty() && size + len > max {
+                let r = wire::Request {
+                    target,
+                    keys: std::mem::take(&mut cur),
+                };
+                self.push_sync(envelope(wire::envelope::Body::Request(r)));
+                self.stats.requests_sent += 1;
+                size = 16;
+            }
+            size += len;
+            cur.push(key);
+        }
+        if !cur.is_empty() {
+            let r = wire::Request { target, keys: cur };
+            self.push_sync(envelope(wire::envelope::Body::Request(r)));
+            self.stats.requests_sent += 1;
+        }
+    }
+
+    /// Sends the entries of `keys` in `Entries` messages of at most `max_sync_message`
+    /// bytes, building each entry only if it fits both `budget` (bytes this answer may
+    /// take) and the sync room; stops at the first that does not (counted). Returns the
+    /// bytes sent.
+    fn send_entries(&mut self, keys: Vec<Key>, mut budget: usize) -> usize {
+        let max = self.cfg.max_sync_message;
+        let mut cur = Vec::new();
+        let mut size = 8;
+        let mut used = 0;
+        for key in keys {
+            let Some(item) = self.entry_item(&key) else {
+                continue;
+            };
+            let len = item.encoded_len() + 6;
+            if len > budget {
+                self.stats.answers_capped += 1;
+                break;
+            }
+            // What is gathered (sent before this entry or with it) plus this entry must fit.
+            if size + len > self.sync_room {
+                self.stats.answers_deferred += 1;
+                break;
+            }
+            if !cur.is_empty() && size + len > max {
+                self.flush_entries(std::mem::take(&mut cur));
+                size = 8;
+            }
+            budget -= len;
+            used += len;
+            size += len;
+            cur.push(item);
+        }
+        if !cur.is_empty() {
+            self.flush_entries(cur);
+        }
+        used
+    }
+
+    fn flush_entries(&mut self, entries: Vec<wire::Entry>) {
+        self.stats.entries_sent += entries.len() as u64;
+        self.stats.entries_messages_sent += 1;
+        self.push_sync(envelope(wire::envelope::Body::Entries(wire::Entries {
+            entries,
+        })));
+    }
+
+    fn push_sync(&mut self, e: wire::Envelope) {
+        let payload: Bytes = e.encode_to_vec().into();
+        self.sync_room = self.sync_room.saturating_sub(payload.len());
+        self.outgoing.push_back(Outgoing {
+            kind: OutgoingKind::Sync,
+            payload,
+        });
+    }
+
+    /// In sync: every live peer's latest digest matched ours when it arrived (one mismatch
+    /// of hysteresis once matched); with no live peer, once `solo_in_sync_after` has passed
+    /// since creation; and in both cases local writes are not refused by the clock check.
+    pub(super) fn evaluate_sync(&mut self, now: Instant) {
+        let live: Vec<&Peer> = self.peers.values().filter(|p| p.live).collect();
+        let with_peers = !live.is_empty();
+        let agreed = if live.is_empty() {
+            now.saturating_duration_since(self.created) >= self.cfg.solo_in_sync_after
+        } else {
+            live.iter().all(|p| p.matched)
+        };
+        // A node whose writes its peers would drop is not in sync, whatever the digests say.
+        let target = agreed && self.check_clock(self.last_wall_ms).is_ok();
+        if target != self.in_sync {
+            self.in_sync = target;
+            if target && with_peers {
+                // Only agreement with a peer ends these: a node alone (say its first peer
+                // after a long isolation left mid-sync) has learnt nothing from anyone.
+                self.fresh = false;
+                self.recovering = false;
+            }
+            self.events.push_back(if target {
+                ReplicaEvent::InSync
+            } else {
+                ReplicaEvent::OutOfSync
+            });
+        }
+    }
+}
+
+/// About the encoded size of an `Entry` of `key` with a value of `value_len` bytes (`None`:
+/// a tombstone), framing included.
+fn entry_size(key: &str, value_len: Option<usize>) -> usize {
+    key.len() + value_len.map_or(0, |n| n + 4) + 32
+}
