@@ -23,7 +23,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::ReplicaConfig;
-use crate::durable::Durability;
 use crate::error::{ClockCause, Error};
 use crate::hlc::{Hlc, HlcClock, Version};
 use crate::store::{Key, Store, Stored};
@@ -134,8 +133,9 @@ pub struct Replica {
     recovering: bool,
     last_wall_ms: u64,
     stats: ReplicaStats,
-    /// Where committed changes are persisted; `None` keeps the store in memory only.
-    durability: Option<Box<dyn Durability>>,
+    /// Committed changes waiting to be handed out for persistence; `None` keeps the store in
+    /// memory only.
+    durability: Option<persist::PersistQueue>,
     /// Loaded from disk after an absence longer than the grace period: enter recovery when
     /// the first peer comes up, as after a long isolation.
     absent_too_long: bool,
@@ -310,20 +310,15 @@ impl Replica {
         if let Some(tr) = self.triggered_digest {
             t = t.min(tr);
         }
-        if let Some(d) = self.durable_timeout() {
-            t = t.min(d);
-        }
         if !self.in_sync && !self.has_live_peer() {
             t = t.min(self.created + self.cfg.solo_in_sync_after);
         }
         Some(t)
     }
 
-    /// Timers: periodic and triggered digests, tombstone collection, the solo in-sync rule,
-    /// the durable backend's fsync interval.
+    /// Timers: periodic and triggered digests, tombstone collection, the solo in-sync rule.
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
         self.last_wall_ms = self.last_wall_ms.max(wall_ms);
-        self.handle_durable_timeout(now);
         let due = self.next_digest <= now || self.triggered_digest.is_some_and(|t| t <= now);
         if due {
             self.collect_tombstones(wall_ms);
