@@ -20,7 +20,7 @@ use crate::record::{
     encode_frame,
 };
 use crate::replay::{Loader, Scan, replay};
-use crate::{DiskLog, DiskOptions, FlushMode};
+use crate::{DiskLog, DiskOptions, FlushMode, SnapshotSource};
 
 /// The store being rebuilt while loading: key → (value or tombstone, version).
 type State = HashMap<String, (Option<Bytes>, Version)>;
@@ -539,3 +539,320 @@ fn a_compaction_that_fails_is_undone_and_the_old_log_stays_in_use() {
     }
 }
 
+
+// ---- Compaction off the driver: fuzzy snapshots and crash points ----
+
+/// A change to the model store, as the replica makes them: a put that wins only over an
+/// older version, or the removal of whatever version the key holds (a collected tombstone, a
+/// forgotten key).
+#[derive(Debug, Clone)]
+enum Change {
+    Put { key: u8, t: u64, tombstone: bool },
+    Remove { key: u8 },
+}
+
+/// Applies `change` to `store`; returns the record it commits, if it changed anything.
+fn commit(store: &mut BTreeMap<String, Entry>, change: &Change) -> Option<wire::LogRecord> {
+    match *change {
+        Change::Put { key, t, tombstone } => {
+            let key = format!("k{key:02}");
+            let version = Version {
+                hlc: Hlc::new(WALL + t, 0),
+                node: 1,
+            };
+            if store.get(&key).is_some_and(|e| e.version >= version) {
+                return None;
+            }
+            let value = (!tombstone).then(|| Bytes::from(format!("v{t}")));
+            store.insert(
+                key.clone(),
+                Entry {
+                    value: value.clone(),
+                    version,
+                    revision: 0,
+                },
+            );
+            Some(record(vec![wire::Entry {
+                key,
+                hlc: version.hlc.0,
+                node: 1,
+                value,
+            }]))
+        }
+        Change::Remove { key } => {
+            let key = format!("k{key:02}");
+            let e = store.remove(&key)?;
+            Some(wire::LogRecord {
+                wall_ms: WALL,
+                entries: vec![],
+                removed: vec![wire::KeyVersion {
+                    key,
+                    hlc: e.version.hlc.0,
+                    node: e.version.node,
+                }],
+            })
+        }
+    }
+}
+
+fn change() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        3 => (0u8..12, 0u64..40, any::<bool>())
+            .prop_map(|(key, t, tombstone)| Change::Put { key, t, tombstone }),
+        1 => (0u8..12).prop_map(|key| Change::Remove { key }),
+    ]
+}
+
+fn contents_of(store: &BTreeMap<String, Entry>) -> State {
+    store
+        .iter()
+        .map(|(k, e)| (k.clone(), (e.value.clone(), e.version)))
+        .collect()
+}
+
+proptest! {
+    /// A snapshot read a chunk at a time while the store keeps changing (each key at some
+    /// state at or after the cut), followed by every record committed after the cut, gives
+    /// exactly the final store: what makes compaction off the driver exact.
+    #[test]
+    fn a_fuzzy_snapshot_plus_the_records_after_the_cut_is_exact(
+        before in prop::collection::vec(change(), 0..40),
+        during in prop::collection::vec((change(), 0usize..4), 0..60),
+        after in prop::collection::vec(change(), 0..20),
+        chunk in 1usize..5,
+    ) {
+        let mut store = BTreeMap::new();
+        for c in &before {
+            commit(&mut store, c);
+        }
+        // The cut: from here every record goes to the new log.
+        let mut new_log = Vec::new();
+        let mut snapshot = MergedState::new();
+        let mut cursor: Option<String> = None;
+        let mut during = during.into_iter();
+        loop {
+            let part = SnapshotSource::entries_after(&store, cursor.as_deref(), chunk);
+            if part.is_empty() {
+                break;
+            }
+            for (k, e) in part {
+                snapshot.merge_entry(wire::Entry {
+                    key: k.clone(),
+                    hlc: e.version.hlc.0,
+                    node: e.version.node,
+                    value: e.value,
+                });
+                cursor = Some(k);
+            }
+            // Changes between two reads of the store.
+            if let Some((c, more)) = during.next() {
+                new_log.extend(commit(&mut store, &c));
+                for (c, _) in during.by_ref().take(more) {
+                    new_log.extend(commit(&mut store, &c));
+                }
+            }
+        }
+        for (c, _) in during {
+            new_log.extend(commit(&mut store, &c));
+        }
+        for c in &after {
+            new_log.extend(commit(&mut store, c));
+        }
+        for r in &new_log {
+            snapshot.merge_record(r);
+        }
+        prop_assert_eq!(state_of(snapshot), contents_of(&store));
+    }
+}
+
+/// A log with `n` small entries in the store and in the log (the store mirrors what the log
+/// holds, as the node's store does), ready to compact in several steps.
+fn log_with_entries(dir: &Path, n: u64) -> (DiskLog, BTreeMap<String, Entry>, u64) {
+    let (mut log, _) = DiskLog::open(dir, DiskOptions::new(Fsync::Always)).unwrap();
+    let mut store = BTreeMap::new();
+    let mut seq = 0;
+    for i in 0..n {
+        seq += 1;
+        let key = format!("key/{i:06}");
+        let version = Version {
+            hlc: Hlc::new(WALL + i, 0),
+            node: 1,
+        };
+        store.insert(
+            key.clone(),
+            Entry {
+                value: Some(Bytes::from_static(b"v")),
+                version,
+                revision: 0,
+            },
+        );
+        log.append(seq, &record(vec![entry(&key, WALL + i, b"v")]), Origin::Local);
+    }
+    log.flush(Instant::now(), FlushMode::SyncAll).unwrap();
+    (log, store, seq)
+}
+
+/// Commits a change to `store` and appends its record to `log`, as the node and the storage
+/// thread do during a compaction.
+fn write_during(
+    log: &mut DiskLog,
+    store: &mut BTreeMap<String, Entry>,
+    seq: &mut u64,
+    change: &Change,
+) {
+    if let Some(r) = commit(store, change) {
+        *seq += 1;
+        log.append(*seq, &r, Origin::Local);
+        log.flush(Instant::now(), FlushMode::Policy).unwrap();
+        assert_eq!(log.through(), *seq, "acknowledged during the compaction");
+    }
+}
+
+fn reload(dir: &Path) -> State {
+    let (_, loaded) = DiskLog::open(dir, DiskOptions::new(Fsync::Always)).unwrap();
+    assert!(!loaded.damaged());
+    loaded
+        .entries
+        .into_iter()
+        .map(|(k, v, ver)| (k, (v, ver)))
+        .collect()
+}
+
+fn changes_during() -> Vec<Change> {
+    vec![
+        Change::Put {
+            key: 1,
+            t: 50_000,
+            tombstone: false,
+        },
+        Change::Put {
+            key: 2,
+            t: 50_001,
+            tombstone: true,
+        },
+        Change::Remove { key: 2 },
+        Change::Put {
+            key: 3,
+            t: 50_002,
+            tombstone: false,
+        },
+    ]
+}
+
+#[test]
+fn a_crash_at_any_point_of_a_compaction_loads_every_acknowledged_write() {
+    // Crash points: right after the start, after each chunk (writes in between), and after
+    // the new snapshot is installed but before the old pair is deleted.
+    for crash_after_steps in 0..5usize {
+        let dir = TempDir::new("compact-crash");
+        let (mut log, mut store, mut seq) = log_with_entries(&dir.0, 10_000);
+        log.start_compaction(WALL).unwrap();
+        let mut changes = changes_during().into_iter();
+        let mut done = false;
+        for _ in 0..crash_after_steps {
+            if let Some(c) = changes.next() {
+                write_during(&mut log, &mut store, &mut seq, &c);
+            }
+            if log.continue_compaction(&store).unwrap() == crate::Compacting::Done {
+                done = true;
+                break;
+            }
+        }
+        if let Some(c) = changes.next() {
+            write_during(&mut log, &mut store, &mut seq, &c);
+        }
+        let compacting = log.is_compacting();
+        drop(log); // the process dies here: nothing is cleaned up
+        assert_eq!(
+            reload(&dir.0),
+            contents_of(&store),
+            "crash after {crash_after_steps} steps (installed: {done})"
+        );
+        let names: Vec<String> = snapshot_of(&dir.0).into_keys().collect();
+        assert!(
+            !names.iter().any(|n| n.ends_with(".tmp")),
+            "{names:?}: the interrupted snapshot is removed"
+        );
+        if compacting {
+            // The next generation's log without its snapshot is ignored (and its records
+            // were in the old log too); the next compaction numbers above it.
+            assert!(names.iter().any(|n| n == "wal-00000000000000000001"), "{names:?}");
+        }
+        // The directory stays usable: write, compact, reload.
+        let (mut log, _) = DiskLog::open(&dir.0, DiskOptions::new(Fsync::Always)).unwrap();
+        let mut seq = 0;
+        write_during(
+            &mut log,
+            &mut store,
+            &mut seq,
+            &Change::Put {
+                key: 9,
+                t: 60_000,
+                tombstone: false,
+            },
+        );
+        log.compact(&store, WALL).unwrap();
+        drop(log);
+        assert_eq!(reload(&dir.0), contents_of(&store));
+    }
+}
+
+#[test]
+fn old_files_left_by_a_crash_after_the_install_are_removed_at_the_next_start() {
+    let dir = TempDir::new("compact-old-left");
+    let (mut log, mut store, mut seq) = log_with_entries(&dir.0, 5000);
+    FAULTS.with(|f| *f.borrow_mut() = vec![("remove old", 0)]);
+    log.start_compaction(WALL).unwrap();
+    for c in changes_during() {
+        write_during(&mut log, &mut store, &mut seq, &c);
+        if log.continue_compaction(&store).unwrap() == crate::Compacting::Done {
+            break;
+        }
+    }
+    while log.continue_compaction(&store).unwrap() == crate::Compacting::More {}
+    FAULTS.with(|f| f.borrow_mut().clear());
+    assert_eq!(log.stats().snapshots, 1);
+    write_during(
+        &mut log,
+        &mut store,
+        &mut seq,
+        &Change::Put {
+            key: 4,
+            t: 70_000,
+            tombstone: false,
+        },
+    );
+    drop(log);
+    assert!(dir.0.join("wal-00000000000000000000").exists(), "old log left");
+    assert_eq!(reload(&dir.0), contents_of(&store));
+    assert!(!dir.0.join("wal-00000000000000000000").exists(), "removed at start");
+}
+
+#[test]
+fn a_compaction_with_writes_meanwhile_that_fails_at_any_step_keeps_them_in_the_old_log() {
+    for &(step_name, _) in &REPAIR_STEPS[..9] {
+        let dir = TempDir::new("compact-fault-writes");
+        let (mut log, mut store, mut seq) = log_with_entries(&dir.0, 5000);
+        FAULTS.with(|f| *f.borrow_mut() = vec![(step_name, 0)]);
+        let mut failed = log.start_compaction(WALL).is_err();
+        let mut changes = changes_during().into_iter();
+        while !failed && log.is_compacting() {
+            if let Some(c) = changes.next() {
+                write_during(&mut log, &mut store, &mut seq, &c);
+            }
+            failed = log.continue_compaction(&store).is_err();
+        }
+        FAULTS.with(|f| f.borrow_mut().clear());
+        assert!(failed, "{step_name}");
+        assert!(!log.is_compacting());
+        let stats = log.stats();
+        assert_eq!((stats.compaction_errors, stats.failed), (1, 0), "{step_name}");
+        for c in changes {
+            write_during(&mut log, &mut store, &mut seq, &c);
+        }
+        drop(log);
+        let names: Vec<String> = snapshot_of(&dir.0).into_keys().collect();
+        assert_eq!(names, ["LOCK", "wal-00000000000000000000"], "{step_name}: undone");
+        assert_eq!(reload(&dir.0), contents_of(&store), "{step_name}");
+    }
+}
