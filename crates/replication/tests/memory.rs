@@ -22,7 +22,6 @@ use chorus_protocol::{ClusterId, Config, Incarnation, NodeId};
 use chorus_replication::{
     Hlc, Loaded, NodeConfig, NodeCore, Replica, ReplicaConfig, Version, WallClock,
 };
-use common::Forgetful;
 
 struct Counting;
 
@@ -172,7 +171,6 @@ fn stored_keys_and_values_hold_only_their_own_bytes_on_every_path() {
         ReplicaConfig::new(4, 4),
         now,
         WALL0,
-        Box::new(Forgetful),
         loaded,
     );
     let per_key = |bytes: i64| bytes / N as i64;
