@@ -41,6 +41,10 @@ pub struct SimNode {
     pub disk: Option<Disk>,
     /// Every `Acked` of this life: (ticket, result), in the order reported.
     pub acked: Vec<(u64, Result<Version, CoreError>)>,
+    /// The store this life started with (loaded from its disk; empty otherwise) and its
+    /// revision: a watch from the start of this life reads it, then follows the events.
+    pub initial: BTreeMap<String, (Version, Option<Bytes>)>,
+    pub initial_revision: u64,
 }
 
 impl SimNode {
@@ -173,7 +177,16 @@ fn build(
         nc.replica.solo_in_sync_after = Duration::from_secs(2);
         tune(&mut nc);
         let (core, disk) = make(spawn, nc);
+        let initial = core
+            .store()
+            .entries()
+            .into_iter()
+            .map(|(k, e)| (k, (e.version, e.value)))
+            .collect();
+        let initial_revision = core.store().revision();
         SimNode {
+            initial,
+            initial_revision,
             core,
             last_version: HashMap::new(),
             order_violations: Vec::new(),
