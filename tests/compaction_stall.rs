@@ -1,0 +1,168 @@
+//! Measurement for `docs/performance.md` (compaction and heartbeats): two `Node`s on the
+//! loopback (127.0.0.1, TTL 0, a group of their own), one with a data directory; 1 M keys
+//! are written to it and overwritten until the log has grown past its compaction threshold
+//! with all of them in the store, so a snapshot of 1 M keys is written. A passive socket on
+//! the group timestamps every datagram the durable node sends: the longest gap, against the
+//! 200 ms heartbeat interval, is how long the node was silent (at most a heartbeat's delay);
+//! the peer's `protocol_members_suspected` says whether it ever suspected the node.
+//!
+//! Not a timed assertion; run in release:
+//! `cargo test --release -p chorus --test compaction_stall -- --ignored --nocapture`
+//! (`CHORUS_BENCH_DIR` picks the file system; default the system temp dir).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chorus::{Node, Op};
+use chorus_transport::{DatagramTransport, Received, TransportConfig, UdpTransport};
+
+const KEYS: u64 = 1_000_000;
+const BATCH: u64 = 1000;
+
+fn counter(node: &Node, name: &str) -> u64 {
+    node.counters()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map_or(0, |(_, v)| v)
+}
+
+/// Timestamps every datagram from `from` on `group` until `stop`; returns the longest gap
+/// between two of them and when it ended (since `t0`).
+fn observe(
+    group: SocketAddr,
+    from: SocketAddr,
+    stop: Arc<AtomicBool>,
+    t0: Instant,
+) -> std::thread::JoinHandle<(Duration, Duration, u64)> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let t = UdpTransport::bind(TransportConfig::loopback_multicast(group)).unwrap();
+            let mut buf: Vec<Received> = Vec::with_capacity(64);
+            let (mut last, mut worst, mut worst_at, mut n) = (None, Duration::ZERO, Duration::ZERO, 0);
+            while !stop.load(Ordering::Relaxed) {
+                let got = tokio::time::timeout(
+                    Duration::from_millis(50),
+                    t.recv_batch(&mut buf, 64),
+                )
+                .await;
+                let now = Instant::now();
+                if let Ok(Ok(_)) = got {
+                    for d in buf.drain(..) {
+                        if d.source != from {
+                            continue;
+                        }
+                        n += 1;
+                        if let Some(prev) = last {
+                            let gap = now - prev;
+                            if gap > worst {
+                                worst = gap;
+                                worst_at = now - t0;
+                            }
+                        }
+                        last = Some(now);
+                    }
+                }
+            }
+            (worst, worst_at, n)
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "measurement: run explicitly in release"]
+async fn compaction_of_a_million_keys_and_heartbeats() {
+    let base = std::env::var_os("CHORUS_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let dir = base.join(format!("chorus-compaction-stall-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let group = SocketAddr::from(([239, 255, 93, 7], 17_893));
+    let start = |id: u64, data: Option<&PathBuf>| {
+        let mut b = Node::builder()
+            .cluster("compaction-stall")
+            .group(group)
+            .interface("127.0.0.1")
+            .ttl(0)
+            .node_id(id);
+        if let Some(d) = data {
+            b = b.data_dir(d);
+        }
+        b.start()
+    };
+    let durable = start(1, Some(&dir)).await.expect("durable node");
+    let peer = start(2, None).await.expect("peer");
+    let met = Instant::now();
+    while peer.members().len() < 2 || durable.members().len() < 2 {
+        assert!(met.elapsed() < Duration::from_secs(10), "the nodes never met");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let from = peer
+        .members()
+        .into_iter()
+        .find(|m| m.node_id == 1)
+        .map(|m| m.addr)
+        .unwrap();
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let observer = observe(group, from, stop.clone(), t0);
+    let value = bytes::Bytes::from(vec![b'v'; 100]);
+    let mut snapshots_at = Vec::new();
+    let mut snapshots = counter(&durable, "durable_snapshots");
+    let mut written = 0u64;
+    let mut slowest_batch = Duration::ZERO;
+    // 1 M keys, then overwrites until a snapshot is taken with all of them in the store.
+    let mut with_all_keys = false;
+    while !with_all_keys && written < 4 * KEYS {
+        let ops = (0..BATCH)
+            .map(|i| Op::Put {
+                key: format!("key/{:07}", (written + i) % KEYS),
+                value: value.clone(),
+            })
+            .collect();
+        let b = Instant::now();
+        durable.batch(ops).await.expect("batch");
+        slowest_batch = slowest_batch.max(b.elapsed());
+        written += BATCH;
+        let now = counter(&durable, "durable_snapshots");
+        if now > snapshots {
+            snapshots = now;
+            snapshots_at.push((written, t0.elapsed()));
+            with_all_keys = written > KEYS;
+        }
+    }
+    // Let a compaction still running finish, and heartbeats flow a moment.
+    let idle = Instant::now();
+    while counter(&durable, "durable_snapshots") == snapshots && idle.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (gap, gap_at, datagrams) = observer.join().unwrap();
+    let suspected = counter(&peer, "protocol_members_suspected");
+    println!(
+        "{written} writes of 100 B ({KEYS} keys), batches of {BATCH}, fsync always; snapshots \
+         taken at (writes, s): {:?}; snapshot bytes {}",
+        snapshots_at
+            .iter()
+            .map(|(w, t)| (*w, (t.as_secs_f64() * 10.0).round() / 10.0))
+            .collect::<Vec<_>>(),
+        counter(&durable, "durable_snapshot_bytes")
+    );
+    println!(
+        "longest silence of the durable node: {:.0} ms (at {:.1} s; heartbeat every 200 ms, \
+         suspicion after 1500 ms) over {datagrams} datagrams; slowest acknowledged batch \
+         {:.0} ms; the peer suspected it {suspected} times",
+        gap.as_secs_f64() * 1e3,
+        gap_at.as_secs_f64(),
+        slowest_batch.as_secs_f64() * 1e3,
+    );
+    durable.shutdown().await.expect("shutdown");
+    peer.shutdown().await.expect("shutdown");
+    let _ = std::fs::remove_dir_all(&dir);
+}
