@@ -46,13 +46,12 @@ fn observe(
         rt.block_on(async move {
             let t = UdpTransport::bind(TransportConfig::loopback_multicast(group)).unwrap();
             let mut buf: Vec<Received> = Vec::with_capacity(64);
-            let (mut last, mut worst, mut worst_at, mut n) = (None, Duration::ZERO, Duration::ZERO, 0);
+            let (mut last, mut worst, mut worst_at, mut n) =
+                (None, Duration::ZERO, Duration::ZERO, 0);
             while !stop.load(Ordering::Relaxed) {
-                let got = tokio::time::timeout(
-                    Duration::from_millis(50),
-                    t.recv_batch(&mut buf, 64),
-                )
-                .await;
+                let got =
+                    tokio::time::timeout(Duration::from_millis(50), t.recv_batch(&mut buf, 64))
+                        .await;
                 let now = Instant::now();
                 if let Ok(Ok(_)) = got {
                     for d in buf.drain(..) {
@@ -99,7 +98,10 @@ async fn compaction_of_a_million_keys_and_heartbeats() {
     let peer = start(2, None).await.expect("peer");
     let met = Instant::now();
     while peer.members().len() < 2 || durable.members().len() < 2 {
-        assert!(met.elapsed() < Duration::from_secs(10), "the nodes never met");
+        assert!(
+            met.elapsed() < Duration::from_secs(10),
+            "the nodes never met"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let from = peer
@@ -138,7 +140,9 @@ async fn compaction_of_a_million_keys_and_heartbeats() {
     }
     // Let a compaction still running finish, and heartbeats flow a moment.
     let idle = Instant::now();
-    while counter(&durable, "durable_snapshots") == snapshots && idle.elapsed() < Duration::from_secs(10) {
+    while counter(&durable, "durable_snapshots") == snapshots
+        && idle.elapsed() < Duration::from_secs(10)
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -51,8 +51,15 @@ async fn a_shutdown_drains_to_the_peer_under_paused_time() {
     let took = started.elapsed();
     // The drain waited until the peer had everything (20 % of the datagrams are lost on the
     // way and repaired by NAKs), well before its 3 s deadline.
-    assert_eq!(nodes[1].scan("p/").len(), 100, "after {took:?} of virtual time");
-    assert!(took < chorus_replication::DRAIN_MAX, "drain hit its deadline: {took:?}");
+    assert_eq!(
+        nodes[1].scan("p/").len(),
+        100,
+        "after {took:?} of virtual time"
+    );
+    assert!(
+        took < chorus_replication::DRAIN_MAX,
+        "drain hit its deadline: {took:?}"
+    );
     // The peer sees it leave (by its goodbye, or by failure detection if the goodbye was
     // among the lost datagrams).
     let mut left = false;

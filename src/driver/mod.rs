@@ -376,9 +376,8 @@ impl<T: DatagramTransport> Driver<T> {
             gone |= !storage.send(item);
         }
         if gone {
-            self.core.handle_persist_failed(DurableError::Failed(
-                "the storage thread stopped".into(),
-            ));
+            self.core
+                .handle_persist_failed(DurableError::Failed("the storage thread stopped".into()));
         }
     }
 

@@ -185,12 +185,7 @@ fn future_history(ahead_ms: u64) -> Loaded {
 fn a_history_from_the_future_is_kept_but_not_written_on_until_the_clock_catches_up() {
     let t0 = Instant::now();
     let cfg = ReplicaConfig::new(1, 7);
-    let mut r = Replica::restore(
-        cfg,
-        t0,
-        SIM_EPOCH_MS,
-        future_history(AHEAD_MS),
-    );
+    let mut r = Replica::restore(cfg, t0, SIM_EPOCH_MS, future_history(AHEAD_MS));
     assert_eq!(r.get("from/the/future"), Some(Bytes::from("kept")));
     match r.put(SIM_EPOCH_MS, "k", "v") {
         Err(Error::ClockAhead {

@@ -711,7 +711,9 @@ fn late_joiner_catches_up_ten_thousand_keys() {
                 value: Bytes::from(vec![b'x'; 100]),
             })
             .collect();
-        s.act(batch % 3, |m, now| m.core.batch(now, ops, batch as u64).unwrap());
+        s.act(batch % 3, |m, now| {
+            m.core.batch(now, ops, batch as u64).unwrap()
+        });
         s.run_for(Duration::from_millis(10));
     }
     assert!(run_until_settled(

@@ -50,7 +50,11 @@ fn shutdown_waits_for_a_member_that_is_catching_up_then_says_goodbye() {
             break;
         }
     }
-    assert_eq!(drained_with, Some(50), "goodbye only once the member has everything");
+    assert_eq!(
+        drained_with,
+        Some(50),
+        "goodbye only once the member has everything"
+    );
     s.run_for(GOODBYE_LINGER + Duration::from_millis(10));
     assert_eq!(lifecycle(&mut s, 0), Lifecycle::Closed);
     assert_eq!(s.act(0, |m, _| m.core.poll_timeout()).unwrap(), None);
@@ -113,13 +117,7 @@ fn with_nothing_in_flight_shutdown_says_goodbye_at_once_then_lingers() {
     s.run_for(Duration::from_millis(1));
     assert_eq!(lifecycle(&mut s, 0), Lifecycle::Closed);
     s.run_for(Duration::from_millis(100));
-    let left = s
-        .node(1)
-        .machine()
-        .unwrap()
-        .core
-        .members()
-        .is_empty();
+    let left = s.node(1).machine().unwrap().core.members().is_empty();
     assert!(left, "the goodbye reached the peer");
 }
 
@@ -201,7 +199,10 @@ fn a_write_is_acknowledged_only_once_its_record_is_persisted() {
     assert!(core.batch(now, put(""), 9).is_err());
     assert_eq!(
         acks(&mut core),
-        [(9, Err(CoreError::Replica(chorus_replication::Error::EmptyKey)))]
+        [(
+            9,
+            Err(CoreError::Replica(chorus_replication::Error::EmptyKey))
+        )]
     );
 }
 
@@ -251,7 +252,10 @@ fn a_closing_node_ends_its_persist_output_with_one_sync() {
     assert!(matches!(core.lifecycle(), Lifecycle::Draining { .. }));
     core.handle_timeout(now + DRAIN_MAX);
     assert!(matches!(core.lifecycle(), Lifecycle::Lingering { .. }));
-    assert!(core.poll_persist().is_some(), "the record is still handed out");
+    assert!(
+        core.poll_persist().is_some(),
+        "the record is still handed out"
+    );
     assert_eq!(core.poll_persist(), None, "no sync before closed");
     core.handle_timeout(now + DRAIN_MAX + GOODBYE_LINGER);
     assert_eq!(core.lifecycle(), Lifecycle::Closed);

@@ -34,7 +34,9 @@ use bytes::Bytes;
 use chorus_replication::{DurableError, Entry, Store, wire};
 
 use crate::disk::DiskLog;
-use crate::files::{create_file, generations_exhausted, io_err, snapshot_name, step, sync_dir_step, wal_name};
+use crate::files::{
+    create_file, generations_exhausted, io_err, snapshot_name, step, sync_dir_step, wal_name,
+};
 use crate::install::undo_create;
 use crate::record::{ENTRY_OVERHEAD, FILE_HEADER, SNAPSHOT_CHUNK, encode_frame};
 
@@ -253,14 +255,20 @@ impl DiskLog {
         let mut renamed = false;
         let installed = c.flush_record().and_then(|()| {
             let Compaction {
-                tmp, out, wal, wal_path, ..
+                tmp,
+                out,
+                wal,
+                wal_path,
+                ..
             } = &mut c;
             let file = out
                 .take()
                 .map(BufWriter::into_inner)
                 .transpose()
                 .map_err(|e| io_err("write", tmp)(e.into_error()))?;
-            let file = file.ok_or_else(|| io_err("write", tmp)(std::io::Error::other("snapshot already closed")))?;
+            let file = file.ok_or_else(|| {
+                io_err("write", tmp)(std::io::Error::other("snapshot already closed"))
+            })?;
             step("fsync snapshot")
                 .and_then(|()| file.sync_all())
                 .map_err(io_err("fsync", tmp))?;

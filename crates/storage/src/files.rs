@@ -10,7 +10,10 @@ use chorus_replication::DurableError;
 
 use crate::record::FILE_HEADER;
 
-pub(crate) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DurableError + 'a {
+pub(crate) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> DurableError + 'a {
     move |e| DurableError::Io {
         op,
         path: path.to_owned(),
@@ -203,7 +206,11 @@ pub(crate) fn sync_dir_step(dir: &Path, name: &'static str) -> Result<(), Durabl
     sync_dir(dir)
 }
 
-pub(crate) fn create_file(path: &Path, fresh: bool, name: &'static str) -> Result<File, DurableError> {
+pub(crate) fn create_file(
+    path: &Path,
+    fresh: bool,
+    name: &'static str,
+) -> Result<File, DurableError> {
     step(name)
         .and_then(|()| {
             let mut o = OpenOptions::new();
@@ -236,4 +243,3 @@ pub(crate) fn aside_name(path: &Path) -> PathBuf {
     }
     base
 }
-

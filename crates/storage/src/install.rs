@@ -203,4 +203,3 @@ pub(crate) fn write_snapshot_file<'a>(
         .map_err(io_err("fsync", path))?;
     Ok(size)
 }
-

@@ -137,4 +137,3 @@ pub(crate) fn legacy_record_after(bytes: &[u8], from: usize) -> bool {
     }
     false
 }
-

@@ -217,4 +217,3 @@ fn replay_legacy(bytes: &[u8], path: &Path, loader: &mut Loader) -> Scan {
     }
     scan
 }
-

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use chorus_replication::{
     DurableError, Entry, Fsync, Hlc, LoadReport, MergedState, Origin, Version, wire,
 };
-use prost::Message as _;
 use proptest::prelude::*;
+use prost::Message as _;
 
 use crate::files::FAULTS;
 use crate::record::{
@@ -539,7 +539,6 @@ fn a_compaction_that_fails_is_undone_and_the_old_log_stays_in_use() {
     }
 }
 
-
 // ---- Compaction off the driver: fuzzy snapshots and crash points ----
 
 /// A change to the model store, as the replica makes them: a put that wins only over an
@@ -686,7 +685,11 @@ fn log_with_entries(dir: &Path, n: u64) -> (DiskLog, BTreeMap<String, Entry>, u6
                 revision: 0,
             },
         );
-        log.append(seq, &record(vec![entry(&key, WALL + i, b"v")]), Origin::Local);
+        log.append(
+            seq,
+            &record(vec![entry(&key, WALL + i, b"v")]),
+            Origin::Local,
+        );
     }
     log.flush(Instant::now(), FlushMode::SyncAll).unwrap();
     (log, store, seq)
@@ -776,7 +779,10 @@ fn a_crash_at_any_point_of_a_compaction_loads_every_acknowledged_write() {
         if compacting {
             // The next generation's log without its snapshot is ignored (and its records
             // were in the old log too); the next compaction numbers above it.
-            assert!(names.iter().any(|n| n == "wal-00000000000000000001"), "{names:?}");
+            assert!(
+                names.iter().any(|n| n == "wal-00000000000000000001"),
+                "{names:?}"
+            );
         }
         // The directory stays usable: write, compact, reload.
         let (mut log, _) = DiskLog::open(&dir.0, DiskOptions::new(Fsync::Always)).unwrap();
@@ -823,9 +829,15 @@ fn old_files_left_by_a_crash_after_the_install_are_removed_at_the_next_start() {
         },
     );
     drop(log);
-    assert!(dir.0.join("wal-00000000000000000000").exists(), "old log left");
+    assert!(
+        dir.0.join("wal-00000000000000000000").exists(),
+        "old log left"
+    );
     assert_eq!(reload(&dir.0), contents_of(&store));
-    assert!(!dir.0.join("wal-00000000000000000000").exists(), "removed at start");
+    assert!(
+        !dir.0.join("wal-00000000000000000000").exists(),
+        "removed at start"
+    );
 }
 
 #[test]
@@ -846,13 +858,21 @@ fn a_compaction_with_writes_meanwhile_that_fails_at_any_step_keeps_them_in_the_o
         assert!(failed, "{step_name}");
         assert!(!log.is_compacting());
         let stats = log.stats();
-        assert_eq!((stats.compaction_errors, stats.failed), (1, 0), "{step_name}");
+        assert_eq!(
+            (stats.compaction_errors, stats.failed),
+            (1, 0),
+            "{step_name}"
+        );
         for c in changes {
             write_during(&mut log, &mut store, &mut seq, &c);
         }
         drop(log);
         let names: Vec<String> = snapshot_of(&dir.0).into_keys().collect();
-        assert_eq!(names, ["LOCK", "wal-00000000000000000000"], "{step_name}: undone");
+        assert_eq!(
+            names,
+            ["LOCK", "wal-00000000000000000000"],
+            "{step_name}: undone"
+        );
         assert_eq!(reload(&dir.0), contents_of(&store), "{step_name}");
     }
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus_replication::{
-    DurableError, DurableStats, Entry, Fsync, Loaded, Op, Origin, Persist, Replica,
-    ReplicaConfig, Version, wire,
+    DurableError, DurableStats, Entry, Fsync, Loaded, Op, Origin, Persist, Replica, ReplicaConfig,
+    Version, wire,
 };
 use chorus_storage::{DiskLog, DiskOptions, FlushMode};
 use prost::Message as _;
@@ -102,7 +102,9 @@ impl Durable {
         self.log.flush(now, mode)?;
         if self.log.wants_compaction() {
             // A failure is counted by the log; the old log stays in use.
-            let _ = self.log.compact(self.replica.store(), self.replica.last_wall_ms());
+            let _ = self
+                .log
+                .compact(self.replica.store(), self.replica.last_wall_ms());
         }
         Ok(())
     }

@@ -84,7 +84,6 @@ impl FromStr for Fsync {
     }
 }
 
-
 /// Why durable storage failed. Clone: one failed group commit is reported to every writer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DurableError {
@@ -151,7 +150,6 @@ fn repair_outcome(undo_error: Option<&DurableError>) -> Cow<'static, str> {
     }
 }
 
-
 /// Counters of a durable backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DurableStats {
@@ -217,7 +215,6 @@ impl DurableStats {
     }
 }
 
-
 /// What was found in a data directory at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadReport {
@@ -263,7 +260,6 @@ impl Loaded {
         self.report.is_damaged()
     }
 }
-
 
 /// Where a record to persist comes from, which says how soon it must be durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -33,12 +33,7 @@ impl Replica {
     /// dropped by every peer. Peers take such entries by anti-entropy once their own clocks
     /// reach them.
     #[must_use]
-    pub fn restore(
-        cfg: ReplicaConfig,
-        now: Instant,
-        wall_ms: u64,
-        loaded: Loaded,
-    ) -> Replica {
+    pub fn restore(cfg: ReplicaConfig, now: Instant, wall_ms: u64, loaded: Loaded) -> Replica {
         let mut r = Replica::new(cfg, now);
         r.last_wall_ms = wall_ms;
         let damaged = loaded.damaged();
