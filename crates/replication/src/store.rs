@@ -282,6 +282,49 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Up to `limit` entries (tombstones included) with keys after `after` (from the first
+    /// key when `None`), in key order: for walking the whole store in chunks (a snapshot
+    /// written off the driver task) without holding anything store-wide between chunks.
+    ///
+    /// Takes no gate: **not a consistent snapshot**. Each entry is as it was at some moment
+    /// of the call; a batch applied meanwhile may be seen in part, and keys written between
+    /// two calls may or may not be seen. A snapshot built this way is exact once every record
+    /// committed after the walk started is replayed over it (see `durable/merge.rs`).
+    ///
+    /// Costs one pass over the map per call (the map is not ordered); a bounded heap keeps
+    /// the `limit` smallest keys, so no copy of the whole map is made.
+    #[must_use]
+    pub fn entries_after(&self, after: Option<&str>, limit: usize) -> Vec<(String, Entry)> {
+        use std::collections::BinaryHeap;
+        if limit == 0 {
+            return Vec::new();
+        }
+        let mut heap: BinaryHeap<Key> = BinaryHeap::with_capacity(limit + 1);
+        for r in &self.inner.map {
+            let key = r.key();
+            if after.is_some_and(|a| &**key <= a) {
+                continue;
+            }
+            if heap.len() == limit && heap.peek().is_some_and(|top| top <= key) {
+                continue;
+            }
+            heap.push(key.clone());
+            if heap.len() > limit {
+                heap.pop();
+            }
+        }
+        // A key removed since (a collected tombstone) is skipped: it is not in the store.
+        heap.into_sorted_vec()
+            .into_iter()
+            .filter_map(|k| {
+                let entry = self.inner.map.get(&k)?.entry();
+                Some((k.to_string(), entry))
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -349,48 +392,5 @@ mod tests {
         let keys: Vec<String> = s.scan_prefix("app/").into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["app/a", "app/z"]);
         assert_eq!(s.scan_prefix("").len(), 3);
-    }
-}
-
-impl Store {
-    /// Up to `limit` entries (tombstones included) with keys after `after` (from the first
-    /// key when `None`), in key order: for walking the whole store in chunks (a snapshot
-    /// written off the driver task) without holding anything store-wide between chunks.
-    ///
-    /// Takes no gate: **not a consistent snapshot**. Each entry is as it was at some moment
-    /// of the call; a batch applied meanwhile may be seen in part, and keys written between
-    /// two calls may or may not be seen. A snapshot built this way is exact once every record
-    /// committed after the walk started is replayed over it (see `durable/merge.rs`).
-    ///
-    /// Costs one pass over the map per call (the map is not ordered); a bounded heap keeps
-    /// the `limit` smallest keys, so no copy of the whole map is made.
-    #[must_use]
-    pub fn entries_after(&self, after: Option<&str>, limit: usize) -> Vec<(String, Entry)> {
-        use std::collections::BinaryHeap;
-        if limit == 0 {
-            return Vec::new();
-        }
-        let mut heap: BinaryHeap<Key> = BinaryHeap::with_capacity(limit + 1);
-        for r in &self.inner.map {
-            let key = r.key();
-            if after.is_some_and(|a| &**key <= a) {
-                continue;
-            }
-            if heap.len() == limit && heap.peek().is_some_and(|top| top <= key) {
-                continue;
-            }
-            heap.push(key.clone());
-            if heap.len() > limit {
-                heap.pop();
-            }
-        }
-        // A key removed since (a collected tombstone) is skipped: it is not in the store.
-        heap.into_sorted_vec()
-            .into_iter()
-            .filter_map(|k| {
-                let entry = self.inner.map.get(&k)?.entry();
-                Some((k.to_string(), entry))
-            })
-            .collect()
     }
 }

@@ -185,11 +185,7 @@ impl Worker {
             self.send_progress(None);
             return;
         }
-        loop {
-            match self.log.continue_compaction(source) {
-                Ok(Compacting::More) => {}
-                Ok(Compacting::Done) | Err(_) => break,
-            }
+        while let Ok(Compacting::More) = self.log.continue_compaction(source) {
             self.take(None);
             if !self.connected {
                 // Stopping: the compaction is not finished; the old pair stays in use.
