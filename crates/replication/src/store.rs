@@ -292,31 +292,29 @@ impl Store {
     /// two calls may or may not be seen. A snapshot built this way is exact once every record
     /// committed after the walk started is replayed over it (see `durable/merge.rs`).
     ///
-    /// Costs one pass over the map per call (the map is not ordered); a bounded heap keeps
-    /// the `limit` smallest keys, so no copy of the whole map is made.
+    /// Costs one pass over the map per call (the map is not ordered): only the keys after
+    /// `after` are taken while a shard of the map is held (a reference count each), the
+    /// `limit` smallest are picked and looked up afterwards, so a writer waits at most for one
+    /// shard's pass.
     #[must_use]
     pub fn entries_after(&self, after: Option<&str>, limit: usize) -> Vec<(String, Entry)> {
-        use std::collections::BinaryHeap;
         if limit == 0 {
             return Vec::new();
         }
-        let mut heap: BinaryHeap<Key> = BinaryHeap::with_capacity(limit + 1);
-        for r in &self.inner.map {
-            let key = r.key();
-            if after.is_some_and(|a| &**key <= a) {
-                continue;
-            }
-            if heap.len() == limit && heap.peek().is_some_and(|top| top <= key) {
-                continue;
-            }
-            heap.push(key.clone());
-            if heap.len() > limit {
-                heap.pop();
-            }
+        let mut keys: Vec<Key> = self
+            .inner
+            .map
+            .iter()
+            .map(|r| r.key().clone())
+            .filter(|k| after.is_none_or(|a| &**k > a))
+            .collect();
+        if keys.len() > limit {
+            keys.select_nth_unstable(limit);
+            keys.truncate(limit);
         }
+        keys.sort_unstable();
         // A key removed since (a collected tombstone) is skipped: it is not in the store.
-        heap.into_sorted_vec()
-            .into_iter()
+        keys.into_iter()
             .filter_map(|k| {
                 let entry = self.inner.map.get(&k)?.entry();
                 Some((k.to_string(), entry))

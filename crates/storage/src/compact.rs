@@ -40,20 +40,30 @@ use crate::files::{
 use crate::install::undo_create;
 use crate::record::{ENTRY_OVERHEAD, FILE_HEADER, SNAPSHOT_CHUNK, encode_frame};
 
-/// Entries per read of the source: bounds how long one read holds anything and how much one
-/// step writes before the storage thread looks at its queue again.
+/// Fewest entries per read of the source: how much one step writes at least before the
+/// storage thread looks at its queue again.
 pub const ENTRIES_PER_STEP: usize = 4096;
+/// Most reads of the source per snapshot: a read of an unordered store costs a pass over it
+/// (see [`SnapshotSource::len_hint`]), so large stores are read in larger steps.
+pub const MAX_STEPS: usize = 32;
 
 /// Where a snapshot's entries come from: walked in key order, a chunk at a time.
 pub trait SnapshotSource {
     /// Up to `limit` entries (tombstones included) with keys after `after`, in key order
     /// (see [`Store::entries_after`]).
     fn entries_after(&self, after: Option<&str>, limit: usize) -> Vec<(String, Entry)>;
+
+    /// About how many entries the source holds (sizes the steps of a snapshot).
+    fn len_hint(&self) -> usize;
 }
 
 impl SnapshotSource for Store {
     fn entries_after(&self, after: Option<&str>, limit: usize) -> Vec<(String, Entry)> {
         Store::entries_after(self, after, limit)
+    }
+
+    fn len_hint(&self) -> usize {
+        self.entry_count()
     }
 }
 
@@ -65,6 +75,10 @@ impl SnapshotSource for BTreeMap<String, Entry> {
             .take(limit)
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect()
+    }
+
+    fn len_hint(&self) -> usize {
+        self.len()
     }
 }
 
@@ -89,6 +103,8 @@ pub(crate) struct Compaction {
     wal_bytes: u64,
     /// Last key written to the snapshot.
     cursor: Option<String>,
+    /// Entries per read of the source (set at the first read).
+    step: usize,
     /// The snapshot record being filled, and its size so far.
     record: wire::LogRecord,
     chunk: usize,
@@ -165,6 +181,7 @@ impl DiskLog {
                     wal_path,
                     wal_bytes: FILE_HEADER.len() as u64,
                     cursor: None,
+                    step: 0,
                     record: wire::LogRecord {
                         wall_ms,
                         entries: Vec::new(),
@@ -186,8 +203,9 @@ impl DiskLog {
         }
     }
 
-    /// Writes the next chunk of the snapshot (up to [`ENTRIES_PER_STEP`] entries of
-    /// `source`); once `source` has no more, installs the new generation.
+    /// Writes the next chunk of the snapshot (at least [`ENTRIES_PER_STEP`] entries of
+    /// `source`, more for a large one: at most about [`MAX_STEPS`] reads per snapshot); once
+    /// `source` has no more, installs the new generation.
     ///
     /// # Errors
     /// A write, fsync or rename failed: undone, the old log stays in use (or, if the undo
@@ -199,7 +217,10 @@ impl DiskLog {
         let Some(c) = self.compaction.as_mut() else {
             return Ok(Compacting::Done);
         };
-        let chunk = source.entries_after(c.cursor.as_deref(), ENTRIES_PER_STEP);
+        if c.step == 0 {
+            c.step = (source.len_hint() / MAX_STEPS + 1).max(ENTRIES_PER_STEP);
+        }
+        let chunk = source.entries_after(c.cursor.as_deref(), c.step);
         let last = chunk.is_empty();
         if let Err(cause) = c.write_entries(chunk) {
             self.abandon_compaction();

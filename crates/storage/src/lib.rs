@@ -72,6 +72,6 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use compact::{Compacting, ENTRIES_PER_STEP, SnapshotSource};
+pub use compact::{Compacting, ENTRIES_PER_STEP, MAX_STEPS, SnapshotSource};
 pub use disk::{DiskLog, DiskOptions, FlushMode};
 pub use writer::{Progress, Storage};

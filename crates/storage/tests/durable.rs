@@ -1099,3 +1099,31 @@ fn a_data_file_that_is_not_a_regular_file_is_refused_not_read_forever() {
     assert!(text.contains("not a regular file"), "{text}");
     assert!(text.contains("wal-00000000000000000000"), "{text}");
 }
+
+#[test]
+fn walking_the_store_in_chunks_gives_every_entry_in_key_order() {
+    use chorus_storage::SnapshotSource;
+    let now = Instant::now();
+    let mut r = Replica::new(cfg(1), now);
+    for i in 0..2000 {
+        r.put(WALL + i, format!("k/{}", (i * 7919) % 2000), "v")
+            .unwrap();
+    }
+    r.delete(WALL + 5000, "k/5").unwrap();
+    let store = r.store().clone();
+    assert_eq!(store.len_hint(), 2000);
+    let mut walked = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let chunk = SnapshotSource::entries_after(&store, cursor.as_deref(), 333);
+        assert!(chunk.len() <= 333);
+        let Some(last) = chunk.last() else { break };
+        cursor = Some(last.0.clone());
+        walked.extend(chunk);
+    }
+    let expect: Vec<(String, Entry)> = store.entries().into_iter().collect();
+    assert_eq!(
+        walked, expect,
+        "every entry once, tombstones included, in key order"
+    );
+}

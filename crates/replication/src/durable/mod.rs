@@ -38,14 +38,14 @@ use crate::wire;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fsync {
     /// A local write is fsynced before it is acknowledged: an acknowledged write survives
-    /// `kill -9` and power loss. Writes handled in one driver iteration share one fsync
+    /// `kill -9` and power loss. Writes queued when the storage thread wakes share one fsync
     /// (group commit). Changes from peers are fsynced with the next local write or within
     /// one second.
     #[default]
     Always,
-    /// Records reach the operating system at once (they survive `kill -9` of the process)
-    /// and are fsynced at most this long after they were written (a power loss can lose
-    /// that window).
+    /// Records reach the operating system before the write is acknowledged (they survive
+    /// `kill -9` of the process) and are fsynced at most this long after they were written
+    /// (a power loss can lose that window).
     Interval(Duration),
     /// Records reach the operating system at once, never fsynced by Chorus (only on
     /// shutdown and snapshots); the kernel writes them back when it likes.
