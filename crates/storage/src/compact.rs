@@ -43,9 +43,10 @@ use crate::record::{ENTRY_OVERHEAD, FILE_HEADER, SNAPSHOT_CHUNK, encode_frame};
 /// Fewest entries per read of the source: how much one step writes at least before the
 /// storage thread looks at its queue again.
 pub const ENTRIES_PER_STEP: usize = 4096;
-/// Most reads of the source per snapshot: a read of an unordered store costs a pass over it
-/// (see [`SnapshotSource::len_hint`]), so large stores are read in larger steps.
-pub const MAX_STEPS: usize = 32;
+/// Most reads of the source per snapshot: a read of an unordered store costs a pass over it,
+/// during which a writer to the store can be held up by one shard at a time (see
+/// [`SnapshotSource::len_hint`]), so large stores are read in fewer, larger steps.
+pub const MAX_STEPS: usize = 8;
 
 /// Where a snapshot's entries come from: walked in key order, a chunk at a time.
 pub trait SnapshotSource {
@@ -214,6 +215,11 @@ impl DiskLog {
         &mut self,
         source: &dyn SnapshotSource,
     ) -> Result<Compacting, DurableError> {
+        if let Some(e) = self.failed_error() {
+            // The log failed meanwhile (a write or fsync error): nothing is installed.
+            self.abandon_compaction();
+            return Err(e);
+        }
         let Some(c) = self.compaction.as_mut() else {
             return Ok(Compacting::Done);
         };
