@@ -72,6 +72,7 @@ impl From<chorus_replication::CoreError> for Error {
             },
             CoreError::Replica(e) => Error::Replication(e),
             CoreError::Closed => Error::Closed,
+            CoreError::Durability(e) => Error::Durability(e),
         }
     }
 }

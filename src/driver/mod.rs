@@ -1,4 +1,8 @@
-//! The driver task: one per node, owning the sans-IO [`NodeCore`] and the transport.
+//! The driver task: one per node, owning the sans-IO [`NodeCore`] and the transport. It only
+//! moves bytes and commands: datagrams in and out, commands in, persist items to the storage
+//! thread (`chorus_storage::Storage`) and its progress back, events out to the handles.
+//! Shutdown, drain, linger, back-pressure and acknowledgement are the core's. It reads the
+//! clock once per loop iteration, from tokio's clock only (so it runs under paused time).
 //!
 //! - `mod.rs`: set-up ([`spawn`]) and the event loop;
 //! - `shared.rs`: what the handles share with the driver (commands, published state);
@@ -13,10 +17,14 @@ pub(crate) use config::open_transport;
 use config::protocol_config;
 pub(crate) use shared::{Command, Shared};
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chorus_replication::{DiskLog, DiskOptions, NodeConfig, NodeCore, Version, WallClock};
+use chorus_replication::{
+    CoreError, DurableError, Lifecycle, NodeConfig, NodeCore, Version, WallClock,
+};
+use chorus_storage::{DiskLog, DiskOptions, Progress, Storage};
 use chorus_transport::{DatagramTransport, Destination, Outgoing, Received};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -29,16 +37,8 @@ use crate::{Error, NodeBuilder};
 const IO_BATCH: usize = 64;
 /// How often the counter and member snapshots readers see are refreshed.
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
-/// Longest a shutting-down node waits for every member to confirm (through heartbeats) that
-/// it delivered everything this node sent, answering NAKs meanwhile.
-const DRAIN_MAX: Duration = Duration::from_secs(3);
-/// How long the node keeps running after its goodbye so that the goodbye gets out.
-const GOODBYE_LINGER: Duration = Duration::from_millis(50);
 /// Live changes buffered per watcher before it must catch up from the change log.
 const WATCH_BUFFER: usize = 16_384;
-/// Local writes waiting for room in the send window beyond which the driver takes no new
-/// commands (callers of `put` then wait): back-pressure from the slowest member to the writer.
-const WRITE_BACKLOG_MAX: usize = 1 << 20;
 /// How long the driver stops waiting for watchers after one made no progress while it
 /// yielded (an application that stopped reading its watch must not slow the node).
 const WATCH_PATIENCE: Duration = Duration::from_millis(100);
@@ -48,11 +48,14 @@ pub(crate) fn spawn<T: DatagramTransport>(
     builder: NodeBuilder,
     transport: T,
 ) -> Result<Arc<Shared>, Error> {
-    let now_std = std::time::Instant::now();
-    let epoch_ms = SystemTime::now()
+    // The one clock of the node (tokio's: paused in tests that pause it), and the wall clock
+    // read once, for the mapping of `now` to unix time and for the incarnation.
+    let now = TokioInstant::now().into_std();
+    let epoch_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .map_err(|_| Error::Config("the system clock is before 1970".into()))?;
+    let epoch_ms = epoch_us / 1000;
     // Node ids and protocol seeds come from the operating system's generator: two nodes
     // started in the same millisecond by one process must not draw the same id.
     let mut seeder = ChaCha8Rng::from_os_rng();
@@ -61,10 +64,7 @@ pub(crate) fn spawn<T: DatagramTransport>(
         .unwrap_or_else(|| seeder.random::<u64>() >> 1);
     // A new incarnation on every start: the wall clock in microseconds is unique per start
     // of one node id unless the clock goes backwards by exactly the same amount.
-    let incarnation = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(1);
+    let incarnation = epoch_us.max(1);
     let seed = seeder.random::<u64>();
     let protocol = protocol_config(&builder, node_id, incarnation, seed, &transport);
     protocol
@@ -83,12 +83,12 @@ pub(crate) fn spawn<T: DatagramTransport>(
         ),
     }
     let wall = WallClock {
-        epoch: now_std,
+        epoch: now,
         epoch_ms,
     };
     let config = NodeConfig::new(protocol, wall);
-    let core = match &builder.data_dir {
-        None => NodeCore::new(config, now_std),
+    let (core, log) = match &builder.data_dir {
+        None => (NodeCore::new(config, now), None),
         Some(dir) => {
             let (log, loaded) = DiskLog::open(dir, DiskOptions::new(builder.fsync))?;
             tracing::info!(
@@ -101,7 +101,28 @@ pub(crate) fn spawn<T: DatagramTransport>(
                 fsync = %builder.fsync,
                 "store loaded from the data directory"
             );
-            NodeCore::with_durability(config, now_std, Box::new(log), loaded)
+            let mut core = NodeCore::restore(config, now, loaded);
+            core.handle_durable_stats(log.stats());
+            (core, Some(log))
+        }
+    };
+    // The storage thread reports its progress here; the driver wakes on it.
+    let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+    let storage = match log {
+        None => None,
+        Some(log) => {
+            let report = move |p: Progress| {
+                // The driver gone: nobody waits for acknowledgements any more.
+                let _ = progress_tx.send(p);
+            };
+            let storage = Storage::spawn(log, core.store().clone(), report).map_err(|e| {
+                Error::Durability(DurableError::Io {
+                    op: "start the storage thread for",
+                    path: builder.data_dir.clone().unwrap_or_default(),
+                    source: Arc::new(e),
+                })
+            })?;
+            Some(storage)
         }
     };
     let (write_tx, cmd_rx) = mpsc::channel(1024);
@@ -131,8 +152,12 @@ pub(crate) fn spawn<T: DatagramTransport>(
         dropped_by_injection: 0,
         send_errors: 0,
         recv_errors: 0,
-        acks: Vec::new(),
-        watch_patience_until: TokioInstant::now(),
+        replies: HashMap::new(),
+        next_ticket: 0,
+        storage,
+        progress_rx,
+        shutdown_replies: Vec::new(),
+        watch_patience_until: TokioInstant::from_std(now),
     };
     // Readers see this node as a member, and the counters, from the moment start returns.
     driver.publish_snapshots();
@@ -145,29 +170,21 @@ pub(crate) fn spawn<T: DatagramTransport>(
     Ok(shared)
 }
 
-/// A shutdown in progress: first drain (wait until every member has what we sent), then
-/// goodbye.
-struct Closing {
-    deadline: TokioInstant,
-    said_goodbye: bool,
-    reply: Option<oneshot::Sender<()>>,
+/// What woke the loop; handled at the top of the next iteration, after the one clock read.
+enum Wake {
+    Timer,
+    Datagrams,
+    ReceiveFailed,
+    /// A write command (more may be waiting: taken too, for one group commit).
+    Write(Command),
+    /// Every handle is gone, or a shutdown was asked for.
+    Shutdown(Option<oneshot::Sender<()>>),
+    Control(Command),
+    Progress(Progress),
 }
 
-impl Closing {
-    fn new(reply: Option<oneshot::Sender<()>>) -> Closing {
-        Closing {
-            deadline: TokioInstant::now() + DRAIN_MAX,
-            said_goodbye: false,
-            reply,
-        }
-    }
-}
-
-/// A write's reply and its result, held until the write is durable.
-type Ack = (
-    oneshot::Sender<Result<Version, Error>>,
-    Result<Version, Error>,
-);
+/// A write's reply, held until the core acknowledges the write.
+type Reply = oneshot::Sender<Result<Version, Error>>;
 
 struct Driver<T> {
     core: NodeCore,
@@ -177,8 +194,14 @@ struct Driver<T> {
     dropped_by_injection: u64,
     send_errors: u64,
     recv_errors: u64,
-    /// Write replies held until the writes are durable (group commit).
-    acks: Vec<Ack>,
+    /// Write replies by ticket, until the core's `Acked`.
+    replies: HashMap<u64, Reply>,
+    next_ticket: u64,
+    /// The storage thread of a node with a data directory.
+    storage: Option<Storage>,
+    progress_rx: mpsc::UnboundedReceiver<Progress>,
+    /// Who asked for the shutdown (answered once the node stopped).
+    shutdown_replies: Vec<oneshot::Sender<()>>,
     /// Until when the driver does not yield to lagging watchers (see `let_watchers_catch_up`).
     watch_patience_until: TokioInstant,
 }
@@ -192,110 +215,126 @@ impl<T: DatagramTransport> Driver<T> {
         let mut received: Vec<Received> = Vec::with_capacity(IO_BATCH);
         let mut outgoing: Vec<Outgoing> = Vec::with_capacity(IO_BATCH);
         let mut next_snapshot = TokioInstant::now();
-        let mut closing: Option<Closing> = None;
+        let mut woke: Option<Wake> = None;
         tracing::info!(incarnation = self.shared.incarnation, "node started");
         loop {
-            let now = std::time::Instant::now();
-            self.persist(now, false);
-            self.flush(now, &mut outgoing).await;
+            // The one clock read of this iteration.
+            let now = TokioInstant::now();
+            let now_std = now.into_std();
+            match woke.take() {
+                None => {}
+                Some(Wake::Timer) => self.core.handle_timeout(now_std),
+                Some(Wake::Datagrams) => self.receive(now_std, &mut received),
+                Some(Wake::ReceiveFailed) => {}
+                Some(Wake::Write(cmd)) => {
+                    self.command(now_std, cmd);
+                    // Group commit: take the commands already waiting (up to a shutdown),
+                    // so that one write and fsync of the storage thread covers them all.
+                    for _ in 1..IO_BATCH {
+                        if !self.core.accepts_writes() {
+                            break;
+                        }
+                        match cmd_rx.try_recv() {
+                            Ok(Command::Shutdown { reply }) => {
+                                self.shutdown(now_std, Some(reply));
+                                break;
+                            }
+                            Ok(cmd) => self.command(now_std, cmd),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(Wake::Shutdown(reply)) => self.shutdown(now_std, reply),
+                Some(Wake::Control(cmd)) => self.command(now_std, cmd),
+                Some(Wake::Progress(p)) => self.progress(p),
+            }
+            self.persist();
+            self.flush(now_std, &mut outgoing).await;
             self.drain_events();
-            if TokioInstant::now() >= next_snapshot {
+            if now >= next_snapshot {
                 self.publish_snapshots();
-                next_snapshot = TokioInstant::now() + SNAPSHOT_EVERY;
+                next_snapshot = now + SNAPSHOT_EVERY;
             }
-            if let Some(c) = &mut closing {
-                let now_t = TokioInstant::now();
-                if !c.said_goodbye
-                    && (now_t >= c.deadline
-                        || (self.core.endpoint().window_len() == 0 && !self.core.has_backlog()))
-                {
-                    // Everything sent is stable at every member (or we gave up waiting).
-                    self.core.close(std::time::Instant::now());
-                    c.said_goodbye = true;
-                    c.deadline = now_t + GOODBYE_LINGER;
-                    continue;
-                }
-                if c.said_goodbye && now_t >= c.deadline {
-                    break;
-                }
+            let running = self.core.lifecycle() == Lifecycle::Running;
+            if self.core.lifecycle() == Lifecycle::Closed {
+                break;
             }
-            if closing.is_none() {
-                self.let_watchers_catch_up().await;
+            if running {
+                self.let_watchers_catch_up(now).await;
             }
             let timer = self
                 .core
                 .poll_timeout()
                 .map(TokioInstant::from_std)
-                .unwrap_or_else(|| TokioInstant::now() + Duration::from_secs(1));
-            let timer = match &closing {
-                Some(c) => timer
-                    .min(c.deadline)
-                    .min(TokioInstant::now() + Duration::from_millis(20)),
-                None => timer.min(next_snapshot),
-            };
-            tokio::select! {
-                cmd = control_rx.recv(), if closing.is_none() => match cmd {
-                    Some(Command::Shutdown { reply }) => closing = Some(Closing::new(Some(reply))),
-                    Some(cmd) => self.command(cmd),
-                    None => closing = Some(Closing::new(None)),
+                .unwrap_or_else(|| now + Duration::from_secs(1))
+                .min(next_snapshot);
+            let durable = self.storage.is_some();
+            woke = Some(tokio::select! {
+                cmd = control_rx.recv(), if running => match cmd {
+                    Some(Command::Shutdown { reply }) => Wake::Shutdown(Some(reply)),
+                    Some(cmd) => Wake::Control(cmd),
+                    None => Wake::Shutdown(None),
                 },
-                cmd = cmd_rx.recv(),
-                    if closing.is_none() && self.core.write_backlog_bytes() < WRITE_BACKLOG_MAX =>
-                match cmd {
-                    Some(Command::Shutdown { reply }) => closing = Some(Closing::new(Some(reply))),
-                    Some(cmd) => {
-                        self.command(cmd);
-                        // Group commit: take the commands already waiting (up to a shutdown),
-                        // so one fsync at the top of the loop covers them all.
-                        for _ in 1..IO_BATCH {
-                            match cmd_rx.try_recv() {
-                                Ok(Command::Shutdown { reply }) => {
-                                    closing = Some(Closing::new(Some(reply)));
-                                    break;
-                                }
-                                Ok(cmd) => self.command(cmd),
-                                Err(_) => break,
-                            }
-                        }
-                    }
+                cmd = cmd_rx.recv(), if self.core.accepts_writes() => match cmd {
+                    Some(Command::Shutdown { reply }) => Wake::Shutdown(Some(reply)),
+                    Some(cmd) => Wake::Write(cmd),
                     // Every handle is gone: shut down as if asked.
-                    None => closing = Some(Closing::new(None)),
+                    None => Wake::Shutdown(None),
                 },
-                res = self.transport.recv_batch(&mut received, IO_BATCH) => {
-                    match res {
-                        Ok(_) => self.receive(&mut received),
-                        Err(e) => {
-                            self.recv_errors += 1;
-                            tracing::warn!(error = %e, "receive failed");
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
+                res = self.transport.recv_batch(&mut received, IO_BATCH) => match res {
+                    Ok(_) => Wake::Datagrams,
+                    Err(e) => {
+                        self.recv_errors += 1;
+                        tracing::warn!(error = %e, "receive failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        Wake::ReceiveFailed
                     }
-                }
-                () = tokio::time::sleep_until(timer) => {
-                    self.core.handle_timeout(std::time::Instant::now());
-                }
-            }
+                },
+                Some(p) = self.progress_rx.recv(), if durable => Wake::Progress(p),
+                () = tokio::time::sleep_until(timer) => Wake::Timer,
+            });
         }
-        // Answer commands that raced with shutdown, then publish the final state.
+        // Answer commands that raced with shutdown (writes are refused as closed).
         cmd_rx.close();
         control_rx.close();
+        let now = TokioInstant::now().into_std();
         while let Ok(cmd) = cmd_rx.try_recv().or_else(|_| control_rx.try_recv()) {
             match cmd {
-                Command::Shutdown { reply } => {
-                    let _ = reply.send(());
-                }
-                other => self.command(other),
+                Command::Shutdown { reply } => self.shutdown_replies.push(reply),
+                other => self.command(now, other),
             }
         }
-        self.persist(std::time::Instant::now(), true);
+        // The core's last persist item is a sync of everything: hand it over, then wait for
+        // the storage thread to report it and stop (releasing the data directory).
+        self.persist();
+        if let Some(mut storage) = self.storage.take() {
+            storage.close();
+            while let Some(p) = self.progress_rx.recv().await {
+                let stopped = p.stopped;
+                self.progress(p);
+                if stopped {
+                    break;
+                }
+            }
+        }
         self.drain_events();
+        for (_, reply) in self.replies.drain() {
+            let _ = reply.send(Err(Error::Durability(DurableError::Failed(
+                "the storage thread stopped before the write was durable".into(),
+            ))));
+        }
         self.publish_snapshots();
         self.shared.in_sync.send_replace(false);
         self.shared.stopped.send_replace(true);
-        if let Some(reply) = closing.and_then(|c| c.reply) {
+        for reply in self.shutdown_replies.drain(..) {
             let _ = reply.send(());
         }
         tracing::info!("node stopped");
+    }
+
+    fn shutdown(&mut self, now: std::time::Instant, reply: Option<oneshot::Sender<()>>) {
+        self.shutdown_replies.extend(reply);
+        self.core.shutdown(now);
     }
 
     /// Yields to the runtime while the slowest watcher is more than a quarter of its live
@@ -307,9 +346,9 @@ impl<T: DatagramTransport> Driver<T> {
     /// (or the burst after a repair) watchers then fell out of the change log and ended with
     /// `Compacted`. A watcher that makes no progress over a yield (its owner stopped reading)
     /// is not waited for again for `WATCH_PATIENCE`.
-    async fn let_watchers_catch_up(&mut self) {
+    async fn let_watchers_catch_up(&mut self, now: TokioInstant) {
         let mut behind = self.shared.changes.len();
-        if behind <= WATCH_BUFFER / 4 || TokioInstant::now() < self.watch_patience_until {
+        if behind <= WATCH_BUFFER / 4 || now < self.watch_patience_until {
             return;
         }
         for _ in 0..256 {
@@ -323,29 +362,41 @@ impl<T: DatagramTransport> Driver<T> {
             }
             behind = now_behind;
         }
-        self.watch_patience_until = TokioInstant::now() + WATCH_PATIENCE;
+        self.watch_patience_until = now + WATCH_PATIENCE;
     }
 
-    /// Makes the changes applied so far durable (one fsync for every write handled since the
-    /// last call, under `Fsync::Always`), then acknowledges the writes held for it. With
-    /// `force`, fsyncs whatever the policy (shutdown).
-    fn persist(&mut self, now: std::time::Instant, force: bool) {
-        let result = if force {
-            self.core.sync_durable(now)
-        } else {
-            self.core.flush_durable(now)
+    /// Hands what the core wants persisted to the storage thread (never blocks).
+    fn persist(&mut self) {
+        let Some(storage) = &self.storage else {
+            return;
         };
-        for (reply, res) in self.acks.drain(..) {
-            let res = match (&result, res) {
-                (Err(e), Ok(_)) => Err(Error::Durability(e.clone())),
-                (_, res) => res,
-            };
-            let _ = reply.send(res);
+        let mut gone = false;
+        while let Some(item) = self.core.poll_persist() {
+            gone |= !storage.send(item);
+        }
+        if gone {
+            self.core
+                .handle_persist_failed(DurableError::Failed("the storage thread stopped".into()));
         }
     }
 
-    fn receive(&mut self, received: &mut Vec<Received>) {
-        let now = std::time::Instant::now();
+    /// The storage thread's progress, handed to the core (which acknowledges writes).
+    fn progress(&mut self, p: Progress) {
+        self.core.handle_persisted(p.through);
+        if let Some(e) = p.failed {
+            self.core.handle_persist_failed(e);
+        }
+        self.core.handle_durable_stats(p.stats);
+    }
+
+    /// Answers the write command `ticket` (an `Acked` of the core).
+    pub(super) fn acknowledge(&mut self, ticket: u64, result: Result<Version, CoreError>) {
+        if let Some(reply) = self.replies.remove(&ticket) {
+            let _ = reply.send(result.map_err(Error::from));
+        }
+    }
+
+    fn receive(&mut self, now: std::time::Instant, received: &mut Vec<Received>) {
         for datagram in received.drain(..) {
             if let Some((p, rng)) = &mut self.loss
                 && rng.random_bool(*p)
@@ -358,14 +409,18 @@ impl<T: DatagramTransport> Driver<T> {
         }
     }
 
-    fn command(&mut self, cmd: Command) {
-        let now = std::time::Instant::now();
-        let closed = Error::from;
+    /// A write: the reply waits for the core's `Acked` of its ticket.
+    fn write(&mut self, now: std::time::Instant, ops: Vec<chorus_replication::Op>, reply: Reply) {
+        let ticket = self.next_ticket;
+        self.next_ticket = self.next_ticket.wrapping_add(1);
+        self.replies.insert(ticket, reply);
+        // The result comes back as an `Acked` (at once when refused).
+        let _ = self.core.batch(now, ops, ticket);
+    }
+
+    fn command(&mut self, now: std::time::Instant, cmd: Command) {
         match cmd {
-            Command::Write { ops, reply } => {
-                let result = self.core.batch(now, ops).map_err(closed);
-                self.acks.push((reply, result));
-            }
+            Command::Write { ops, reply } => self.write(now, ops, reply),
             Command::ChangesSince {
                 revision,
                 prefix,
@@ -380,9 +435,7 @@ impl<T: DatagramTransport> Driver<T> {
                         });
                 let _ = reply.send(result);
             }
-            Command::Shutdown { reply } => {
-                let _ = reply.send(());
-            }
+            Command::Shutdown { reply } => self.shutdown_replies.push(reply),
         }
     }
 

@@ -29,6 +29,7 @@ impl<T: DatagramTransport> Driver<T> {
                     log_member(&event);
                     members_changed = true;
                 }
+                NodeEvent::Acked { ticket, result } => self.acknowledge(ticket, result),
             }
         }
         if members_changed {

@@ -11,17 +11,20 @@
 //! - runs anti-entropy: bucketed digests, summaries, requests and entries, so nodes that
 //!   lost messages, were partitioned or joined late converge, and reports `InSync`;
 //! - collects tombstones after a grace period;
-//! - persists, when given a [`Durability`] backend ([`DiskLog`]: a write-ahead log plus
-//!   snapshots, the only file I/O of this crate, behind that explicit seam), every committed
-//!   change, and restores a replica from what was found on disk;
+//! - emits, when durable, every committed change as a [`Persist`] item for a durable store
+//!   (the `chorus-storage` crate's data directory, or the in-memory [`MemoryDisk`]), is told
+//!   how far they are durable, acknowledges writes from that, and restores a replica from
+//!   what the store loaded; [`MergedState`] is the one merge of records that both stores
+//!   replay with;
 //! - [`NodeCore`] wires a `chorus_protocol::Endpoint` and a [`Replica`] into one sans-IO
-//!   node that the tokio driver and the simulator both drive.
+//!   node that the tokio driver and the simulator both drive, with its lifecycle (drain,
+//!   goodbye, linger), write back-pressure and write acknowledgement.
 //!
-//! What it does not do: it opens no socket, reads no clock, spawns no task and draws no
-//! unseeded randomness. Reliable multicast, membership and loss detection belong to
+//! What it does not do: it opens no socket, touches no file, reads no clock, spawns no task
+//! and draws no unseeded randomness. Reliable multicast, membership and loss detection belong to
 //! `chorus-protocol`; the driver (production or simulator) feeds their outputs in. No
-//! cross-node transactions, no read quorum. Without a backend (the default, and always in
-//! the simulator) the store lives in memory and no file is touched.
+//! cross-node transactions, no read quorum. Without a durable store (the default) the store
+//! lives in memory only.
 //!
 //! See `docs/replication.md` for the guarantees and the sync protocol.
 
@@ -40,13 +43,15 @@ pub mod wire {
     include!(concat!(env!("OUT_DIR"), "/chorus.replication.v1.rs"));
 }
 
-pub use crate::core::{CoreError, NodeConfig, NodeCore, NodeEvent, NodeStats};
+pub use crate::core::{
+    CoreError, DRAIN_MAX, GOODBYE_LINGER, Lifecycle, NodeConfig, NodeCore, NodeEvent, NodeStats,
+};
 pub use chorus_protocol;
 pub use chorus_protocol::WallClock;
 pub use config::{Limits, ReplicaConfig};
 pub use durable::{
-    DiskLog, DiskOptions, Durability, DurableError, DurableStats, Fsync, LoadReport, Loaded,
-    ParseFsyncError,
+    DurableError, DurableStats, Fsync, LoadReport, Loaded, MemoryDisk, MergedState, Origin,
+    ParseFsyncError, Persist,
 };
 pub use error::{ClockCause, Compacted, Error};
 pub use hlc::{DriftError, Hlc, HlcClock, MAX_PHYSICAL_MS, Version};

@@ -382,6 +382,30 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Up to `limit` entries (tombstones included) with keys after `after` (from the first
+    /// key when `None`), in key order: for walking the whole store in chunks (a snapshot
+    /// written off the driver task) without holding anything store-wide between chunks.
+    ///
+    /// Takes no gate: **not a consistent snapshot**. Each entry is as it was at some moment
+    /// of the call; a batch applied meanwhile may be seen in part, and keys written between
+    /// two calls may or may not be seen. A snapshot built this way is exact once every record
+    /// committed after the walk started is replayed over it (see `durable/merge.rs`).
+    ///
+    /// A range of the ordered index: O(log n + limit), and no lock beyond one entry's at a
+    /// time, so a writer never waits for the walk.
+    #[must_use]
+    pub fn entries_after(&self, after: Option<&str>, limit: usize) -> Vec<(String, Entry)> {
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.inner
+            .map
+            .range::<str, _>((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|e| (e.key().to_string(), lock(e.value()).entry()))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

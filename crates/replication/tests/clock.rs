@@ -13,7 +13,7 @@ use chorus_replication::{
     ClockCause, CoreError, Error, Hlc, Loaded, NodeCore, Replica, ReplicaConfig, Version,
 };
 use chorus_sim::{LinkConfig, SimConfig};
-use common::{Forgetful, SimNode, sim, sim_with};
+use common::{SimNode, sim, sim_with};
 
 /// Five minutes, the skew of the report.
 const AHEAD_MS: u64 = 300_000;
@@ -185,13 +185,7 @@ fn future_history(ahead_ms: u64) -> Loaded {
 fn a_history_from_the_future_is_kept_but_not_written_on_until_the_clock_catches_up() {
     let t0 = Instant::now();
     let cfg = ReplicaConfig::new(1, 7);
-    let mut r = Replica::restore(
-        cfg,
-        t0,
-        SIM_EPOCH_MS,
-        Box::new(Forgetful),
-        future_history(AHEAD_MS),
-    );
+    let mut r = Replica::restore(cfg, t0, SIM_EPOCH_MS, future_history(AHEAD_MS));
     assert_eq!(r.get("from/the/future"), Some(Bytes::from("kept")));
     match r.put(SIM_EPOCH_MS, "k", "v") {
         Err(Error::ClockAhead {
@@ -235,12 +229,7 @@ fn a_restored_future_history_reaches_peers_once_their_clocks_do() {
         |_| {},
         |spawn, nc| {
             if spawn.index == 0 {
-                NodeCore::with_durability(
-                    nc,
-                    spawn.now,
-                    Box::new(Forgetful),
-                    future_history(AHEAD_MS),
-                )
+                NodeCore::restore(nc, spawn.now, future_history(AHEAD_MS))
             } else {
                 NodeCore::new(nc, spawn.now)
             }

@@ -7,9 +7,14 @@
 //!   and crashes only on nodes that are up, restarts only of crashed nodes, at most
 //!   [`MAX_NODES`] nodes, heal only while partitioned), also while shrinking.
 //! - The system under test ([`Cluster`]) is a `Sim` of real `NodeCore`s on lossy links (up to
-//!   50 % loss, duplication, reordering). Versions are stamped by the nodes' HLCs, so it keeps
-//!   every write with the version the node returned, and marks the writes a crash may have
-//!   taken with it (no other live node held them or anything newer).
+//!   50 % loss, duplication, reordering), each durable on a `MemoryDisk` (synced on every
+//!   timer, which acknowledges the writes it covers). Versions are stamped by the nodes'
+//!   HLCs, so it keeps every write with the version the node returned, and marks the writes a
+//!   crash may have taken with it (no other live node held them or anything newer; after a
+//!   `Kill`, which keeps the disk, not on that disk either). A `Crash` loses the node's disk
+//!   with it (it restarts empty); a `Kill` keeps it (it restarts from what was synced).
+//! - On a restart after a `Kill`, every write that node acknowledged must be in the store
+//!   it loaded (at its version or a newer one).
 //! - After every transition the topology of the simulator must match the reference and no
 //!   watch may have seen a key go backwards. At the end everything is healed and restarted
 //!   and must settle; then every node's store must equal the LWW model by version (exactly for
@@ -31,7 +36,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chorus_replication::{Change, Op, Version};
 use chorus_sim::{LinkConfig, Sim, SimConfig};
-use common::{SimNode, run_until_settled, sim};
+use common::{Disks, SimNode, run_until_settled, sim, sim_durable};
 use proptest::prelude::*;
 use proptest::strategy::Union;
 use proptest::test_runner::FileFailurePersistence;
@@ -81,7 +86,12 @@ enum Step {
         side: Vec<usize>,
     },
     Heal,
+    /// The node and its disk are lost (it restarts empty).
     Crash {
+        node: usize,
+    },
+    /// The process dies (`kill -9`); its disk keeps what was synced.
+    Kill {
         node: usize,
     },
     Restart {
@@ -180,6 +190,7 @@ impl ReferenceStateMachine for World {
                         .boxed(),
                 ),
                 (1, on().prop_map(|node| Step::Crash { node }).boxed()),
+                (1, on().prop_map(|node| Step::Kill { node }).boxed()),
             ]);
         }
         if !w.cuts.is_empty() {
@@ -205,7 +216,8 @@ impl ReferenceStateMachine for World {
             Step::Put { node, .. }
             | Step::Delete { node, .. }
             | Step::Batch { node, .. }
-            | Step::Crash { node } => w.is_up(*node),
+            | Step::Crash { node }
+            | Step::Kill { node } => w.is_up(*node),
             Step::Restart { node } => *node < n && !w.up[*node],
             Step::Partition { side } => {
                 !side.is_empty() && side.len() < n && side.iter().all(|&i| i < n)
@@ -231,7 +243,7 @@ impl ReferenceStateMachine for World {
                 w.cuts.push((side.clone(), other));
             }
             Step::Heal => w.cuts.clear(),
-            Step::Crash { node } => w.up[*node] = false,
+            Step::Crash { node } | Step::Kill { node } => w.up[*node] = false,
             Step::Restart { node } => w.up[*node] = true,
             Step::AddNode => w.up.push(true),
         }
@@ -250,6 +262,9 @@ struct Rec {
     /// The write may have been lost with a crashed node (no live node held it or anything
     /// newer for its key when a holder crashed).
     at_risk: bool,
+    /// The node that took it and the ticket of its command.
+    node: usize,
+    ticket: u64,
 }
 
 /// The system under test.
@@ -260,6 +275,11 @@ struct Cluster {
     writes: Vec<Rec>,
     /// The reference model after the latest transition (teardown sees no reference state).
     model: BTreeMap<u8, Option<u8>>,
+    /// Every node's disk (a `Crash` removes the node's, a `Kill` keeps it).
+    disks: Disks,
+    /// Per killed node: the writes it had acknowledged when it was killed (checked when it
+    /// restarts from its disk).
+    killed: BTreeMap<usize, Vec<Rec>>,
 }
 
 impl Cluster {
@@ -276,9 +296,10 @@ impl Cluster {
                 None => Op::Delete { key: key(*k) },
             })
             .collect();
+        let ticket = self.writes.len() as u64;
         let version = self
             .sim
-            .act(node, |m, now| m.core.batch(now, wire))
+            .act(node, |m, now| m.core.batch(now, wire, ticket))
             .unwrap_or_else(|| panic!("seed={seed}: node {node} is down, the reference has it up"))
             .unwrap_or_else(|e| panic!("seed={seed}: node {node} refused a write: {e}"));
         if let Some(last) = self.writes.last() {
@@ -294,12 +315,76 @@ impl Cluster {
             key: key(*k),
             value: v.map(val),
             at_risk: false,
+            node,
+            ticket,
         }));
+    }
+
+    /// The writes `node` acknowledged in its current life (a ticket answered `Ok`).
+    fn acknowledged_by(&self, node: usize) -> Vec<Rec> {
+        let Some(m) = self.sim.node(node).machine() else {
+            return Vec::new();
+        };
+        let acked: std::collections::HashSet<u64> = m
+            .acked
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(t, _)| *t)
+            .collect();
+        self.writes
+            .iter()
+            .filter(|r| r.node == node && acked.contains(&r.ticket))
+            .cloned()
+            .collect()
+    }
+
+    /// The process of `node` dies; its disk keeps what was synced.
+    fn kill(&mut self, node: usize) {
+        let acked = self.acknowledged_by(node);
+        let disk = self.disks.borrow().get(&node).cloned();
+        let kept = |rec: &Rec| {
+            disk.as_ref().is_some_and(|d| {
+                d.borrow()
+                    .durable_state()
+                    .get(&rec.key)
+                    .is_some_and(|(_, v)| *v >= rec.version)
+            })
+        };
+        let kept_now: Vec<bool> = self.writes.iter().map(kept).collect();
+        self.mark_at_risk_unless(node, &kept_now);
+        self.killed.insert(node, acked);
+        self.sim.crash(node);
+    }
+
+    /// After `node` restarted: every write it acknowledged before it was killed is in the
+    /// store it loaded from its disk.
+    fn check_restored(&mut self, node: usize) {
+        let Some(acked) = self.killed.remove(&node) else {
+            return;
+        };
+        let seed = self.seed;
+        let store = self.sim.node(node).machine().unwrap().core.store().clone();
+        for rec in acked {
+            let held = store.get_entry(&rec.key).map(|e| e.version);
+            assert!(
+                held.is_some_and(|v| v >= rec.version),
+                "seed={seed}: node {node} acknowledged {} at {} and restarted from its disk with {held:?}",
+                rec.key,
+                rec.version
+            );
+        }
     }
 
     /// Marks every write that no live node other than `crashed` holds (or supersedes) as at
     /// risk.
     fn mark_at_risk(&mut self, crashed: usize) {
+        let none = vec![false; self.writes.len()];
+        self.mark_at_risk_unless(crashed, &none);
+    }
+
+    /// As [`mark_at_risk`](Cluster::mark_at_risk), except the writes marked `kept` (they
+    /// survive on the crashed node's disk).
+    fn mark_at_risk_unless(&mut self, crashed: usize, kept: &[bool]) {
         let others: Vec<_> = self
             .sim
             .live_nodes()
@@ -307,7 +392,12 @@ impl Cluster {
             .filter(|i| *i != crashed)
             .filter_map(|i| self.sim.node(i).machine().map(|m| m.core.store().clone()))
             .collect();
-        for rec in self.writes.iter_mut().filter(|r| !r.at_risk) {
+        for (rec, _) in self
+            .writes
+            .iter_mut()
+            .zip(kept)
+            .filter(|(r, kept)| !r.at_risk && !**kept)
+        {
             let held = others.iter().any(|s| {
                 s.get_entry(&rec.key)
                     .is_some_and(|e| e.version >= rec.version)
@@ -328,13 +418,20 @@ impl StateMachineTest for Cluster {
             .with_loss(f64::from(w.loss_pct) / 100.0)
             .with_duplicate(0.05)
             .with_reorder(0.1, Duration::from_millis(20));
-        let mut sim = sim(SimConfig::new(w.seed, w.up.len()).with_link(link), |_| {});
+        let disks = Disks::default();
+        let mut sim = sim_durable(
+            SimConfig::new(w.seed, w.up.len()).with_link(link),
+            |_| {},
+            disks.clone(),
+        );
         sim.run_for(Duration::from_millis(500));
         Cluster {
             seed: w.seed,
             sim,
             writes: Vec::new(),
             model: w.model.clone(),
+            disks,
+            killed: BTreeMap::new(),
         }
     }
 
@@ -351,9 +448,14 @@ impl StateMachineTest for Cluster {
             Step::Heal => c.sim.heal(),
             Step::Crash { node } => {
                 c.mark_at_risk(node);
+                c.disks.borrow_mut().remove(&node);
                 c.sim.crash(node);
             }
-            Step::Restart { node } => c.sim.restart(node),
+            Step::Kill { node } => c.kill(node),
+            Step::Restart { node } => {
+                c.sim.restart(node);
+                c.check_restored(node);
+            }
             Step::AddNode => {
                 c.sim.add_node();
             }
@@ -393,22 +495,25 @@ impl StateMachineTest for Cluster {
         }
     }
 
-    fn teardown(c: Cluster) {
+    fn teardown(mut c: Cluster) {
+        // Bring every node back (a killed one from its disk, checked at once).
+        for i in 0..c.sim.len() {
+            if !c.sim.node(i).is_up() {
+                c.sim.restart(i);
+                c.check_restored(i);
+            }
+        }
         let Cluster {
             seed,
             mut sim,
             writes,
             model,
+            ..
         } = c;
         // Heal everything, bring every node back, let it settle.
         sim.heal();
         sim.clear_link_overrides();
         sim.set_default_link(LinkConfig::lan());
-        for i in 0..sim.len() {
-            if !sim.node(i).is_up() {
-                sim.restart(i);
-            }
-        }
         let ok = run_until_settled(
             &mut sim,
             Duration::from_millis(250),
@@ -437,10 +542,12 @@ impl StateMachineTest for Cluster {
 }
 
 /// Every watch of node `i` saw every change of its prefix exactly once (the same changes as
-/// the node's change log), per key in version order, and ends at the store's contents.
+/// the node's change log), per key in version order, and ends at the store's contents. A
+/// watch from the start of a life restored from disk starts from the store it loaded (at
+/// the revision it loaded at).
 fn check_watches(seed: u64, i: usize, m: &SimNode) {
     let revisions: Vec<u64> = m.events.iter().map(|c| c.revision).collect();
-    let expected: Vec<u64> = (1..=m.core.store().revision()).collect();
+    let expected: Vec<u64> = (m.initial_revision + 1..=m.core.store().revision()).collect();
     assert_eq!(
         revisions, expected,
         "seed={seed}: node {i}: change events are not every revision exactly once"
@@ -455,13 +562,18 @@ fn check_watches(seed: u64, i: usize, m: &SimNode) {
             .collect();
         let log = m
             .core
-            .changes_since(0, prefix)
+            .changes_since(m.initial_revision, prefix)
             .unwrap_or_else(|e| panic!("seed={seed}: node {i}: change log compacted: {e:?}"));
         assert_eq!(
             seen, log,
             "seed={seed}: node {i}: watch {prefix:?} differs from the change log"
         );
-        let mut view: BTreeMap<String, (Version, Option<Bytes>)> = BTreeMap::new();
+        let mut view: BTreeMap<String, (Version, Option<Bytes>)> = m
+            .initial
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
         for c in seen {
             if let Some((prev, _)) = view.get(&c.key) {
                 assert!(
@@ -599,7 +711,9 @@ fn late_joiner_catches_up_ten_thousand_keys() {
                 value: Bytes::from(vec![b'x'; 100]),
             })
             .collect();
-        s.act(batch % 3, |m, now| m.core.batch(now, ops).unwrap());
+        s.act(batch % 3, |m, now| {
+            m.core.batch(now, ops, batch as u64).unwrap()
+        });
         s.run_for(Duration::from_millis(10));
     }
     assert!(run_until_settled(

@@ -27,6 +27,7 @@ fn writes_replicate_to_every_node_and_events_flow() {
                     },
                     Op::Delete { key: "a".into() },
                 ],
+                1,
             )
             .unwrap()
     });

@@ -19,7 +19,6 @@ use chorus_replication::{
     Hlc, Loaded, NodeConfig, NodeCore, Replica, ReplicaConfig, Version, WallClock,
 };
 use chorus_testkit::alloc::{Counting, live_bytes};
-use common::Forgetful;
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -137,13 +136,7 @@ fn stored_keys_and_values_hold_only_their_own_bytes_on_every_path() {
         last_wall_ms: WALL0,
         ..Loaded::default()
     };
-    let restored = Replica::restore(
-        ReplicaConfig::new(4, 4),
-        now,
-        WALL0,
-        Box::new(Forgetful),
-        loaded,
-    );
+    let restored = Replica::restore(ReplicaConfig::new(4, 4), now, WALL0, loaded);
     let per_key = |bytes: i64| bytes / N as i64;
     let figures = [
         ("writer (local writes)", per_key(footprint(writer))),

@@ -13,7 +13,6 @@ use proptest::prelude::*;
 use prost::Message as _;
 
 mod common;
-use common::Forgetful;
 
 const WALL0: u64 = 1_700_000_000_000;
 
@@ -674,7 +673,7 @@ fn node_restarted_alone_for_longer_than_grace_recovers_when_it_meets_a_peer() {
     let (now, wall) = (c.now, c.wall);
     c.nodes[0].handle_peer_down(now, 2);
     let loaded = as_loaded(&c.nodes[1], wall);
-    c.nodes[1] = Replica::restore(grace(2), now, wall, Box::new(Forgetful), loaded);
+    c.nodes[1] = Replica::restore(grace(2), now, wall, loaded);
     c.nodes[0].delete(c.wall, "doomed").unwrap();
     c.run(Duration::from_secs(15));
     assert_eq!(c.nodes[0].store().entry_count(), 1);

@@ -5,19 +5,11 @@ use std::time::Instant;
 
 use super::write::check_key;
 use super::{Item, Logged, Replica};
+use crate::durable::Origin;
 use crate::hash::{bucket_of, entry_hash};
 use crate::hlc::{Hlc, Version};
 use crate::store::{Key, Stored, Value};
 use crate::wire;
-
-/// Where a change set comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Origin {
-    /// This node's own put, delete or batch (the durable backend acknowledges these).
-    Local,
-    /// A remote write or sync entries.
-    Remote,
-}
 
 impl Replica {
     pub(super) fn on_write(&mut self, now: Instant, wall_ms: u64, from: u64, w: wire::Write) {

@@ -25,7 +25,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::ReplicaConfig;
-use crate::durable::Durability;
 use crate::error::{ClockCause, Error};
 use crate::hlc::{Hlc, HlcClock, Version};
 use crate::store::{Key, Store, Stored};
@@ -138,8 +137,9 @@ pub struct Replica {
     standing: Standing,
     last_wall_ms: u64,
     stats: ReplicaStats,
-    /// Where committed changes are persisted; `None` keeps the store in memory only.
-    durability: Option<Box<dyn Durability>>,
+    /// Committed changes waiting to be handed out for persistence; `None` keeps the store in
+    /// memory only.
+    durability: Option<persist::PersistQueue>,
 }
 
 impl Replica {
@@ -309,9 +309,6 @@ impl Replica {
         if let Some(tr) = self.triggered_digest {
             t = t.min(tr);
         }
-        if let Some(d) = self.durable_timeout() {
-            t = t.min(d);
-        }
         if !self.is_in_sync() && !self.has_live_peer() {
             t = t.min(self.created + self.cfg.solo_in_sync_after);
         }
@@ -319,13 +316,12 @@ impl Replica {
     }
 
     /// Timers: periodic and triggered digests, tombstone collection, the solo in-sync rule,
-    /// the durable backend's fsync interval, and dropping the digest buckets' key lists once
-    /// unread for `resend_holdoff` (checked at every call: no timer of its own, so that the
-    /// schedule of wake-ups stays as it was; `NodeCore` calls this at every protocol timer).
+    /// and dropping the digest buckets' key lists once unread for `resend_holdoff` (checked at
+    /// every call: no timer of its own, so that the schedule of wake-ups stays as it was;
+    /// `NodeCore` calls this at every protocol timer).
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
         self.last_wall_ms = self.last_wall_ms.max(wall_ms);
         self.buckets.expire(now, self.cfg.resend_holdoff);
-        self.handle_durable_timeout(now);
         let due = self.next_digest <= now || self.triggered_digest.is_some_and(|t| t <= now);
         if due {
             self.collect_tombstones(wall_ms);

@@ -1,20 +1,21 @@
-//! Every call into the durable backend: restoring from disk, appending committed changes and
-//! removals, flushing and compacting, the backend's timer.
+//! Persistence as an output: restoring from what a durable store loaded, and emitting every
+//! committed change set and every removal as a [`Persist`] item, in commit order.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
-use super::Replica;
 use super::lifecycle::Standing;
-use super::merge::Origin;
+use super::{Replica, pop_front_shrinking};
 use crate::config::ReplicaConfig;
-use crate::durable::{Durability, DurableError, Loaded};
+use crate::durable::{Loaded, Origin, Persist};
 use crate::hash::{bucket_of, entry_hash};
 use crate::store::{Key, Stored, Value, bytes_of};
 use crate::wire;
 
 impl Replica {
-    /// A replica that persists every change to `durability` and starts from `loaded`, the
-    /// store as it was found on disk (see `docs/replication.md`, Durability).
+    /// A durable replica that starts from `loaded`, the store as its durable store found it
+    /// (see `docs/replication.md`, Durability), and emits every change it commits from now on
+    /// through [`poll_persist`](Replica::poll_persist).
     ///
     /// Loaded entries keep their versions, tombstones included (so a deleted key does not
     /// come back), and get fresh local revisions `1..=n` in key order; the change log starts
@@ -33,13 +34,7 @@ impl Replica {
     /// dropped by every peer. Peers take such entries by anti-entropy once their own clocks
     /// reach them.
     #[must_use]
-    pub fn restore(
-        cfg: ReplicaConfig,
-        now: Instant,
-        wall_ms: u64,
-        durability: Box<dyn Durability>,
-        loaded: Loaded,
-    ) -> Replica {
+    pub fn restore(cfg: ReplicaConfig, now: Instant, wall_ms: u64, loaded: Loaded) -> Replica {
         let mut r = Replica::new(cfg, now);
         r.last_wall_ms = wall_ms;
         let damaged = loaded.damaged();
@@ -87,7 +82,7 @@ impl Replica {
         } else {
             Standing::Settled
         };
-        r.durability = Some(durability);
+        r.durability = Some(PersistQueue::default());
         if let Err(error) = r.check_clock(wall_ms) {
             tracing::warn!(
                 %error,
@@ -100,66 +95,53 @@ impl Replica {
         r
     }
 
-    /// Writes persisted changes out and fsyncs them as the backend's policy says; with
-    /// `force`, fsyncs whatever is written. Compacts the log when it has grown enough (a
-    /// failed compaction is logged and counted by the backend, and the old log stays in use).
-    /// Call before acknowledging local writes. Without a backend, does nothing.
-    ///
-    /// # Errors
-    /// The backend failed to write or fsync; the changes are applied in memory but may not
-    /// survive a crash of this node.
-    pub fn flush_durable(&mut self, now: Instant, force: bool) -> Result<(), DurableError> {
-        let Some(d) = self.durability.as_mut() else {
-            return Ok(());
-        };
-        d.flush(now, force)?;
-        if d.wants_compaction() {
-            let entries = self.store.entries();
-            if let Err(error) = d.compact(&entries, self.last_wall_ms) {
-                tracing::warn!(%error, "snapshot failed; the log keeps growing until the next attempt");
-            }
-        }
-        Ok(())
+    /// The next record to make durable, in commit order (only a replica built by
+    /// [`restore`](Replica::restore) emits any). The store already shows it.
+    pub fn poll_persist(&mut self) -> Option<Persist> {
+        pop_front_shrinking(&mut self.durability.as_mut()?.queue)
     }
 
-    /// Counters of the durable backend, if there is one.
+    /// The `seq` of the last record emitted so far (0: none yet).
     #[must_use]
-    pub fn durable_stats(&self) -> Option<crate::durable::DurableStats> {
-        self.durability.as_ref().map(|d| d.stats())
+    pub fn persist_seq(&self) -> u64 {
+        self.durability.as_ref().map_or(0, |q| q.last_seq)
     }
 
-    /// Whether this replica has a durable backend.
+    /// Whether this replica emits what it commits (it was built by [`restore`](Replica::restore)).
     #[must_use]
     pub fn is_durable(&self) -> bool {
         self.durability.is_some()
     }
 
-    /// Hands removals (collected tombstones, forgotten entries) to the durable backend.
+    /// Emits removals (collected tombstones, forgotten entries).
     pub(super) fn persist_removed(&mut self, removed: Vec<wire::KeyVersion>) {
         if removed.is_empty() {
             return;
         }
-        if let Some(d) = self.durability.as_mut() {
-            let record = wire::LogRecord {
-                wall_ms: self.last_wall_ms,
-                entries: Vec::new(),
-                removed,
-            };
-            d.append(&record, false);
+        let wall_ms = self.last_wall_ms;
+        if let Some(q) = self.durability.as_mut() {
+            q.push(
+                wire::LogRecord {
+                    wall_ms,
+                    entries: Vec::new(),
+                    removed,
+                },
+                Origin::Remote,
+            );
         }
     }
 
-    /// Hands a change set about to be committed to the durable backend (`origin`: this node's
-    /// own write or not).
+    /// Emits a change set about to be committed (`origin`: this node's own write or not).
     pub(super) fn persist_commit(
         &mut self,
         commit: &[(Key, Stored)],
         wall_ms: u64,
         origin: Origin,
     ) {
-        if let Some(d) = self.durability.as_mut() {
+        let wall_ms = self.last_wall_ms.max(wall_ms);
+        if let Some(q) = self.durability.as_mut() {
             let record = wire::LogRecord {
-                wall_ms: self.last_wall_ms.max(wall_ms),
+                wall_ms,
                 entries: commit
                     .iter()
                     .map(|(key, e)| wire::Entry {
@@ -171,21 +153,26 @@ impl Replica {
                     .collect(),
                 removed: Vec::new(),
             };
-            d.append(&record, origin == Origin::Local);
+            q.push(record, origin);
         }
     }
+}
 
-    /// When the durable backend next wants its timer (an fsync the policy owes).
-    pub(super) fn durable_timeout(&self) -> Option<Instant> {
-        self.durability.as_ref().and_then(|d| d.poll_timeout())
-    }
+/// What a durable replica has committed and not yet handed out, numbered in commit order.
+#[derive(Debug, Default)]
+pub(super) struct PersistQueue {
+    queue: VecDeque<Persist>,
+    /// `seq` of the last record pushed.
+    last_seq: u64,
+}
 
-    /// The durable backend's timer: an fsync the policy owes, if due at `now`.
-    pub(super) fn handle_durable_timeout(&mut self, now: Instant) {
-        if self.durable_timeout().is_some_and(|t| t <= now) {
-            // An fsync the policy owes. A failure is logged by the backend and reported to the
-            // writers by the owner's next `flush_durable`.
-            let _ = self.flush_durable(now, false);
-        }
+impl PersistQueue {
+    fn push(&mut self, record: wire::LogRecord, origin: Origin) {
+        self.last_seq += 1;
+        self.queue.push_back(Persist::Append {
+            seq: self.last_seq,
+            record,
+            origin,
+        });
     }
 }

@@ -4,9 +4,9 @@ use bytes::Bytes;
 use prost::Message as _;
 use std::collections::HashSet;
 
-use super::merge::Origin;
 use super::{Outgoing, OutgoingKind, Replica, envelope};
 use crate::config::Limits;
+use crate::durable::Origin;
 use crate::error::Error;
 use crate::hlc::Version;
 use crate::wire;

@@ -1,7 +1,7 @@
 //! Shared harness: `NodeCore` as a `chorus_sim::Machine`.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -11,38 +11,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chorus_replication::chorus_protocol::{ClusterId, Config, Incarnation, NodeId, Transmit};
 use chorus_replication::{
-    Change, Durability, DurableError, DurableStats, Entry, NodeConfig, NodeCore, NodeEvent,
-    Version, WallClock, wire,
+    Change, CoreError, MemoryDisk, NodeConfig, NodeCore, NodeEvent, Version, WallClock,
 };
 use chorus_sim::{Machine, Sim, SimConfig, Spawn};
 
-/// A durable backend that keeps nothing: for tests of what `Replica::restore` and
-/// `NodeCore::with_durability` do with a store "found on disk".
-#[derive(Debug, Default)]
-pub struct Forgetful;
+/// A node's in-memory disk, shared between the machine of each life and the harness (which
+/// keeps it across a crash, or drops it to lose the disk with the node).
+pub type Disk = Rc<RefCell<MemoryDisk>>;
 
-impl Durability for Forgetful {
-    fn append(&mut self, _record: &wire::LogRecord, _local: bool) {}
-    fn flush(&mut self, _now: Instant, _force: bool) -> Result<(), DurableError> {
-        Ok(())
-    }
-    fn poll_timeout(&self) -> Option<Instant> {
-        None
-    }
-    fn wants_compaction(&self) -> bool {
-        false
-    }
-    fn compact(
-        &mut self,
-        _entries: &BTreeMap<String, Entry>,
-        _wall_ms: u64,
-    ) -> Result<(), DurableError> {
-        Ok(())
-    }
-    fn stats(&self) -> DurableStats {
-        DurableStats::default()
-    }
-}
+/// The disks of a simulation by node index (see [`sim_durable`]).
+pub type Disks = Rc<RefCell<BTreeMap<usize, Disk>>>;
 
 /// One simulated node: the real `NodeCore`, plus what the test observed of its events.
 pub struct SimNode {
@@ -57,12 +35,27 @@ pub struct SimNode {
     pub events: Vec<Change>,
     pub in_sync: bool,
     pub in_sync_events: u64,
+    /// The node's durable store, if it has one: fed from `poll_persist` after every input,
+    /// synced (as an fsync would) on every timer, which then acknowledges the writes it
+    /// covers.
+    pub disk: Option<Disk>,
+    /// Every `Acked` of this life: (ticket, result), in the order reported.
+    pub acked: Vec<(u64, Result<Version, CoreError>)>,
+    /// The store this life started with (loaded from its disk; empty otherwise) and its
+    /// revision: a watch from the start of this life reads it, then follows the events.
+    pub initial: BTreeMap<String, (Version, Option<Bytes>)>,
+    pub initial_revision: u64,
 }
 
 impl SimNode {
     /// Drains the core's events (the simulator does it after every input; call it after a
     /// command issued through `Sim::act` to see that command's events at once).
     pub fn drain(&mut self) {
+        if let Some(disk) = &self.disk {
+            while let Some(item) = self.core.poll_persist() {
+                disk.borrow_mut().accept(item);
+            }
+        }
         while let Some(e) = self.core.poll_event() {
             match e {
                 NodeEvent::Change(c) => {
@@ -82,8 +75,19 @@ impl SimNode {
                 }
                 NodeEvent::OutOfSync => self.in_sync = false,
                 NodeEvent::Member(_) => {}
+                NodeEvent::Acked { ticket, result } => self.acked.push((ticket, result)),
             }
         }
+    }
+
+    /// Syncs the disk (an fsync) and tells the node how far it is durable.
+    pub fn sync_disk(&mut self) {
+        let Some(disk) = &self.disk else {
+            return;
+        };
+        let through = disk.borrow_mut().sync();
+        self.core.handle_persisted(through);
+        self.drain();
     }
 
     /// Store contents without node-local revisions.
@@ -105,6 +109,7 @@ impl Machine for SimNode {
     fn handle_timeout(&mut self, now: Instant) {
         self.core.handle_timeout(now);
         self.drain();
+        self.sync_disk();
     }
     fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         self.core.poll_transmit(now)
@@ -127,6 +132,34 @@ pub fn sim_with(
     tune: impl Fn(&mut NodeConfig) + 'static,
     make: impl Fn(&Spawn, NodeConfig) -> NodeCore + 'static,
 ) -> Sim<SimNode> {
+    build(config, tune, move |spawn, nc| (make(spawn, nc), None))
+}
+
+/// Like [`sim`], with durable nodes: each has a [`MemoryDisk`] in `disks`. A node that
+/// (re)starts with a disk there restarts from what that disk kept (what was synced); one
+/// without gets a new, empty disk. Remove a node's disk from `disks` before crashing it to
+/// lose the disk with it.
+pub fn sim_durable(
+    config: SimConfig,
+    tune: impl Fn(&mut NodeConfig) + 'static,
+    disks: Disks,
+) -> Sim<SimNode> {
+    build(config, tune, move |spawn, nc| {
+        let mut table = disks.borrow_mut();
+        let disk = table
+            .entry(spawn.index)
+            .or_insert_with(|| Rc::new(RefCell::new(MemoryDisk::new())))
+            .clone();
+        let loaded = disk.borrow_mut().crash();
+        (NodeCore::restore(nc, spawn.now, loaded), Some(disk))
+    })
+}
+
+fn build(
+    config: SimConfig,
+    tune: impl Fn(&mut NodeConfig) + 'static,
+    make: impl Fn(&Spawn, NodeConfig) -> (NodeCore, Option<Disk>) + 'static,
+) -> Sim<SimNode> {
     let epoch: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
     Sim::new(config, move |spawn: &Spawn| {
         // Every node shares the wall-clock mapping of the first spawn (the sim epoch).
@@ -143,14 +176,26 @@ pub fn sim_with(
         nc.replica.sync_interval = Duration::from_secs(1);
         nc.replica.solo_in_sync_after = Duration::from_secs(2);
         tune(&mut nc);
+        let (core, disk) = make(spawn, nc);
+        let initial = core
+            .store()
+            .entries()
+            .into_iter()
+            .map(|(k, e)| (k, (e.version, e.value)))
+            .collect();
+        let initial_revision = core.store().revision();
         SimNode {
-            core: make(spawn, nc),
+            initial,
+            initial_revision,
+            core,
             last_version: HashMap::new(),
             order_violations: Vec::new(),
             changes: 0,
             events: Vec::new(),
             in_sync: false,
             in_sync_events: 0,
+            disk,
+            acked: Vec::new(),
         }
     })
 }

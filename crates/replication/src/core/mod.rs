@@ -1,4 +1,13 @@
 //! `NodeCore`: one node's protocol endpoint and replica, wired together, sans IO.
+//!
+//! - `mod.rs`: configuration, events, commands and the routing between the layers;
+//! - `lifecycle.rs`: shutdown (drain, goodbye, linger, closed) and write back-pressure;
+//! - `acks.rs`: persistence as an output and the acknowledgement of writes after it.
+
+mod acks;
+mod lifecycle;
+
+pub use lifecycle::{DRAIN_MAX, GOODBYE_LINGER, Lifecycle};
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -8,7 +17,7 @@ use bytes::Bytes;
 use chorus_protocol::{Endpoint, Event, Member, SendError, Transmit, WallClock};
 
 use crate::config::ReplicaConfig;
-use crate::durable::{Durability, DurableError, DurableStats, Loaded};
+use crate::durable::{DurableError, DurableStats, Loaded};
 use crate::error::{Compacted, Error};
 use crate::hlc::Version;
 use crate::replica::{
@@ -35,6 +44,10 @@ pub struct NodeConfig {
     /// messages are dropped and counted (anti-entropy sends them again). Writes are never
     /// dropped.
     pub max_sync_backlog_bytes: usize,
+    /// Bytes of local writes waiting for room in the send window beyond which the node stops
+    /// taking writes ([`NodeCore::accepts_writes`]): back-pressure from the slowest member to
+    /// the writer.
+    pub max_write_backlog_bytes: usize,
 }
 
 impl NodeConfig {
@@ -48,6 +61,7 @@ impl NodeConfig {
             replica,
             wall_clock,
             max_sync_backlog_bytes: 8 << 20,
+            max_write_backlog_bytes: 1 << 20,
         }
     }
 }
@@ -64,18 +78,47 @@ pub enum NodeEvent {
     /// A membership event of the protocol: one of `MemberJoined`, `MemberSuspected`,
     /// `MemberAlive`, `MemberLeft`, `MemberRestarted`.
     Member(Event),
+    /// The answer to the write command `ticket` ([`NodeCore::batch`]): exactly one per
+    /// command. `Ok` once the write is as durable as the fsync policy requires (at once
+    /// without a durable store); `Err` when it was refused, or when the durable store failed
+    /// (the write is then applied and replicated, but may not survive a crash of this node).
+    Acked {
+        /// The owner's ticket, as given to the command.
+        ticket: u64,
+        /// The write's version, or why it is not (or not durably) done.
+        result: Result<Version, CoreError>,
+    },
 }
 
-/// Why a command on [`NodeCore`] was refused; nothing changed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a write on [`NodeCore`] was refused (nothing changed), or is not durable.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CoreError {
     /// The replica refused the write (limits, shape).
     #[error(transparent)]
     Replica(#[from] Error),
-    /// [`NodeCore::close`] was called.
+    /// [`NodeCore::shutdown`] or [`NodeCore::close`] was called.
     #[error("node closed")]
     Closed,
+    /// The write was applied and replicated, but the durable store failed before it was
+    /// durable (only in [`NodeEvent::Acked`]).
+    #[error(transparent)]
+    Durability(DurableError),
 }
+
+/// Equality for tests and event comparison: durability errors compare by their text (an
+/// `io::Error` has no equality of its own).
+impl PartialEq for CoreError {
+    fn eq(&self, other: &CoreError) -> bool {
+        match (self, other) {
+            (CoreError::Replica(a), CoreError::Replica(b)) => a == b,
+            (CoreError::Closed, CoreError::Closed) => true,
+            (CoreError::Durability(a), CoreError::Durability(b)) => a.to_string() == b.to_string(),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for CoreError {}
 
 /// Counters of a node: protocol, replication and the glue between them.
 #[derive(Debug, Clone, Default)]
@@ -116,6 +159,12 @@ pub struct NodeStats {
 /// [`batch`](NodeCore::batch) is applied locally at once and queued; while the protocol's
 /// send window is full it stays queued (in order) and is handed over on `Writable`. It is
 /// never dropped, except by `close` or by the process ending.
+///
+/// A durable node ([`restore`](NodeCore::restore)) also emits every committed change through
+/// [`poll_persist`](NodeCore::poll_persist); the owner hands it to its durable store and
+/// reports back with [`handle_persisted`](NodeCore::handle_persisted). Shutdown
+/// ([`shutdown`](NodeCore::shutdown)) and back-pressure
+/// ([`accepts_writes`](NodeCore::accepts_writes)) are decided here too; see [`Lifecycle`].
 #[derive(Debug)]
 pub struct NodeCore {
     endpoint: Endpoint,
@@ -127,8 +176,14 @@ pub struct NodeCore {
     sync: VecDeque<Bytes>,
     sync_bytes: usize,
     max_sync_backlog: usize,
+    /// Bytes of `writes` beyond which no write is taken ([`NodeCore::accepts_writes`]).
+    max_write_backlog: usize,
     events: VecDeque<NodeEvent>,
-    closed: bool,
+    lifecycle: Lifecycle,
+    /// Acknowledgement after persistence; `None` for a node kept in memory only.
+    acks: Option<acks::Acks>,
+    /// The final [`Persist::SyncAll`](crate::Persist::SyncAll) is owed (closed, durable).
+    sync_all_due: bool,
     sync_dropped: u64,
     too_large: u64,
     /// The endpoint's heartbeat count when the peers' clock offsets were last handed to the
@@ -144,24 +199,16 @@ impl NodeCore {
         NodeCore::build(config, now, None)
     }
 
-    /// A node created at `now` whose store starts as `loaded` (found on disk by the backend)
-    /// and persists every change to `durability` (see [`Replica::restore`]). The owner must
-    /// call [`flush_durable`](NodeCore::flush_durable) before it acknowledges writes.
+    /// A durable node created at `now` whose store starts as `loaded` (what its durable store
+    /// found, see [`Replica::restore`]). It emits every change through
+    /// [`poll_persist`](NodeCore::poll_persist) and acknowledges a write
+    /// ([`NodeEvent::Acked`]) once [`handle_persisted`](NodeCore::handle_persisted) covers it.
     #[must_use]
-    pub fn with_durability(
-        config: NodeConfig,
-        now: Instant,
-        durability: Box<dyn Durability>,
-        loaded: Loaded,
-    ) -> NodeCore {
-        NodeCore::build(config, now, Some((durability, loaded)))
+    pub fn restore(config: NodeConfig, now: Instant, loaded: Loaded) -> NodeCore {
+        NodeCore::build(config, now, Some(loaded))
     }
 
-    fn build(
-        config: NodeConfig,
-        now: Instant,
-        durable: Option<(Box<dyn Durability>, Loaded)>,
-    ) -> NodeCore {
+    fn build(config: NodeConfig, now: Instant, loaded: Option<Loaded>) -> NodeCore {
         let mut protocol = config.protocol;
         protocol.wall_clock = Some(config.wall_clock);
         let endpoint = Endpoint::new(protocol, now);
@@ -171,11 +218,10 @@ impl NodeCore {
             .limits
             .max_write_bytes
             .min(endpoint.config().max_message_size);
-        let replica = match durable {
+        let durable = loaded.is_some();
+        let replica = match loaded {
             None => Replica::new(rcfg, now),
-            Some((d, loaded)) => {
-                Replica::restore(rcfg, now, config.wall_clock.wall_ms(now), d, loaded)
-            }
+            Some(loaded) => Replica::restore(rcfg, now, config.wall_clock.wall_ms(now), loaded),
         };
         NodeCore {
             replica,
@@ -186,8 +232,11 @@ impl NodeCore {
             sync: VecDeque::new(),
             sync_bytes: 0,
             max_sync_backlog: config.max_sync_backlog_bytes,
+            max_write_backlog: config.max_write_backlog_bytes,
             events: VecDeque::new(),
-            closed: false,
+            lifecycle: Lifecycle::Running,
+            acks: durable.then(acks::Acks::default),
+            sync_all_due: false,
             sync_dropped: 0,
             too_large: 0,
             heartbeats_seen: 0,
@@ -222,19 +271,29 @@ impl NodeCore {
         pop_front_shrinking(&mut self.events)
     }
 
-    /// When [`handle_timeout`](NodeCore::handle_timeout) should next be called.
+    /// When [`handle_timeout`](NodeCore::handle_timeout) should next be called (`None` once
+    /// closed).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.endpoint.poll_timeout(), self.replica.poll_timeout()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        if self.lifecycle == Lifecycle::Closed {
+            return None;
         }
+        [
+            self.endpoint.poll_timeout(),
+            self.replica.poll_timeout(),
+            self.lifecycle_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
-    /// Sets `key` to `value`: stamped, applied locally, queued for the group.
+    /// Sets `key` to `value`: stamped, applied locally, queued for the group. Not
+    /// acknowledged (no [`NodeEvent::Acked`]): for writers that wait for nothing; see
+    /// [`batch`](NodeCore::batch) for the acknowledged write.
     ///
     /// # Errors
-    /// [`CoreError::Closed`] after `close`; [`CoreError::Replica`] for limit and shape errors,
+    /// [`CoreError::Closed`] after `shutdown` or `close`; [`CoreError::Replica`] for limit and shape errors,
     /// and with [`Error::ClockAhead`] when this node's clock (or the history it loaded) is
     /// further ahead of every live peer's clock than they accept: they would drop the write.
     pub fn put(
@@ -243,7 +302,7 @@ impl NodeCore {
         key: impl Into<String>,
         value: impl Into<Bytes>,
     ) -> Result<Version, CoreError> {
-        self.batch(
+        self.apply_write(
             now,
             vec![Op::Put {
                 key: key.into(),
@@ -252,56 +311,38 @@ impl NodeCore {
         )
     }
 
-    /// Deletes `key`.
+    /// Deletes `key`. Not acknowledged, as [`put`](NodeCore::put).
     ///
     /// # Errors
     /// As [`put`](NodeCore::put).
     pub fn delete(&mut self, now: Instant, key: impl Into<String>) -> Result<Version, CoreError> {
-        self.batch(now, vec![Op::Delete { key: key.into() }])
+        self.apply_write(now, vec![Op::Delete { key: key.into() }])
     }
 
-    /// Applies `ops` atomically under one version (see [`Replica::batch`]).
+    /// Applies `ops` atomically under one version (see [`Replica::batch`]) and answers the
+    /// command with exactly one [`NodeEvent::Acked`] carrying `ticket` (an opaque number of
+    /// the owner's): at once when refused or when the node keeps no durable store, else
+    /// when [`handle_persisted`](NodeCore::handle_persisted) covers the write's record (or
+    /// [`handle_persist_failed`](NodeCore::handle_persist_failed) says it never will).
     ///
     /// # Errors
-    /// As [`put`](NodeCore::put).
-    pub fn batch(&mut self, now: Instant, ops: Vec<Op>) -> Result<Version, CoreError> {
-        if self.closed {
+    /// As [`put`](NodeCore::put) (the same error is in the `Acked`).
+    pub fn batch(&mut self, now: Instant, ops: Vec<Op>, ticket: u64) -> Result<Version, CoreError> {
+        let before = self.replica.persist_seq();
+        let result = self.apply_write(now, ops);
+        let after = self.replica.persist_seq();
+        self.track(ticket, result.clone(), before, after);
+        result
+    }
+
+    fn apply_write(&mut self, now: Instant, ops: Vec<Op>) -> Result<Version, CoreError> {
+        if self.lifecycle != Lifecycle::Running {
             return Err(CoreError::Closed);
         }
         self.refresh_clocks(now);
         let version = self.replica.batch(self.wall.wall_ms(now), ops)?;
         self.process(now);
         Ok(version)
-    }
-
-    /// Makes the changes applied so far durable as the fsync policy says (with
-    /// `Fsync::Always`, every local write accepted so far is fsynced when this returns `Ok`).
-    /// Call it once after a group of commands and before acknowledging them: one fsync then
-    /// covers the whole group. Does nothing without a durable backend.
-    ///
-    /// # Errors
-    /// The backend could not write or fsync: the writes are applied and replicated, but
-    /// may not survive a crash of this node.
-    pub fn flush_durable(&mut self, now: Instant) -> Result<(), DurableError> {
-        self.replica.flush_durable(now, false)
-    }
-
-    /// Like [`flush_durable`](NodeCore::flush_durable), but fsyncs whatever was written,
-    /// whatever the policy (for shutdown).
-    ///
-    /// # Errors
-    /// As [`flush_durable`](NodeCore::flush_durable).
-    pub fn sync_durable(&mut self, now: Instant) -> Result<(), DurableError> {
-        self.replica.flush_durable(now, true)
-    }
-
-    /// Hands every queued write over, then says goodbye; later commands fail with `Closed`.
-    /// Writes the send window could not take before the goodbye are dropped.
-    pub fn close(&mut self, now: Instant) {
-        self.process(now);
-        self.closed = true;
-        self.endpoint.close(now);
-        self.process(now);
     }
 
     /// The read handle on the store.
@@ -348,9 +389,8 @@ impl NodeCore {
         !self.writes.is_empty() || !self.sync.is_empty()
     }
 
-    /// Bytes of local writes applied but waiting for room in the send window. A driver stops
-    /// taking new writes while this is large, so a writer faster than the slowest member is
-    /// slowed down instead of queueing without bound.
+    /// Bytes of local writes applied but waiting for room in the send window (see
+    /// [`accepts_writes`](NodeCore::accepts_writes)).
     #[must_use]
     pub fn write_backlog_bytes(&self) -> usize {
         self.write_bytes
@@ -366,7 +406,7 @@ impl NodeCore {
             sync_backlog: self.sync.len(),
             sync_dropped: self.sync_dropped,
             too_large: self.too_large,
-            durable: self.replica.durable_stats(),
+            durable: self.durable_stats(),
             clock_ahead_ms: self.replica.clock_ahead_ms(self.replica.last_wall_ms()),
             clock_refusing: self
                 .replica
@@ -393,8 +433,15 @@ impl NodeCore {
         }
     }
 
-    /// Moves messages and events between the layers until nothing moves.
+    /// Moves messages and events between the layers until nothing moves, then moves on
+    /// through the lifecycle.
     fn process(&mut self, now: Instant) {
+        self.pump(now);
+        self.advance_lifecycle(now);
+    }
+
+    /// Moves messages and events between the layers until nothing moves.
+    fn pump(&mut self, now: Instant) {
         loop {
             let mut moved = self.take_outgoing();
             self.flush(now);

@@ -1,18 +1,23 @@
-//! The durable backend (`DiskLog`) and restoring a `Replica` from it: reload equality, torn
+//! The data directory (`DiskLog`) and restoring a `Replica` from it: reload equality, torn
 //! tails, flipped bytes in the log and in a snapshot, compaction, tombstones and freshness
-//! after a restart, and catching up with a peer after a restart.
+//! after a restart, and catching up with a peer after a restart. (Moved from
+//! `crates/replication/tests/durable.rs` with the file I/O; the replica's persist items are
+//! handed to the log by the `Durable` harness below, as the storage thread does.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::num::NonZeroU32;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chorus_replication::{
-    DiskLog, DiskOptions, DurableError, Fsync, Loaded, Op, Replica, ReplicaConfig, Version, wire,
+    DurableError, DurableStats, Entry, Fsync, Loaded, Op, Origin, Persist, Replica, ReplicaConfig,
+    Version, wire,
 };
+use chorus_storage::{DiskLog, DiskOptions, FlushMode};
 use prost::Message as _;
 
 const WALL: u64 = 1_700_000_000_000;
@@ -51,11 +56,84 @@ fn cfg(node: u64) -> ReplicaConfig {
     c
 }
 
+/// A durable replica and its data directory, driven as the node and its storage thread
+/// drive them: the replica's persist items go to the log, which writes, fsyncs and compacts.
+struct Durable {
+    replica: Replica,
+    log: DiskLog,
+}
+
+impl Deref for Durable {
+    type Target = Replica;
+    fn deref(&self) -> &Replica {
+        &self.replica
+    }
+}
+
+impl DerefMut for Durable {
+    fn deref_mut(&mut self) -> &mut Replica {
+        &mut self.replica
+    }
+}
+
+impl Durable {
+    fn new(replica: Replica, log: DiskLog) -> Durable {
+        Durable { replica, log }
+    }
+
+    /// Hands every persist item to the log, writes and fsyncs it as the policy says (all of
+    /// it with `force`), then compacts if the log has grown enough.
+    fn flush_durable(&mut self, now: Instant, force: bool) -> Result<(), DurableError> {
+        while let Some(item) = self.replica.poll_persist() {
+            if let Persist::Append {
+                seq,
+                record,
+                origin,
+            } = item
+            {
+                self.log.append(seq, &record, origin);
+            }
+        }
+        let mode = if force {
+            FlushMode::SyncAll
+        } else {
+            FlushMode::Policy
+        };
+        self.log.flush(now, mode)?;
+        if self.log.wants_compaction() {
+            // A failure is counted by the log; the old log stays in use.
+            let _ = self
+                .log
+                .compact(self.replica.store(), self.replica.last_wall_ms());
+        }
+        Ok(())
+    }
+
+    fn durable_stats(&self) -> Option<DurableStats> {
+        Some(self.log.stats())
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        [self.replica.poll_timeout(), self.log.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The replica's timers and the log's fsync timer.
+    fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
+        self.replica.handle_timeout(now, wall_ms);
+        if self.log.poll_timeout().is_some_and(|t| t <= now) {
+            let _ = self.flush_durable(now, false);
+        }
+    }
+}
+
 /// Opens `dir` and builds a durable replica from what it holds.
-fn open(dir: &Path, node: u64, opts: DiskOptions, now: Instant) -> (Replica, Loaded) {
+fn open(dir: &Path, node: u64, opts: DiskOptions, now: Instant) -> (Durable, Loaded) {
     let (log, loaded) = DiskLog::open(dir, opts).expect("open data dir");
-    let r = Replica::restore(cfg(node), now, WALL, Box::new(log), loaded.clone());
-    (r, loaded)
+    let r = Replica::restore(cfg(node), now, WALL, loaded.clone());
+    (Durable::new(r, log), loaded)
 }
 
 type Contents = BTreeMap<String, (Option<Bytes>, Version)>;
@@ -507,7 +585,7 @@ fn a_restarted_replica_catches_up_and_a_deleted_key_stays_deleted() {
 /// Figures for `docs/performance.md` (Durability): write latency and throughput per fsync
 /// policy, group commit, and start-up time for 1 M keys. Not a timed assertion; run in
 /// release:
-/// `cargo test -p chorus-replication --release --test durable -- --ignored --nocapture`
+/// `cargo test -p chorus-storage --release --test durable -- --ignored --nocapture`
 /// (`CHORUS_BENCH_DIR` picks the file system; default the system temp dir).
 #[test]
 #[ignore = "measurement: run explicitly in release"]
@@ -601,9 +679,9 @@ fn durability_figures() {
         DiskLog::open(&d.0, DiskOptions::new(Fsync::Never)).unwrap()
     };
     let start = Instant::now();
-    chorus_replication::Durability::compact(&mut log, &entries, WALL).unwrap();
+    log.compact(&entries, WALL).unwrap();
     let snap_took = start.elapsed();
-    let snap_bytes = chorus_replication::Durability::stats(&log).snapshot_bytes;
+    let snap_bytes = log.stats().snapshot_bytes;
     drop(log);
     let start = Instant::now();
     let (r2, loaded) = open(&d.0, 1, opts, Instant::now());
@@ -831,7 +909,7 @@ fn many_tombstones_collected_at_once_reload_cleanly() {
     let mut opts = DiskOptions::new(Fsync::Never);
     opts.compact_min_bytes = u64::MAX;
     let (log, loaded) = DiskLog::open(&dir.0, opts).unwrap();
-    let mut r = Replica::restore(c.clone(), now, WALL, Box::new(log), loaded);
+    let mut r = Durable::new(Replica::restore(c.clone(), now, WALL, loaded), log);
     let n = 3000;
     for i in 0..n {
         r.put(WALL, format!("{i:0>300}"), "v").unwrap();
@@ -877,7 +955,7 @@ fn a_removal_record_larger_than_the_old_64_mib_limit_loads() {
         }],
         removed: vec![],
     };
-    chorus_replication::Durability::append(&mut log, &put("victim"), true);
+    log.append(1, &put("victim"), Origin::Local);
     let key = "k".repeat(1000);
     let mut removed: Vec<wire::KeyVersion> = (0..68_000)
         .map(|_| wire::KeyVersion {
@@ -897,10 +975,10 @@ fn a_removal_record_larger_than_the_old_64_mib_limit_loads() {
         removed,
     };
     assert!(huge.encoded_len() > 64 << 20);
-    chorus_replication::Durability::append(&mut log, &huge, false);
+    log.append(2, &huge, Origin::Remote);
     drop(huge);
-    chorus_replication::Durability::append(&mut log, &put("after"), true);
-    chorus_replication::Durability::flush(&mut log, Instant::now(), true).unwrap();
+    log.append(3, &put("after"), Origin::Local);
+    log.flush(Instant::now(), FlushMode::SyncAll).unwrap();
     drop(log);
 
     let (_, loaded) = DiskLog::open(&dir.0, opts).unwrap();
@@ -944,10 +1022,10 @@ fn a_snapshot_at_generation_u64_max_fails_cleanly_instead_of_overflowing() {
     let (log, loaded) = DiskLog::open(&dir.0, DiskOptions::new(Fsync::Always)).unwrap();
     assert_eq!(loaded.report.generation, u64::MAX);
     let mut log = log;
-    let entries = BTreeMap::new();
-    let err = chorus_replication::Durability::compact(&mut log, &entries, WALL).unwrap_err();
+    let entries: BTreeMap<String, Entry> = BTreeMap::new();
+    let err = log.compact(&entries, WALL).unwrap_err();
     assert!(err.to_string().contains("u64::MAX"), "{err}");
-    let stats = chorus_replication::Durability::stats(&log);
+    let stats = log.stats();
     assert_eq!((stats.compaction_errors, stats.failed), (1, 0));
     // The log stays in use.
     drop(log);
@@ -1020,4 +1098,32 @@ fn a_data_file_that_is_not_a_regular_file_is_refused_not_read_forever() {
     let text = err.to_string();
     assert!(text.contains("not a regular file"), "{text}");
     assert!(text.contains("wal-00000000000000000000"), "{text}");
+}
+
+#[test]
+fn walking_the_store_in_chunks_gives_every_entry_in_key_order() {
+    use chorus_storage::SnapshotSource;
+    let now = Instant::now();
+    let mut r = Replica::new(cfg(1), now);
+    for i in 0..2000 {
+        r.put(WALL + i, format!("k/{}", (i * 7919) % 2000), "v")
+            .unwrap();
+    }
+    r.delete(WALL + 5000, "k/5").unwrap();
+    let store = r.store().clone();
+    assert_eq!(store.entry_count(), 2000);
+    let mut walked = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let chunk = SnapshotSource::entries_after(&store, cursor.as_deref(), 333);
+        assert!(chunk.len() <= 333);
+        let Some(last) = chunk.last() else { break };
+        cursor = Some(last.0.clone());
+        walked.extend(chunk);
+    }
+    let expect: Vec<(String, Entry)> = store.entries().into_iter().collect();
+    assert_eq!(
+        walked, expect,
+        "every entry once, tombstones included, in key order"
+    );
 }
