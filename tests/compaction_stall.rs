@@ -72,7 +72,7 @@ fn observe(
                         if let Some(prev) = last {
                             gaps.push((now - prev, now - t0));
                             if gaps.len() > 64 {
-                                gaps.sort_by(|a, b| b.0.cmp(&a.0));
+                                gaps.sort_by_key(|g| std::cmp::Reverse(g.0));
                                 gaps.truncate(5);
                             }
                         }
@@ -80,7 +80,7 @@ fn observe(
                     }
                 }
             }
-            gaps.sort_by(|a, b| b.0.cmp(&a.0));
+            gaps.sort_by_key(|g| std::cmp::Reverse(g.0));
             gaps.truncate(5);
             (gaps, n)
         })

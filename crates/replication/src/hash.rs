@@ -3,19 +3,9 @@
 //! FNV-1a 64 followed by the SplitMix64 finaliser: stable across processes, platforms and
 //! releases (never `std`'s randomly keyed `DefaultHasher`), and well mixed in every bit.
 
+use chorus_protocol::util::{FNV1A_64_OFFSET as FNV_OFFSET, fnv1a_64_from as fnv1a};
+
 use crate::hlc::Version;
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-/// FNV-1a over `bytes`, continuing from `state`.
-fn fnv1a(mut state: u64, bytes: &[u8]) -> u64 {
-    for b in bytes {
-        state ^= u64::from(*b);
-        state = state.wrapping_mul(FNV_PRIME);
-    }
-    state
-}
 
 /// SplitMix64 finaliser: spreads every input bit over every output bit.
 pub(crate) fn mix(mut z: u64) -> u64 {

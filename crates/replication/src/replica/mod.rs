@@ -17,11 +17,12 @@ mod tombstones;
 mod write;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
+use chorus_protocol::util::jittered;
 use prost::Message as _;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::ReplicaConfig;
@@ -381,19 +382,4 @@ pub(crate) fn pop_front_shrinking<T>(queue: &mut VecDeque<T>) -> Option<T> {
 
 fn envelope(body: wire::envelope::Body) -> wire::Envelope {
     wire::Envelope { body: Some(body) }
-}
-
-/// `interval` jittered uniformly by ±25 %.
-fn jittered(rng: &mut ChaCha8Rng, interval: Duration) -> Duration {
-    let quarter = interval / 4;
-    interval - quarter + random_below(rng, quarter * 2)
-}
-
-/// Uniform in `[0, max)` (zero when `max` is zero).
-fn random_below(rng: &mut ChaCha8Rng, max: Duration) -> Duration {
-    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
-    if nanos == 0 {
-        return Duration::ZERO;
-    }
-    Duration::from_nanos(rng.random_range(0..nanos))
 }

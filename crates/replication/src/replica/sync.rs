@@ -8,7 +8,9 @@ use bytes::Bytes;
 use prost::Message as _;
 
 use super::lifecycle::{Standing, SyncState};
-use super::{Outgoing, OutgoingKind, Replica, ReplicaEvent, envelope, random_below};
+use chorus_protocol::util::random_below;
+
+use super::{Outgoing, OutgoingKind, Replica, ReplicaEvent, envelope};
 use crate::hash::{bucket_of, rendezvous};
 use crate::hlc::{Hlc, Version};
 use crate::store::{Key, Meta};
