@@ -12,37 +12,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chorus::{Error, Fsync, Node, Op};
+use chorus_testkit::{TempDir, temp_dir};
 
 fn group(port: u16) -> SocketAddr {
     SocketAddr::from(([239, 255, 92, (port % 200) as u8 + 1], port))
 }
 
-/// A unique directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "chorus-node-durable-{name}-{}-{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn node(&self, id: u64) -> PathBuf {
-        self.0.join(format!("node-{id}"))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+/// The data directory of node `id` under `tmp`.
+fn node_dir(tmp: &TempDir, id: u64) -> PathBuf {
+    tmp.path().join(format!("node-{id}"))
 }
 
 /// Starts a node; with a data dir, retries while a crashed predecessor's task still holds the
@@ -111,9 +89,9 @@ async fn counter_eventually(node: &Node, name: &str, ok: impl Fn(u64) -> bool) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_comes_back_with_its_data_and_syncs_only_the_difference() {
     let port = 17_701;
-    let tmp = TempDir::new("restart");
-    let a = start("t-d-restart", port, 1, Some(&tmp.node(1))).await;
-    let b = start("t-d-restart", port, 2, Some(&tmp.node(2))).await;
+    let tmp = temp_dir("node-durable-restart");
+    let a = start("t-d-restart", port, 1, Some(&node_dir(&tmp, 1))).await;
+    let b = start("t-d-restart", port, 2, Some(&node_dir(&tmp, 2))).await;
     for i in 0..300 {
         a.put(format!("cfg/{i}"), format!("v{i}")).await.unwrap();
     }
@@ -127,7 +105,7 @@ async fn a_restarted_node_comes_back_with_its_data_and_syncs_only_the_difference
     b.delete("cfg/2").await.unwrap();
     b.put("cfg/new", "n").await.unwrap();
 
-    let a = start("t-d-restart", port, 1, Some(&tmp.node(1))).await;
+    let a = start("t-d-restart", port, 1, Some(&node_dir(&tmp, 1))).await;
     // Straight from disk (sync may already be running, so count what was loaded): 299 values
     // and the tombstone of cfg/7.
     assert_eq!(
@@ -160,10 +138,10 @@ async fn a_restarted_node_comes_back_with_its_data_and_syncs_only_the_difference
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_cluster_restarts_with_the_same_data_everywhere() {
     let port = 17_702;
-    let tmp = TempDir::new("cluster");
+    let tmp = temp_dir("node-durable-cluster");
     let mut nodes = Vec::new();
     for id in 1..=3 {
-        nodes.push(start("t-d-cluster", port, id, Some(&tmp.node(id))).await);
+        nodes.push(start("t-d-cluster", port, id, Some(&node_dir(&tmp, id))).await);
     }
     for (i, n) in nodes.iter().enumerate() {
         for k in 0..60 {
@@ -197,7 +175,7 @@ async fn the_whole_cluster_restarts_with_the_same_data_everywhere() {
 
     let mut nodes = Vec::new();
     for id in 1..=3 {
-        nodes.push(start("t-d-cluster", port, id, Some(&tmp.node(id))).await);
+        nodes.push(start("t-d-cluster", port, id, Some(&node_dir(&tmp, id))).await);
     }
     for n in &nodes {
         assert_eq!(dump(n), before, "node {} reloaded everything", n.node_id());
@@ -230,9 +208,9 @@ fn wal_file(dir: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_files_are_detected_and_the_loss_is_recovered_from_peers() {
     let port = 17_703;
-    let tmp = TempDir::new("corrupt");
-    let a = start("t-d-corrupt", port, 1, Some(&tmp.node(1))).await;
-    let b = start("t-d-corrupt", port, 2, Some(&tmp.node(2))).await;
+    let tmp = temp_dir("node-durable-corrupt");
+    let a = start("t-d-corrupt", port, 1, Some(&node_dir(&tmp, 1))).await;
+    let b = start("t-d-corrupt", port, 2, Some(&node_dir(&tmp, 2))).await;
     let c = start("t-d-corrupt", port, 3, None).await;
     for i in 0..80 {
         a.put(format!("x/{i:03}"), format!("value-{i}"))
@@ -244,14 +222,14 @@ async fn damaged_files_are_detected_and_the_loss_is_recovered_from_peers() {
     a.shutdown().await.unwrap();
 
     // Flip a byte in the middle of a's log and cut its last record short.
-    let path = wal_file(&tmp.node(1));
+    let path = wal_file(&node_dir(&tmp, 1));
     let mut bytes = fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x5a;
     bytes.truncate(bytes.len() - 7);
     fs::write(&path, &bytes).unwrap();
 
-    let a = start("t-d-corrupt", port, 1, Some(&tmp.node(1))).await;
+    let a = start("t-d-corrupt", port, 1, Some(&node_dir(&tmp, 1))).await;
     // It says what it found, and kept what was intact.
     assert!(counter_eventually(&a, "durable_corrupt_records", |v| v > 0).await >= 1);
     assert!(counter(&a, "durable_torn_tail_bytes") > 0);
@@ -265,7 +243,7 @@ async fn damaged_files_are_detected_and_the_loss_is_recovered_from_peers() {
     assert_eq!(dump(&a), before);
     a.shutdown().await.unwrap();
     // The next start finds a clean directory with everything.
-    let a = start("t-d-corrupt", port, 1, Some(&tmp.node(1))).await;
+    let a = start("t-d-corrupt", port, 1, Some(&node_dir(&tmp, 1))).await;
     assert_eq!(dump(&a), before);
     assert_eq!(
         counter_eventually(&a, "durable_loaded_entries", |v| v > 0).await,

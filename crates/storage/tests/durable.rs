@@ -18,33 +18,10 @@ use chorus_replication::{
     Version, wire,
 };
 use chorus_storage::{DiskLog, DiskOptions, FlushMode};
+use chorus_testkit::{TempDir, temp_dir};
 use prost::Message as _;
 
 const WALL: u64 = 1_700_000_000_000;
-
-/// A unique directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "chorus-durable-{name}-{}-{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn options() -> DiskOptions {
     DiskOptions::new(Fsync::Always)
@@ -173,9 +150,9 @@ fn wal(dir: &Path) -> PathBuf {
 
 #[test]
 fn reload_gives_back_exactly_what_was_committed() {
-    let dir = TempDir::new("reload");
+    let dir = temp_dir("durable-reload");
     let now = Instant::now();
-    let (mut r, loaded) = open(&dir.0, 1, options(), now);
+    let (mut r, loaded) = open(dir.path(), 1, options(), now);
     assert!(loaded.entries.is_empty());
     for i in 0..50 {
         r.put(WALL + i, format!("k/{i}"), format!("v{i}")).unwrap();
@@ -198,7 +175,7 @@ fn reload_gives_back_exactly_what_was_committed() {
     let digest = r.digest();
     drop(r);
 
-    let (r2, loaded) = open(&dir.0, 1, options(), now);
+    let (r2, loaded) = open(dir.path(), 1, options(), now);
     assert!(!loaded.report.is_damaged());
     assert_eq!(loaded.report.torn_tail_bytes, 0);
     assert_eq!(loaded_contents(&loaded), before);
@@ -216,14 +193,14 @@ fn reload_gives_back_exactly_what_was_committed() {
 
 #[test]
 fn writes_after_a_restart_win_over_the_previous_life() {
-    let dir = TempDir::new("clock");
+    let dir = temp_dir("durable-clock");
     let now = Instant::now();
-    let (mut r, _) = open(&dir.0, 1, options(), now);
+    let (mut r, _) = open(dir.path(), 1, options(), now);
     // Written with a wall clock far ahead of the one the next life sees.
     let old = r.put(WALL + 10_000, "k", "old").unwrap();
     r.flush_durable(now, false).unwrap();
     drop(r);
-    let (mut r2, _) = open(&dir.0, 1, options(), now);
+    let (mut r2, _) = open(dir.path(), 1, options(), now);
     let new = r2.put(WALL, "k", "new").unwrap();
     assert!(new > old, "{new:?} must beat {old:?}");
     assert_eq!(r2.get("k"), Some(Bytes::from_static(b"new")));
@@ -231,20 +208,20 @@ fn writes_after_a_restart_win_over_the_previous_life() {
 
 #[test]
 fn a_torn_tail_is_truncated_and_the_log_stays_usable() {
-    let dir = TempDir::new("torn");
+    let dir = temp_dir("durable-torn");
     let now = Instant::now();
-    let (mut r, _) = open(&dir.0, 1, options(), now);
+    let (mut r, _) = open(dir.path(), 1, options(), now);
     for i in 0..10 {
         r.put(WALL + i, format!("k{i}"), "v").unwrap();
         r.flush_durable(now, false).unwrap();
     }
     drop(r);
-    let path = wal(&dir.0);
+    let path = wal(dir.path());
     let full = fs::read(&path).unwrap();
     // Cut the last record short, as a crash in the middle of a write does.
     fs::write(&path, &full[..full.len() - 5]).unwrap();
 
-    let (mut r2, loaded) = open(&dir.0, 1, options(), now);
+    let (mut r2, loaded) = open(dir.path(), 1, options(), now);
     assert!(loaded.report.torn_tail_bytes > 0);
     assert!(!loaded.report.is_damaged());
     assert_eq!(loaded.entries.len(), 9);
@@ -254,7 +231,7 @@ fn a_torn_tail_is_truncated_and_the_log_stays_usable() {
     r2.put(WALL + 100, "after", "v").unwrap();
     r2.flush_durable(now, false).unwrap();
     drop(r2);
-    let (_, loaded) = open(&dir.0, 1, options(), now);
+    let (_, loaded) = open(dir.path(), 1, options(), now);
     assert_eq!(loaded.report.torn_tail_bytes, 0);
     assert_eq!(loaded.report.corrupt_records, 0);
     assert_eq!(loaded.entries.len(), 10);
@@ -262,42 +239,42 @@ fn a_torn_tail_is_truncated_and_the_log_stays_usable() {
 
 #[test]
 fn garbage_after_the_last_record_is_a_torn_tail() {
-    let dir = TempDir::new("garbage");
+    let dir = temp_dir("durable-garbage");
     let now = Instant::now();
-    let (mut r, _) = open(&dir.0, 1, options(), now);
+    let (mut r, _) = open(dir.path(), 1, options(), now);
     r.put(WALL, "a", "1").unwrap();
     r.flush_durable(now, false).unwrap();
     drop(r);
-    let path = wal(&dir.0);
+    let path = wal(dir.path());
     let mut bytes = fs::read(&path).unwrap();
     bytes.extend_from_slice(&[0u8; 100]);
     fs::write(&path, &bytes).unwrap();
-    let (_, loaded) = open(&dir.0, 1, options(), now);
+    let (_, loaded) = open(dir.path(), 1, options(), now);
     assert_eq!(loaded.report.torn_tail_bytes, 100);
     assert_eq!(loaded.entries.len(), 1);
 }
 
 #[test]
 fn a_flipped_byte_in_the_middle_of_the_log_is_skipped_counted_and_set_aside() {
-    let dir = TempDir::new("flip");
+    let dir = temp_dir("durable-flip");
     let now = Instant::now();
-    let (mut r, _) = open(&dir.0, 1, options(), now);
+    let (mut r, _) = open(dir.path(), 1, options(), now);
     let mut ends = Vec::new();
     for i in 0..5 {
         r.put(WALL + i, format!("k{i}"), format!("value-{i}"))
             .unwrap();
         r.flush_durable(now, false).unwrap();
-        ends.push(fs::metadata(wal(&dir.0)).unwrap().len() as usize);
+        ends.push(fs::metadata(wal(dir.path())).unwrap().len() as usize);
     }
     drop(r);
-    let path = wal(&dir.0);
+    let path = wal(dir.path());
     let mut bytes = fs::read(&path).unwrap();
     // A byte inside the payload of the third record (k2).
     let at = ends[1] + 20;
     bytes[at] ^= 0x01;
     fs::write(&path, &bytes).unwrap();
 
-    let (r2, loaded) = open(&dir.0, 1, options(), now);
+    let (r2, loaded) = open(dir.path(), 1, options(), now);
     assert_eq!(loaded.report.corrupt_records, 1);
     assert_eq!(loaded.report.corrupt_bytes, (ends[2] - ends[1]) as u64);
     assert!(loaded.damaged());
@@ -312,7 +289,7 @@ fn a_flipped_byte_in_the_middle_of_the_log_is_skipped_counted_and_set_aside() {
     );
     drop(r2);
     // What was intact was rewritten: the next start is clean and has the same entries.
-    let (_, again) = open(&dir.0, 1, options(), now);
+    let (_, again) = open(dir.path(), 1, options(), now);
     assert!(!again.report.is_damaged());
     assert_eq!(loaded_contents(&again), loaded_contents(&loaded));
 }
@@ -326,9 +303,9 @@ fn small_compaction() -> DiskOptions {
 
 #[test]
 fn compaction_bounds_the_log_and_keeps_the_state() {
-    let dir = TempDir::new("compact");
+    let dir = temp_dir("durable-compact");
     let now = Instant::now();
-    let (mut r, _) = open(&dir.0, 1, small_compaction(), now);
+    let (mut r, _) = open(dir.path(), 1, small_compaction(), now);
     for i in 0..3000u64 {
         r.put(WALL + i, format!("k{}", i % 20), vec![b'x'; 64])
             .unwrap();
@@ -343,11 +320,15 @@ fn compaction_bounds_the_log_and_keeps_the_state() {
         stats.wal_bytes <= 16 * 1024 + 512,
         "log bounded by the compaction threshold: {stats:?}"
     );
-    assert_eq!(files(&dir.0, "snapshot-").len(), 1, "old snapshots deleted");
-    assert_eq!(files(&dir.0, "wal-").len(), 1, "old logs deleted");
+    assert_eq!(
+        files(dir.path(), "snapshot-").len(),
+        1,
+        "old snapshots deleted"
+    );
+    assert_eq!(files(dir.path(), "wal-").len(), 1, "old logs deleted");
     let before = contents(&r);
     drop(r);
-    let (r2, loaded) = open(&dir.0, 1, small_compaction(), now);
+    let (r2, loaded) = open(dir.path(), 1, small_compaction(), now);
     assert!(!loaded.report.is_damaged());
     assert!(loaded.report.generation >= 5);
     assert_eq!(contents(&r2), before);
@@ -355,11 +336,11 @@ fn compaction_bounds_the_log_and_keeps_the_state() {
 
 #[test]
 fn a_flipped_byte_in_a_snapshot_loses_one_chunk_only() {
-    let dir = TempDir::new("snapflip");
+    let dir = temp_dir("durable-snapflip");
     let now = Instant::now();
     let mut o = DiskOptions::new(Fsync::Always);
     o.compact_min_bytes = 0;
-    let (mut r, _) = open(&dir.0, 1, o, now);
+    let (mut r, _) = open(dir.path(), 1, o, now);
     let value = vec![b'v'; 1000];
     let ops: Vec<Op> = (0..300)
         .map(|i| Op::Put {
@@ -374,14 +355,14 @@ fn a_flipped_byte_in_a_snapshot_loses_one_chunk_only() {
     r.flush_durable(now, false).unwrap();
     assert_eq!(r.durable_stats().unwrap().snapshots, 1);
     drop(r);
-    let snap = files(&dir.0, "snapshot-").pop().unwrap();
+    let snap = files(dir.path(), "snapshot-").pop().unwrap();
     let mut bytes = fs::read(&snap).unwrap();
     assert!(bytes.len() > 4 * 64 * 1024, "several chunks");
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x80;
     fs::write(&snap, &bytes).unwrap();
 
-    let (log, loaded) = DiskLog::open(&dir.0, o).unwrap();
+    let (log, loaded) = DiskLog::open(dir.path(), o).unwrap();
     drop(log);
     assert_eq!(loaded.report.corrupt_records, 1);
     assert!(loaded.damaged());
@@ -394,9 +375,9 @@ fn a_flipped_byte_in_a_snapshot_loses_one_chunk_only() {
 
 #[test]
 fn the_data_directory_is_locked() {
-    let dir = TempDir::new("lock");
-    let (_log, _) = DiskLog::open(&dir.0, options()).unwrap();
-    match DiskLog::open(&dir.0, options()) {
+    let dir = temp_dir("durable-lock");
+    let (_log, _) = DiskLog::open(dir.path(), options()).unwrap();
+    match DiskLog::open(dir.path(), options()) {
         Err(DurableError::Locked { .. }) => {}
         other => panic!("expected Locked, got {other:?}"),
     }
@@ -404,10 +385,10 @@ fn the_data_directory_is_locked() {
 
 #[test]
 fn fsync_policies_sync_when_they_say() {
-    let dir = TempDir::new("fsync");
+    let dir = temp_dir("durable-fsync");
     let now = Instant::now();
     let interval = DiskOptions::new(Fsync::Interval(Duration::from_millis(100)));
-    let (mut r, _) = open(&dir.0, 1, interval, now);
+    let (mut r, _) = open(dir.path(), 1, interval, now);
     r.put(WALL, "a", "1").unwrap();
     r.flush_durable(now, false).unwrap();
     assert_eq!(r.durable_stats().unwrap().fsyncs, 0, "not yet due");
@@ -424,8 +405,8 @@ fn fsync_policies_sync_when_they_say() {
     );
     drop(r);
 
-    let dir = TempDir::new("fsync-always");
-    let (mut r, _) = open(&dir.0, 1, options(), now);
+    let dir = temp_dir("durable-fsync-always");
+    let (mut r, _) = open(dir.path(), 1, options(), now);
     // Three writes in one group: one fsync.
     r.put(WALL, "a", "1").unwrap();
     r.put(WALL, "b", "1").unwrap();
@@ -508,27 +489,27 @@ fn digest_of(r: &mut Replica, now: Instant) -> wire::Digest {
 #[test]
 fn a_replica_with_loaded_data_is_not_fresh_and_an_empty_or_damaged_one_is() {
     let now = Instant::now();
-    let dir = TempDir::new("fresh");
-    let (mut empty, _) = open(&dir.0, 1, options(), now);
+    let dir = temp_dir("durable-fresh");
+    let (mut empty, _) = open(dir.path(), 1, options(), now);
     assert!(digest_of(&mut empty, now).fresh, "nothing loaded: fresh");
     empty.put(WALL, "a", "1").unwrap();
     empty.put(WALL, "b", "1").unwrap();
     empty.put(WALL, "c", "1").unwrap();
     empty.flush_durable(now, false).unwrap();
     drop(empty);
-    let (mut loaded, _) = open(&dir.0, 1, options(), now);
+    let (mut loaded, _) = open(dir.path(), 1, options(), now);
     assert!(
         !digest_of(&mut loaded, now).fresh,
         "loaded data is evidence"
     );
     drop(loaded);
     // Damage the middle record: the store may lack keys, so it must not claim otherwise.
-    let path = wal(&dir.0);
+    let path = wal(dir.path());
     let mut bytes = fs::read(&path).unwrap();
     let third = bytes.len() / 2;
     bytes[third] ^= 0xff;
     fs::write(&path, &bytes).unwrap();
-    let (mut damaged, l) = open(&dir.0, 1, options(), now);
+    let (mut damaged, l) = open(dir.path(), 1, options(), now);
     assert!(l.damaged());
     assert!(digest_of(&mut damaged, now).fresh);
 }
@@ -536,8 +517,8 @@ fn a_replica_with_loaded_data_is_not_fresh_and_an_empty_or_damaged_one_is() {
 #[test]
 fn a_restarted_replica_catches_up_and_a_deleted_key_stays_deleted() {
     let now = Instant::now();
-    let dir = TempDir::new("catchup");
-    let (mut a, _) = open(&dir.0, 1, options(), now);
+    let dir = temp_dir("durable-catchup");
+    let (mut a, _) = open(dir.path(), 1, options(), now);
     let mut b = Replica::new(cfg(2), now);
     a.handle_peer_up(now, 2);
     b.handle_peer_up(now, 1);
@@ -558,7 +539,7 @@ fn a_restarted_replica_catches_up_and_a_deleted_key_stays_deleted() {
     b.put(WALL + 5000, "new", "n").unwrap();
     while b.poll_outgoing().is_some() {}
 
-    let (mut a, loaded) = open(&dir.0, 1, options(), now);
+    let (mut a, loaded) = open(dir.path(), 1, options(), now);
     assert_eq!(loaded.entries.len(), 100, "99 values and 1 tombstone");
     a.handle_peer_up(now, 2);
     b.handle_peer_up(now, 1);
@@ -578,7 +559,7 @@ fn a_restarted_replica_catches_up_and_a_deleted_key_stays_deleted() {
     a.flush_durable(now, true).unwrap();
     let expect = contents(&a);
     drop(a);
-    let (a, _) = open(&dir.0, 1, options(), now);
+    let (a, _) = open(dir.path(), 1, options(), now);
     assert_eq!(contents(&a), expect);
 }
 
@@ -592,9 +573,10 @@ fn a_restarted_replica_catches_up_and_a_deleted_key_stays_deleted() {
 fn durability_figures() {
     let base = std::env::var_os("CHORUS_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
     let dir = |name: &str| {
-        let d = TempDir(base.join(format!("chorus-bench-{name}-{}", std::process::id())));
-        let _ = fs::remove_dir_all(&d.0);
-        d
+        chorus_testkit::tempfile::Builder::new()
+            .prefix(&format!("chorus-bench-{name}-"))
+            .tempdir_in(&base)
+            .unwrap()
     };
     let value = Bytes::from(vec![b'v'; 100]);
     let policies = [
@@ -610,7 +592,7 @@ fn durability_figures() {
     println!("|---|---:|---:|---:|---:|");
     for (name, fsync, n) in policies {
         let d = dir(name);
-        let (mut r, _) = open(&d.0, 1, DiskOptions::new(fsync), Instant::now());
+        let (mut r, _) = open(d.path(), 1, DiskOptions::new(fsync), Instant::now());
         let start = Instant::now();
         for i in 0..n {
             r.put(WALL + i, format!("key/{i:08}"), value.clone())
@@ -629,7 +611,7 @@ fn durability_figures() {
     }
     {
         let d = dir("group");
-        let (mut r, _) = open(&d.0, 1, DiskOptions::new(Fsync::Always), Instant::now());
+        let (mut r, _) = open(d.path(), 1, DiskOptions::new(Fsync::Always), Instant::now());
         let n = 64_000u64;
         let start = Instant::now();
         for i in 0..n {
@@ -652,7 +634,7 @@ fn durability_figures() {
     let n = 1_000_000u64;
     let mut opts = DiskOptions::new(Fsync::Never);
     opts.compact_min_bytes = u64::MAX;
-    let (mut r, _) = open(&d.0, 1, opts, Instant::now());
+    let (mut r, _) = open(d.path(), 1, opts, Instant::now());
     for chunk in 0..n / 1000 {
         let ops = (0..1000)
             .map(|i| Op::Put {
@@ -667,7 +649,7 @@ fn durability_figures() {
     let wal_bytes = r.durable_stats().unwrap().wal_bytes;
     drop(r);
     let start = Instant::now();
-    let (r, loaded) = open(&d.0, 1, opts, Instant::now());
+    let (r, loaded) = open(d.path(), 1, opts, Instant::now());
     let from_log = start.elapsed();
     assert_eq!(loaded.entries.len(), n as usize);
     assert_eq!(r.store().len(), n as usize);
@@ -676,7 +658,7 @@ fn durability_figures() {
     let entries = r.store().entries();
     let (mut log, _) = {
         drop(r);
-        DiskLog::open(&d.0, DiskOptions::new(Fsync::Never)).unwrap()
+        DiskLog::open(d.path(), DiskOptions::new(Fsync::Never)).unwrap()
     };
     let start = Instant::now();
     log.compact(&entries, WALL).unwrap();
@@ -684,7 +666,7 @@ fn durability_figures() {
     let snap_bytes = log.stats().snapshot_bytes;
     drop(log);
     let start = Instant::now();
-    let (r2, loaded) = open(&d.0, 1, opts, Instant::now());
+    let (r2, loaded) = open(d.path(), 1, opts, Instant::now());
     let from_snapshot = start.elapsed();
     assert_eq!(loaded.entries.len(), n as usize);
     r = r2;
@@ -770,22 +752,22 @@ fn forged_value() -> Vec<u8> {
 fn resync_after_damage_never_adopts_a_record_held_in_a_value() {
     let now = Instant::now();
     for offset in [0usize, 2, 5, 9, 13, 40] {
-        let dir = TempDir::new("forged");
-        let (mut r, _) = open(&dir.0, 1, options(), now);
+        let dir = temp_dir("durable-forged");
+        let (mut r, _) = open(dir.path(), 1, options(), now);
         r.put(WALL, "a", "1").unwrap();
         r.flush_durable(now, false).unwrap();
-        let host_at = fs::metadata(wal(&dir.0)).unwrap().len() as usize;
+        let host_at = fs::metadata(wal(dir.path())).unwrap().len() as usize;
         r.put(WALL + 1, "host", forged_value()).unwrap();
         r.put(WALL + 2, "after", "2").unwrap();
         r.flush_durable(now, false).unwrap();
         drop(r);
-        let path = wal(&dir.0);
+        let path = wal(dir.path());
         let mut bytes = fs::read(&path).unwrap();
         // Damage the record that holds the value, near its start.
         bytes[host_at + offset] ^= 0x21;
         fs::write(&path, &bytes).unwrap();
 
-        let (r, loaded) = open(&dir.0, 1, options(), now);
+        let (r, loaded) = open(dir.path(), 1, options(), now);
         assert!(loaded.damaged(), "offset {offset}");
         assert_eq!(
             r.get("evil"),
@@ -827,16 +809,16 @@ fn tree(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
 
 /// A data directory (generation 0, log only) whose middle record is damaged.
 fn damaged_log_dir(name: &str) -> TempDir {
-    let dir = TempDir::new(name);
+    let dir = temp_dir(name);
     let now = Instant::now();
-    let (mut r, _) = open(&dir.0, 1, options(), now);
+    let (mut r, _) = open(dir.path(), 1, options(), now);
     for i in 0..5 {
         r.put(WALL + i, format!("k{i}"), format!("value-{i}"))
             .unwrap();
         r.flush_durable(now, false).unwrap();
     }
     drop(r);
-    let path = wal(&dir.0);
+    let path = wal(dir.path());
     let mut bytes = fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
@@ -848,12 +830,12 @@ fn damaged_log_dir(name: &str) -> TempDir {
 fn a_repair_blocked_by_a_directory_in_the_way_changes_nothing_and_says_so() {
     let dir = damaged_log_dir("blocked");
     // The repair's snapshot is written as snapshot-<1>.tmp: put a non-empty directory there.
-    let obstacle = dir.0.join("snapshot-00000000000000000001.tmp");
+    let obstacle = dir.path().join("snapshot-00000000000000000001.tmp");
     fs::create_dir(&obstacle).unwrap();
     fs::write(obstacle.join("keep"), b"x").unwrap();
-    let before = tree(&dir.0);
+    let before = tree(dir.path());
 
-    let err = DiskLog::open(&dir.0, options()).unwrap_err();
+    let err = DiskLog::open(dir.path(), options()).unwrap_err();
     let text = err.to_string();
     match &err {
         DurableError::Repair {
@@ -868,19 +850,19 @@ fn a_repair_blocked_by_a_directory_in_the_way_changes_nothing_and_says_so() {
     assert!(text.contains("left exactly as it was"), "{text}");
     assert!(text.contains("move the directory away"), "{text}");
     assert_eq!(
-        tree(&dir.0),
+        tree(dir.path()),
         before,
         "a failed repair changed the directory"
     );
 
     // With the obstacle gone the repair goes through: intact records kept, damaged log aside.
     fs::remove_dir_all(&obstacle).unwrap();
-    let (log, loaded) = DiskLog::open(&dir.0, options()).unwrap();
+    let (log, loaded) = DiskLog::open(dir.path(), options()).unwrap();
     drop(log);
     assert!(loaded.damaged());
     assert_eq!(loaded.entries.len(), 4);
-    assert!(dir.0.join("wal-00000000000000000000.corrupt").exists());
-    let (_, again) = DiskLog::open(&dir.0, options()).unwrap();
+    assert!(dir.path().join("wal-00000000000000000000.corrupt").exists());
+    let (_, again) = DiskLog::open(dir.path(), options()).unwrap();
     assert!(!again.damaged());
     assert_eq!(loaded_contents(&again), loaded_contents(&loaded));
 }
@@ -889,26 +871,34 @@ fn a_repair_blocked_by_a_directory_in_the_way_changes_nothing_and_says_so() {
 fn a_second_repair_keeps_the_first_ones_damaged_file() {
     let dir = damaged_log_dir("twice");
     // An earlier repair's file of the same name.
-    fs::write(dir.0.join("wal-00000000000000000000.corrupt"), b"older").unwrap();
-    let (log, loaded) = DiskLog::open(&dir.0, options()).unwrap();
+    fs::write(
+        dir.path().join("wal-00000000000000000000.corrupt"),
+        b"older",
+    )
+    .unwrap();
+    let (log, loaded) = DiskLog::open(dir.path(), options()).unwrap();
     drop(log);
     assert!(loaded.damaged());
     assert_eq!(
-        fs::read(dir.0.join("wal-00000000000000000000.corrupt")).unwrap(),
+        fs::read(dir.path().join("wal-00000000000000000000.corrupt")).unwrap(),
         b"older"
     );
-    assert!(dir.0.join("wal-00000000000000000000.corrupt.1").exists());
+    assert!(
+        dir.path()
+            .join("wal-00000000000000000000.corrupt.1")
+            .exists()
+    );
 }
 
 #[test]
 fn many_tombstones_collected_at_once_reload_cleanly() {
-    let dir = TempDir::new("tombstones");
+    let dir = temp_dir("durable-tombstones");
     let now = Instant::now();
     let mut c = cfg(1);
     c.tombstone_grace = Duration::from_secs(1);
     let mut opts = DiskOptions::new(Fsync::Never);
     opts.compact_min_bytes = u64::MAX;
-    let (log, loaded) = DiskLog::open(&dir.0, opts).unwrap();
+    let (log, loaded) = DiskLog::open(dir.path(), opts).unwrap();
     let mut r = Durable::new(Replica::restore(c.clone(), now, WALL, loaded), log);
     let n = 3000;
     for i in 0..n {
@@ -925,14 +915,14 @@ fn many_tombstones_collected_at_once_reload_cleanly() {
     r.flush_durable(now, true).unwrap();
     drop(r);
 
-    let (log, loaded) = DiskLog::open(&dir.0, opts).unwrap();
+    let (log, loaded) = DiskLog::open(dir.path(), opts).unwrap();
     assert!(!loaded.damaged());
     assert_eq!(loaded.report.torn_tail_bytes, 0);
     let keys: Vec<&str> = loaded.entries.iter().map(|e| e.0.as_str()).collect();
     assert_eq!(keys, ["kept"], "every collected tombstone stays collected");
     // No frame (the bytes between two zero bytes) grows with the number collected.
     drop(log);
-    let bytes = fs::read(wal(&dir.0)).unwrap();
+    let bytes = fs::read(wal(dir.path())).unwrap();
     let largest = bytes.split(|b| *b == 0).map(<[u8]>::len).max().unwrap();
     assert!(largest < 128 * 1024, "largest record {largest} B");
 }
@@ -941,9 +931,9 @@ fn many_tombstones_collected_at_once_reload_cleanly() {
 fn a_removal_record_larger_than_the_old_64_mib_limit_loads() {
     // The previous loader rejected any record over 64 MiB, which a tombstone collection
     // can exceed: the record was then taken for a torn tail and the removals were lost.
-    let dir = TempDir::new("huge-removal");
+    let dir = temp_dir("durable-huge-removal");
     let opts = DiskOptions::new(Fsync::Never);
-    let (mut log, _) = DiskLog::open(&dir.0, opts).unwrap();
+    let (mut log, _) = DiskLog::open(dir.path(), opts).unwrap();
     let version = chorus_replication::Hlc::new(WALL, 0).0;
     let put = |key: &str| wire::LogRecord {
         wall_ms: WALL,
@@ -981,7 +971,7 @@ fn a_removal_record_larger_than_the_old_64_mib_limit_loads() {
     log.flush(Instant::now(), FlushMode::SyncAll).unwrap();
     drop(log);
 
-    let (_, loaded) = DiskLog::open(&dir.0, opts).unwrap();
+    let (_, loaded) = DiskLog::open(dir.path(), opts).unwrap();
     assert!(!loaded.damaged(), "{:?}", loaded.report);
     assert_eq!(loaded.report.torn_tail_bytes, 0);
     let keys: Vec<&str> = loaded.entries.iter().map(|e| e.0.as_str()).collect();
@@ -992,11 +982,11 @@ const MAX_GEN: &str = "18446744073709551615";
 
 /// A data directory whose only snapshot and log have generation `u64::MAX`.
 fn max_generation_dir(name: &str) -> TempDir {
-    let dir = TempDir::new(name);
+    let dir = temp_dir(name);
     let now = Instant::now();
     let mut o = DiskOptions::new(Fsync::Always);
     o.compact_min_bytes = 0;
-    let (mut r, _) = open(&dir.0, 1, o, now);
+    let (mut r, _) = open(dir.path(), 1, o, now);
     for i in 0..3 {
         r.put(WALL + i, format!("k{i}"), "v").unwrap();
     }
@@ -1008,10 +998,10 @@ fn max_generation_dir(name: &str) -> TempDir {
         r.flush_durable(now, false).unwrap();
     }
     drop(r);
-    let snap = files(&dir.0, "snapshot-").pop().unwrap();
-    let log = wal(&dir.0);
-    fs::rename(snap, dir.0.join(format!("snapshot-{MAX_GEN}"))).unwrap();
-    fs::rename(log, dir.0.join(format!("wal-{MAX_GEN}"))).unwrap();
+    let snap = files(dir.path(), "snapshot-").pop().unwrap();
+    let log = wal(dir.path());
+    fs::rename(snap, dir.path().join(format!("snapshot-{MAX_GEN}"))).unwrap();
+    fs::rename(log, dir.path().join(format!("wal-{MAX_GEN}"))).unwrap();
     dir
 }
 
@@ -1019,7 +1009,7 @@ fn max_generation_dir(name: &str) -> TempDir {
 fn a_snapshot_at_generation_u64_max_fails_cleanly_instead_of_overflowing() {
     let dir = max_generation_dir("maxgen");
     let now = Instant::now();
-    let (log, loaded) = DiskLog::open(&dir.0, DiskOptions::new(Fsync::Always)).unwrap();
+    let (log, loaded) = DiskLog::open(dir.path(), DiskOptions::new(Fsync::Always)).unwrap();
     assert_eq!(loaded.report.generation, u64::MAX);
     let mut log = log;
     let entries: BTreeMap<String, Entry> = BTreeMap::new();
@@ -1029,32 +1019,32 @@ fn a_snapshot_at_generation_u64_max_fails_cleanly_instead_of_overflowing() {
     assert_eq!((stats.compaction_errors, stats.failed), (1, 0));
     // The log stays in use.
     drop(log);
-    let (mut r, _) = open(&dir.0, 1, options(), now);
+    let (mut r, _) = open(dir.path(), 1, options(), now);
     r.put(WALL + 20, "k8", "v").unwrap();
     r.flush_durable(now, false).unwrap();
     drop(r);
-    let (_, loaded) = DiskLog::open(&dir.0, options()).unwrap();
+    let (_, loaded) = DiskLog::open(dir.path(), options()).unwrap();
     assert_eq!(loaded.entries.len(), 9);
 }
 
 #[test]
 fn a_damaged_directory_at_generation_u64_max_is_reported_not_overflowed() {
     let dir = max_generation_dir("maxgen-damaged");
-    let path = dir.0.join(format!("wal-{MAX_GEN}"));
+    let path = dir.path().join(format!("wal-{MAX_GEN}"));
     let mut bytes = fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x10;
     fs::write(&path, &bytes).unwrap();
-    let before = tree(&dir.0);
-    let err = DiskLog::open(&dir.0, options()).unwrap_err();
+    let before = tree(dir.path());
+    let err = DiskLog::open(dir.path(), options()).unwrap_err();
     assert!(matches!(err, DurableError::Repair { .. }), "{err:?}");
     assert!(err.to_string().contains("u64::MAX"), "{err}");
-    assert_eq!(tree(&dir.0), before);
+    assert_eq!(tree(dir.path()), before);
 }
 
 #[test]
 fn a_directory_of_the_previous_format_is_loaded_and_rewritten() {
-    let dir = TempDir::new("chl1");
+    let dir = temp_dir("durable-chl1");
     let entry = |key: &str, t: u64, value: Option<&'static [u8]>| wire::LogRecord {
         wall_ms: WALL + t,
         entries: vec![wire::Entry {
@@ -1071,18 +1061,18 @@ fn a_directory_of_the_previous_format_is_loaded_and_rewritten() {
         chl1_record(&entry("a", 3, None)),
     ]
     .concat();
-    fs::write(dir.0.join("wal-00000000000000000000"), &old).unwrap();
-    let (log, loaded) = DiskLog::open(&dir.0, options()).unwrap();
+    fs::write(dir.path().join("wal-00000000000000000000"), &old).unwrap();
+    let (log, loaded) = DiskLog::open(dir.path(), options()).unwrap();
     drop(log);
     assert!(!loaded.damaged(), "{:?}", loaded.report);
     let expect = loaded_contents(&loaded);
     assert_eq!(expect.len(), 2);
     assert_eq!(expect["a"].0, None, "the tombstone is kept");
     assert_eq!(expect["b"].0.as_deref(), Some(&b"2"[..]));
-    assert!(!dir.0.join("wal-00000000000000000000").exists());
-    let snap = files(&dir.0, "snapshot-").pop().unwrap();
+    assert!(!dir.path().join("wal-00000000000000000000").exists());
+    let snap = files(dir.path(), "snapshot-").pop().unwrap();
     assert!(fs::read(snap).unwrap().starts_with(b"CHLOG2\r\n\0"));
-    let (_, again) = DiskLog::open(&dir.0, options()).unwrap();
+    let (_, again) = DiskLog::open(dir.path(), options()).unwrap();
     assert_eq!(loaded_contents(&again), expect);
     assert_eq!(again.report.generation, 1);
 }
@@ -1091,10 +1081,10 @@ fn a_directory_of_the_previous_format_is_loaded_and_rewritten() {
 fn a_data_file_that_is_not_a_regular_file_is_refused_not_read_forever() {
     // A symbolic link to /dev/zero in place of the log: reading it would never end (and
     // fill memory). Open refuses it and names it.
-    let dir = TempDir::new("devzero");
-    let path = dir.0.join("wal-00000000000000000000");
+    let dir = temp_dir("durable-devzero");
+    let path = dir.path().join("wal-00000000000000000000");
     std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
-    let err = DiskLog::open(&dir.0, options()).unwrap_err();
+    let err = DiskLog::open(dir.path(), options()).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("not a regular file"), "{text}");
     assert!(text.contains("wal-00000000000000000000"), "{text}");

@@ -216,15 +216,7 @@ impl Endpoint {
             }
             None => {
                 self.departed.remove(&node);
-                self.peers.insert(node, peer);
-                self.sync_peer_timers(node);
-                tracing::debug!(node = %self.cfg.node, peer = %node, %incarnation, "member joined");
-                self.stats.members_joined += 1;
-                self.events.push_back(Event::MemberJoined {
-                    node,
-                    incarnation,
-                    addr,
-                });
+                self.join(node, peer);
             }
         }
         self.with_stream(node, |stream, out| stream.release(out));

@@ -203,6 +203,13 @@ impl Endpoint {
             // reported lost.
             peer.stream.start_at(next);
         }
+        self.join(node, peer);
+        true
+    }
+
+    /// Makes `peer` a member: its timers, the count and `MemberJoined`.
+    pub(super) fn join(&mut self, node: NodeId, peer: Peer) {
+        let (incarnation, addr) = (peer.incarnation, peer.addr);
         self.peers.insert(node, peer);
         self.sync_peer_timers(node);
         tracing::debug!(node = %self.cfg.node, peer = %node, %incarnation, "member joined");
@@ -210,9 +217,8 @@ impl Endpoint {
         self.events.push_back(Event::MemberJoined {
             node,
             incarnation,
-            addr: from,
+            addr,
         });
-        true
     }
 
     /// Ends a stream already taken out of the member or candidate table: settles it
