@@ -41,7 +41,7 @@ impl Stored {
         }
     }
 
-    fn meta(&self) -> Meta {
+    pub(crate) fn meta(&self) -> Meta {
         Meta {
             version: self.version,
             value_len: self.value.as_ref().map(|v| v.len()),

@@ -1,26 +1,31 @@
 //! The digest buckets: per bucket what must be kept incrementally (the wrapping sum of its
-//! entries' hashes, its key count), and the bucket's keys in key order, derived from the
-//! store's ordered index when anti-entropy needs to list them.
+//! entries' hashes, its key count), and the bucket's keys in key order with their versions,
+//! derived from the store's ordered index when anti-entropy needs to list them.
 
 use std::time::{Duration, Instant};
 
 use crate::hash::bucket_of;
-use crate::store::{Key, Store};
+use crate::store::{Key, Meta, Store};
 
 /// Every digest bucket of a replica.
 ///
 /// Listing one bucket's keys from the store's index alone means walking the whole index
 /// (keys fall into buckets by hash), so the lists are built together, in one walk, the
 /// first time anti-entropy needs any of them, kept up to date by every change while they
-/// live, and dropped once unread for a while (the replica's `resend_holdoff`, checked at its
-/// timer calls; see `docs/replication.md`, Anti-entropy). A node at rest holds none.
+/// live, and dropped once unread for a while (see [`Buckets::idle_for`], checked at the
+/// replica's timer calls; `docs/replication.md`, Anti-entropy). A node at rest holds none.
+///
+/// Each listed key carries its [`Meta`], so that comparing a bucket with a peer's summary
+/// reads the list alone: a lookup in the store's index costs a search of the skip list
+/// (tens of key comparisons, each a cache miss, microseconds at a million keys), and a
+/// summary exchange of a large store made a million of them on the driver task.
 #[derive(Debug)]
 pub(super) struct Buckets {
     sums: Vec<u64>,
     counts: Vec<usize>,
-    /// Every bucket's keys, sorted (shared with the store), while anti-entropy uses them.
-    /// Sorted vectors: 16 bytes a key, built at their exact size.
-    keys: Option<Vec<Vec<Key>>>,
+    /// Every bucket's keys, sorted (shared with the store), with their metadata, while
+    /// anti-entropy uses them. Sorted vectors built at their exact size.
+    keys: Option<Vec<Vec<(Key, Meta)>>>,
     /// `keys` was read since the last [`settle`](Buckets::settle).
     used: bool,
     /// When `keys` was last read, as of the last `settle`.
@@ -70,17 +75,27 @@ impl Buckets {
         self.sums[b] = self.sums[b].wrapping_sub(hash);
     }
 
-    /// `key`, not stored until now, joins bucket `b`.
-    pub(super) fn insert_key(&mut self, b: usize, key: &Key) {
+    /// `key`, not stored until now, joins bucket `b` (its entry follows with
+    /// [`set`](Buckets::set)).
+    pub(super) fn insert_key(&mut self, b: usize) {
         self.counts[b] += 1;
-        if let Some(lists) = self.keys.as_mut() {
-            let list = &mut lists[b];
-            if let Err(at) = list.binary_search(key) {
+    }
+
+    /// `key` of bucket `b` is now stored as `meta` (a new key or a new version), in the key
+    /// lists if they are there.
+    pub(super) fn set(&mut self, b: usize, key: &Key, meta: Meta) {
+        let Some(lists) = self.keys.as_mut() else {
+            return;
+        };
+        let list = &mut lists[b];
+        match list.binary_search_by(|(k, _)| k.cmp(key)) {
+            Ok(at) => list[at].1 = meta,
+            Err(at) => {
                 if list.len() == list.capacity() {
                     // Grow by an eighth, not double: the lists are sized exactly when built.
                     list.reserve_exact(list.len() / 8 + 1);
                 }
-                list.insert(at, key.clone());
+                list.insert(at, (key.clone(), meta));
             }
         }
     }
@@ -90,25 +105,35 @@ impl Buckets {
         self.counts[b] = self.counts[b].saturating_sub(1);
         if let Some(lists) = self.keys.as_mut() {
             let list = &mut lists[b];
-            if let Ok(at) = list.binary_search_by(|k| (**k).cmp(key)) {
+            if let Ok(at) = list.binary_search_by(|(k, _)| (**k).cmp(key)) {
                 list.remove(at);
             }
         }
     }
 
-    /// Bucket `b`'s keys in key order, building every bucket's list from `store` in one walk
-    /// of its index if they are not there.
-    pub(super) fn keys(&mut self, store: &Store, b: usize) -> &[Key] {
+    /// Bucket `b`'s keys in key order with their metadata, building every bucket's list from
+    /// `store` in one walk of its index if they are not there.
+    pub(super) fn keys(&mut self, store: &Store, b: usize) -> &[(Key, Meta)] {
         self.used = true;
         let n = self.bucket_count();
         let lists = self.keys.get_or_insert_with(|| {
-            let mut lists: Vec<Vec<Key>> =
+            let mut lists: Vec<Vec<(Key, Meta)>> =
                 self.counts.iter().map(|&c| Vec::with_capacity(c)).collect();
             // Sorted as they come: the index is walked in key order.
-            store.for_each_key(|k| lists[bucket_of(k, n) as usize].push(k.clone()));
+            store.for_each_meta(|k, m| lists[bucket_of(k, n) as usize].push((k.clone(), m)));
             lists
         });
         &lists[b]
+    }
+
+    /// The metadata of `key`, from the key lists (building them if they are not there)
+    /// rather than a search of the store's index.
+    pub(super) fn meta(&mut self, store: &Store, key: &str) -> Option<Meta> {
+        let b = bucket_of(key, self.bucket_count()) as usize;
+        let list = self.keys(store, b);
+        list.binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|at| list[at].1)
     }
 
     /// How many keys buckets `bs` hold together.
@@ -133,6 +158,13 @@ impl Buckets {
     pub(super) fn expiry(&self, idle: Duration) -> Option<Instant> {
         self.keys.as_ref()?;
         self.last_read.map(|t| t + idle)
+    }
+
+    /// How long the key lists are kept unread: two sync intervals (so that a store that
+    /// keeps differing from a peer's, e.g. under a steady stream of writes, builds them once,
+    /// not at every digest round) and at least `resend_holdoff`.
+    pub(super) fn idle_for(sync_interval: Duration, resend_holdoff: Duration) -> Duration {
+        (sync_interval * 2).max(resend_holdoff)
     }
 
     /// Drops the key lists if they went unread for `idle` (a node at rest holds none).
@@ -164,7 +196,12 @@ mod tests {
 
     fn listed(b: &mut Buckets, store: &Store) -> Vec<Vec<String>> {
         (0..b.len())
-            .map(|i| b.keys(store, i).iter().map(|k| k.to_string()).collect())
+            .map(|i| {
+                b.keys(store, i)
+                    .iter()
+                    .map(|(k, _)| k.to_string())
+                    .collect()
+            })
             .collect()
     }
 
@@ -174,9 +211,11 @@ mod tests {
         let mut b = Buckets::new(4);
         let mut commit = Vec::new();
         for (i, k) in ["c", "a", "e", "b"].into_iter().enumerate() {
-            let key = Key::from(k);
-            b.insert_key(bucket_of(k, 4) as usize, &key);
-            commit.push((key, stored(i as u64 + 1)));
+            let (key, s) = (Key::from(k), stored(i as u64 + 1));
+            let bk = bucket_of(k, 4) as usize;
+            b.insert_key(bk);
+            b.set(bk, &key, s.meta());
+            commit.push((key, s));
         }
         store.commit(commit.into_iter());
         let mut expected: Vec<Vec<String>> = vec![Vec::new(); 4];
@@ -189,9 +228,11 @@ mod tests {
             expected.iter().filter(|l| !l.is_empty()).count()
         );
         // Changes while the lists live keep them right.
-        let d = Key::from("d");
-        b.insert_key(bucket_of("d", 4) as usize, &d);
-        store.commit(std::iter::once((d, stored(5))));
+        let (d, s) = (Key::from("d"), stored(5));
+        b.insert_key(bucket_of("d", 4) as usize);
+        b.set(bucket_of("d", 4) as usize, &d, s.meta());
+        assert_eq!(b.meta(&store, "d"), Some(s.meta()));
+        store.commit(std::iter::once((d, s)));
         b.remove_key(bucket_of("a", 4) as usize, "a");
         store.remove("a");
         expected[bucket_of("d", 4) as usize].push("d".to_owned());

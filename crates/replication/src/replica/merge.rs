@@ -8,7 +8,7 @@ use super::{Item, Logged, Replica};
 use crate::durable::Origin;
 use crate::hash::{bucket_of, entry_hash};
 use crate::hlc::{Hlc, Version};
-use crate::store::{Key, Stored, Value};
+use crate::store::{Key, Meta, Stored, Value};
 use crate::wire;
 
 impl Replica {
@@ -135,9 +135,8 @@ impl Replica {
             let key: Key = match found {
                 Some((k, _)) => k,
                 None => {
-                    let k = Key::from(key);
-                    self.buckets.insert_key(b, &k);
-                    k
+                    self.buckets.insert_key(b);
+                    Key::from(key)
                 }
             };
             if let Some(m) = old {
@@ -151,6 +150,8 @@ impl Replica {
             if tombstone {
                 self.tombstones.insert((version, key.clone()));
             }
+            let value_len = value.as_ref().map(|v| v.len());
+            self.buckets.set(b, &key, Meta { version, value_len });
             let value = value.as_deref().map(Value::from);
             let revision = self.record(Logged {
                 key: key.clone(),

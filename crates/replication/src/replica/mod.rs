@@ -317,12 +317,13 @@ impl Replica {
     }
 
     /// Timers: periodic and triggered digests, tombstone collection, the solo in-sync rule,
-    /// and dropping the digest buckets' key lists once unread for `resend_holdoff` (checked at
+    /// and dropping the digest buckets' key lists once unread for a while (checked at
     /// every call: no timer of its own, so that the schedule of wake-ups stays as it was;
     /// `NodeCore` calls this at every protocol timer).
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
         self.last_wall_ms = self.last_wall_ms.max(wall_ms);
-        self.buckets.expire(now, self.cfg.resend_holdoff);
+        let idle = Buckets::idle_for(self.cfg.sync_interval, self.cfg.resend_holdoff);
+        self.buckets.expire(now, idle);
         let due = self.next_digest <= now || self.triggered_digest.is_some_and(|t| t <= now);
         if due {
             self.collect_tombstones(wall_ms);

@@ -49,7 +49,8 @@ impl Replica {
                 continue;
             }
             let key: Key = Key::from(key);
-            r.buckets.insert_key(b, &key);
+            // The key lists are not built yet: only the count follows.
+            r.buckets.insert_key(b);
             r.buckets.add(b, entry_hash(&key, version, tombstone));
             if tombstone {
                 r.tombstones.insert((version, key.clone()));

@@ -227,7 +227,8 @@ impl Replica {
             for (b, answer) in answers {
                 match answer {
                     Answer::Entries => {
-                        let keys = self.buckets.keys(&self.store, b).to_vec();
+                        let keys = self.buckets.keys(&self.store, b);
+                        let keys = keys.iter().map(|(k, _)| k.clone()).collect();
                         self.send_entries(keys, usize::MAX);
                     }
                     Answer::Summary => {
@@ -285,17 +286,14 @@ impl Replica {
         let mut to_forget = Vec::new();
         let keys = self.buckets.keys(&self.store, bucket);
         let first = match lower {
-            Bound::Excluded(a) => keys.partition_point(|k| &**k <= a),
+            Bound::Excluded(a) => keys.partition_point(|(k, _)| &**k <= a),
             _ => 0,
         };
         let end = match upper {
-            Bound::Included(u) => keys.partition_point(|k| &**k <= u),
+            Bound::Included(u) => keys.partition_point(|(k, _)| &**k <= u),
             _ => keys.len(),
         };
-        for key in &keys[first..end.max(first)] {
-            let Some(meta) = self.store.meta(key) else {
-                continue;
-            };
+        for (key, meta) in &keys[first..end.max(first)] {
             match theirs.get(&**key) {
                 None if self.standing == Standing::Recovering
                     && meta.version.hlc.physical_ms() < horizon =>
@@ -310,7 +308,11 @@ impl Replica {
         to_forget.iter().for_each(|k| self.forget(k));
         let mut to_request: Vec<String> = theirs
             .into_iter()
-            .filter(|(key, v)| self.store.meta(key).is_none_or(|m| m.version < *v))
+            .filter(|(key, v)| {
+                self.buckets
+                    .meta(&self.store, key)
+                    .is_none_or(|m| m.version < *v)
+            })
             .map(|(key, _)| key)
             .collect();
         to_request.sort_unstable();
@@ -430,10 +432,8 @@ impl Replica {
     }
 
     /// The summaries answering `target`'s digest, by bucket, for the buckets of `answers`
-    /// to be summarised: from the buckets' key lists and a lookup per key when they hold few
-    /// keys, else from one walk of the store's index for all of them (see
-    /// `docs/replication.md`, Anti-entropy: a lookup costs about `LOOKUP_STEPS` steps of a
-    /// walk).
+    /// to be summarised, from the buckets' key lists (see `docs/replication.md`,
+    /// Anti-entropy).
     fn summaries(
         &mut self,
         target: u64,
@@ -441,29 +441,24 @@ impl Replica {
     ) -> Vec<Option<SummaryChunks>> {
         let max = self.cfg.max_sync_message;
         let mut out: Vec<Option<SummaryChunks>> = (0..self.buckets.len()).map(|_| None).collect();
-        let wanted = || {
-            answers
-                .iter()
-                .filter(|(_, a)| *a == Answer::Summary)
-                .map(|(b, _)| *b)
-        };
-        for b in wanted() {
+        let store = &self.store;
+        for &(b, answer) in answers {
+            if answer != Answer::Summary {
+                continue;
+            }
             // Bucket indices fit in u32: the count is a NonZeroU32.
-            out[b] = Some(SummaryChunks::new(target, b as u32, max));
-        }
-        let keys = self.buckets.count_of(wanted());
-        if keys == 0 {
-            return out;
-        }
-        if keys.saturating_mul(LOOKUP_STEPS) >= self.store.entry_count() {
-            self.summaries_by_walk(&mut out);
-        } else {
-            self.summaries_by_lookup(&mut out);
+            let mut chunks = SummaryChunks::new(target, b as u32, max);
+            for (key, meta) in self.buckets.keys(store, b) {
+                chunks.push(key, *meta);
+            }
+            out[b] = Some(chunks);
         }
         out
     }
 
-    /// Fills the summaries of `out` from one walk of the store's index.
+    /// Fills the summaries of `out` from one walk of the store's index: what
+    /// [`summaries`](Replica::summaries) builds from the key lists, for the tests to compare.
+    #[cfg(test)]
     fn summaries_by_walk(&self, out: &mut [Option<SummaryChunks>]) {
         let n = self.buckets.bucket_count();
         self.store.for_each_meta(|key, meta| {
@@ -471,21 +466,6 @@ impl Replica {
                 chunks.push(key, meta);
             }
         });
-    }
-
-    /// Fills the summaries of `out` from the buckets' key lists, looking every key up.
-    fn summaries_by_lookup(&mut self, out: &mut [Option<SummaryChunks>]) {
-        let store = &self.store;
-        for (b, chunks) in out.iter_mut().enumerate() {
-            let Some(chunks) = chunks.as_mut() else {
-                continue;
-            };
-            for key in self.buckets.keys(store, b) {
-                if let Some(meta) = store.meta(key) {
-                    chunks.push(key, meta);
-                }
-            }
-        }
     }
 
     /// Sends `target` the summaries of one bucket (this node's keys of it with their
@@ -637,11 +617,6 @@ enum Answer {
     Summary,
 }
 
-/// A lookup in the store's index (a search from the top of the skip list, cache misses at
-/// every level) costs about this many steps of a walk along it: measured at 1 M keys, about
-/// 3 µs against 0.1 µs (`benches/store.rs`, `docs/performance.md`).
-const LOOKUP_STEPS: usize = 16;
-
 /// The summaries of one bucket as they are built, key by key in key order: chunks of at most
 /// `max_sync_message` bytes, each covering the key range `(after, upto]`.
 #[derive(Debug)]
@@ -711,39 +686,55 @@ mod tests {
     use super::*;
     use crate::config::ReplicaConfig;
 
-    /// Both ways of building summaries yield the same messages, and the offers they record.
+    /// Summaries from the key lists equal those of a walk of the store, and the lists stay
+    /// right through the writes, deletes and collection that follow their building.
     #[test]
-    fn summaries_by_walk_equal_summaries_by_lookup() {
+    fn summaries_from_the_key_lists_equal_summaries_by_walk() {
         let now = Instant::now();
         let mut cfg = ReplicaConfig::new(1, 1);
         cfg.buckets = std::num::NonZeroU32::new(8).unwrap_or(std::num::NonZeroU32::MIN);
         // Small messages, so that buckets take several chunks.
         cfg.max_sync_message = 600;
         let mut r = Replica::new(cfg, now);
-        for i in 0..2_000 {
-            let key = format!("k/{:05}", (i * 7_919) % 10_000);
-            if i % 5 == 0 {
-                assert!(r.delete(1_000, key).is_ok());
-            } else {
-                assert!(r.put(1_000, key, vec![7u8; i % 40]).is_ok());
+        let write = |r: &mut Replica, round: usize| {
+            for i in 0..2_000 {
+                let key = format!("k/{:05}", (i * 7_919 + round * 13) % 10_000);
+                if (i + round) % 5 == 0 {
+                    assert!(r.delete(1_000 + round as u64, key).is_ok());
+                } else {
+                    assert!(r.put(1_000 + round as u64, key, vec![7u8; i % 40]).is_ok());
+                }
             }
-        }
-        let fresh = |r: &Replica| -> Vec<Option<SummaryChunks>> {
-            (0..r.buckets.len())
-                .map(|b| (b % 3 != 1).then(|| SummaryChunks::new(2, b as u32, 600)))
-                .collect()
         };
-        let mut walked = fresh(&r);
-        r.summaries_by_walk(&mut walked);
-        let mut looked = fresh(&r);
-        r.summaries_by_lookup(&mut looked);
+        let answers: Vec<(usize, Answer)> = (0..8)
+            .filter(|b| b % 3 != 1)
+            .map(|b| (b, Answer::Summary))
+            .collect();
         let finish = |v: Vec<Option<SummaryChunks>>| -> Vec<Option<(Vec<wire::Summary>, usize)>> {
             v.into_iter()
                 .map(|c| c.map(SummaryChunks::finish))
                 .collect()
         };
-        let (walked, looked) = (finish(walked), finish(looked));
-        assert!(walked.iter().flatten().any(|(chunks, _)| chunks.len() > 2));
-        assert_eq!(walked, looked);
+        let compare = |r: &mut Replica| {
+            let mut walked: Vec<Option<SummaryChunks>> = (0..r.buckets.len())
+                .map(|b| (b % 3 != 1).then(|| SummaryChunks::new(2, b as u32, 600)))
+                .collect();
+            r.summaries_by_walk(&mut walked);
+            let listed = r.summaries(2, &answers);
+            let (walked, listed) = (finish(walked), finish(listed));
+            assert!(walked.iter().flatten().any(|(chunks, _)| chunks.len() > 2));
+            assert_eq!(walked, listed);
+        };
+        write(&mut r, 0);
+        // Builds the lists.
+        compare(&mut r);
+        // Overwrites, new keys and deletes while the lists live.
+        write(&mut r, 1);
+        compare(&mut r);
+        // Collection of every tombstone (all are past the grace period at this wall clock).
+        let later = 1_000 + u64::try_from(r.cfg.tombstone_grace.as_millis()).unwrap_or(0) + 10;
+        r.collect_tombstones(later);
+        assert!(r.stats.tombstones_collected > 0);
+        compare(&mut r);
     }
 }

@@ -43,16 +43,11 @@ impl Replica {
     /// Keys of bucket `b` whose version is older than the grace period.
     pub(super) fn old_keys(&mut self, b: usize) -> Vec<Key> {
         let horizon = self.horizon_ms(self.last_wall_ms);
-        let store = &self.store;
         self.buckets
-            .keys(store, b)
+            .keys(&self.store, b)
             .iter()
-            .filter(|k| {
-                store
-                    .meta(k)
-                    .is_some_and(|m| m.version.hlc.physical_ms() < horizon)
-            })
-            .cloned()
+            .filter(|(_, m)| m.version.hlc.physical_ms() < horizon)
+            .map(|(k, _)| k.clone())
             .collect()
     }
 
