@@ -112,11 +112,11 @@ pub async fn start(
         })?;
     let (indexes, feed) = Indexes::new(&node);
     rt.spawn(feed);
-    let mut app = router(node, indexes, opts.max_connections.get());
-    app = match &opts.token {
-        Some(token) => require_token(app, token),
-        None => crate::server::check_host(app, AllowedHosts::new(addr, &opts.allow_hosts)),
+    let access = match opts.token {
+        Some(token) => Access::Token(token),
+        None => Access::Hosts(AllowedHosts::new(addr, &opts.allow_hosts)),
     };
+    let app = router(node, indexes, opts.max_connections.get(), access);
     if !addr.ip().is_loopback() {
         tracing::warn!(consul_api = %addr, "Consul API is reachable from the network (token required)");
     }
@@ -133,14 +133,38 @@ pub async fn start(
     }))
 }
 
+/// Who may use the API.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// Every request must carry this token (see [`require_token`]).
+    Token(String),
+    /// No token: only requests naming one of these hosts (or none), as
+    /// [`crate::server::check_host`].
+    Hosts(AllowedHosts),
+}
+
 /// The router of the Consul API over `node`; blocked reads are limited to a share of
-/// `max_connections`.
-pub fn router(node: Node, indexes: Arc<Indexes>, max_connections: usize) -> Router {
+/// `max_connections`. Refusals of `access` carry the Consul headers too.
+pub fn router(
+    node: Node,
+    indexes: Arc<Indexes>,
+    max_connections: usize,
+    access: Access,
+) -> Router {
     let consul = Arc::new(Consul {
         node,
         indexes,
         blocking: Blocking::new(max_connections),
     });
+    let app = routes(Arc::clone(&consul));
+    let app = match access {
+        Access::Token(token) => require_token(app, &token),
+        Access::Hosts(hosts) => crate::server::check_host(app, hosts),
+    };
+    app.layer(axum::middleware::from_fn_with_state(consul, headers))
+}
+
+fn routes(consul: Arc<Consul>) -> Router {
     Router::new()
         .route("/v1/kv", get(kv::get_root).put(kv::put_root).delete(kv::delete_root))
         .route("/v1/kv/", get(kv::get_root).put(kv::put_root).delete(kv::delete_root))
@@ -163,10 +187,6 @@ pub fn router(node: Node, indexes: Arc<Indexes>, max_connections: usize) -> Rout
                 format!("method {} not allowed on {}", req.method(), req.uri().path()),
             )
         })
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&consul),
-            headers,
-        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(consul)
 }

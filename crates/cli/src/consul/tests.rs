@@ -27,7 +27,8 @@ async fn api(max_connections: usize) -> Api {
         .unwrap();
     let (indexes, feed) = Indexes::new(&node);
     tokio::spawn(feed);
-    let app = router(node.clone(), indexes, max_connections);
+    let hosts = AllowedHosts::new("127.0.0.1:8500".parse().unwrap(), &[]);
+    let app = router(node.clone(), indexes, max_connections, Access::Hosts(hosts));
     Api { node, app }
 }
 
@@ -433,7 +434,9 @@ async fn txn_applies_all_or_nothing() {
 #[tokio::test]
 async fn the_token_is_required_in_any_of_consuls_forms() {
     let api = api(16).await;
-    let app = require_token(api.app.clone(), "s3cret");
+    let (indexes, feed) = Indexes::new(&api.node);
+    tokio::spawn(feed);
+    let app = router(api.node.clone(), indexes, 16, Access::Token("s3cret".into()));
     let a = call(&app, "GET", "/v1/kv/a", &[], b"").await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert!(a.text().contains("Permission denied"));
