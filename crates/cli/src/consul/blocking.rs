@@ -9,7 +9,7 @@
 //!
 //! A blocked request follows the node's change feed (a [`chorus::Watch`] on its key or
 //! prefix), not a timer: it is woken by a change that may concern it and reads again. At
-//! most [`Blocking::limit`] requests are blocked at once (each holds one of the server's
+//! most three quarters of the connection limit's requests are blocked at once (each holds one of the server's
 //! connections); one more is answered 429 at once rather than take the last connections.
 
 use std::sync::Arc;
@@ -44,8 +44,8 @@ impl Wait {
     /// The blocking part of a query: `None` without `index` (or with `index=0`).
     ///
     /// # Errors
-    /// An index that is not a number, a `wait` that is not a duration (`10s`, `5m`,
-    /// `1m30s`, `250ms`), or a `wait` without an index.
+    /// An index that is not a number, or a `wait` that is not a duration (`10s`, `5m`,
+    /// `1m30s`, `250ms`).
     pub fn parse(index: Option<&str>, wait: Option<&str>) -> Result<Option<Wait>, ApiError> {
         let wait = match wait {
             None => None,
@@ -144,15 +144,10 @@ impl Blocking {
         }
     }
 
-    /// Most requests blocked at once.
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// A place for one more blocked request.
     ///
     /// # Errors
-    /// 429 when [`Blocking::limit`] requests are blocked already.
+    /// 429 when as many requests as the limit allows are blocked already.
     pub fn enter(&self) -> Result<OwnedSemaphorePermit, ApiError> {
         Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
             ApiError::new(
@@ -284,8 +279,8 @@ mod tests {
 
     #[test]
     fn the_blocking_budget_leaves_connections_free() {
-        assert_eq!(Blocking::new(256).limit(), 192);
-        assert_eq!(Blocking::new(1).limit(), 1);
+        assert_eq!(Blocking::new(256).limit, 192);
+        assert_eq!(Blocking::new(1).limit, 1);
         let b = Blocking::new(4);
         let held: Vec<_> = (0..3).map(|_| b.enter().unwrap()).collect();
         assert!(b.enter().is_err());

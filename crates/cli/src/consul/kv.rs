@@ -174,15 +174,18 @@ async fn read(consul: &Consul, key: &str, q: Option<&str>) -> Result<Response, A
     }
     let wait = Wait::parse(q.get("index"), q.get("wait"))?;
     let separator = q.get("separator").filter(|s| !s.is_empty());
-    let what = match (q.has("keys"), q.has("recurse"), q.has("raw")) {
-        (_, _, true) if q.has("keys") || q.has("recurse") => {
-            return Err(ApiError::bad_request(
-                "raw answers one key: it cannot be combined with recurse or keys",
-            ));
-        }
-        (true, _, false) => Read::Keys { separator },
-        (false, true, false) => Read::Recurse,
-        (false, false, raw) => Read::Key { raw },
+    let (keys, recurse, raw) = (q.has("keys"), q.has("recurse"), q.has("raw"));
+    if raw && (keys || recurse) {
+        return Err(ApiError::bad_request(
+            "raw answers one key: it cannot be combined with recurse or keys",
+        ));
+    }
+    let what = if keys {
+        Read::Keys { separator }
+    } else if recurse {
+        Read::Recurse
+    } else {
+        Read::Key { raw }
     };
     if separator.is_some() && !matches!(what, Read::Keys { .. }) {
         return Err(ApiError::bad_request("separator is only used with keys"));

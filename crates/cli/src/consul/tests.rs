@@ -173,7 +173,7 @@ async fn recurse_and_keys_with_a_separator() {
     let a = api.call("GET", "/v1/kv/svc/?keys&separator=/", b"").await;
     assert_eq!(a.json(), serde_json::json!(["svc/a", "svc/b/", "svc/c"]));
     consul_headers(&a);
-    let a = api.call("GET", "/v1/kv/svc?keys", b"").await;
+    let a = api.call("GET", "/v1/kv/sv?keys", b"").await;
     assert_eq!(a.json(), serde_json::json!(["svc/a", "svc/b/1", "svc/b/2", "svc/c", "svd"]));
     let a = api.call("GET", "/v1/kv/?keys&separator=/", b"").await;
     assert_eq!(a.json(), serde_json::json!(["elsewhere", "svc/", "svd"]));
