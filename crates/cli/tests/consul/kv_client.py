@@ -42,18 +42,24 @@ def eventually(what, fn, timeout=15.0):
 
 
 def txn(c, payload):
-    """PUT /v1/txn: py-consul has Txn; python-consul 0.7 has none, so its own HTTP layer is
-    used. Returns (status, answer)."""
-    if hasattr(c, "txn"):
+    """PUT /v1/txn through the client's own HTTP layer; returns (status, answer).
+
+    py-consul has `c.txn.put`, but it sends no token (it skips `prepare_headers`), so with a
+    token its HTTP layer is called with the client's headers; python-consul 0.7 has no Txn
+    at all and sends its token as `?token=`.
+    """
+    body = json.dumps(payload)
+    if hasattr(c, "prepare_headers"):
+        from consul.callback import CB
+
         try:
-            return 200, c.txn.put(payload)
+            return 200, c.http.put(CB.json(), "/v1/txn", data=body, headers=c.prepare_headers())
         except consul.ConsulException as e:
             # py-consul raises for a 409 with the body in the message: "409 {...}".
-            text = str(e)
-            code, _, body = text.partition(" ")
-            return int(code), json.loads(body)
+            code, _, answer = str(e).partition(" ")
+            return int(code), json.loads(answer)
     params = {"token": c.token} if c.token else None
-    answer = c.http.put(consul.base.CB.json(), "/v1/txn", params=params, data=json.dumps(payload))
+    answer = c.http.put(consul.base.CB.json(), "/v1/txn", params=params, data=body)
     return (409 if answer.get("Errors") else 200), answer
 
 
