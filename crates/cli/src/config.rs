@@ -770,7 +770,11 @@ mod tests {
             ..AgentArgs::default()
         };
         let cfg = merge(args, "consul_api = \"127.0.0.1:8500\"").unwrap();
-        assert_eq!(cfg.consul_api, Some("127.0.0.1:9500".parse().unwrap()), "flag wins");
+        assert_eq!(
+            cfg.consul_api,
+            Some("127.0.0.1:9500".parse().unwrap()),
+            "flag wins"
+        );
         let same = AgentArgs {
             consul_api: Some(DEFAULT_HTTP),
             ..AgentArgs::default()

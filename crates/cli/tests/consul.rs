@@ -10,6 +10,8 @@
 //! transactions (applied, and refused with 409), and the token. A client that is not
 //! installed is skipped with a message saying so; the other one still runs.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::{SocketAddr, TcpStream};
@@ -82,7 +84,10 @@ fn debian_consul() -> Result<Client, String> {
          consul.__file__; print(consul.__version__)",
     )
     .map_err(|e| format!("{e} (install it with `apt-get install python3-consul`)"))?;
-    eprintln!("consul test: Debian python3-consul {version} ({})", python.display());
+    eprintln!(
+        "consul test: Debian python3-consul {version} ({})",
+        python.display()
+    );
     Ok(Client {
         name: "python3-consul (Debian)",
         python,

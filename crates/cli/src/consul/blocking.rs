@@ -253,7 +253,18 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(parse_duration(text), Some(want), "{text}");
         }
-        for bad in ["", "10", "s", "-5s", "5x", "1.2.3s", "ms10", ".s", "1e9s", "99999999999h"] {
+        for bad in [
+            "",
+            "10",
+            "s",
+            "-5s",
+            "5x",
+            "1.2.3s",
+            "ms10",
+            ".s",
+            "1e9s",
+            "99999999999h",
+        ] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
         }
     }

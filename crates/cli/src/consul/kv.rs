@@ -130,7 +130,12 @@ fn value_json(value: &[u8]) -> Value {
 }
 
 /// An answer with its `X-Consul-Index`.
-pub fn answer(status: StatusCode, consul_index: u64, content_type: &'static str, body: Body) -> Response {
+pub fn answer(
+    status: StatusCode,
+    consul_index: u64,
+    content_type: &'static str,
+    body: Body,
+) -> Response {
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     headers.insert(super::INDEX_HEADER, HeaderValue::from(consul_index));
@@ -165,10 +170,7 @@ enum Read<'a> {
 }
 
 async fn read(consul: &Consul, key: &str, q: Option<&str>) -> Result<Response, ApiError> {
-    let q = Query::parse(
-        q,
-        &["recurse", "keys", "separator", "raw", "index", "wait"],
-    )?;
+    let q = Query::parse(q, &["recurse", "keys", "separator", "raw", "index", "wait"])?;
     if q.has("acquire") || q.has("release") {
         return Err(not_supported_sessions());
     }
@@ -196,51 +198,70 @@ async fn read(consul: &Consul, key: &str, q: Option<&str>) -> Result<Response, A
     let (node, indexes) = (&consul.node, &*consul.indexes);
     match what {
         Read::Key { raw } => {
-            blocking::run(node, &consul.blocking, Scope::Key(key), wait, move || async move {
-                let before = node.revision();
-                let entry = node.get(key);
-                let consul_index = Indexes::of_key(before, entry.as_ref());
-                let response = match entry {
-                    None => not_found(consul_index),
-                    Some(e) if raw => {
-                        let mut r = answer(
-                            StatusCode::OK,
-                            consul_index,
-                            "application/octet-stream",
-                            Body::from(e.value),
-                        );
-                        r.headers_mut().insert(
-                            header::X_CONTENT_TYPE_OPTIONS,
-                            HeaderValue::from_static("nosniff"),
-                        );
-                        r
-                    }
-                    Some(e) => json_answer(consul_index, &json!([dir_entry(key, &e, true)])),
-                };
-                Ok((response, consul_index))
-            })
+            blocking::run(
+                node,
+                &consul.blocking,
+                Scope::Key(key),
+                wait,
+                move || async move {
+                    let before = node.revision();
+                    let entry = node.get(key);
+                    let consul_index = Indexes::of_key(before, entry.as_ref());
+                    let response = match entry {
+                        None => not_found(consul_index),
+                        Some(e) if raw => {
+                            let mut r = answer(
+                                StatusCode::OK,
+                                consul_index,
+                                "application/octet-stream",
+                                Body::from(e.value),
+                            );
+                            r.headers_mut().insert(
+                                header::X_CONTENT_TYPE_OPTIONS,
+                                HeaderValue::from_static("nosniff"),
+                            );
+                            r
+                        }
+                        Some(e) => json_answer(consul_index, &json!([dir_entry(key, &e, true)])),
+                    };
+                    Ok((response, consul_index))
+                },
+            )
             .await
         }
         Read::Recurse => {
-            blocking::run(node, &consul.blocking, Scope::Prefix(key), wait, move || async move {
-                let (entries, consul_index) = indexes.read_prefix(node, key).await;
-                if entries.is_empty() {
-                    return Ok((not_found(consul_index), consul_index));
-                }
-                let list: Vec<Value> = entries.iter().map(|(k, e)| dir_entry(k, e, true)).collect();
-                Ok((json_answer(consul_index, &Value::from(list)), consul_index))
-            })
+            blocking::run(
+                node,
+                &consul.blocking,
+                Scope::Prefix(key),
+                wait,
+                move || async move {
+                    let (entries, consul_index) = indexes.read_prefix(node, key).await;
+                    if entries.is_empty() {
+                        return Ok((not_found(consul_index), consul_index));
+                    }
+                    let list: Vec<Value> =
+                        entries.iter().map(|(k, e)| dir_entry(k, e, true)).collect();
+                    Ok((json_answer(consul_index, &Value::from(list)), consul_index))
+                },
+            )
             .await
         }
         Read::Keys { separator } => {
-            blocking::run(node, &consul.blocking, Scope::Prefix(key), wait, move || async move {
-                let (entries, consul_index) = indexes.read_prefix(node, key).await;
-                let names = key_names(key, separator, entries.iter().map(|(k, _)| k.as_str()));
-                if names.is_empty() {
-                    return Ok((not_found(consul_index), consul_index));
-                }
-                Ok((json_answer(consul_index, &json!(names)), consul_index))
-            })
+            blocking::run(
+                node,
+                &consul.blocking,
+                Scope::Prefix(key),
+                wait,
+                move || async move {
+                    let (entries, consul_index) = indexes.read_prefix(node, key).await;
+                    let names = key_names(key, separator, entries.iter().map(|(k, _)| k.as_str()));
+                    if names.is_empty() {
+                        return Ok((not_found(consul_index), consul_index));
+                    }
+                    Ok((json_answer(consul_index, &json!(names)), consul_index))
+                },
+            )
             .await
         }
     }
@@ -303,7 +324,12 @@ pub fn cas_check(key: &str, cas: u64) -> Check {
     }
 }
 
-async fn write(consul: &Consul, key: &str, q: Option<&str>, body: Bytes) -> Result<Response, ApiError> {
+async fn write(
+    consul: &Consul,
+    key: &str,
+    q: Option<&str>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let q = Query::parse(q, &["flags", "cas", "acquire", "release"])?;
     if q.has("acquire") || q.has("release") {
         return Err(not_supported_sessions());
@@ -323,7 +349,12 @@ async fn write(consul: &Consul, key: &str, q: Option<&str>, body: Bytes) -> Resu
     );
     let written = match cas {
         None => consul.node.batch(vec![op]).await,
-        Some(cas) => consul.node.batch_checked(vec![cas_check(key, cas)], vec![op]).await,
+        Some(cas) => {
+            consul
+                .node
+                .batch_checked(vec![cas_check(key, cas)], vec![op])
+                .await
+        }
     };
     match written {
         Ok(_) => Ok(boolean(true)),

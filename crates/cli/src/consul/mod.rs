@@ -49,7 +49,15 @@ pub const MAX_BODY: usize = 512 * 1024;
 
 /// Query parameters every endpoint accepts: the token, and Consul's options that mean
 /// nothing here (one datacenter, every read is the agent's own view).
-const COMMON: &[&str] = &["dc", "token", "stale", "consistent", "cached", "ns", "partition"];
+const COMMON: &[&str] = &[
+    "dc",
+    "token",
+    "stale",
+    "consistent",
+    "cached",
+    "ns",
+    "partition",
+];
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -145,12 +153,7 @@ pub enum Access {
 
 /// The router of the Consul API over `node`; blocked reads are limited to a share of
 /// `max_connections`. Refusals of `access` carry the Consul headers too.
-pub fn router(
-    node: Node,
-    indexes: Arc<Indexes>,
-    max_connections: usize,
-    access: Access,
-) -> Router {
+pub fn router(node: Node, indexes: Arc<Indexes>, max_connections: usize, access: Access) -> Router {
     let consul = Arc::new(Consul {
         node,
         indexes,
@@ -166,11 +169,23 @@ pub fn router(
 
 fn routes(consul: Arc<Consul>) -> Router {
     Router::new()
-        .route("/v1/kv", get(kv::get_root).put(kv::put_root).delete(kv::delete_root))
-        .route("/v1/kv/", get(kv::get_root).put(kv::put_root).delete(kv::delete_root))
-        .route("/v1/kv/{*key}", get(kv::get).put(kv::put).delete(kv::delete))
+        .route(
+            "/v1/kv",
+            get(kv::get_root).put(kv::put_root).delete(kv::delete_root),
+        )
+        .route(
+            "/v1/kv/",
+            get(kv::get_root).put(kv::put_root).delete(kv::delete_root),
+        )
+        .route(
+            "/v1/kv/{*key}",
+            get(kv::get).put(kv::put).delete(kv::delete),
+        )
         .route("/v1/txn", put(txn::handle))
-        .route("/v1/session/{*rest}", any(|| async { not_supported_sessions() }))
+        .route(
+            "/v1/session/{*rest}",
+            any(|| async { not_supported_sessions() }),
+        )
         .fallback(|req: Request| async move {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -184,7 +199,11 @@ fn routes(consul: Arc<Consul>) -> Router {
         .method_not_allowed_fallback(|req: Request| async move {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
-                format!("method {} not allowed on {}", req.method(), req.uri().path()),
+                format!(
+                    "method {} not allowed on {}",
+                    req.method(),
+                    req.uri().path()
+                ),
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -211,21 +230,23 @@ async fn headers(State(consul): State<Arc<Consul>>, req: Request, next: Next) ->
 /// `?token=`, or as `Authorization: Bearer`. Anything else gets 403, as Consul's ACLs.
 pub fn require_token(router: Router, token: &str) -> Router {
     let expected: Arc<[u8]> = Arc::from(token.as_bytes());
-    router.layer(axum::middleware::from_fn(move |req: Request, next: Next| {
-        let expected = Arc::clone(&expected);
-        async move {
-            if given_token(&req).is_some_and(|t| crate::keys::constant_time_eq(&t, &expected)) {
-                next.run(req).await
-            } else {
-                ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "Permission denied: missing or wrong token (send the agent's --http-token \
+    router.layer(axum::middleware::from_fn(
+        move |req: Request, next: Next| {
+            let expected = Arc::clone(&expected);
+            async move {
+                if given_token(&req).is_some_and(|t| crate::keys::constant_time_eq(&t, &expected)) {
+                    next.run(req).await
+                } else {
+                    ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "Permission denied: missing or wrong token (send the agent's --http-token \
                      as X-Consul-Token, ?token= or Authorization: Bearer)",
-                )
-                .into_response()
+                    )
+                    .into_response()
+                }
             }
-        }
-    }))
+        },
+    ))
 }
 
 /// The token a request carries, if any (a `?token=` that is not well-formed is none).

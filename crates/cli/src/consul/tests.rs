@@ -40,7 +40,11 @@ struct Answer {
 
 impl Answer {
     fn index(&self) -> u64 {
-        self.headers[INDEX_HEADER].to_str().unwrap().parse().unwrap()
+        self.headers[INDEX_HEADER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 
     fn json(&self) -> Value {
@@ -120,7 +124,9 @@ async fn a_missing_key_is_404_with_the_consul_headers() {
 #[tokio::test]
 async fn put_and_get_in_consuls_shapes() {
     let api = api(16).await;
-    let a = api.call("PUT", "/v1/kv/app/db/url?flags=42", b"postgres://db1").await;
+    let a = api
+        .call("PUT", "/v1/kv/app/db/url?flags=42", b"postgres://db1")
+        .await;
     assert_eq!((a.status, a.text().as_str()), (StatusCode::OK, "true"));
     consul_headers(&a);
     let a = api.call("GET", "/v1/kv/app/db/url", b"").await;
@@ -137,10 +143,16 @@ async fn put_and_get_in_consuls_shapes() {
     assert_eq!(a.index(), revision + 1);
     // ?raw: the bare value.
     let a = api.call("GET", "/v1/kv/app/db/url?raw", b"").await;
-    assert_eq!((a.status, a.text().as_str()), (StatusCode::OK, "postgres://db1"));
+    assert_eq!(
+        (a.status, a.text().as_str()),
+        (StatusCode::OK, "postgres://db1")
+    );
     consul_headers(&a);
     // An empty value is null; keys may end in a slash ("folders").
-    assert_eq!(api.call("PUT", "/v1/kv/app/empty/", b"").await.status, StatusCode::OK);
+    assert_eq!(
+        api.call("PUT", "/v1/kv/app/empty/", b"").await.status,
+        StatusCode::OK
+    );
     let a = api.call("GET", "/v1/kv/app/empty/", b"").await;
     assert_eq!(a.json()[0]["Value"], Value::Null);
     assert_eq!(a.json()[0]["Key"], "app/empty/");
@@ -159,22 +171,44 @@ async fn put_and_get_in_consuls_shapes() {
 async fn recurse_and_keys_with_a_separator() {
     let api = api(16).await;
     for key in ["svc/a", "svc/b/1", "svc/b/2", "svc/c", "svd"] {
-        assert_eq!(api.call("PUT", &format!("/v1/kv/{key}"), key.as_bytes()).await.status, StatusCode::OK);
+        assert_eq!(
+            api.call("PUT", &format!("/v1/kv/{key}"), key.as_bytes())
+                .await
+                .status,
+            StatusCode::OK
+        );
     }
     let a = api.call("GET", "/v1/kv/svc/?recurse", b"").await;
     let list = a.json();
-    let keys: Vec<&str> = list.as_array().unwrap().iter().map(|e| e["Key"].as_str().unwrap()).collect();
+    let keys: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["Key"].as_str().unwrap())
+        .collect();
     assert_eq!(keys, ["svc/a", "svc/b/1", "svc/b/2", "svc/c"]);
     // The prefix's index is its highest ModifyIndex, and writes elsewhere do not move it.
-    let highest = list.as_array().unwrap().iter().map(|e| e["ModifyIndex"].as_u64().unwrap()).max().unwrap();
+    let highest = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["ModifyIndex"].as_u64().unwrap())
+        .max()
+        .unwrap();
     assert_eq!(a.index(), highest);
     api.call("PUT", "/v1/kv/elsewhere", b"x").await;
-    assert_eq!(api.call("GET", "/v1/kv/svc/?recurse", b"").await.index(), highest);
+    assert_eq!(
+        api.call("GET", "/v1/kv/svc/?recurse", b"").await.index(),
+        highest
+    );
     let a = api.call("GET", "/v1/kv/svc/?keys&separator=/", b"").await;
     assert_eq!(a.json(), serde_json::json!(["svc/a", "svc/b/", "svc/c"]));
     consul_headers(&a);
     let a = api.call("GET", "/v1/kv/sv?keys", b"").await;
-    assert_eq!(a.json(), serde_json::json!(["svc/a", "svc/b/1", "svc/b/2", "svc/c", "svd"]));
+    assert_eq!(
+        a.json(),
+        serde_json::json!(["svc/a", "svc/b/1", "svc/b/2", "svc/c", "svd"])
+    );
     let a = api.call("GET", "/v1/kv/?keys&separator=/", b"").await;
     assert_eq!(a.json(), serde_json::json!(["elsewhere", "svc/", "svd"]));
     // DELETE ?recurse; the index does not go back although the highest entry went.
@@ -203,22 +237,67 @@ async fn cas_and_delete() {
         async move { api.call("PUT", uri, body).await.text() }
     };
     assert_eq!(put("/v1/kv/lock?cas=0", b"one").await, "true");
-    assert_eq!(put("/v1/kv/lock?cas=0", b"two").await, "false", "create-only");
-    let index = api.call("GET", "/v1/kv/lock", b"").await.json()[0]["ModifyIndex"].as_u64().unwrap();
+    assert_eq!(
+        put("/v1/kv/lock?cas=0", b"two").await,
+        "false",
+        "create-only"
+    );
+    let index = api.call("GET", "/v1/kv/lock", b"").await.json()[0]["ModifyIndex"]
+        .as_u64()
+        .unwrap();
     let stale = index - 1;
-    assert_eq!(api.call("PUT", &format!("/v1/kv/lock?cas={stale}"), b"x").await.text(), "false");
-    assert_eq!(api.call("PUT", &format!("/v1/kv/lock?cas={index}"), b"three").await.text(), "true");
-    assert_eq!(api.call("GET", "/v1/kv/lock?raw", b"").await.text(), "three");
+    assert_eq!(
+        api.call("PUT", &format!("/v1/kv/lock?cas={stale}"), b"x")
+            .await
+            .text(),
+        "false"
+    );
+    assert_eq!(
+        api.call("PUT", &format!("/v1/kv/lock?cas={index}"), b"three")
+            .await
+            .text(),
+        "true"
+    );
+    assert_eq!(
+        api.call("GET", "/v1/kv/lock?raw", b"").await.text(),
+        "three"
+    );
     // The old index is gone: neither put nor delete applies with it.
-    assert_eq!(api.call("PUT", &format!("/v1/kv/lock?cas={index}"), b"x").await.text(), "false");
-    assert_eq!(api.call("DELETE", &format!("/v1/kv/lock?cas={index}"), b"").await.text(), "false");
-    assert_eq!(api.call("DELETE", "/v1/kv/lock?cas=0", b"").await.text(), "false");
-    let index = api.call("GET", "/v1/kv/lock", b"").await.json()[0]["ModifyIndex"].as_u64().unwrap();
-    assert_eq!(api.call("DELETE", &format!("/v1/kv/lock?cas={index}"), b"").await.text(), "true");
-    assert_eq!(api.call("GET", "/v1/kv/lock", b"").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        api.call("PUT", &format!("/v1/kv/lock?cas={index}"), b"x")
+            .await
+            .text(),
+        "false"
+    );
+    assert_eq!(
+        api.call("DELETE", &format!("/v1/kv/lock?cas={index}"), b"")
+            .await
+            .text(),
+        "false"
+    );
+    assert_eq!(
+        api.call("DELETE", "/v1/kv/lock?cas=0", b"").await.text(),
+        "false"
+    );
+    let index = api.call("GET", "/v1/kv/lock", b"").await.json()[0]["ModifyIndex"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        api.call("DELETE", &format!("/v1/kv/lock?cas={index}"), b"")
+            .await
+            .text(),
+        "true"
+    );
+    assert_eq!(
+        api.call("GET", "/v1/kv/lock", b"").await.status,
+        StatusCode::NOT_FOUND
+    );
     // Deleting what is not there succeeds, as in Consul.
     assert_eq!(api.call("DELETE", "/v1/kv/lock", b"").await.text(), "true");
-    assert_eq!(api.call("DELETE", "/v1/kv/lock?cas=9", b"").await.text(), "true");
+    assert_eq!(
+        api.call("DELETE", "/v1/kv/lock?cas=9", b"").await.text(),
+        "true"
+    );
     api.call("PUT", "/v1/kv/gone", b"x").await;
     assert_eq!(api.call("DELETE", "/v1/kv/gone", b"").await.text(), "true");
     assert!(api.node.get("gone").is_none());
@@ -230,7 +309,11 @@ async fn bad_input_is_a_clear_4xx() {
     let api = api(16).await;
     let cases: &[(&str, &str, StatusCode)] = &[
         ("GET", "/v1/kv/a?index=abc", StatusCode::BAD_REQUEST),
-        ("GET", "/v1/kv/a?index=3&wait=forever", StatusCode::BAD_REQUEST),
+        (
+            "GET",
+            "/v1/kv/a?index=3&wait=forever",
+            StatusCode::BAD_REQUEST,
+        ),
         ("GET", "/v1/kv/a?index=3&wait=-1s", StatusCode::BAD_REQUEST),
         ("GET", "/v1/kv/a?bogus=1", StatusCode::BAD_REQUEST),
         ("GET", "/v1/kv/a?raw&recurse", StatusCode::BAD_REQUEST),
@@ -267,9 +350,15 @@ async fn bad_input_is_a_clear_4xx() {
     }
     // A key too long for the node, a value too large for Consul's limit.
     let long = format!("/v1/kv/{}", "k".repeat(2000));
-    assert_eq!(api.call("PUT", &long, b"v").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        api.call("PUT", &long, b"v").await.status,
+        StatusCode::BAD_REQUEST
+    );
     let big = vec![b'v'; MAX_BODY + 1];
-    assert_eq!(api.call("PUT", "/v1/kv/big", &big).await.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        api.call("PUT", "/v1/kv/big", &big).await.status,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
     assert!(api.node.get("big").is_none());
     api.node.shutdown().await.unwrap();
 }
@@ -281,14 +370,29 @@ async fn a_blocking_query_waits_for_a_change_of_its_key() {
     let index = api.call("GET", "/v1/kv/cfg/level", b"").await.index();
     // Nothing changes: the wait ends (with up to 1/16 of jitter) and the index is the same.
     let started = Instant::now();
-    let a = api.call("GET", &format!("/v1/kv/cfg/level?index={index}&wait=300ms"), b"").await;
+    let a = api
+        .call(
+            "GET",
+            &format!("/v1/kv/cfg/level?index={index}&wait=300ms"),
+            b"",
+        )
+        .await;
     let took = started.elapsed();
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.index(), index);
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
     // An index that is behind answers at once.
     let started = Instant::now();
-    let a = api.call("GET", &format!("/v1/kv/cfg/level?index={}&wait=10s", index - 1), b"").await;
+    let a = api
+        .call(
+            "GET",
+            &format!("/v1/kv/cfg/level?index={}&wait=10s", index - 1),
+            b"",
+        )
+        .await;
     assert_eq!(a.index(), index);
     assert!(started.elapsed() < Duration::from_secs(5));
     // A write to the key wakes it; a write to another key (even one it is a prefix of) does not.
@@ -302,7 +406,10 @@ async fn a_blocking_query_waits_for_a_change_of_its_key() {
     assert!(!blocked.is_finished(), "woken by another key");
     let started = Instant::now();
     api.call("PUT", "/v1/kv/cfg/level", b"debug").await;
-    let a = tokio::time::timeout(Duration::from_secs(5), blocked).await.unwrap().unwrap();
+    let a = tokio::time::timeout(Duration::from_secs(5), blocked)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(a.index() > index);
     assert_eq!(a.json()[0]["Value"], "ZGVidWc=");
@@ -323,12 +430,17 @@ async fn a_blocking_prefix_query_wakes_on_a_delete_and_an_ahead_index_answers_at
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!blocked.is_finished(), "woken by a key outside the prefix");
     api.call("DELETE", "/v1/kv/jobs/2", b"").await;
-    let a = tokio::time::timeout(Duration::from_secs(5), blocked).await.unwrap().unwrap();
+    let a = tokio::time::timeout(Duration::from_secs(5), blocked)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(a.index() > index, "{} after {index}", a.index());
     assert_eq!(a.json().as_array().unwrap().len(), 1);
     // An index from the future (another agent, a restart): at once.
     let started = Instant::now();
-    let a = api.call("GET", "/v1/kv/jobs/?recurse&index=999999&wait=10s", b"").await;
+    let a = api
+        .call("GET", "/v1/kv/jobs/?recurse&index=999999&wait=10s", b"")
+        .await;
     assert_eq!(a.status, StatusCode::OK);
     assert!(started.elapsed() < Duration::from_secs(5));
     api.node.shutdown().await.unwrap();
@@ -343,15 +455,29 @@ async fn blocked_queries_are_bounded() {
     let uri = format!("/v1/kv/x?index={index}&wait=20s");
     let blocked = tokio::spawn(async move { call(&app, "GET", &uri, &[], b"").await });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let a = api.call("GET", &format!("/v1/kv/y?index={index}&wait=20s"), b"").await;
+    let a = api
+        .call("GET", &format!("/v1/kv/y?index={index}&wait=20s"), b"")
+        .await;
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.text());
     // Non-blocking reads still work.
-    assert_eq!(api.call("GET", "/v1/kv/y", b"").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        api.call("GET", "/v1/kv/y", b"").await.status,
+        StatusCode::NOT_FOUND
+    );
     api.call("PUT", "/v1/kv/x", b"1").await;
-    let a = tokio::time::timeout(Duration::from_secs(5), blocked).await.unwrap().unwrap();
+    let a = tokio::time::timeout(Duration::from_secs(5), blocked)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(a.status, StatusCode::OK);
     // The place is free again.
-    let a = api.call("GET", &format!("/v1/kv/x?index={}&wait=100ms", a.index()), b"").await;
+    let a = api
+        .call(
+            "GET",
+            &format!("/v1/kv/x?index={}&wait=100ms", a.index()),
+            b"",
+        )
+        .await;
     assert_eq!(a.status, StatusCode::OK);
     api.node.shutdown().await.unwrap();
 }
@@ -366,7 +492,9 @@ use base64::Engine as _;
 async fn txn_applies_all_or_nothing() {
     let api = api(16).await;
     api.call("PUT", "/v1/kv/t/old", b"o").await;
-    let old = api.call("GET", "/v1/kv/t/old", b"").await.json()[0]["ModifyIndex"].as_u64().unwrap();
+    let old = api.call("GET", "/v1/kv/t/old", b"").await.json()[0]["ModifyIndex"]
+        .as_u64()
+        .unwrap();
     let body = serde_json::json!([
         {"KV": {"Verb": "set", "Key": "t/a", "Value": b64("1"), "Flags": 7}},
         {"KV": {"Verb": "cas", "Key": "t/b", "Value": b64("2"), "Index": 0}},
@@ -376,7 +504,9 @@ async fn txn_applies_all_or_nothing() {
         {"KV": {"Verb": "get-tree", "Key": "t/"}},
         {"KV": {"Verb": "delete-cas", "Key": "t/old", "Index": old}},
     ]);
-    let a = api.call("PUT", "/v1/txn", body.to_string().as_bytes()).await;
+    let a = api
+        .call("PUT", "/v1/txn", body.to_string().as_bytes())
+        .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     consul_headers(&a);
     let answer = a.json();
@@ -390,7 +520,10 @@ async fn txn_applies_all_or_nothing() {
     assert_eq!(results[0]["KV"]["ModifyIndex"], a_index);
     assert_eq!(results[0]["KV"]["Value"], Value::Null);
     assert_eq!(results[3]["KV"]["Value"], b64("o"));
-    let tree: Vec<&str> = results[4..].iter().map(|r| r["KV"]["Key"].as_str().unwrap()).collect();
+    let tree: Vec<&str> = results[4..]
+        .iter()
+        .map(|r| r["KV"]["Key"].as_str().unwrap())
+        .collect();
     assert_eq!(tree, ["t/a", "t/b", "t/old"]);
     assert_eq!(api.node.get("t/a").unwrap().flags, 7);
     assert!(api.node.get("t/b").is_some());
@@ -400,13 +533,20 @@ async fn txn_applies_all_or_nothing() {
         {"KV": {"Verb": "set", "Key": "t/c", "Value": b64("3")}},
         {"KV": {"Verb": "check-index", "Key": "t/a", "Index": a_index + 100}},
     ]);
-    let a = api.call("PUT", "/v1/txn", body.to_string().as_bytes()).await;
+    let a = api
+        .call("PUT", "/v1/txn", body.to_string().as_bytes())
+        .await;
     assert_eq!(a.status, StatusCode::CONFLICT, "{}", a.text());
     consul_headers(&a);
     let answer = a.json();
     assert_eq!(answer["Results"], Value::Null);
     assert_eq!(answer["Errors"][0]["OpIndex"], 1);
-    assert!(answer["Errors"][0]["What"].as_str().unwrap().contains("t/a"));
+    assert!(
+        answer["Errors"][0]["What"]
+            .as_str()
+            .unwrap()
+            .contains("t/a")
+    );
     assert!(api.node.get("t/c").is_none());
     for body in [
         serde_json::json!([{"KV": {"Verb": "cas", "Key": "t/a", "Value": "", "Index": 0}}]),
@@ -414,7 +554,9 @@ async fn txn_applies_all_or_nothing() {
         serde_json::json!([{"KV": {"Verb": "get", "Key": "t/none"}}]),
         serde_json::json!([{"KV": {"Verb": "delete-cas", "Key": "t/a", "Index": 1}}]),
     ] {
-        let a = api.call("PUT", "/v1/txn", body.to_string().as_bytes()).await;
+        let a = api
+            .call("PUT", "/v1/txn", body.to_string().as_bytes())
+            .await;
         assert_eq!(a.status, StatusCode::CONFLICT, "{body}: {}", a.text());
     }
     // delete-tree, and a read after a write in the same transaction.
@@ -424,7 +566,9 @@ async fn txn_applies_all_or_nothing() {
         {"KV": {"Verb": "delete-tree", "Key": "t/"}},
         {"KV": {"Verb": "check-not-exists", "Key": "t/a"}},
     ]);
-    let a = api.call("PUT", "/v1/txn", body.to_string().as_bytes()).await;
+    let a = api
+        .call("PUT", "/v1/txn", body.to_string().as_bytes())
+        .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(a.json()["Results"][1]["KV"]["Value"], b64("n"));
     assert!(api.node.scan("t/").is_empty());
@@ -436,7 +580,12 @@ async fn the_token_is_required_in_any_of_consuls_forms() {
     let api = api(16).await;
     let (indexes, feed) = Indexes::new(&api.node);
     tokio::spawn(feed);
-    let app = router(api.node.clone(), indexes, 16, Access::Token("s3cret".into()));
+    let app = router(
+        api.node.clone(),
+        indexes,
+        16,
+        Access::Token("s3cret".into()),
+    );
     let a = call(&app, "GET", "/v1/kv/a", &[], b"").await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert!(a.text().contains("Permission denied"));
@@ -450,7 +599,12 @@ async fn the_token_is_required_in_any_of_consuls_forms() {
         ("/v1/kv/a?recurse&token=s3cr%65t", vec![]),
     ] {
         let a = call(&app, "GET", uri, &headers, b"").await;
-        assert_eq!(a.status, StatusCode::NOT_FOUND, "{uri} {headers:?}: {}", a.text());
+        assert_eq!(
+            a.status,
+            StatusCode::NOT_FOUND,
+            "{uri} {headers:?}: {}",
+            a.text()
+        );
     }
     let a = call(&app, "GET", "/v1/kv/a?token=nope", &[], b"").await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
@@ -463,7 +617,10 @@ fn exposure_needs_a_token() {
     let any: SocketAddr = "0.0.0.0:8500".parse().unwrap();
     assert!(check_exposure(lo, None).is_ok());
     let err = check_exposure(any, None).unwrap_err().to_string();
-    assert!(err.contains("--http-token") && err.contains("--consul-api"), "{err}");
+    assert!(
+        err.contains("--http-token") && err.contains("--consul-api"),
+        "{err}"
+    );
     assert!(check_exposure(any, Some("t")).is_ok());
     assert!(check_exposure(lo, Some("")).is_err());
 }

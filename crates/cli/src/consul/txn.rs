@@ -73,15 +73,26 @@ struct KvOp {
 /// A parsed operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Verb {
-    Set { value: Bytes, flags: u64 },
-    Cas { value: Bytes, flags: u64, index: u64 },
+    Set {
+        value: Bytes,
+        flags: u64,
+    },
+    Cas {
+        value: Bytes,
+        flags: u64,
+        index: u64,
+    },
     Get,
     GetTree,
-    CheckIndex { index: u64 },
+    CheckIndex {
+        index: u64,
+    },
     CheckNotExists,
     Delete,
     DeleteTree,
-    DeleteCas { index: u64 },
+    DeleteCas {
+        index: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,8 +389,7 @@ fn plan(node: &Node, ops: &[Operation]) -> Result<Plan, Failed> {
                 results.extend(tree.into_values());
             }
             Verb::DeleteTree => {
-                let mut doomed: Vec<String> =
-                    node.scan(key).into_iter().map(|(k, _)| k).collect();
+                let mut doomed: Vec<String> = node.scan(key).into_iter().map(|(k, _)| k).collect();
                 doomed.extend(
                     known
                         .range(key.to_owned()..)
@@ -436,9 +446,9 @@ fn revision_of(consul_index: u64) -> Expect {
 fn cas_mismatch(key: &str, found: Option<u64>, want: u64) -> String {
     match found {
         None => format!("failed to apply cas to key {key:?}: it does not exist (index {want})"),
-        Some(found) => format!(
-            "failed to apply cas to key {key:?}: its modify index is {found}, not {want}"
-        ),
+        Some(found) => {
+            format!("failed to apply cas to key {key:?}: its modify index is {found}, not {want}")
+        }
     }
 }
 
@@ -476,7 +486,9 @@ pub async fn handle(
                     let op = plan.check_ops.get(key).copied().unwrap_or(0);
                     let failed = Failed {
                         op,
-                        what: format!("key {key:?} kept changing while the transaction was applied: {e}"),
+                        what: format!(
+                            "key {key:?} kept changing while the transaction was applied: {e}"
+                        ),
                     };
                     return Ok(conflict(index::of_revision(node.revision()), &[failed]));
                 }
