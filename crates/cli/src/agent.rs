@@ -38,6 +38,9 @@ pub fn run(args: &AgentArgs) -> anyhow::Result<()> {
         }
     };
     crate::keys::check_http_exposure(cfg.http, args.http_token.as_deref())?;
+    if let Some(addr) = cfg.consul_api {
+        crate::consul::check_exposure(addr, args.http_token.as_deref())?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -195,6 +198,7 @@ async fn serve(
         max_connections: cfg.http_max_connections,
         header_timeout: HEADER_TIMEOUT,
     };
+    let consul_stop = stop_rx.clone();
     let mut server = http.spawn(async move {
         crate::server::serve(listener, app, limits, async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -202,7 +206,41 @@ async fn serve(
         .await
     });
 
+    let mut consul = match cfg.consul_api {
+        None => None,
+        Some(addr) => {
+            let opts = crate::consul::Options {
+                addr,
+                token: http_token.clone(),
+                allow_hosts: cfg.http_allow_hosts.clone(),
+                max_connections: cfg.http_max_connections,
+            };
+            match crate::consul::start(node.clone(), opts, &http, consul_stop).await {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    let _ = node.shutdown().await;
+                    let _ = stop_tx.send(true);
+                    return Err(e);
+                }
+            }
+        }
+    };
+    let consul_ended = async {
+        match consul.as_mut() {
+            Some(server) => server.await,
+            None => std::future::pending().await,
+        }
+    };
+
     tokio::select! {
+        ended = consul_ended => {
+            let _ = node.shutdown().await;
+            return match ended {
+                Ok(Ok(())) => Err(anyhow::anyhow!("Consul API server stopped unexpectedly")),
+                Ok(Err(e)) => Err(e).context("Consul API server failed"),
+                Err(e) => Err(e).context("Consul API server task failed"),
+            };
+        }
         signal = shutdown_signal() => {
             let name = signal?;
             tracing::info!(signal = name, "shutting down: flushing and saying goodbye");
@@ -227,6 +265,11 @@ async fn serve(
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server"),
         Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task"),
         Err(_) => tracing::warn!("HTTP connections still open after {DRAIN:?}; closing them"),
+    }
+    if let Some(consul) = consul
+        && tokio::time::timeout(DRAIN, consul).await.is_err()
+    {
+        tracing::warn!("Consul API connections still open after {DRAIN:?}; closing them");
     }
     if let Some(m) = mirror
         && tokio::time::timeout(DRAIN, m).await.is_err()

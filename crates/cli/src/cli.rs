@@ -143,6 +143,11 @@ pub struct AgentArgs {
     /// Address of the HTTP API (default 127.0.0.1:7480).
     #[arg(long)]
     pub http: Option<SocketAddr>,
+    /// Also serve Consul's KV HTTP API here (off by default): for py-consul, consul-template,
+    /// envconsul and `consul kv` (docs/consul.md). Loopback only unless --http-token is set,
+    /// which Consul clients then send as X-Consul-Token.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub consul_api: Option<SocketAddr>,
     /// Multicast TTL (default 0 on the loopback, 1 otherwise).
     #[arg(long)]
     pub ttl: Option<u32>,

@@ -69,6 +69,7 @@ pub struct FileConfig {
     iface: Option<String>,
     node_id: Option<u64>,
     http: Option<SocketAddr>,
+    consul_api: Option<SocketAddr>,
     ttl: Option<u32>,
     broadcast: Option<SocketAddr>,
     peers: Option<Vec<SocketAddr>>,
@@ -179,6 +180,8 @@ pub struct AgentConfig {
     pub node_id: Option<u64>,
     /// Address of the HTTP API.
     pub http: SocketAddr,
+    /// Address of the Consul KV API (`--consul-api`); `None`: not served.
+    pub consul_api: Option<SocketAddr>,
     /// Names the tokenless HTTP API also answers to (`--http-allow-host`), lower case.
     pub http_allow_hosts: Vec<String>,
     /// Most HTTP connections served at once.
@@ -407,6 +410,15 @@ impl AgentConfig {
             })?),
         };
 
+        let http = args.http.or(file.http).unwrap_or(DEFAULT_HTTP);
+        let consul_api = args.consul_api.or(file.consul_api);
+        if consul_api == Some(http) {
+            return Err(ConfigError::Invalid(format!(
+                "--consul-api {http} is the address of --http: give it a port of its own \
+                 (Consul's is 8500)"
+            )));
+        }
+
         let data_dir = args.data_dir.clone().or(file.data_dir);
         let fsync = match args.fsync.clone().or(file.fsync) {
             None => chorus::Fsync::default(),
@@ -428,7 +440,8 @@ impl AgentConfig {
                 .unwrap_or_else(|| "chorus".to_string()),
             transport,
             node_id: args.node_id.or(file.node_id),
-            http: args.http.or(file.http).unwrap_or(DEFAULT_HTTP),
+            http,
+            consul_api,
             http_allow_hosts,
             http_max_connections,
             max_members,
@@ -745,6 +758,28 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn consul_api_is_off_unless_asked_for() {
+        assert_eq!(merge(AgentArgs::default(), "").unwrap().consul_api, None);
+        let cfg = merge(AgentArgs::default(), "consul_api = \"127.0.0.1:8500\"").unwrap();
+        assert_eq!(cfg.consul_api, Some("127.0.0.1:8500".parse().unwrap()));
+        let args = AgentArgs {
+            consul_api: Some("127.0.0.1:9500".parse().unwrap()),
+            ..AgentArgs::default()
+        };
+        let cfg = merge(args, "consul_api = \"127.0.0.1:8500\"").unwrap();
+        assert_eq!(
+            cfg.consul_api,
+            Some("127.0.0.1:9500".parse().unwrap()),
+            "flag wins"
+        );
+        let same = AgentArgs {
+            consul_api: Some(DEFAULT_HTTP),
+            ..AgentArgs::default()
+        };
+        assert!(merge(same, "").is_err(), "one port for two APIs");
     }
 
     #[test]

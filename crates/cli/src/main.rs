@@ -9,6 +9,7 @@ mod bench;
 mod cli;
 mod client;
 mod config;
+mod consul;
 mod demo;
 mod doctor;
 mod hostile;

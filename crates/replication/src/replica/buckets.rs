@@ -191,6 +191,7 @@ mod tests {
                 node: 1,
             },
             revision: rev,
+            attrs: crate::store::Attrs::default(),
         }
     }
 
