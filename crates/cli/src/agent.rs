@@ -182,15 +182,12 @@ async fn serve(
     if let Some(stats) = sync_stats {
         app = app.layer(axum::Extension(stats));
     }
-    match &http_token {
-        Some(token) => app = crate::keys::require_token(app, token),
-        // Without a token the API is on the loopback (checked at start); a browser on this
-        // host must not reach it under another site's name.
-        None => {
-            app =
-                crate::server::check_host(app, AllowedHosts::new(cfg.http, &cfg.http_allow_hosts));
-        }
-    }
+    // The API behind the token (or, without one, the Host check), the dashboard at /ui.
+    let app = crate::ui::guard(
+        app,
+        http_token.as_deref(),
+        AllowedHosts::new(cfg.http, &cfg.http_allow_hosts),
+    );
     let limits = ServeLimits {
         max_connections: cfg.http_max_connections,
         header_timeout: HEADER_TIMEOUT,

@@ -238,6 +238,10 @@ pub struct DemoArgs {
     /// First HTTP port of the nodes (default: derived from the seed).
     #[arg(long)]
     pub base_port: Option<u16>,
+    /// Keep the cluster running once it converged and print each node's dashboard URL
+    /// (`http://127.0.0.1:PORT/ui`); stop it with Ctrl-C.
+    #[arg(long)]
+    pub ui: bool,
 }
 
 /// `chorus bench`.
