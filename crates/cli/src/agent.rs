@@ -151,7 +151,7 @@ async fn serve(
     );
 
     let mut sync_set = SyncSet::default();
-    let mut mirrors = Vec::new();
+    let mut mirrors: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     for sync in cfg.sync.clone() {
         let stats = Arc::new(SyncStats::default());
         let dir = match SyncDir::open(&sync.dir, sync.prefix.clone(), Arc::clone(&stats)) {
