@@ -161,9 +161,8 @@ async fn serve(
                     m.abort();
                 }
                 let _ = node.shutdown().await;
-                return Err(e).with_context(|| {
-                    format!("cannot start --sync-dir {}", sync.dir.display())
-                });
+                return Err(e)
+                    .with_context(|| format!("cannot start --sync-dir {}", sync.dir.display()));
             }
         };
         sync_set.dirs.push(Labelled {

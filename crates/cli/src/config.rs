@@ -101,12 +101,18 @@ impl<'de> Deserialize<'de> for FileSyncs {
                 f.write_str("a [sync] table or [[sync]] tables")
             }
 
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<FileSyncs, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<FileSyncs, A::Error> {
                 let one = FileSync::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
                 Ok(FileSyncs(vec![one]))
             }
 
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<FileSyncs, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<FileSyncs, A::Error> {
                 Vec::<FileSync>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
                     .map(FileSyncs)
             }
@@ -481,7 +487,9 @@ fn sync_dirs(args: &AgentArgs, file: Vec<FileSync>) -> Result<Vec<SyncConfig>, C
                 }
             };
             if dir.is_empty() {
-                return Err(invalid(format!("--sync-dir {given:?} has an empty directory")));
+                return Err(invalid(format!(
+                    "--sync-dir {given:?} has an empty directory"
+                )));
             }
             entries.push(FileSync {
                 dir: Some(PathBuf::from(dir)),
@@ -502,9 +510,10 @@ fn sync_dirs(args: &AgentArgs, file: Vec<FileSync>) -> Result<Vec<SyncConfig>, C
     }
     let mut out = Vec::with_capacity(entries.len());
     for entry in &mut entries {
-        let dir = entry.dir.take().ok_or_else(|| {
-            invalid("a [sync] table needs `dir` (the directory written)".into())
-        })?;
+        let dir = entry
+            .dir
+            .take()
+            .ok_or_else(|| invalid("a [sync] table needs `dir` (the directory written)".into()))?;
         let prefix = args.prefix.clone().or(entry.prefix.take()).ok_or_else(|| {
             invalid(format!(
                 "sync dir {} needs a prefix (the keys mirrored): --sync-dir DIR:PREFIX, \
@@ -945,8 +954,12 @@ mod tests {
             ..sync_args(&["/srv/a:app/", "/srv/b:web/"])
         };
         let cfg = merge(args, "").unwrap();
-        assert!(cfg.sync.iter().all(|s| s.on_change.as_deref() == Some("reload")
-            && s.debounce == Duration::from_millis(50)));
+        assert!(
+            cfg.sync
+                .iter()
+                .all(|s| s.on_change.as_deref() == Some("reload")
+                    && s.debounce == Duration::from_millis(50))
+        );
 
         let toml = r#"
             [[sync]]
@@ -1008,12 +1021,24 @@ mod tests {
     fn overlapping_sync_dirs_are_refused() {
         for (dirs, what) in [
             (&["/srv/a:app/", "/srv/b:app/"][..], "overlapping prefixes"),
-            (&["/srv/a:app/", "/srv/b:app/web/"][..], "overlapping prefixes"),
+            (
+                &["/srv/a:app/", "/srv/b:app/web/"][..],
+                "overlapping prefixes",
+            ),
             (&["/srv/a:", "/srv/b:web/"][..], "overlapping prefixes"),
             (&["/srv/a:app/", "/srv/a:web/"][..], "the same directory"),
-            (&["/srv/a:app/", "/srv/./b/../a/:web/"][..], "the same directory"),
-            (&["/srv/a:app/", "/srv/a/sub:web/"][..], "one inside the other"),
-            (&["/srv/a/sub:app/", "/srv/a:web/"][..], "one inside the other"),
+            (
+                &["/srv/a:app/", "/srv/./b/../a/:web/"][..],
+                "the same directory",
+            ),
+            (
+                &["/srv/a:app/", "/srv/a/sub:web/"][..],
+                "one inside the other",
+            ),
+            (
+                &["/srv/a/sub:app/", "/srv/a:web/"][..],
+                "one inside the other",
+            ),
         ] {
             let err = merge(sync_args(dirs), "").unwrap_err().to_string();
             assert!(err.contains(what), "{dirs:?}: {err}");

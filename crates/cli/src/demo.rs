@@ -550,7 +550,10 @@ fn stop_all(nodes: &mut [AgentProc], timeout: Duration) {
             match child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
                 Ok(None) if Instant::now() >= deadline => {
-                    eprintln!("node {} did not stop within {timeout:?}; killing it", n.index + 1);
+                    eprintln!(
+                        "node {} did not stop within {timeout:?}; killing it",
+                        n.index + 1
+                    );
                     let _ = child.kill();
                     let _ = child.wait();
                     break;

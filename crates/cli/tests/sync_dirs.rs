@@ -103,9 +103,8 @@ fn two_directories_are_mirrored_between_two_agents() {
         let stats = agent.json("/v1/stats");
         let each = stats["sync_dirs"].as_array().unwrap();
         assert_eq!(each.len(), 2, "{stats}");
-        let find = |prefix: &str| -> &Value {
-            each.iter().find(|d| d["prefix"] == prefix).unwrap()
-        };
+        let find =
+            |prefix: &str| -> &Value { each.iter().find(|d| d["prefix"] == prefix).unwrap() };
         assert_eq!(find("app/")["dir"], app.display().to_string());
         assert_eq!(find("web/")["dir"], web.display().to_string());
         assert_eq!(find("app/")["files_written"], 1, "{stats}");

@@ -173,7 +173,10 @@ fn the_dashboard_shows_every_member_in_headless_chromium() {
         dom.contains("<section id=\"login\" class=\"card\">"),
         "no token prompt: {dom}"
     );
-    assert!(!shows_every_node(&dom, &[1]), "members shown without a token");
+    assert!(
+        !shows_every_node(&dom, &[1]),
+        "members shown without a token"
+    );
 
     // With the token (handed over in the fragment, which is never sent to the server), the
     // members table fills; the agents are polled every second, so retry for a while.
@@ -303,7 +306,9 @@ impl Drop for Demo {
 #[test]
 fn demo_ui_keeps_the_cluster_running_until_ctrl_c() {
     let child = Command::new(BIN)
-        .args(["demo", "--nodes", "2", "--keys", "10", "--loss", "0", "--ui"])
+        .args([
+            "demo", "--nodes", "2", "--keys", "10", "--loss", "0", "--ui",
+        ])
         .args(["--seed", &random_u64().to_string()])
         .env_remove("CHORUS_KEY_FILE")
         .stdin(Stdio::null())
@@ -325,15 +330,18 @@ fn demo_ui_keeps_the_cluster_running_until_ctrl_c() {
     // Two nodes and the late joiner.
     while urls.len() < 3 {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines.recv_timeout(left).unwrap_or_else(|_| {
-            panic!("no dashboard URLs within 120 s; stdout so far: {seen:#?}")
-        });
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no dashboard URLs within 120 s; stdout so far: {seen:#?}"));
         if let Some((_, url)) = line.trim().split_once(": http://") {
             urls.push(format!("http://{url}"));
         }
         seen.push(line);
     }
-    assert!(seen.iter().any(|l| l.starts_with("converged:")), "{seen:#?}");
+    assert!(
+        seen.iter().any(|l| l.starts_with("converged:")),
+        "{seen:#?}"
+    );
     let mut addrs = Vec::new();
     for url in &urls {
         let rest = url.strip_prefix("http://").unwrap();

@@ -106,7 +106,10 @@ mod tests {
 
     #[test]
     fn totals_add_every_mirror() {
-        let (a, b) = (Arc::new(SyncStats::default()), Arc::new(SyncStats::default()));
+        let (a, b) = (
+            Arc::new(SyncStats::default()),
+            Arc::new(SyncStats::default()),
+        );
         bump(&a.files_written);
         bump(&b.files_written);
         bump(&b.errors);

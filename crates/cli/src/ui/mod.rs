@@ -269,11 +269,7 @@ mod tests {
             // The SVG namespace is a name, not an address anything is fetched from.
             let body = asset.body.replace("http://www.w3.org/2000/svg", "");
             for scheme in ["http://", "https://", "//fonts", "@import", "url("] {
-                assert!(
-                    !body.contains(scheme),
-                    "{} refers to {scheme}",
-                    asset.name
-                );
+                assert!(!body.contains(scheme), "{} refers to {scheme}", asset.name);
             }
         }
     }
@@ -281,7 +277,11 @@ mod tests {
     #[test]
     fn without_a_token_the_dashboard_answers_only_to_the_agents_names() {
         let (addr, _rt) = start(None);
-        let (status, _, _) = fetch(addr, "/ui", &[("Host", &format!("localhost:{}", addr.port()))]);
+        let (status, _, _) = fetch(
+            addr,
+            "/ui",
+            &[("Host", &format!("localhost:{}", addr.port()))],
+        );
         assert_eq!(status, 200);
         for path in ["/ui", "/ui/app.js", "/v1/stats"] {
             let (status, _, body) = fetch(
@@ -305,6 +305,9 @@ mod tests {
         assert_eq!(status, 200, "{body}");
         // The page sends the token the way the API expects it.
         let api = ASSETS.iter().find(|a| a.name == "api.js").unwrap();
-        assert!(api.body.contains("'Bearer '"), "api.js sends no bearer token");
+        assert!(
+            api.body.contains("'Bearer '"),
+            "api.js sends no bearer token"
+        );
     }
 }
