@@ -42,6 +42,9 @@ async fn raise(node: &Node) -> Result<u32, chorus::Error> {
         let current = number(&entry.value)
             .ok_or_else(|| chorus::Error::Config(format!("{KEY} is not a number")))?;
         let next = (current + 1).to_string();
+        // Time spent deciding (a real updater validates, renders a file, ...): the other
+        // worker may write meanwhile.
+        tokio::time::sleep(Duration::from_millis(2)).await;
         match node.put_if_version(KEY, next, entry.version).await {
             Ok(_) => return Ok(conflicts),
             // Someone else changed it since we read it: read again and retry.
@@ -97,7 +100,8 @@ async fn main() -> Result<(), chorus::Error> {
     println!("node 1 created {KEY} = {START} (version {created})");
     match nodes[0].put_if_absent(KEY, "0").await {
         Err(chorus::Error::Replication(ReplicationError::ConditionFailed { current, .. })) => {
-            println!("a second put_if_absent is refused: it exists at version {current:?}");
+            let current = current.map_or_else(|| "none".to_owned(), |v| v.to_string());
+            println!("a second put_if_absent is refused: it exists at version {current}");
         }
         other => println!("unexpected: {other:?}"),
     }
@@ -138,7 +142,8 @@ async fn main() -> Result<(), chorus::Error> {
     }
     match nodes[1].put_if_version(KEY, "1", created).await {
         Err(chorus::Error::Replication(ReplicationError::ConditionFailed { current, .. })) => {
-            println!("node 2 with a stale version is refused: current is {current:?}");
+            let current = current.map_or_else(|| "none".to_owned(), |v| v.to_string());
+            println!("node 2 with a stale version is refused: current is {current}");
         }
         other => println!("node 2's stale write: {other:?} (it had not heard of the raises yet)"),
     }
