@@ -115,7 +115,9 @@ async fn main() -> Result<(), chorus::Error> {
             for _ in 0..RAISES_PER_WORKER {
                 conflicts += raise(&node).await?;
             }
-            println!("worker {w}: {RAISES_PER_WORKER} raises, {conflicts} retried after a conflict");
+            println!(
+                "worker {w}: {RAISES_PER_WORKER} raises, {conflicts} retried after a conflict"
+            );
             Ok::<_, chorus::Error>(())
         }));
     }
