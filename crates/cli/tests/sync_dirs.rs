@@ -100,6 +100,10 @@ fn two_directories_are_mirrored_between_two_agents() {
 
     // Figures per directory, labelled, and their sums.
     for (agent, app, web) in [(&one, &one_app, &one_web), (&two, &two_app, &two_web)] {
+        // A removal is counted just after the file goes.
+        wait_until("the removal counted", Duration::from_secs(10), || {
+            agent.json("/v1/stats")["sync_dir"]["files_removed"] == 1
+        });
         let stats = agent.json("/v1/stats");
         let each = stats["sync_dirs"].as_array().unwrap();
         assert_eq!(each.len(), 2, "{stats}");
