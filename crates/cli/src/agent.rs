@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use crate::cli::AgentArgs;
 use crate::config::{AgentConfig, ClusterKeys, PresetName, Transport};
 use crate::server::{AllowedHosts, HEADER_TIMEOUT, ServeLimits};
-use crate::syncdir::{Hook, SyncDir, SyncStats};
+use crate::syncdir::{Hook, Labelled, SyncDir, SyncSet, SyncStats};
 
 /// How long the mirror waits for the node to be in sync (with a peer, or alone after its solo
 /// delay) before writing the initial state.
@@ -153,47 +153,50 @@ async fn serve(
         "agent started"
     );
 
-    let mut sync_stats = None;
-    let mirror = match cfg.sync.clone() {
-        None => None,
-        Some(sync) => {
-            let stats = Arc::new(SyncStats::default());
-            let dir = match SyncDir::open(&sync.dir, sync.prefix, Arc::clone(&stats)) {
-                Ok(dir) => dir,
-                Err(e) => {
-                    let _ = node.shutdown().await;
-                    return Err(e).context("cannot start --sync-dir");
+    let mut sync_set = SyncSet::default();
+    let mut mirrors: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    for sync in cfg.sync.clone() {
+        let stats = Arc::new(SyncStats::default());
+        let dir = match SyncDir::open(&sync.dir, sync.prefix.clone(), Arc::clone(&stats)) {
+            Ok(dir) => dir,
+            Err(e) => {
+                for m in &mirrors {
+                    m.abort();
                 }
-            };
-            sync_stats = Some(stats);
-            let hook = Hook {
-                command: sync.on_change,
-                debounce: sync.debounce,
-                timeout: sync.hook_timeout,
-            };
-            Some(tokio::spawn(crate::syncdir::mirror(
-                node.clone(),
-                dir,
-                hook,
-                SYNC_WAIT,
-            )))
-        }
-    };
+                let _ = node.shutdown().await;
+                return Err(e)
+                    .with_context(|| format!("cannot start --sync-dir {}", sync.dir.display()));
+            }
+        };
+        sync_set.dirs.push(Labelled {
+            dir: sync.dir.clone(),
+            prefix: sync.prefix.clone(),
+            stats,
+        });
+        let hook = Hook {
+            command: sync.on_change,
+            debounce: sync.debounce,
+            timeout: sync.hook_timeout,
+        };
+        mirrors.push(tokio::spawn(crate::syncdir::mirror(
+            node.clone(),
+            dir,
+            hook,
+            SYNC_WAIT,
+        )));
+    }
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let mut app = crate::http::router(node.clone());
-    if let Some(stats) = sync_stats {
-        app = app.layer(axum::Extension(stats));
+    if !sync_set.dirs.is_empty() {
+        app = app.layer(axum::Extension(Arc::new(sync_set)));
     }
-    match &http_token {
-        Some(token) => app = crate::keys::require_token(app, token),
-        // Without a token the API is on the loopback (checked at start); a browser on this
-        // host must not reach it under another site's name.
-        None => {
-            app =
-                crate::server::check_host(app, AllowedHosts::new(cfg.http, &cfg.http_allow_hosts));
-        }
-    }
+    // The API behind the token (or, without one, the Host check), the dashboard at /ui.
+    let app = crate::ui::guard(
+        app,
+        http_token.as_deref(),
+        AllowedHosts::new(cfg.http, &cfg.http_allow_hosts),
+    );
     let limits = ServeLimits {
         max_connections: cfg.http_max_connections,
         header_timeout: HEADER_TIMEOUT,
@@ -271,9 +274,10 @@ async fn serve(
     {
         tracing::warn!("Consul API connections still open after {DRAIN:?}; closing them");
     }
-    if let Some(m) = mirror
-        && tokio::time::timeout(DRAIN, m).await.is_err()
-    {
+    // The mirrors end with the node (their watches close); each may run a last hook. They
+    // share one drain period.
+    let mirrors_done = futures_util::future::join_all(mirrors);
+    if tokio::time::timeout(DRAIN, mirrors_done).await.is_err() {
         tracing::warn!("sync-dir hook still running after {DRAIN:?}; leaving it");
     }
     tracing::info!("agent stopped");

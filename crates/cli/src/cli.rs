@@ -197,13 +197,15 @@ pub struct AgentArgs {
     /// state (default 64).
     #[arg(long)]
     pub receive_budget_mib: Option<usize>,
-    /// Mirror the keys under --prefix as files in this directory.
-    #[arg(long)]
-    pub sync_dir: Option<PathBuf>,
-    /// Key prefix mirrored by --sync-dir.
+    /// Mirror the keys under PREFIX as files in DIR; repeat it for several directories. The
+    /// first `:` ends DIR. With a single directory, `--sync-dir DIR --prefix PREFIX` works too
+    /// (DIR is then taken whole). Prefixes of two directories must not overlap.
+    #[arg(long = "sync-dir", value_name = "DIR[:PREFIX]")]
+    pub sync_dir: Vec<String>,
+    /// Key prefix mirrored by a single --sync-dir DIR.
     #[arg(long)]
     pub prefix: Option<String>,
-    /// Shell command run (`sh -c`) once sync-dir changes settle.
+    /// Shell command run (`sh -c`) once sync-dir changes settle (for every --sync-dir given).
     #[arg(long)]
     pub on_change: Option<String>,
     /// How long sync-dir changes must be quiet before --on-change runs, in milliseconds (default 300).
@@ -243,6 +245,10 @@ pub struct DemoArgs {
     /// First HTTP port of the nodes (default: derived from the seed).
     #[arg(long)]
     pub base_port: Option<u16>,
+    /// Keep the cluster running once it converged and print each node's dashboard URL
+    /// (`http://127.0.0.1:PORT/ui`); stop it with Ctrl-C.
+    #[arg(long)]
+    pub ui: bool,
 }
 
 /// `chorus bench`.

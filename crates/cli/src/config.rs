@@ -85,11 +85,45 @@ pub struct FileConfig {
     http_max_connections: Option<usize>,
     max_members: Option<usize>,
     receive_budget_mib: Option<usize>,
-    sync: Option<FileSync>,
+    sync: Option<FileSyncs>,
 }
 
-/// The `[sync]` table of the TOML file.
-#[derive(Debug, Default, Deserialize)]
+/// The `[sync]` table of the TOML file, or its `[[sync]]` tables.
+#[derive(Debug, Default)]
+struct FileSyncs(Vec<FileSync>);
+
+impl<'de> Deserialize<'de> for FileSyncs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct OneOrMany;
+        impl<'de> serde::de::Visitor<'de> for OneOrMany {
+            type Value = FileSyncs;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a [sync] table or [[sync]] tables")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<FileSyncs, A::Error> {
+                let one = FileSync::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(FileSyncs(vec![one]))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<FileSyncs, A::Error> {
+                Vec::<FileSync>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(FileSyncs)
+            }
+        }
+        d.deserialize_any(OneOrMany)
+    }
+}
+
+/// One `[sync]` / `[[sync]]` table of the TOML file.
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSync {
     dir: Option<PathBuf>,
@@ -196,8 +230,9 @@ pub struct AgentConfig {
     pub preset: Option<PresetName>,
     /// Injected receive loss, if any.
     pub loss: Option<Loss>,
-    /// Directory mirror, if any.
-    pub sync: Option<SyncConfig>,
+    /// Directory mirrors (none, one or several; their prefixes do not overlap and no
+    /// directory is another's or inside another's).
+    pub sync: Vec<SyncConfig>,
     /// Data directory of the durable store; `None` keeps it in memory.
     pub data_dir: Option<PathBuf>,
     /// fsync policy of the data directory.
@@ -222,7 +257,6 @@ impl AgentConfig {
     /// # Errors
     /// [`ConfigError::Invalid`] when the values conflict or are out of range.
     pub fn merge(args: &AgentArgs, file: FileConfig) -> Result<Self, ConfigError> {
-        let sync_file = file.sync.unwrap_or_default();
         let group = args.group.or(file.group);
         let broadcast = args.broadcast.or(file.broadcast);
         let peers = args.peers.clone().or(file.peers);
@@ -308,42 +342,7 @@ impl AgentConfig {
             }),
         };
 
-        let sync = match args.sync_dir.clone().or(sync_file.dir) {
-            None => {
-                if args.prefix.is_some() || args.on_change.is_some() {
-                    return Err(ConfigError::Invalid(
-                        "--prefix and --on-change need --sync-dir".into(),
-                    ));
-                }
-                None
-            }
-            Some(dir) => Some(SyncConfig {
-                dir,
-                prefix: args.prefix.clone().or(sync_file.prefix).ok_or_else(|| {
-                    ConfigError::Invalid("--sync-dir needs --prefix (the keys mirrored)".into())
-                })?,
-                on_change: args.on_change.clone().or(sync_file.on_change),
-                debounce: args
-                    .debounce_ms
-                    .or(sync_file.debounce_ms)
-                    .map(Duration::from_millis)
-                    .unwrap_or(DEFAULT_DEBOUNCE),
-                hook_timeout: match args.on_change_timeout_ms.or(sync_file.on_change_timeout_ms) {
-                    None => DEFAULT_HOOK_TIMEOUT,
-                    Some(0) => {
-                        return Err(ConfigError::Invalid(
-                            "--on-change-timeout-ms must be above 0".into(),
-                        ));
-                    }
-                    Some(ms) => Duration::from_millis(ms),
-                },
-            }),
-        };
-        if sync.is_none() && args.on_change_timeout_ms.is_some() {
-            return Err(ConfigError::Invalid(
-                "--on-change-timeout-ms needs --sync-dir".into(),
-            ));
-        }
+        let sync = sync_dirs(args, file.sync.unwrap_or_default().0)?;
 
         let key_files = if args.key_file.is_empty() {
             file.key_file.unwrap_or_default()
@@ -456,6 +455,181 @@ impl AgentConfig {
     }
 }
 
+/// The directory mirrors of the flags and the file.
+///
+/// `--sync-dir` flags replace the file's `[sync]`/`[[sync]]` list; a single `[sync]` still
+/// lends its hook settings to a single `--sync-dir` (flags win field by field, as for every
+/// other setting). `--on-change`, `--debounce-ms` and `--on-change-timeout-ms` apply to every
+/// directory.
+fn sync_dirs(args: &AgentArgs, file: Vec<FileSync>) -> Result<Vec<SyncConfig>, ConfigError> {
+    let invalid = |m: String| ConfigError::Invalid(m);
+    let mut entries: Vec<FileSync> = if args.sync_dir.is_empty() {
+        if args.prefix.is_some() && file.len() > 1 {
+            return Err(invalid(
+                "--prefix overrides the prefix of a single [sync] table; this file has several \
+                 [[sync]] tables"
+                    .into(),
+            ));
+        }
+        file
+    } else {
+        if args.prefix.is_some() && args.sync_dir.len() > 1 {
+            return Err(invalid(
+                "--prefix goes with a single --sync-dir; give each directory its prefix as \
+                 --sync-dir DIR:PREFIX"
+                    .into(),
+            ));
+        }
+        // One [sync] table lends its hook settings to one --sync-dir.
+        let lend = match (file.as_slice(), args.sync_dir.len()) {
+            ([one], 1) => one.clone(),
+            _ => FileSync::default(),
+        };
+        let mut entries = Vec::new();
+        for given in &args.sync_dir {
+            let (dir, prefix) = match (&args.prefix, given.split_once(':')) {
+                (Some(_), _) => (given.as_str(), None),
+                (None, Some((dir, prefix))) => (dir, Some(prefix.to_owned())),
+                // A single [sync] table that names the prefix (the old spelling).
+                (None, None) if lend.prefix.is_some() => (given.as_str(), None),
+                (None, None) => {
+                    return Err(invalid(format!(
+                        "--sync-dir {given:?} needs a prefix: --sync-dir DIR:PREFIX (or \
+                         --prefix PREFIX with a single --sync-dir)"
+                    )));
+                }
+            };
+            if dir.is_empty() {
+                return Err(invalid(format!(
+                    "--sync-dir {given:?} has an empty directory"
+                )));
+            }
+            entries.push(FileSync {
+                dir: Some(PathBuf::from(dir)),
+                prefix: prefix.or_else(|| lend.prefix.clone()),
+                ..lend.clone()
+            });
+        }
+        entries
+    };
+    if entries.is_empty() {
+        if args.prefix.is_some() || args.on_change.is_some() {
+            return Err(invalid("--prefix and --on-change need --sync-dir".into()));
+        }
+        if args.on_change_timeout_ms.is_some() {
+            return Err(invalid("--on-change-timeout-ms needs --sync-dir".into()));
+        }
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in &mut entries {
+        let dir = entry
+            .dir
+            .take()
+            .ok_or_else(|| invalid("a [sync] table needs `dir` (the directory written)".into()))?;
+        let prefix = args.prefix.clone().or(entry.prefix.take()).ok_or_else(|| {
+            invalid(format!(
+                "sync dir {} needs a prefix (the keys mirrored): --sync-dir DIR:PREFIX, \
+                 --prefix, or `prefix` in its [sync] table",
+                dir.display()
+            ))
+        })?;
+        out.push(SyncConfig {
+            dir,
+            prefix,
+            on_change: args.on_change.clone().or(entry.on_change.take()),
+            debounce: args
+                .debounce_ms
+                .or(entry.debounce_ms)
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_DEBOUNCE),
+            hook_timeout: match args.on_change_timeout_ms.or(entry.on_change_timeout_ms) {
+                None => DEFAULT_HOOK_TIMEOUT,
+                Some(0) => {
+                    return Err(invalid("--on-change-timeout-ms must be above 0".into()));
+                }
+                Some(ms) => Duration::from_millis(ms),
+            },
+        });
+    }
+    check_sync_dirs(&out)?;
+    Ok(out)
+}
+
+/// Refuses two mirrors whose prefixes overlap (one starts with the other: a key would be
+/// mirrored twice) or whose directories are the same or one inside the other (their files and
+/// manifests would collide).
+fn check_sync_dirs(dirs: &[SyncConfig]) -> Result<(), ConfigError> {
+    let places: Vec<PathBuf> = dirs.iter().map(|s| comparable_path(&s.dir)).collect();
+    for (i, a) in dirs.iter().enumerate() {
+        for (j, b) in dirs.iter().enumerate().skip(i + 1) {
+            if a.prefix.starts_with(&b.prefix) || b.prefix.starts_with(&a.prefix) {
+                return Err(ConfigError::Invalid(format!(
+                    "sync dirs {} (prefix {:?}) and {} (prefix {:?}) have overlapping prefixes: \
+                     a key would be mirrored in both; give each directory a prefix that does not \
+                     start another's",
+                    a.dir.display(),
+                    a.prefix,
+                    b.dir.display(),
+                    b.prefix
+                )));
+            }
+            let (pa, pb) = (&places[i], &places[j]);
+            if pa.starts_with(pb) || pb.starts_with(pa) {
+                let how = if pa == pb {
+                    "are the same directory"
+                } else {
+                    "are one inside the other"
+                };
+                return Err(ConfigError::Invalid(format!(
+                    "sync dirs {} and {} {how}: each mirror needs a directory of its own",
+                    a.dir.display(),
+                    b.dir.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `path` made absolute and normalised (`.` and `..` resolved by name), then with symbolic
+/// links resolved as far as it exists, so that two spellings of one directory compare equal.
+fn comparable_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut plain = PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                plain.pop();
+            }
+            other => plain.push(other),
+        }
+    }
+    // The longest existing ancestor with its links resolved, then the rest as written.
+    let mut existing = plain.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            let mut out = real;
+            out.extend(rest.iter().rev());
+            return out;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return plain,
+        }
+    }
+}
+
 /// Where the node would send and receive when that is not only this host, or `None` when every
 /// datagram stays on the loopback.
 ///
@@ -523,7 +697,7 @@ mod tests {
                 ttl: None
             }
         );
-        assert!(cfg.loss.is_none() && cfg.sync.is_none());
+        assert!(cfg.loss.is_none() && cfg.sync.is_empty());
     }
 
     #[test]
@@ -556,7 +730,9 @@ mod tests {
             }
         );
         assert_eq!(cfg.http, "127.0.0.1:9999".parse().unwrap());
-        let sync = cfg.sync.unwrap();
+        let [sync] = cfg.sync.as_slice() else {
+            panic!("{:?}", cfg.sync)
+        };
         assert_eq!(sync.prefix, "app/");
         assert_eq!(sync.debounce, Duration::from_millis(50));
     }
@@ -758,6 +934,143 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    fn sync_args(dirs: &[&str]) -> AgentArgs {
+        AgentArgs {
+            sync_dir: dirs.iter().map(|d| (*d).to_owned()).collect(),
+            ..AgentArgs::default()
+        }
+    }
+
+    #[test]
+    fn several_sync_dirs_from_flags_or_file() {
+        let cfg = merge(sync_args(&["/srv/a:app/", "/srv/b:web/"]), "").unwrap();
+        let got: Vec<(&Path, &str)> = cfg
+            .sync
+            .iter()
+            .map(|s| (s.dir.as_path(), s.prefix.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [(Path::new("/srv/a"), "app/"), (Path::new("/srv/b"), "web/")]
+        );
+        // The first `:` ends DIR; the prefix may hold more of them, or be empty (every key).
+        let cfg = merge(sync_args(&["/srv/a:svc:web/"]), "").unwrap();
+        assert_eq!(cfg.sync[0].prefix, "svc:web/");
+        let cfg = merge(sync_args(&["/srv/all:"]), "").unwrap();
+        assert_eq!(cfg.sync[0].prefix, "");
+        // A hook flag applies to every directory.
+        let args = AgentArgs {
+            on_change: Some("reload".into()),
+            debounce_ms: Some(50),
+            ..sync_args(&["/srv/a:app/", "/srv/b:web/"])
+        };
+        let cfg = merge(args, "").unwrap();
+        assert!(
+            cfg.sync
+                .iter()
+                .all(|s| s.on_change.as_deref() == Some("reload")
+                    && s.debounce == Duration::from_millis(50))
+        );
+
+        let toml = r#"
+            [[sync]]
+            dir = "/srv/a"
+            prefix = "app/"
+            on_change = "reload-a"
+            [[sync]]
+            dir = "/srv/b"
+            prefix = "web/"
+            debounce_ms = 10
+        "#;
+        let cfg = merge(AgentArgs::default(), toml).unwrap();
+        assert_eq!(cfg.sync.len(), 2);
+        assert_eq!(cfg.sync[0].on_change.as_deref(), Some("reload-a"));
+        assert_eq!(cfg.sync[1].on_change, None);
+        assert_eq!(cfg.sync[1].debounce, Duration::from_millis(10));
+        // Flags replace the file's list.
+        let cfg = merge(sync_args(&["/srv/c:ops/"]), toml).unwrap();
+        assert_eq!(cfg.sync.len(), 1);
+        assert_eq!(cfg.sync[0].prefix, "ops/");
+        // --prefix cannot choose among several tables.
+        let args = AgentArgs {
+            prefix: Some("x/".into()),
+            ..AgentArgs::default()
+        };
+        assert!(merge(args, toml).is_err());
+        assert!(parse_file("[[sync]]\ndir = \"/a\"\nprefix = \"a/\"\nbogus = 1").is_err());
+    }
+
+    #[test]
+    fn the_single_sync_dir_spellings_still_work() {
+        let args = AgentArgs {
+            prefix: Some("cfg/".into()),
+            ..sync_args(&["/srv/odd:name"])
+        };
+        let cfg = merge(args, "").unwrap();
+        assert_eq!(cfg.sync[0].dir, Path::new("/srv/odd:name"), "taken whole");
+        assert_eq!(cfg.sync[0].prefix, "cfg/");
+        // A [sync] table lends its prefix and hook to a single --sync-dir DIR.
+        let cfg = merge(
+            sync_args(&["/srv/x"]),
+            "[sync]\nprefix = \"app/\"\non_change = \"hup\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.sync[0].dir, Path::new("/srv/x"));
+        assert_eq!(cfg.sync[0].prefix, "app/");
+        assert_eq!(cfg.sync[0].on_change.as_deref(), Some("hup"));
+        // Without any prefix it is an error that shows the way.
+        let err = merge(sync_args(&["/srv/x"]), "").unwrap_err().to_string();
+        assert!(err.contains("DIR:PREFIX"), "{err}");
+        let args = AgentArgs {
+            prefix: Some("a/".into()),
+            ..sync_args(&["/a", "/b"])
+        };
+        assert!(merge(args, "").is_err());
+    }
+
+    #[test]
+    fn overlapping_sync_dirs_are_refused() {
+        for (dirs, what) in [
+            (&["/srv/a:app/", "/srv/b:app/"][..], "overlapping prefixes"),
+            (
+                &["/srv/a:app/", "/srv/b:app/web/"][..],
+                "overlapping prefixes",
+            ),
+            (&["/srv/a:", "/srv/b:web/"][..], "overlapping prefixes"),
+            (&["/srv/a:app/", "/srv/a:web/"][..], "the same directory"),
+            (
+                &["/srv/a:app/", "/srv/./b/../a/:web/"][..],
+                "the same directory",
+            ),
+            (
+                &["/srv/a:app/", "/srv/a/sub:web/"][..],
+                "one inside the other",
+            ),
+            (
+                &["/srv/a/sub:app/", "/srv/a:web/"][..],
+                "one inside the other",
+            ),
+        ] {
+            let err = merge(sync_args(dirs), "").unwrap_err().to_string();
+            assert!(err.contains(what), "{dirs:?}: {err}");
+        }
+        // Prefixes that only share a beginning that is not a whole prefix are fine.
+        assert!(merge(sync_args(&["/srv/a:app/", "/srv/b:apps/"]), "").is_ok());
+        // A symbolic link to a directory is that directory.
+        let tmp = chorus_testkit::temp_dir("sync-link");
+        let real = tmp.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let dirs = [
+            format!("{}:app/", real.display()),
+            format!("{}:web/", link.display()),
+        ];
+        let dirs: Vec<&str> = dirs.iter().map(String::as_str).collect();
+        let err = merge(sync_args(&dirs), "").unwrap_err().to_string();
+        assert!(err.contains("the same directory"), "{err}");
     }
 
     #[test]

@@ -475,9 +475,93 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
     );
     print!("{out}");
+    if args.ui {
+        let signal = serve_dashboards(&mut nodes)?;
+        eprintln!("{signal}: stopping the {} nodes", nodes.len());
+        stop_all(&mut nodes, STOP_TIMEOUT);
+    }
     drop(nodes);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// How long a node may take to leave (goodbye, flush) after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `--ui`: prints every node's dashboard URL and keeps the cluster running until SIGINT
+/// (Ctrl-C) or SIGTERM; returns the signal's name. Fails when a node exits meanwhile.
+fn serve_dashboards(nodes: &mut [AgentProc]) -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async {
+        // Watched before the URLs are printed: a Ctrl-C right after them is a clean stop.
+        let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "dashboards (the cluster keeps running; Ctrl-C stops it):"
+        )?;
+        for n in nodes.iter() {
+            writeln!(out, "  node {}: {}", n.index + 1, dashboard_url(n.http))?;
+        }
+        out.flush()?;
+        drop(out);
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = int.recv() => return Ok("SIGINT"),
+                _ = term.recv() => return Ok("SIGTERM"),
+                _ = tick.tick() => {
+                    for n in nodes.iter_mut() {
+                        n.check_alive()?;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The dashboard of the agent whose HTTP API is on `http`.
+pub fn dashboard_url(http: SocketAddr) -> String {
+    format!("http://{http}/ui")
+}
+
+/// SIGTERM to every node (each says goodbye and flushes), then waits for them; a node still
+/// running after `timeout` is killed.
+fn stop_all(nodes: &mut [AgentProc], timeout: Duration) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    for n in nodes.iter() {
+        if let Some(pid) = n.child.as_ref().and_then(|c| i32::try_from(c.id()).ok()) {
+            // ESRCH: it already exited (a Ctrl-C on the terminal reaches the nodes too).
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    for n in nodes.iter_mut() {
+        let Some(mut child) = n.child.take() else {
+            continue;
+        };
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    eprintln!(
+                        "node {} did not stop within {timeout:?}; killing it",
+                        n.index + 1
+                    );
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

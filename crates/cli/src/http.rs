@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use chorus::{Change, Check, Entry, Expect, Node, Op};
 
-use crate::syncdir::{Kind, SyncStats};
+use crate::syncdir::{Kind, SyncSet, SyncStats};
 
 /// Largest request body accepted (the node's own value limit may be lower).
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -454,8 +454,8 @@ async fn members(State(node): State<Node>) -> Response {
     axum::Json(json!({ "node_id": node.node_id().0, "members": list })).into_response()
 }
 
-/// The mirror's figures, when the agent runs `--sync-dir`.
-type SyncFigures = Option<Extension<Arc<SyncStats>>>;
+/// The mirrors' figures, when the agent runs `--sync-dir`.
+type SyncFigures = Option<Extension<Arc<SyncSet>>>;
 
 async fn stats(State(node): State<Node>, sync: SyncFigures) -> Response {
     // Live keys from the node's counter snapshot (refreshed every 100 ms): a scrape costs the
@@ -475,14 +475,41 @@ async fn stats(State(node): State<Node>, sync: SyncFigures) -> Response {
         "counters": counters,
     });
     if let Some(Extension(sync)) = sync {
-        let figures: serde_json::Map<String, Value> = sync
-            .figures()
-            .into_iter()
-            .map(|(name, _, v)| (name.to_owned(), Value::from(v)))
+        let object = |figures: Vec<(&str, Kind, u64)>| -> serde_json::Map<String, Value> {
+            figures
+                .into_iter()
+                .map(|(name, _, v)| (name.to_owned(), Value::from(v)))
+                .collect()
+        };
+        // `sync_dir`: the sums over every mirror; `sync_dirs`: each one with its labels.
+        answer["sync_dir"] = Value::Object(object(sync.totals()));
+        let each: Vec<Value> = sync
+            .dirs
+            .iter()
+            .map(|d| {
+                let mut figures = object(d.stats.figures());
+                figures.insert("dir".into(), Value::from(d.dir.display().to_string()));
+                figures.insert("prefix".into(), Value::from(d.prefix.as_str()));
+                Value::Object(figures)
+            })
             .collect();
-        answer["sync_dir"] = Value::Object(figures);
+        answer["sync_dirs"] = Value::from(each);
     }
     axum::Json(answer).into_response()
+}
+
+/// `text` as a Prometheus label value: backslash, double quote and newline escaped.
+pub fn label_value(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// A metric name made of `[a-zA-Z0-9_]` only, prefixed `chorus_`.
@@ -546,15 +573,23 @@ async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
         let _ = writeln!(text, "# TYPE {metric} counter\n{metric} {v}");
     }
     if let Some(Extension(sync)) = sync {
-        for (name, kind, v) in sync.figures() {
+        // One series per mirror, labelled with its directory and prefix.
+        let each: Vec<_> = sync.dirs.iter().map(|d| (d, d.stats.figures())).collect();
+        for (index, (name, kind, _)) in SyncStats::default().figures().into_iter().enumerate() {
             let kind = match kind {
                 Kind::Counter => "counter",
                 Kind::Gauge => "gauge",
             };
-            let _ = writeln!(
-                text,
-                "# TYPE chorus_sync_dir_{name} {kind}\nchorus_sync_dir_{name} {v}"
-            );
+            let _ = writeln!(text, "# TYPE chorus_sync_dir_{name} {kind}");
+            for (d, figures) in &each {
+                let v = figures.get(index).map_or(0, |f| f.2);
+                let _ = writeln!(
+                    text,
+                    "chorus_sync_dir_{name}{{dir=\"{}\",prefix=\"{}\"}} {v}",
+                    label_value(&d.dir.display().to_string()),
+                    label_value(&d.prefix)
+                );
+            }
         }
     }
     (
@@ -673,6 +708,12 @@ mod tests {
             );
         }
         node.shutdown().await.unwrap();
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("/srv/a"), "/srv/a");
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod keys;
 mod peer;
 mod server;
 mod syncdir;
+mod ui;
 
 use std::process::ExitCode;
 

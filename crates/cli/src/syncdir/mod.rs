@@ -47,7 +47,7 @@ use tokio::time::Instant;
 
 pub use self::dir::{Absent, SyncDir};
 pub use self::hook::Hook;
-pub use self::stats::{Kind, SyncStats};
+pub use self::stats::{Kind, Labelled, SyncSet, SyncStats};
 
 use self::feed::feed;
 use self::hook::run_hook;

@@ -64,3 +64,74 @@ impl SyncStats {
         .collect()
     }
 }
+
+/// One mirror's figures with what tells it apart: its directory and prefix.
+#[derive(Debug)]
+pub struct Labelled {
+    /// The directory, as configured.
+    pub dir: std::path::PathBuf,
+    /// The key prefix.
+    pub prefix: String,
+    /// Its figures.
+    pub stats: std::sync::Arc<SyncStats>,
+}
+
+/// The figures of every mirror of an agent (`--sync-dir`, repeatable), in `/v1/stats` and
+/// `/metrics`.
+#[derive(Debug, Default)]
+pub struct SyncSet {
+    /// One entry per mirror, in configuration order.
+    pub dirs: Vec<Labelled>,
+}
+
+impl SyncSet {
+    /// Every figure summed over the mirrors (gauges too: e.g. all the shadowed keys), by
+    /// name, in the order of [`SyncStats::figures`].
+    pub fn totals(&self) -> Vec<(&'static str, Kind, u64)> {
+        let mut totals = SyncStats::default().figures();
+        for labelled in &self.dirs {
+            for (total, (_, _, v)) in totals.iter_mut().zip(labelled.stats.figures()) {
+                total.2 = total.2.saturating_add(v);
+            }
+        }
+        totals
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn totals_add_every_mirror() {
+        let (a, b) = (
+            Arc::new(SyncStats::default()),
+            Arc::new(SyncStats::default()),
+        );
+        bump(&a.files_written);
+        bump(&b.files_written);
+        bump(&b.errors);
+        let set = SyncSet {
+            dirs: vec![
+                Labelled {
+                    dir: "/a".into(),
+                    prefix: "a/".into(),
+                    stats: a,
+                },
+                Labelled {
+                    dir: "/b".into(),
+                    prefix: "b/".into(),
+                    stats: b,
+                },
+            ],
+        };
+        let totals = set.totals();
+        let get = |name: &str| totals.iter().find(|f| f.0 == name).map(|f| f.2);
+        assert_eq!(get("files_written"), Some(2));
+        assert_eq!(get("errors"), Some(1));
+        assert_eq!(get("hook_runs"), Some(0));
+        assert_eq!(totals.len(), SyncStats::default().figures().len());
+    }
+}
