@@ -177,9 +177,24 @@ async fn serve(
         }
     };
 
+    let (template_stats, template_tasks) = if cfg.templates.is_empty() {
+        (None, Vec::new())
+    } else {
+        match crate::template::start(&node, &cfg.templates, SYNC_WAIT) {
+            Ok((stats, tasks)) => (Some(stats), tasks),
+            Err(e) => {
+                let _ = node.shutdown().await;
+                return Err(e).context("cannot start --template");
+            }
+        }
+    };
+
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let mut app = crate::http::router(node.clone());
     if let Some(stats) = sync_stats {
+        app = app.layer(axum::Extension(stats));
+    }
+    if let Some(stats) = template_stats {
         app = app.layer(axum::Extension(stats));
     }
     match &http_token {
@@ -232,6 +247,11 @@ async fn serve(
         && tokio::time::timeout(DRAIN, m).await.is_err()
     {
         tracing::warn!("sync-dir hook still running after {DRAIN:?}; leaving it");
+    }
+    for task in template_tasks {
+        if tokio::time::timeout(DRAIN, task).await.is_err() {
+            tracing::warn!("a template command still running after {DRAIN:?}; leaving it");
+        }
     }
     tracing::info!("agent stopped");
     Ok(())

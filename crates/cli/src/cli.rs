@@ -46,6 +46,25 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Play a hostile peer against agents on the loopback (testing; see docs/security.md).
     Hostile(crate::hostile::HostileArgs),
+    /// Render a template once against a running agent (see docs/templates.md).
+    Template(TemplateArgs),
+}
+
+/// `chorus template`.
+#[derive(Debug, Args)]
+pub struct TemplateArgs {
+    /// `SRC:DEST[:CMD]`: the template file, the file written (`-` for stdout) and a command
+    /// run (`sh -c`) when DEST changed.
+    pub spec: String,
+    /// Render once and exit (the agent's `--template` keeps a file rendered).
+    #[arg(long)]
+    pub once: bool,
+    /// How long CMD may run before its process group is killed, in milliseconds (default 60000).
+    #[arg(long)]
+    pub command_timeout_ms: Option<u64>,
+    /// Client options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
 }
 
 /// `chorus keygen`.
@@ -215,6 +234,18 @@ pub struct AgentArgs {
     /// `interval:MS` or `never`. Needs --data-dir.
     #[arg(long)]
     pub fsync: Option<String>,
+    /// Render the template file SRC into DEST, again whenever a key it read changes, and run
+    /// CMD (`sh -c`) after DEST changed: `SRC:DEST[:CMD]`, repeatable (docs/templates.md).
+    #[arg(long = "template")]
+    pub template: Vec<String>,
+    /// Debounce of the --template renderings, `MIN[:MAX]` in milliseconds: quiet for MIN, at
+    /// most MAX after the first change (default 300:3000).
+    #[arg(long)]
+    pub template_wait_ms: Option<String>,
+    /// How long a --template command may run before its process group is killed, in
+    /// milliseconds (default 60000).
+    #[arg(long)]
+    pub template_command_timeout_ms: Option<u64>,
 }
 
 /// `chorus demo`.

@@ -36,7 +36,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
@@ -44,8 +44,17 @@ impl ApiError {
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// Adds the fields of `detail` (a JSON object) beside `error` in the answer.
+    pub(crate) fn with_detail(mut self, detail: Value) -> Self {
+        match (&mut self.detail, detail) {
+            (Some(Value::Object(have)), Value::Object(more)) => have.extend(more),
+            (slot, detail) => *slot = Some(detail),
+        }
+        self
     }
 }
 
@@ -404,8 +413,14 @@ async fn members(State(node): State<Node>) -> Response {
 
 /// The mirror's figures, when the agent runs `--sync-dir`.
 type SyncFigures = Option<Extension<Arc<SyncStats>>>;
+/// The templates' figures, when the agent runs `--template`.
+type TemplateFigures = Option<Extension<Arc<crate::template::TemplateStats>>>;
 
-async fn stats(State(node): State<Node>, sync: SyncFigures) -> Response {
+async fn stats(
+    State(node): State<Node>,
+    sync: SyncFigures,
+    templates: TemplateFigures,
+) -> Response {
     // Live keys from the node's counter snapshot (refreshed every 100 ms): a scrape costs the
     // same for ten keys or ten million, where `scan("")` copied every key to count them.
     let snapshot = node.counters();
@@ -430,6 +445,9 @@ async fn stats(State(node): State<Node>, sync: SyncFigures) -> Response {
             .collect();
         answer["sync_dir"] = Value::Object(figures);
     }
+    if let Some(Extension(templates)) = templates {
+        answer["templates"] = templates.json();
+    }
     axum::Json(answer).into_response()
 }
 
@@ -446,7 +464,11 @@ pub fn metric_name(name: &str) -> String {
     out
 }
 
-async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
+async fn metrics(
+    State(node): State<Node>,
+    sync: SyncFigures,
+    templates: TemplateFigures,
+) -> Response {
     let counters = node.counters();
     let members = node.members();
     let mut text = String::new();
@@ -502,6 +524,14 @@ async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
             let _ = writeln!(
                 text,
                 "# TYPE chorus_sync_dir_{name} {kind}\nchorus_sync_dir_{name} {v}"
+            );
+        }
+    }
+    if let Some(Extension(templates)) = templates {
+        for (name, v) in templates.figures() {
+            let _ = writeln!(
+                text,
+                "# TYPE chorus_template_{name} counter\nchorus_template_{name} {v}"
             );
         }
     }
@@ -595,7 +625,7 @@ mod tests {
         }
         // Neither handler awaits anything: polled once, it runs on this thread alone.
         let before = chorus_testkit::alloc::thread_allocated_bytes();
-        let answer = stats(State(node.clone()), None).await;
+        let answer = stats(State(node.clone()), None, None).await;
         let stats_cost = chorus_testkit::alloc::thread_allocated_bytes() - before;
         let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
             .await
@@ -604,7 +634,7 @@ mod tests {
         assert_eq!(json["keys"], 10_000);
 
         let before = chorus_testkit::alloc::thread_allocated_bytes();
-        let answer = metrics(State(node.clone()), None).await;
+        let answer = metrics(State(node.clone()), None, None).await;
         let metrics_cost = chorus_testkit::alloc::thread_allocated_bytes() - before;
         let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
             .await

@@ -17,6 +17,7 @@ mod keys;
 mod peer;
 mod server;
 mod syncdir;
+mod template;
 
 use std::process::ExitCode;
 
@@ -46,6 +47,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args).map(|()| Outcome::Ok),
         Command::Bench(args) => bench::run(&args).map(|()| Outcome::Ok),
         Command::Hostile(args) => hostile::run(&args).map(|()| Outcome::Ok),
+        Command::Template(args) => template::once(&args),
         Command::Keygen(args) => keys::keygen(args.path.as_deref(), args.id).map(|()| Outcome::Ok),
         Command::Doctor(args) => {
             doctor::run(&args).map(|ok| if ok { Outcome::Ok } else { Outcome::NotFound })
