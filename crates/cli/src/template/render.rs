@@ -89,6 +89,11 @@ fn folder(prefix: &str) -> String {
     }
 }
 
+/// Notes a read in the rendering's [`Reads`].
+fn note(reads: &Mutex<Reads>, f: impl FnOnce(&mut Reads)) {
+    f(&mut reads.lock().unwrap_or_else(PoisonError::into_inner));
+}
+
 fn source_error(e: &anyhow::Error) -> Error {
     Error::new(ErrorKind::InvalidOperation, format!("{e:#}"))
 }
@@ -149,13 +154,10 @@ impl Renderer {
         env.set_keep_trailing_newline(true);
         env.set_trim_blocks(true);
 
-        let record = |reads: &Arc<Mutex<Reads>>, f: &dyn Fn(&mut Reads)| {
-            f(&mut reads.lock().unwrap_or_else(PoisonError::into_inner));
-        };
         {
             let (data, reads) = (Arc::clone(&data), Arc::clone(&reads));
             env.add_function("key", move |key: String| -> Result<Value, Error> {
-                record(&reads, &|r| {
+                note(&reads, |r| {
                     r.keys.insert(key.clone());
                 });
                 match data.get(&key).map_err(|e| source_error(&e))? {
@@ -175,7 +177,7 @@ impl Renderer {
             env.add_function(
                 "key_or_default",
                 move |key: String, default: Value| -> Result<Value, Error> {
-                    record(&reads, &|r| {
+                    note(&reads, |r| {
                         r.keys.insert(key.clone());
                     });
                     match data.get(&key).map_err(|e| source_error(&e))? {
@@ -189,7 +191,7 @@ impl Renderer {
             let (data, reads) = (Arc::clone(&data), Arc::clone(&reads));
             env.add_function(name, move |prefix: String| -> Result<Value, Error> {
                 let prefix = folder(&prefix);
-                record(&reads, &|r| {
+                note(&reads, |r| {
                     r.prefixes.insert(prefix.clone());
                 });
                 let found = data.scan(&prefix).map_err(|e| source_error(&e))?;
@@ -199,7 +201,7 @@ impl Renderer {
         {
             let (data, reads) = (Arc::clone(&data), Arc::clone(&reads));
             env.add_function("members", move || -> Result<Value, Error> {
-                record(&reads, &|r| r.members = true);
+                note(&reads, |r| r.members = true);
                 let members = data.members().map_err(|e| source_error(&e))?;
                 Ok(Value::from(members.iter().map(member_value).collect::<Vec<_>>()))
             });
