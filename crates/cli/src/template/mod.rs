@@ -37,7 +37,7 @@ use std::time::Duration;
 use chorus::Node;
 
 pub use self::once::once;
-pub use self::render::{Reads, Renderer, TemplateError};
+pub use self::render::{Renderer, TemplateError};
 pub use self::stats::TemplateStats;
 pub use self::write::{Written, write_atomic};
 
