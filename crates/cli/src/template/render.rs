@@ -280,8 +280,9 @@ mod tests {
         let (out, reads) = render(source, data);
         assert_eq!(
             out.unwrap(),
-            "url=postgres://db1\nlevel=info\nname=shop;\napp/db/pool app/db/url \n\
-             1@127.0.0.1:7400/self 2@127.0.0.2:7400/alive \nme=1\n"
+            // trim_blocks: the newline after each `{% endfor %}` is dropped.
+            "url=postgres://db1\nlevel=info\nname=shop;app/db/pool app/db/url \
+             1@127.0.0.1:7400/self 2@127.0.0.2:7400/alive me=1\n"
         );
         assert_eq!(
             reads.keys.into_iter().collect::<Vec<_>>(),
