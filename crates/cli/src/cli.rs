@@ -48,6 +48,67 @@ pub enum Command {
     Hostile(crate::hostile::HostileArgs),
     /// Render a template once against a running agent (see docs/templates.md).
     Template(TemplateArgs),
+    /// Save the agent's store to a file, or restore one into the cluster (docs/operations.md).
+    Snapshot(SnapshotArgs),
+    /// Print the live keys under a prefix in `consul kv export` format.
+    Export(ExportArgs),
+    /// Write the keys of a `consul kv export` file.
+    Import(ImportArgs),
+}
+
+/// `chorus snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// Save or restore.
+    #[command(subcommand)]
+    pub command: SnapshotCommand,
+}
+
+/// `chorus snapshot save|restore`.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Write every entry and tombstone of the agent's store, consistent and checksummed, to FILE
+    /// (mode 0600, replaced atomically).
+    Save {
+        /// The snapshot file.
+        file: PathBuf,
+        /// Client options.
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Merge FILE into the cluster by version: entries older than what the cluster holds are
+    /// skipped.
+    Restore {
+        /// The snapshot file (`-` for stdin).
+        file: PathBuf,
+        /// Re-stamp every entry with a new version, so the snapshot wins over newer writes.
+        #[arg(long)]
+        force_newer: bool,
+        /// Client options.
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+/// `chorus export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Only keys starting with this prefix (empty: all keys).
+    #[arg(default_value = "")]
+    pub prefix: String,
+    /// Client options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+/// `chorus import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// A `consul kv export` file (`-` for stdin).
+    pub file: PathBuf,
+    /// Client options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
 }
 
 /// `chorus template`.

@@ -171,6 +171,18 @@ pub fn router(node: Node) -> Router {
         .route("/v1/members", get(members))
         .route("/v1/stats", get(stats))
         .route("/v1/health", get(health))
+        .route(
+            "/v1/snapshot",
+            get(crate::backup::get_snapshot)
+                .put(crate::backup::put_snapshot)
+                .layer(DefaultBodyLimit::max(crate::backup::MAX_FILE)),
+        )
+        .route("/v1/export", get(crate::backup::export))
+        .route(
+            "/v1/import",
+            axum::routing::put(crate::backup::import)
+                .layer(DefaultBodyLimit::max(crate::backup::MAX_FILE)),
+        )
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {

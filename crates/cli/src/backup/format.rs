@@ -223,7 +223,8 @@ impl Encoder {
     }
 }
 
-/// A whole snapshot in one buffer (for tests and small stores).
+/// A whole snapshot in one buffer (the agent streams instead).
+#[cfg(test)]
 pub fn encode(revision: u64, node_id: u64, records: &[Record]) -> Vec<u8> {
     let mut enc = Encoder::default();
     let mut out = enc.header(revision, node_id);

@@ -39,7 +39,7 @@ use chorus::Node;
 pub use self::once::once;
 pub use self::render::{Renderer, TemplateError};
 pub use self::stats::TemplateStats;
-pub use self::write::{Written, write_atomic};
+pub use self::write::write_atomic;
 
 /// Default quiet time after a change before a template renders again.
 pub const DEFAULT_WAIT_MIN: Duration = Duration::from_millis(300);
