@@ -204,9 +204,9 @@ fn bad_snapshots_are_refused_and_change_nothing() {
     del(&agent, "k/one");
     let before = revision(&agent);
 
-    let text = String::from_utf8(good.clone()).unwrap();
+    let good_text = String::from_utf8(good.clone()).unwrap();
     let mut flipped = good.clone();
-    let at = text.find("\"k/two\"").unwrap() + 3;
+    let at = good_text.find("\"k/two\"").unwrap() + 3;
     flipped[at] = b'X';
     let long_key = resealed(&good, |r| r["key"] = json!("k".repeat(2000)));
     let large_value = resealed(&good, |r| {
