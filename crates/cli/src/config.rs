@@ -503,8 +503,7 @@ fn templates(
         ));
     }
     for text in &args.template {
-        let (source, destination, command) =
-            crate::template::parse_spec(text).map_err(invalid)?;
+        let (source, destination, command) = crate::template::parse_spec(text).map_err(invalid)?;
         out.push(TemplateSpec {
             source,
             destination,
@@ -865,7 +864,10 @@ mod tests {
             template: vec!["/x:/etc/b.conf".into()],
             ..AgentArgs::default()
         };
-        assert!(merge(twice, toml).is_err(), "one destination, two templates");
+        assert!(
+            merge(twice, toml).is_err(),
+            "one destination, two templates"
+        );
         assert!(
             merge(
                 AgentArgs::default(),

@@ -19,7 +19,13 @@ use common::{Api, BIN, Net};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn put(agent: &Agent, key: &str, value: &str) {
-    let (status, body) = request(agent.http, "PUT", &format!("/v1/kv/{key}"), &[], value.as_bytes());
+    let (status, body) = request(
+        agent.http,
+        "PUT",
+        &format!("/v1/kv/{key}"),
+        &[],
+        value.as_bytes(),
+    );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 }
 
@@ -126,12 +132,15 @@ fn a_snapshot_restores_by_version_and_force_newer_restamps_it() {
     put(&a, "app/gone", "x");
     del(&a, "app/gone");
     let original_a = version(&a, "app/a").unwrap();
-    wait_until("replicated", WAIT, || text(&b, "app/b").as_deref() == Some("1"));
+    wait_until("replicated", WAIT, || {
+        text(&b, "app/b").as_deref() == Some("1")
+    });
 
     let out = ok(&cli(&a, &["snapshot", "save", &snap_arg]));
     assert!(out.contains("3 entries (1 tombstones)"), "{out}");
     let file = std::fs::read(&snap).unwrap();
-    let header: Value = serde_json::from_slice(file.split(|&c| c == b'\n').next().unwrap()).unwrap();
+    let header: Value =
+        serde_json::from_slice(file.split(|&c| c == b'\n').next().unwrap()).unwrap();
     assert_eq!(header["format"], "chorus-snapshot");
     assert_eq!(header["version"], 1);
     use std::os::unix::fs::PermissionsExt as _;
@@ -145,11 +154,8 @@ fn a_snapshot_restores_by_version_and_force_newer_restamps_it() {
     put(&a, "app/a", "2");
     del(&a, "app/b");
     put(&a, "app/new", "n");
-    let report: Value = serde_json::from_str(&ok(&cli(
-        &a,
-        &["snapshot", "restore", &snap_arg, "--json"],
-    )))
-    .unwrap();
+    let report: Value =
+        serde_json::from_str(&ok(&cli(&a, &["snapshot", "restore", &snap_arg, "--json"]))).unwrap();
     assert_eq!(report["entries"], 3);
     assert_eq!(report["applied"], 0, "{report}");
     assert_eq!(report["skipped_older"], 3, "{report}");
@@ -164,30 +170,49 @@ fn a_snapshot_restores_by_version_and_force_newer_restamps_it() {
     assert!(out.contains("restored 3 of 3"), "{out}");
     for agent in [&c, &d] {
         wait_until("the restored keys everywhere", WAIT, || {
-            text(agent, "app/a").as_deref() == Some("1") && text(agent, "app/b").as_deref() == Some("1")
+            text(agent, "app/a").as_deref() == Some("1")
+                && text(agent, "app/b").as_deref() == Some("1")
         });
-        assert_eq!(version(agent, "app/a").as_deref(), Some(original_a.as_str()));
+        assert_eq!(
+            version(agent, "app/a").as_deref(),
+            Some(original_a.as_str())
+        );
         assert_eq!(text(agent, "app/gone"), None);
     }
     // The tombstone came too: a late write older than the delete cannot bring the key back.
     let again = dir.path().join("again.snap");
-    ok(&cli(&d, &["snapshot", "save", &again.display().to_string()]));
+    ok(&cli(
+        &d,
+        &["snapshot", "save", &again.display().to_string()],
+    ));
     let lines = std::fs::read_to_string(&again).unwrap();
     assert!(
-        lines.lines().any(|l| l.contains("\"app/gone\"") && l.contains("\"deleted\":true")),
+        lines
+            .lines()
+            .any(|l| l.contains("\"app/gone\"") && l.contains("\"deleted\":true")),
         "{lines}"
     );
 
     // --force-newer: the snapshot wins over the newer writes, with new versions, cluster-wide.
-    let out = ok(&cli(&a, &["snapshot", "restore", &snap_arg, "--force-newer"]));
+    let out = ok(&cli(
+        &a,
+        &["snapshot", "restore", &snap_arg, "--force-newer"],
+    ));
     assert!(out.contains("restored 3 of 3"), "{out}");
     for agent in [&a, &b] {
         wait_until("the forced restore everywhere", WAIT, || {
             text(agent, "app/a").as_deref() == Some("1")
                 && text(agent, "app/b").as_deref() == Some("1")
         });
-        assert_ne!(version(agent, "app/a").as_deref(), Some(original_a.as_str()));
-        assert_eq!(text(agent, "app/new").as_deref(), Some("n"), "keys the snapshot lacks stay");
+        assert_ne!(
+            version(agent, "app/a").as_deref(),
+            Some(original_a.as_str())
+        );
+        assert_eq!(
+            text(agent, "app/new").as_deref(),
+            Some("n"),
+            "keys the snapshot lacks stay"
+        );
     }
 }
 
@@ -199,7 +224,10 @@ fn bad_snapshots_are_refused_and_change_nothing() {
     put(&agent, "k/one", "1");
     put(&agent, "k/two", "2");
     let good_path = dir.path().join("good.snap");
-    ok(&cli(&agent, &["snapshot", "save", &good_path.display().to_string()]));
+    ok(&cli(
+        &agent,
+        &["snapshot", "save", &good_path.display().to_string()],
+    ));
     let good = std::fs::read(&good_path).unwrap();
     del(&agent, "k/one");
     let before = revision(&agent);
@@ -210,12 +238,21 @@ fn bad_snapshots_are_refused_and_change_nothing() {
     flipped[at] = b'X';
     let long_key = resealed(&good, |r| r["key"] = json!("k".repeat(2000)));
     let large_value = resealed(&good, |r| {
-        r["value"] = json!(base64::engine::general_purpose::STANDARD.encode(vec![b'v'; 600 * 1024]));
+        r["value"] =
+            json!(base64::engine::general_purpose::STANDARD.encode(vec![b'v'; 600 * 1024]));
     });
     let cases: [(&str, Vec<u8>, &str); 6] = [
-        ("truncated", good[..good.len() * 2 / 3].to_vec(), "truncated"),
+        (
+            "truncated",
+            good[..good.len() * 2 / 3].to_vec(),
+            "truncated",
+        ),
         ("checksum", flipped, "checksum"),
-        ("not-json", b"this is not a snapshot\n".to_vec(), "not a Chorus snapshot"),
+        (
+            "not-json",
+            b"this is not a snapshot\n".to_vec(),
+            "not a Chorus snapshot",
+        ),
         ("empty", Vec::new(), "not a Chorus snapshot"),
         ("long-key", long_key, "above the limit"),
         ("large-value", large_value, "above the limit"),
@@ -224,16 +261,26 @@ fn bad_snapshots_are_refused_and_change_nothing() {
         let path = dir.path().join(name);
         std::fs::write(&path, bytes).unwrap();
         refused(
-            &cli(&agent, &["snapshot", "restore", &path.display().to_string()]),
+            &cli(
+                &agent,
+                &["snapshot", "restore", &path.display().to_string()],
+            ),
             expect,
         );
         // The agent checks on its own too (a client that skipped the check).
         let (status, body) = request(agent.http, "PUT", "/v1/snapshot?force-newer", &[], bytes);
         assert_eq!(status, 400, "{name}: {}", String::from_utf8_lossy(&body));
         let body: Value = serde_json::from_slice(&body).unwrap();
-        assert!(body["error"].as_str().unwrap().contains(expect), "{name}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(expect),
+            "{name}: {body}"
+        );
     }
-    assert_eq!(revision(&agent), before, "a refused snapshot changed the store");
+    assert_eq!(
+        revision(&agent),
+        before,
+        "a refused snapshot changed the store"
+    );
     assert_eq!(text(&agent, "k/one"), None);
 }
 
@@ -295,10 +342,17 @@ fn export_and_import_speak_consul_kv_export() {
     let big = base64::engine::general_purpose::STANDARD.encode(vec![b'v'; 600 * 1024]);
     let cases = [
         ("not-json", "{ nope".to_owned(), "not a consul kv export"),
-        ("object", "{\"key\": \"a\"}".to_owned(), "not a consul kv export"),
+        (
+            "object",
+            "{\"key\": \"a\"}".to_owned(),
+            "not a consul kv export",
+        ),
         (
             "long-key",
-            format!("[{{\"key\":\"ok\",\"value\":\"\"}},{{\"key\":\"{}\",\"value\":\"\"}}]", "k".repeat(2000)),
+            format!(
+                "[{{\"key\":\"ok\",\"value\":\"\"}},{{\"key\":\"{}\",\"value\":\"\"}}]",
+                "k".repeat(2000)
+            ),
             "above the limit",
         ),
         (

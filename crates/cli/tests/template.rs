@@ -19,7 +19,13 @@ use common::{Api, BIN, Net};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn put(agent: &Agent, key: &str, value: &str) {
-    let (status, body) = request(agent.http, "PUT", &format!("/v1/kv/{key}"), &[], value.as_bytes());
+    let (status, body) = request(
+        agent.http,
+        "PUT",
+        &format!("/v1/kv/{key}"),
+        &[],
+        value.as_bytes(),
+    );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 }
 
@@ -99,9 +105,17 @@ fn a_write_on_one_agent_renders_the_template_on_the_other_and_runs_its_command_o
 
     // A missing key: the rendering fails (counted, with the line), nothing is written, and
     // nothing runs; the key is a dependency all the same.
-    wait_until("the first rendering failed", WAIT, || figure(&rendering, "errors") >= 1);
-    let last = templates(&rendering)["each"][0]["last_error"].as_str().unwrap().to_owned();
-    assert!(last.contains("line 2") && last.contains("app/db/url"), "{last}");
+    wait_until("the first rendering failed", WAIT, || {
+        figure(&rendering, "errors") >= 1
+    });
+    let last = templates(&rendering)["each"][0]["last_error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        last.contains("line 2") && last.contains("app/db/url"),
+        "{last}"
+    );
     assert!(!dest.exists());
 
     put(&writer, "app/db/url", "postgres://db1/app");
@@ -140,7 +154,10 @@ fn a_write_on_one_agent_renders_the_template_on_the_other_and_runs_its_command_o
     wait_until("the hosts rendered", WAIT, || {
         read(&dest).is_some_and(|t| t.contains("host h2 10.0.0.3"))
     });
-    assert!(!read(&dest).unwrap().contains("deeper"), "ls lists direct children only");
+    assert!(
+        !read(&dest).unwrap().contains("deeper"),
+        "ls lists direct children only"
+    );
     wait_until("the command ran again", WAIT, || lines(&marker) == 2);
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(lines(&marker), 2, "a debounced burst runs the command once");
@@ -149,13 +166,21 @@ fn a_write_on_one_agent_renders_the_template_on_the_other_and_runs_its_command_o
     let good = read(&dest).unwrap();
     let errors = figure(&rendering, "errors");
     del(&writer, "app/db/url");
-    wait_until("the failed rendering", WAIT, || figure(&rendering, "errors") > errors);
-    assert_eq!(read(&dest).unwrap(), good, "a failed rendering keeps the last good file");
+    wait_until("the failed rendering", WAIT, || {
+        figure(&rendering, "errors") > errors
+    });
+    assert_eq!(
+        read(&dest).unwrap(),
+        good,
+        "a failed rendering keeps the last good file"
+    );
     assert_eq!(lines(&marker), 2);
     let (_, metrics) = rendering.get("/metrics");
     let metrics = String::from_utf8(metrics).unwrap();
     assert!(
-        metrics.lines().any(|l| l.starts_with("chorus_template_errors ") && l != "chorus_template_errors 0"),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("chorus_template_errors ") && l != "chorus_template_errors 0"),
         "{metrics}"
     );
 
@@ -194,12 +219,19 @@ fn template_once_renders_against_an_agent_and_reports_a_failure_with_its_line() 
     .unwrap();
     let spec = format!("{}:{}", src.display(), dest.display());
     let out = cli(&agent, &["template", &spec, "--once"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let expected = "listen 8080\na=10.1.0.1\nb=10.1.0.2\nb/weight=3\nnode 1 of 1\ndebug=off\n";
     assert_eq!(read(&dest).unwrap(), expected);
 
     // To stdout; and a command runs only when the file changed.
-    let out = cli(&agent, &["template", &format!("{}:-", src.display()), "--once"]);
+    let out = cli(
+        &agent,
+        &["template", &format!("{}:-", src.display()), "--once"],
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
     let marker = dir.path().join("ran");
     let with_cmd = format!("{spec}:touch '{}'", marker.display());
@@ -208,7 +240,11 @@ fn template_once_renders_against_an_agent_and_reports_a_failure_with_its_line() 
     assert!(!marker.exists(), "identical output ran the command");
     put(&agent, "svc/web/port", "9090");
     let out = cli(&agent, &["template", &with_cmd, "--once"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(marker.exists());
 
     // A missing key: an error naming the line and the key; the file keeps its content.
@@ -217,18 +253,29 @@ fn template_once_renders_against_an_agent_and_reports_a_failure_with_its_line() 
     std::fs::write(&broken, "a\nb\nc={{ key('svc/web/missing') }}\n").unwrap();
     let out = cli(
         &agent,
-        &["template", &format!("{}:{}", broken.display(), dest.display()), "--once"],
+        &[
+            "template",
+            &format!("{}:{}", broken.display(), dest.display()),
+            "--once",
+        ],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("line 3") && stderr.contains("svc/web/missing"), "{stderr}");
+    assert!(
+        stderr.contains("line 3") && stderr.contains("svc/web/missing"),
+        "{stderr}"
+    );
     assert_eq!(read(&dest).unwrap(), good);
 
     // A syntax error: the line too.
     std::fs::write(&broken, "ok\n{% for x in %}\n").unwrap();
     let out = cli(
         &agent,
-        &["template", &format!("{}:{}", broken.display(), dest.display()), "--once"],
+        &[
+            "template",
+            &format!("{}:{}", broken.display(), dest.display()),
+            "--once",
+        ],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
@@ -266,7 +313,9 @@ fn config_file_templates_render_members_and_a_command_that_overruns_is_killed() 
     let first = net.agent(1, &["--config", &config]);
     // (Which address a node shows for itself depends on its socket: not asserted here.)
     wait_until("rendered alone", WAIT, || {
-        read(&dest).is_some_and(|t| t.lines().count() == 1 && t.starts_with("1 ") && t.ends_with(" self\n"))
+        read(&dest).is_some_and(|t| {
+            t.lines().count() == 1 && t.starts_with("1 ") && t.ends_with(" self\n")
+        })
     });
     wait_until("the command was killed", WAIT, || {
         figure(&first, "command_timeouts") >= 1

@@ -102,13 +102,17 @@ pub enum FormatError {
     #[error("not a Chorus snapshot (the first line is not a chorus-snapshot header): {0}")]
     NotASnapshot(String),
     /// Written by a newer format version.
-    #[error("snapshot format version {0} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "snapshot format version {0} is not supported (this build reads version {FORMAT_VERSION})"
+    )]
     UnsupportedVersion(u32),
     /// The file ends before its trailer.
     #[error("truncated snapshot: {0}")]
     Truncated(String),
     /// The checksum of the trailer does not match the content.
-    #[error("snapshot checksum mismatch: the trailer says {expected}, the content is {actual} (the file is damaged)")]
+    #[error(
+        "snapshot checksum mismatch: the trailer says {expected}, the content is {actual} (the file is damaged)"
+    )]
     Checksum {
         /// From the trailer.
         expected: String,
@@ -240,13 +244,14 @@ pub fn encode(revision: u64, node_id: u64, records: &[Record]) -> Vec<u8> {
 /// # Errors
 /// [`FormatError`] for the first thing wrong; nothing is returned then.
 pub fn decode(bytes: &[u8], limits: RecordLimits) -> Result<(Header, Vec<Record>), FormatError> {
-    let first_end = bytes
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or_else(|| match bytes.is_empty() {
-            true => FormatError::NotASnapshot("the file is empty".into()),
-            false => FormatError::NotASnapshot("no complete first line".into()),
-        })?;
+    let first_end =
+        bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| match bytes.is_empty() {
+                true => FormatError::NotASnapshot("the file is empty".into()),
+                false => FormatError::NotASnapshot("no complete first line".into()),
+            })?;
     let header: Header = serde_json::from_slice(&bytes[..first_end])
         .map_err(|e| FormatError::NotASnapshot(e.to_string()))?;
     if header.format != FORMAT {
@@ -270,7 +275,9 @@ pub fn decode(bytes: &[u8], limits: RecordLimits) -> Result<(Header, Vec<Record>
         FormatError::Truncated("the last line is not the trailer (the file was cut short)".into())
     })?;
     if trailer.end != FORMAT {
-        return Err(FormatError::Truncated("the trailer is not a chorus-snapshot end".into()));
+        return Err(FormatError::Truncated(
+            "the trailer is not a chorus-snapshot end".into(),
+        ));
     }
     let actual = format!("{:08x}", crc32fast::hash(&bytes[..trailer_start]));
     if !trailer.crc32.eq_ignore_ascii_case(&actual) {
@@ -364,7 +371,12 @@ mod tests {
         assert_eq!((header.revision, header.node_id), (42, 7));
         assert_eq!(records, sample());
         let empty = encode(0, 1, &[]);
-        assert!(decode(&empty, RecordLimits::default()).unwrap().1.is_empty());
+        assert!(
+            decode(&empty, RecordLimits::default())
+                .unwrap()
+                .1
+                .is_empty()
+        );
     }
 
     #[test]
@@ -375,7 +387,10 @@ mod tests {
         for cut in [1, 20, file.len() / 2, file.len() - 1] {
             let err = decode(&file[..cut], limits).unwrap_err();
             assert!(
-                matches!(err, FormatError::Truncated(_) | FormatError::NotASnapshot(_)),
+                matches!(
+                    err,
+                    FormatError::Truncated(_) | FormatError::NotASnapshot(_)
+                ),
                 "cut at {cut}: {err}"
             );
         }
@@ -397,7 +412,9 @@ mod tests {
             decode(b"hello\nworld\n", limits).unwrap_err(),
             FormatError::NotASnapshot(_)
         ));
-        let mut newer = text.replacen("\"version\":1", "\"version\":2", 1).into_bytes();
+        let mut newer = text
+            .replacen("\"version\":1", "\"version\":2", 1)
+            .into_bytes();
         assert_eq!(
             decode(&newer, limits).unwrap_err(),
             FormatError::UnsupportedVersion(2)

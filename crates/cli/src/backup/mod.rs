@@ -96,14 +96,21 @@ pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<Outcome> {
             opts,
         } => {
             let bytes = read_input(file)?;
-            format::decode(&bytes, RecordLimits::default())
-                .with_context(|| format!("{} is not a valid snapshot; nothing restored", file.display()))?;
+            format::decode(&bytes, RecordLimits::default()).with_context(|| {
+                format!(
+                    "{} is not a valid snapshot; nothing restored",
+                    file.display()
+                )
+            })?;
             let path = if *force_newer {
                 "/v1/snapshot?force-newer"
             } else {
                 "/v1/snapshot"
             };
-            let report = Client::new(&opts.agent).put_large(path, &bytes)?.ok()?.json()?;
+            let report = Client::new(&opts.agent)
+                .put_large(path, &bytes)?
+                .ok()?
+                .json()?;
             if opts.json {
                 print_json(&report)?;
             } else {
@@ -125,7 +132,10 @@ pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<Outcome> {
 /// # Errors
 /// An agent that cannot be reached or refuses.
 pub fn export_cmd(args: &ExportArgs) -> anyhow::Result<Outcome> {
-    let path = format!("/v1/export?prefix={}", crate::client::encode(&args.prefix, false));
+    let path = format!(
+        "/v1/export?prefix={}",
+        crate::client::encode(&args.prefix, false)
+    );
     let reply = Client::new(&args.opts.agent).get_large(&path)?.ok()?;
     let mut out = std::io::stdout().lock();
     out.write_all(&reply.body)?;
@@ -141,7 +151,10 @@ pub fn export_cmd(args: &ExportArgs) -> anyhow::Result<Outcome> {
 pub fn import_cmd(args: &ImportArgs) -> anyhow::Result<Outcome> {
     let bytes = read_input(&args.file)?;
     let pairs = consul::parse_export(&bytes, RecordLimits::default()).with_context(|| {
-        format!("{} is not a valid consul kv export; nothing imported", args.file.display())
+        format!(
+            "{} is not a valid consul kv export; nothing imported",
+            args.file.display()
+        )
     })?;
     let report = Client::new(&args.opts.agent)
         .put_large("/v1/import", &bytes)?

@@ -27,9 +27,8 @@ pub async fn get_snapshot(State(node): State<Node>) -> Result<Response, ApiError
     let mut encoder = Encoder::default();
     let header = encoder.header(revision, node.node_id().0);
     let mut entries = snapshot.entries.into_iter();
-    let chunks = futures_util::stream::unfold(
-        (Some(encoder), Some(header)),
-        move |(encoder, first)| {
+    let chunks =
+        futures_util::stream::unfold((Some(encoder), Some(header)), move |(encoder, first)| {
             let mut out = first.unwrap_or_default();
             let next = encoder.and_then(|mut encoder| {
                 for (key, entry) in entries.by_ref().take(RECORDS_PER_CHUNK) {
@@ -49,8 +48,7 @@ pub async fn get_snapshot(State(node): State<Node>) -> Result<Response, ApiError
                     (next, None),
                 )
             }))
-        },
-    );
+        });
     let mut response = Body::from_stream(chunks).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -113,10 +111,11 @@ pub async fn put_snapshot(
         }
     };
     let body = body?;
-    let (header, records) = tokio::task::spawn_blocking(move || decode(&body, RecordLimits::default()))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let (header, records) =
+        tokio::task::spawn_blocking(move || decode(&body, RecordLimits::default()))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let entries = records.len();
     let report = node
         .restore(records.into_iter().map(entry_of).collect(), mode)

@@ -133,7 +133,10 @@ pub fn parse_spec(text: &str) -> Result<(PathBuf, PathBuf, Option<String>), Stri
              optional command)"
         ));
     }
-    let command = parts.next().filter(|c| !c.trim().is_empty()).map(str::to_owned);
+    let command = parts
+        .next()
+        .filter(|c| !c.trim().is_empty())
+        .map(str::to_owned);
     Ok((source.into(), destination.into(), command))
 }
 
@@ -188,7 +191,10 @@ mod tests {
             ("a.tmpl".into(), "/etc/a.conf".into(), None)
         );
         assert_eq!(
-            parse_spec("a:b:systemctl reload x; echo a:b").unwrap().2.as_deref(),
+            parse_spec("a:b:systemctl reload x; echo a:b")
+                .unwrap()
+                .2
+                .as_deref(),
             Some("systemctl reload x; echo a:b")
         );
         assert!(parse_spec("a").is_err());
@@ -200,7 +206,10 @@ mod tests {
                 max: Duration::from_secs(2)
             }
         );
-        assert_eq!(Wait::parse_ms("50").unwrap().max, Duration::from_millis(500));
+        assert_eq!(
+            Wait::parse_ms("50").unwrap().max,
+            Duration::from_millis(500)
+        );
         assert!(Wait::parse_ms("200:100").is_err());
         assert!(Wait::parse_ms("x").is_err());
     }

@@ -64,6 +64,8 @@ pub fn once(args: &TemplateArgs) -> anyhow::Result<Outcome> {
         CommandEnd::Succeeded => Ok(Outcome::Ok),
         CommandEnd::NotStarted => bail!("cannot run the command {cmd:?}"),
         CommandEnd::Failed => bail!("the command {cmd:?} failed"),
-        CommandEnd::TimedOut => bail!("the command {cmd:?} overran its timeout {timeout:?} and was killed"),
+        CommandEnd::TimedOut => {
+            bail!("the command {cmd:?} overran its timeout {timeout:?} and was killed")
+        }
     }
 }

@@ -203,7 +203,9 @@ impl Renderer {
             env.add_function("members", move || -> Result<Value, Error> {
                 note(&reads, |r| r.members = true);
                 let members = data.members().map_err(|e| source_error(&e))?;
-                Ok(Value::from(members.iter().map(member_value).collect::<Vec<_>>()))
+                Ok(Value::from(
+                    members.iter().map(member_value).collect::<Vec<_>>(),
+                ))
             });
         }
         {
@@ -289,7 +291,11 @@ mod tests {
             ["app/db/url", "app/level"]
         );
         assert_eq!(
-            reads.prefixes.iter().map(String::as_str).collect::<Vec<_>>(),
+            reads
+                .prefixes
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
             ["app/", "app/db/"]
         );
         assert!(reads.members);
@@ -325,7 +331,8 @@ mod tests {
     #[test]
     fn binary_values_are_an_error_naming_the_key() {
         let mut data = Fixed::new(&[]);
-        data.entries.insert("bin".into(), bytes::Bytes::from_static(&[0xff, 0]));
+        data.entries
+            .insert("bin".into(), bytes::Bytes::from_static(&[0xff, 0]));
         let (out, _) = render("{{ key('bin') }}", data);
         assert!(out.unwrap_err().message.contains("\"bin\""));
     }

@@ -8,11 +8,11 @@ use chorus::Node;
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
+use super::TemplateSpec;
 use super::render::{Reads, Renderer};
 use super::source::{NodeSource, Source};
 use super::stats::{TemplateStats, bump};
 use super::write::{Written, write_if_changed};
-use super::TemplateSpec;
 use crate::syncdir::{CommandEnd, run_command};
 
 /// How often the members are compared with those of the last rendering, for a template that
@@ -89,13 +89,14 @@ pub async fn run(
     }
     loop {
         let (r, s) = (Arc::clone(&renderer), Arc::clone(&spec));
-        let (outcome, reads) = match tokio::task::spawn_blocking(move || render_and_write(&r, &s)).await {
-            Ok(done) => done,
-            Err(e) => {
-                tracing::error!(error = %e, "template: rendering task failed");
-                return;
-            }
-        };
+        let (outcome, reads) =
+            match tokio::task::spawn_blocking(move || render_and_write(&r, &s)).await {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::error!(error = %e, "template: rendering task failed");
+                    return;
+                }
+            };
         let members = reads.members.then(|| member_list(&source));
         record(&stats, index, &spec, &outcome).await;
         let wake = wait_for_change(&mut watch, &reads, &source, members.as_ref()).await;
@@ -119,7 +120,9 @@ async fn record(stats: &TemplateStats, index: usize, spec: &TemplateSpec, outcom
     let one = stats.each.get(index);
     let set_error = |error: Option<String>| {
         if let Some(one) = one {
-            *one.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = error;
+            *one.last_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
         }
     };
     match outcome {

@@ -202,7 +202,10 @@ pub mod test_support {
                 .map(|(id, ip, state)| MemberView {
                     id,
                     name: None,
-                    addr: SocketAddr::new(ip.parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()), 7400),
+                    addr: SocketAddr::new(
+                        ip.parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
+                        7400,
+                    ),
                     state: state.to_owned(),
                 })
                 .collect())
