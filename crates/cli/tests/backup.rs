@@ -337,6 +337,25 @@ fn export_and_import_speak_consul_kv_export() {
         b.json("/v1/kv?prefix=bulk/")["count"] == 2500
     });
 
+    // A file above the API's usual 1 MiB body limit, values near the node's value limit:
+    // two batches of two (a batch stays within the write limit of about 1 MiB).
+    let heavy: Vec<Value> = (0..4)
+        .map(|i| {
+            json!({
+                "key": format!("heavy/{i}"),
+                "flags": i,
+                "value": base64::engine::general_purpose::STANDARD.encode(vec![b'h'; 400 * 1024]),
+            })
+        })
+        .collect();
+    let heavy_file = dir.path().join("heavy.json");
+    std::fs::write(&heavy_file, Value::from(heavy).to_string()).unwrap();
+    let out = ok(&cli(&a, &["import", &heavy_file.display().to_string()]));
+    assert!(out.contains("imported 4 keys in 2 batches"), "{out}");
+    wait_until("the heavy import everywhere", WAIT, || {
+        b.value("heavy/3").is_some_and(|v| v.len() == 400 * 1024)
+    });
+
     // Bad input: refused, nothing written.
     let before = revision(&a);
     let big = base64::engine::general_purpose::STANDARD.encode(vec![b'v'; 600 * 1024]);
