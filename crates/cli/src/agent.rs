@@ -186,10 +186,25 @@ async fn serve(
         )));
     }
 
+    let (template_stats, template_tasks) = if cfg.templates.is_empty() {
+        (None, Vec::new())
+    } else {
+        match crate::template::start(&node, &cfg.templates, SYNC_WAIT) {
+            Ok((stats, tasks)) => (Some(stats), tasks),
+            Err(e) => {
+                let _ = node.shutdown().await;
+                return Err(e).context("cannot start --template");
+            }
+        }
+    };
+
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let mut app = crate::http::router(node.clone());
     if !sync_set.dirs.is_empty() {
         app = app.layer(axum::Extension(Arc::new(sync_set)));
+    }
+    if let Some(stats) = template_stats {
+        app = app.layer(axum::Extension(stats));
     }
     // The API behind the token (or, without one, the Host check), the dashboard at /ui.
     let app = crate::ui::guard(
@@ -279,6 +294,11 @@ async fn serve(
     let mirrors_done = futures_util::future::join_all(mirrors);
     if tokio::time::timeout(DRAIN, mirrors_done).await.is_err() {
         tracing::warn!("sync-dir hook still running after {DRAIN:?}; leaving it");
+    }
+    for task in template_tasks {
+        if tokio::time::timeout(DRAIN, task).await.is_err() {
+            tracing::warn!("a template command still running after {DRAIN:?}; leaving it");
+        }
     }
     tracing::info!("agent stopped");
     Ok(())

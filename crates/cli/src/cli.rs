@@ -46,6 +46,86 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Play a hostile peer against agents on the loopback (testing; see docs/security.md).
     Hostile(crate::hostile::HostileArgs),
+    /// Render a template once against a running agent (see docs/templates.md).
+    Template(TemplateArgs),
+    /// Save the agent's store to a file, or restore one into the cluster (docs/operations.md).
+    Snapshot(SnapshotArgs),
+    /// Print the live keys under a prefix in `consul kv export` format.
+    Export(ExportArgs),
+    /// Write the keys of a `consul kv export` file.
+    Import(ImportArgs),
+}
+
+/// `chorus snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// Save or restore.
+    #[command(subcommand)]
+    pub command: SnapshotCommand,
+}
+
+/// `chorus snapshot save|restore`.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Write every entry and tombstone of the agent's store, consistent and checksummed, to FILE
+    /// (mode 0600, replaced atomically).
+    Save {
+        /// The snapshot file.
+        file: PathBuf,
+        /// Client options.
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Merge FILE into the cluster by version: entries older than what the cluster holds are
+    /// skipped.
+    Restore {
+        /// The snapshot file (`-` for stdin).
+        file: PathBuf,
+        /// Re-stamp every entry with a new version, so the snapshot wins over newer writes.
+        #[arg(long)]
+        force_newer: bool,
+        /// Client options.
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+/// `chorus export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Only keys starting with this prefix (empty: all keys).
+    #[arg(default_value = "")]
+    pub prefix: String,
+    /// Client options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+/// `chorus import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// A `consul kv export` file (`-` for stdin).
+    pub file: PathBuf,
+    /// Client options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
+}
+
+/// `chorus template`.
+#[derive(Debug, Args)]
+pub struct TemplateArgs {
+    /// `SRC:DEST[:CMD]`: the template file, the file written (`-` for stdout) and a command
+    /// run (`sh -c`) when DEST changed.
+    pub spec: String,
+    /// Render once and exit (the agent's `--template` keeps a file rendered).
+    #[arg(long)]
+    pub once: bool,
+    /// How long CMD may run before its process group is killed, in milliseconds (default 60000).
+    #[arg(long)]
+    pub command_timeout_ms: Option<u64>,
+    /// Client options.
+    #[command(flatten)]
+    pub opts: ClientOpts,
 }
 
 /// `chorus keygen`.
@@ -222,6 +302,18 @@ pub struct AgentArgs {
     /// `interval:MS` or `never`. Needs --data-dir.
     #[arg(long)]
     pub fsync: Option<String>,
+    /// Render the template file SRC into DEST, again whenever a key it read changes, and run
+    /// CMD (`sh -c`) after DEST changed: `SRC:DEST[:CMD]`, repeatable (docs/templates.md).
+    #[arg(long = "template")]
+    pub template: Vec<String>,
+    /// Debounce of the --template renderings, `MIN[:MAX]` in milliseconds: quiet for MIN, at
+    /// most MAX after the first change (default 300:3000).
+    #[arg(long)]
+    pub template_wait_ms: Option<String>,
+    /// How long a --template command may run before its process group is killed, in
+    /// milliseconds (default 60000).
+    #[arg(long)]
+    pub template_command_timeout_ms: Option<u64>,
 }
 
 /// `chorus demo`.

@@ -46,12 +46,12 @@ pub struct Reply {
 
 impl Reply {
     /// The body parsed as JSON.
-    fn json(&self) -> anyhow::Result<Value> {
+    pub(crate) fn json(&self) -> anyhow::Result<Value> {
         serde_json::from_slice(&self.body).context("agent sent invalid JSON")
     }
 
     /// The agent's `{"error": ...}` message, or the raw body.
-    fn error_message(&self) -> String {
+    pub(crate) fn error_message(&self) -> String {
         match serde_json::from_slice::<Value>(&self.body) {
             Ok(v) => match v.get("error").and_then(Value::as_str) {
                 Some(msg) => msg.to_string(),
@@ -62,7 +62,7 @@ impl Reply {
     }
 
     /// Fails unless the status is 2xx.
-    fn ok(self) -> anyhow::Result<Self> {
+    pub(crate) fn ok(self) -> anyhow::Result<Self> {
         if (200..300).contains(&self.status) {
             Ok(self)
         } else {
@@ -165,6 +165,22 @@ impl Client {
         self.finish(self.auth(self.agent.delete(self.key_url(key))).call())
     }
 
+    /// `GET path` without the per-request timeout (a snapshot of a large store).
+    pub fn get_large(&self, path: &str) -> anyhow::Result<Reply> {
+        self.finish(
+            self.auth(self.streaming.get(format!("{}{path}", self.base)))
+                .call(),
+        )
+    }
+
+    /// `PUT path` with `body`, without the per-request timeout (a restore or an import).
+    pub fn put_large(&self, path: &str, body: &[u8]) -> anyhow::Result<Reply> {
+        self.finish(
+            self.auth(self.streaming.put(format!("{}{path}", self.base)))
+                .send(body),
+        )
+    }
+
     /// `GET /v1/kv?prefix=P`, parsed.
     pub fn list(&self, prefix: &str) -> anyhow::Result<Value> {
         self.get(&format!("/v1/kv?prefix={}", encode(prefix, false)))?
@@ -190,7 +206,7 @@ pub fn encode(s: &str, keep_slash: bool) -> String {
 }
 
 /// Prints a JSON value, pretty, to stdout.
-fn print_json(value: &Value) -> anyhow::Result<()> {
+pub(crate) fn print_json(value: &Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;

@@ -86,6 +86,19 @@ pub struct FileConfig {
     max_members: Option<usize>,
     receive_budget_mib: Option<usize>,
     sync: Option<FileSyncs>,
+    template: Option<Vec<FileTemplate>>,
+}
+
+/// A `[[template]]` table of the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTemplate {
+    source: PathBuf,
+    destination: PathBuf,
+    command: Option<String>,
+    wait_min_ms: Option<u64>,
+    wait_max_ms: Option<u64>,
+    command_timeout_ms: Option<u64>,
 }
 
 /// The `[sync]` table of the TOML file, or its `[[sync]]` tables.
@@ -237,6 +250,8 @@ pub struct AgentConfig {
     pub data_dir: Option<PathBuf>,
     /// fsync policy of the data directory.
     pub fsync: chorus::Fsync,
+    /// Templates rendered by the agent: the file's `[[template]]` tables, then `--template`.
+    pub templates: Vec<crate::template::TemplateSpec>,
 }
 
 impl AgentConfig {
@@ -431,6 +446,8 @@ impl AgentConfig {
                 })?,
         };
 
+        let templates = templates(args, file.template.unwrap_or_default())?;
+
         Ok(Self {
             cluster: args
                 .cluster
@@ -451,6 +468,7 @@ impl AgentConfig {
             sync,
             data_dir,
             fsync,
+            templates,
         })
     }
 }
@@ -628,6 +646,73 @@ fn comparable_path(path: &Path) -> PathBuf {
             _ => return plain,
         }
     }
+}
+
+/// The templates of the file, then those of the flags; each destination written by one only.
+fn templates(
+    args: &AgentArgs,
+    file: Vec<FileTemplate>,
+) -> Result<Vec<crate::template::TemplateSpec>, ConfigError> {
+    use crate::template::{DEFAULT_COMMAND_TIMEOUT, TemplateSpec, Wait};
+    let invalid = ConfigError::Invalid;
+    let timeout = |ms: Option<u64>| match ms {
+        None => Ok(DEFAULT_COMMAND_TIMEOUT),
+        Some(0) => Err(invalid("a template command timeout must be above 0".into())),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+    };
+    let mut out: Vec<TemplateSpec> = Vec::new();
+    for t in file {
+        let default = Wait::default();
+        let min = t.wait_min_ms.map_or(default.min, Duration::from_millis);
+        let max = match (t.wait_min_ms, t.wait_max_ms) {
+            (_, Some(max)) => Duration::from_millis(max),
+            (Some(_), None) => min.saturating_mul(10),
+            (None, None) => default.max,
+        };
+        out.push(TemplateSpec {
+            source: t.source,
+            destination: t.destination,
+            command: t.command.filter(|c| !c.trim().is_empty()),
+            wait: Wait::new(min, max).map_err(invalid)?,
+            command_timeout: timeout(t.command_timeout_ms)?,
+        });
+    }
+    let wait = match &args.template_wait_ms {
+        None => Wait::default(),
+        Some(text) => Wait::parse_ms(text).map_err(invalid)?,
+    };
+    let command_timeout = timeout(args.template_command_timeout_ms)?;
+    if args.template.is_empty()
+        && (args.template_wait_ms.is_some() || args.template_command_timeout_ms.is_some())
+    {
+        return Err(invalid(
+            "--template-wait-ms and --template-command-timeout-ms need --template".into(),
+        ));
+    }
+    for text in &args.template {
+        let (source, destination, command) = crate::template::parse_spec(text).map_err(invalid)?;
+        out.push(TemplateSpec {
+            source,
+            destination,
+            command,
+            wait,
+            command_timeout,
+        });
+    }
+    for (i, t) in out.iter().enumerate() {
+        if t.destination.as_os_str() == "-" {
+            return Err(invalid(
+                "a template of the agent needs a destination file, not stdout (-)".into(),
+            ));
+        }
+        if out[..i].iter().any(|o| o.destination == t.destination) {
+            return Err(invalid(format!(
+                "two templates write {}",
+                t.destination.display()
+            )));
+        }
+    }
+    Ok(out)
 }
 
 /// Where the node would send and receive when that is not only this host, or `None` when every
@@ -1093,6 +1178,56 @@ mod tests {
             ..AgentArgs::default()
         };
         assert!(merge(same, "").is_err(), "one port for two APIs");
+    }
+
+    #[test]
+    fn templates_from_file_and_flags() {
+        let toml = r#"
+            [[template]]
+            source = "/t/a.tmpl"
+            destination = "/etc/a.conf"
+            command = "reload a"
+            wait_min_ms = 50
+            command_timeout_ms = 1000
+            [[template]]
+            source = "/t/b.tmpl"
+            destination = "/etc/b.conf"
+        "#;
+        let args = AgentArgs {
+            template: vec!["/t/c.tmpl:/etc/c.conf:echo a:b".into()],
+            template_wait_ms: Some("10:20".into()),
+            ..AgentArgs::default()
+        };
+        let cfg = merge(args, toml).unwrap();
+        let t = &cfg.templates;
+        assert_eq!(t.len(), 3);
+        assert_eq!(t[0].command.as_deref(), Some("reload a"));
+        assert_eq!(t[0].wait.min, Duration::from_millis(50));
+        assert_eq!(t[0].wait.max, Duration::from_millis(500));
+        assert_eq!(t[0].command_timeout, Duration::from_secs(1));
+        assert_eq!(t[1].wait, crate::template::Wait::default());
+        assert_eq!(t[2].command.as_deref(), Some("echo a:b"));
+        assert_eq!(t[2].wait.max, Duration::from_millis(20));
+        let twice = AgentArgs {
+            template: vec!["/x:/etc/b.conf".into()],
+            ..AgentArgs::default()
+        };
+        assert!(
+            merge(twice, toml).is_err(),
+            "one destination, two templates"
+        );
+        assert!(
+            merge(
+                AgentArgs::default(),
+                "[[template]]\nsource = \"a\"\ndestination = \"b\"\nwait_min_ms = 9\nwait_max_ms = 1"
+            )
+            .is_err()
+        );
+        let alone = AgentArgs {
+            template_wait_ms: Some("10".into()),
+            ..AgentArgs::default()
+        };
+        assert!(merge(alone, "").is_err());
     }
 
     #[test]

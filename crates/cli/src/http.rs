@@ -47,6 +47,15 @@ impl ApiError {
     pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
+
+    /// Adds the fields of `detail` (a JSON object) beside `error` in the answer.
+    pub(crate) fn with_detail(mut self, detail: Value) -> Self {
+        match (&mut self.detail, detail) {
+            (Some(Value::Object(have)), Value::Object(more)) => have.extend(more),
+            (slot, detail) => *slot = Some(detail),
+        }
+        self
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -162,6 +171,18 @@ pub fn router(node: Node) -> Router {
         .route("/v1/members", get(members))
         .route("/v1/stats", get(stats))
         .route("/v1/health", get(health))
+        .route(
+            "/v1/snapshot",
+            get(crate::backup::get_snapshot)
+                .put(crate::backup::put_snapshot)
+                .layer(DefaultBodyLimit::max(crate::backup::MAX_FILE)),
+        )
+        .route("/v1/export", get(crate::backup::export))
+        .route(
+            "/v1/import",
+            axum::routing::put(crate::backup::import)
+                .layer(DefaultBodyLimit::max(crate::backup::MAX_FILE)),
+        )
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -456,8 +477,14 @@ async fn members(State(node): State<Node>) -> Response {
 
 /// The mirrors' figures, when the agent runs `--sync-dir`.
 type SyncFigures = Option<Extension<Arc<SyncSet>>>;
+/// The templates' figures, when the agent runs `--template`.
+type TemplateFigures = Option<Extension<Arc<crate::template::TemplateStats>>>;
 
-async fn stats(State(node): State<Node>, sync: SyncFigures) -> Response {
+async fn stats(
+    State(node): State<Node>,
+    sync: SyncFigures,
+    templates: TemplateFigures,
+) -> Response {
     // Live keys from the node's counter snapshot (refreshed every 100 ms): a scrape costs the
     // same for ten keys or ten million, where `scan("")` copied every key to count them.
     let snapshot = node.counters();
@@ -495,6 +522,9 @@ async fn stats(State(node): State<Node>, sync: SyncFigures) -> Response {
             .collect();
         answer["sync_dirs"] = Value::from(each);
     }
+    if let Some(Extension(templates)) = templates {
+        answer["templates"] = templates.json();
+    }
     axum::Json(answer).into_response()
 }
 
@@ -525,7 +555,11 @@ pub fn metric_name(name: &str) -> String {
     out
 }
 
-async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
+async fn metrics(
+    State(node): State<Node>,
+    sync: SyncFigures,
+    templates: TemplateFigures,
+) -> Response {
     let counters = node.counters();
     let members = node.members();
     let mut text = String::new();
@@ -590,6 +624,14 @@ async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
                     label_value(&d.prefix)
                 );
             }
+        }
+    }
+    if let Some(Extension(templates)) = templates {
+        for (name, v) in templates.figures() {
+            let _ = writeln!(
+                text,
+                "# TYPE chorus_template_{name} counter\nchorus_template_{name} {v}"
+            );
         }
     }
     (
@@ -684,7 +726,7 @@ mod tests {
         }
         // Neither handler awaits anything: polled once, it runs on this thread alone.
         let before = chorus_testkit::alloc::thread_allocated_bytes();
-        let answer = stats(State(node.clone()), None).await;
+        let answer = stats(State(node.clone()), None, None).await;
         let stats_cost = chorus_testkit::alloc::thread_allocated_bytes() - before;
         let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
             .await
@@ -693,7 +735,7 @@ mod tests {
         assert_eq!(json["keys"], 10_000);
 
         let before = chorus_testkit::alloc::thread_allocated_bytes();
-        let answer = metrics(State(node.clone()), None).await;
+        let answer = metrics(State(node.clone()), None, None).await;
         let metrics_cost = chorus_testkit::alloc::thread_allocated_bytes() - before;
         let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
             .await

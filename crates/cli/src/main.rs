@@ -5,6 +5,7 @@
 //! everything else is a client of that HTTP API or of the loopback network.
 
 mod agent;
+mod backup;
 mod bench;
 mod cli;
 mod client;
@@ -19,6 +20,7 @@ mod peer;
 mod server;
 mod syncdir;
 mod ui;
+mod template;
 
 use std::process::ExitCode;
 
@@ -48,6 +50,10 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args).map(|()| Outcome::Ok),
         Command::Bench(args) => bench::run(&args).map(|()| Outcome::Ok),
         Command::Hostile(args) => hostile::run(&args).map(|()| Outcome::Ok),
+        Command::Template(args) => template::once(&args),
+        Command::Snapshot(args) => backup::snapshot(&args),
+        Command::Export(args) => backup::export_cmd(&args),
+        Command::Import(args) => backup::import_cmd(&args),
         Command::Keygen(args) => keys::keygen(args.path.as_deref(), args.id).map(|()| Outcome::Ok),
         Command::Doctor(args) => {
             doctor::run(&args).map(|ok| if ok { Outcome::Ok } else { Outcome::NotFound })

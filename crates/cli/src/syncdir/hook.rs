@@ -17,6 +17,76 @@ pub struct Hook {
     pub timeout: Duration,
 }
 
+/// How a command run by [`run_command`] ended (it logged the details).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandEnd {
+    /// It exited with status 0.
+    Succeeded,
+    /// It could not be spawned.
+    NotStarted,
+    /// It exited with another status, or could not be waited for.
+    Failed,
+    /// It overran its timeout and its process group was killed.
+    TimedOut,
+}
+
+/// Runs `cmd` through `sh -c` in a process group of its own with `env` added to its
+/// environment, waits for it (at most `timeout`, then kills the group) and logs how it ended,
+/// naming it `what` (`sync-dir`, `template`). Shared by the sync-dir hook and the templates'
+/// commands.
+pub async fn run_command(
+    what: &str,
+    cmd: &str,
+    timeout: Duration,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> CommandEnd {
+    tracing::info!(what, command = cmd, "running command");
+    let spawned = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            tracing::warn!(what, command = cmd, error = %e, "cannot run command");
+            return CommandEnd::NotStarted;
+        }
+    };
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) if status.success() => CommandEnd::Succeeded,
+        Ok(Ok(status)) => {
+            tracing::warn!(what, command = cmd, %status, "command failed");
+            CommandEnd::Failed
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(what, command = cmd, error = %e, "cannot wait for command");
+            CommandEnd::Failed
+        }
+        Err(_) => {
+            tracing::warn!(
+                what,
+                command = cmd,
+                ?timeout,
+                "command still running after its timeout; killing its process group"
+            );
+            // The group was made for the command (process_group(0)), so its id is the shell's
+            // pid.
+            if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.kill().await;
+            CommandEnd::TimedOut
+        }
+    }
+}
+
 /// Runs the hook through `sh -c` in a process group of its own, waits for it (at most
 /// `timeout`, then kills the group) and logs and counts how it ended.
 pub(super) async fn run_hook(
@@ -26,51 +96,20 @@ pub(super) async fn run_hook(
     prefix: &str,
     stats: &SyncStats,
 ) {
-    tracing::info!(command = cmd, "sync-dir: running on-change hook");
-    let spawned = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .env("CHORUS_SYNC_DIR", root)
-        .env("CHORUS_PREFIX", prefix)
-        .stdin(std::process::Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(e) => {
+    let env = [
+        ("CHORUS_SYNC_DIR", root.as_os_str()),
+        ("CHORUS_PREFIX", std::ffi::OsStr::new(prefix)),
+    ];
+    match run_command("sync-dir", cmd, timeout, &env).await {
+        CommandEnd::Succeeded => bump(&stats.hook_runs),
+        CommandEnd::NotStarted => bump(&stats.hook_failures),
+        CommandEnd::Failed => {
+            bump(&stats.hook_runs);
             bump(&stats.hook_failures);
-            tracing::warn!(command = cmd, error = %e, "sync-dir: cannot run hook");
-            return;
         }
-    };
-    bump(&stats.hook_runs);
-    match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(status)) if status.success() => {}
-        Ok(Ok(status)) => {
-            bump(&stats.hook_failures);
-            tracing::warn!(command = cmd, %status, "sync-dir: hook failed");
-        }
-        Ok(Err(e)) => {
-            bump(&stats.hook_failures);
-            tracing::warn!(command = cmd, error = %e, "sync-dir: cannot wait for hook");
-        }
-        Err(_) => {
+        CommandEnd::TimedOut => {
+            bump(&stats.hook_runs);
             bump(&stats.hook_timeouts);
-            tracing::warn!(
-                command = cmd,
-                ?timeout,
-                "sync-dir: hook still running after its timeout; killing its process group \
-                 (set --on-change-timeout-ms)"
-            );
-            // The group was made for the hook (process_group(0)), so its id is the shell's pid.
-            if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            let _ = child.kill().await;
         }
     }
 }

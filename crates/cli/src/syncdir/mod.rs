@@ -46,7 +46,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 pub use self::dir::{Absent, SyncDir};
-pub use self::hook::Hook;
+pub use self::hook::{CommandEnd, Hook, run_command};
 pub use self::stats::{Kind, Labelled, SyncSet, SyncStats};
 
 use self::feed::feed;
