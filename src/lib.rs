@@ -6,6 +6,10 @@
 //! of `chorus-transport`. Reads ([`Node::get`], [`Node::scan`]) go straight to the shared
 //! store; writes and everything that touches protocol state go through the driver task.
 //!
+//! Besides the store, nodes can send each other messages that are not stored:
+//! [`Node::publish`] on a topic, [`Node::subscribe`] to a [`TopicFilter`] (per sender in order
+//! and exactly once, or an explicit [`Delivery::Lost`]; see `docs/replication.md`, Messages).
+//!
 //! With [`NodeBuilder::data_dir`] the store is also kept on disk (write-ahead log plus
 //! snapshots) and a restarted node starts from it; without, it lives in memory.
 //!
@@ -55,6 +59,7 @@ mod driver;
 mod error;
 mod member;
 mod node;
+mod pubsub;
 mod watch;
 
 pub use builder::{DEFAULT_GROUP, NodeBuilder, Preset};
@@ -62,14 +67,18 @@ pub use bytes::Bytes;
 pub use chorus_protocol::auth::KEY_LEN;
 pub use chorus_protocol::{Key, KeyId, Keyring, KeyringError, NodeId, Stats as ProtocolStats};
 pub use chorus_replication::{
-    Change, ClockCause, DurableError, DurableStats, Error as ReplicationError, Fsync, Hlc, Op,
-    ParseFsyncError, ReplicaStats, Version,
+    Change, ClockCause, DurableError, DurableStats, Error as ReplicationError, Fsync, Hlc,
+    MAX_TOPIC_LEN, Op, ParseFsyncError, ReplicaStats, TopicError, TopicFilter, Version,
 };
 pub use chorus_transport::{Interface, Mode, TransportError};
-pub use counters::{CoreCounters, Counters, DriverCounters, StoreCounters};
+pub use counters::{CoreCounters, Counters, DriverCounters, PubsubCounters, StoreCounters};
 pub use error::Error;
 pub use member::{MemberInfo, MemberState};
 pub use node::{Entry, Node};
+pub use pubsub::{
+    Delivery, MAX_SUBSCRIPTIONS, Message, SUBSCRIPTION_QUEUE, SUBSCRIPTION_QUEUE_BYTES,
+    Subscription,
+};
 pub use watch::Watch;
 
 /// The datagram transports a node runs over, for [`NodeBuilder::start_with_transport`]: the

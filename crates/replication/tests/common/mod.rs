@@ -76,6 +76,7 @@ impl SimNode {
                 NodeEvent::OutOfSync => self.in_sync = false,
                 NodeEvent::Member(_) => {}
                 NodeEvent::Acked { ticket, result } => self.acked.push((ticket, result)),
+                NodeEvent::Message(_) | NodeEvent::MessagesLost { .. } => {}
             }
         }
     }
