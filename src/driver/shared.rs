@@ -141,6 +141,7 @@ impl Shared {
             handle.abort();
         }
         self.in_sync.send_replace(false);
+        self.subscriptions().close();
         self.stopped.send_replace(true);
     }
 }
