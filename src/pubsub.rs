@@ -161,16 +161,15 @@ impl Subscriber {
     /// Queues `delivery` (`bytes` of payload) unless the queue is over its bounds; a lag is
     /// reported first, in its place.
     fn offer(&mut self, delivery: Delivery, bytes: usize) -> Offer {
-        if !self.report_lag() {
-            return if self.tx.is_closed() {
-                Offer::Gone
-            } else {
-                self.skipped += 1;
-                Offer::Skipped
-            };
+        if self.tx.is_closed() {
+            return Offer::Gone;
         }
         let queued = self.queued.load(Ordering::Relaxed);
         if queued > 0 && queued + bytes > SUBSCRIPTION_QUEUE_BYTES {
+            self.skipped += 1;
+            return Offer::Skipped;
+        }
+        if !self.report_lag() {
             self.skipped += 1;
             return Offer::Skipped;
         }
@@ -344,7 +343,9 @@ mod tests {
     #[tokio::test]
     async fn fan_out_filters_counts_and_reports_lag_in_place() {
         let mut subs = Subscriptions::default();
-        let mut chat = subs.subscribe(TopicFilter::parse("chat/*").unwrap()).unwrap();
+        let mut chat = subs
+            .subscribe(TopicFilter::parse("chat/*").unwrap())
+            .unwrap();
         let mut exact = subs.subscribe(TopicFilter::parse("jobs").unwrap()).unwrap();
         subs.deliver(publication(2, "chat/a", "1"), false);
         subs.deliver(publication(2, "jobs", "2"), false);

@@ -408,11 +408,17 @@ async fn publish(
     Ok(axum::Json(json!({ "topic": topic, "bytes": bytes })).into_response())
 }
 
-/// The server-sent event of one delivery of a subscription: `message` (JSON with `from`,
-/// `topic` and the payload as `payload` or `payload_base64`), `lost` (`from`, `count`) or
-/// `lagged` (`skipped`).
-pub fn delivery_event(delivery: Result<Delivery, chorus::Error>) -> Option<Event> {
-    let (kind, data) = match delivery {
+/// The server-sent event of one delivery of a subscription (see [`delivery_json`]).
+fn delivery_event(delivery: Result<Delivery, chorus::Error>) -> Option<Event> {
+    let (kind, data) = delivery_json(delivery)?;
+    Some(Event::default().event(kind).data(data.to_string()))
+}
+
+/// The event name and JSON of one delivery of a subscription: `message` (`from`, `topic` and
+/// the payload as `payload` or `payload_base64`), `lost` (`from`, `count`) or `lagged`
+/// (`skipped`).
+pub fn delivery_json(delivery: Result<Delivery, chorus::Error>) -> Option<(&'static str, Value)> {
+    Some(match delivery {
         Ok(Delivery::Message(m)) => {
             let mut obj = serde_json::Map::new();
             obj.insert("from".into(), Value::from(m.from.0));
@@ -424,8 +430,7 @@ pub fn delivery_event(delivery: Result<Delivery, chorus::Error>) -> Option<Event
         Err(chorus::Error::Lagged { skipped }) => ("lagged", json!({ "skipped": skipped })),
         // `Delivery` may grow variants, and a subscription yields no other error today.
         Ok(_) | Err(_) => return None,
-    };
-    Some(Event::default().event(kind).data(data.to_string()))
+    })
 }
 
 async fn subscribe(
@@ -437,8 +442,8 @@ async fn subscribe(
     let opening = futures_util::stream::once(async move {
         Ok::<_, Infallible>(Event::default().comment(format!("subscribed to {filter:?}")))
     });
-    let deliveries = subscription
-        .filter_map(|d| futures_util::future::ready(delivery_event(d).map(Ok)));
+    let deliveries =
+        subscription.filter_map(|d| futures_util::future::ready(delivery_event(d).map(Ok)));
     Ok(Sse::new(opening.chain(deliveries))
         .keep_alive(KeepAlive::default())
         .into_response())
@@ -590,6 +595,44 @@ async fn health(State(node): State<Node>) -> Response {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deliveries_as_server_sent_events() {
+        let message = |payload: &'static [u8]| {
+            Ok(Delivery::Message(chorus::Message {
+                from: chorus::NodeId(7),
+                topic: "chat/a".into(),
+                payload: chorus::Bytes::from_static(payload),
+            }))
+        };
+        assert_eq!(
+            delivery_json(message(b"hi")),
+            Some((
+                "message",
+                json!({"from": 7, "topic": "chat/a", "payload": "hi"})
+            ))
+        );
+        assert_eq!(
+            delivery_json(message(&[0xff])),
+            Some((
+                "message",
+                json!({"from": 7, "topic": "chat/a", "payload_base64": "/w=="})
+            ))
+        );
+        let lost = Ok(Delivery::Lost {
+            from: chorus::NodeId(3),
+            count: 4,
+        });
+        assert_eq!(
+            delivery_json(lost),
+            Some(("lost", json!({"from": 3, "count": 4})))
+        );
+        assert_eq!(
+            delivery_json(Err(chorus::Error::Lagged { skipped: 9 })),
+            Some(("lagged", json!({"skipped": 9})))
+        );
+        assert_eq!(delivery_json(Err(chorus::Error::Closed)), None);
+    }
 
     #[tokio::test]
     async fn a_write_refused_for_clock_skew_is_503_naming_offset_and_bound() {

@@ -45,9 +45,11 @@ fn messages_published_on_one_agent_stream_to_a_subscriber_of_another() {
     let net = Net::new("pubsub");
     let a = net.agent(1, &[]);
     let b = net.agent(2, &["--loss", "0.2", "--loss-seed", "5"]);
-    wait_until("the agents know each other", Duration::from_secs(20), || {
-        a.member_ids() == [2] && b.member_ids() == [1]
-    });
+    wait_until(
+        "the agents know each other",
+        Duration::from_secs(20),
+        || a.member_ids() == [2] && b.member_ids() == [1],
+    );
 
     let mut sse = TcpStream::connect(b.http).unwrap();
     sse.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -69,7 +71,8 @@ fn messages_published_on_one_agent_stream_to_a_subscriber_of_another() {
         b.counter("pubsub_subscriptions") == 1
     });
 
-    let publish = |topic: &str, body: &[u8]| http(a.http, "POST", &format!("/v1/publish/{topic}"), &[], body);
+    let publish =
+        |topic: &str, body: &[u8]| http(a.http, "POST", &format!("/v1/publish/{topic}"), &[], body);
     let mut sent = Vec::new();
     for i in 0..20 {
         let body = format!("hello {i}");
@@ -87,7 +90,11 @@ fn messages_published_on_one_agent_stream_to_a_subscriber_of_another() {
         .filter(|(kind, _)| kind == "message")
         .map(|(_, data)| data)
         .collect();
-    assert_eq!(messages.len(), 21, "every message, exactly once: {events:?}");
+    assert_eq!(
+        messages.len(),
+        21,
+        "every message, exactly once: {events:?}"
+    );
     for (m, body) in messages.iter().zip(&sent) {
         assert_eq!(m["from"], 1);
         assert_eq!(m["topic"], "chat/lobby");
@@ -105,7 +112,12 @@ fn messages_published_on_one_agent_stream_to_a_subscriber_of_another() {
         ("GET", "/v1/publish/chat", vec![], 405),
     ] {
         let (got, answer) = http(a.http, method, path, &[], &body);
-        assert_eq!(got, status, "{method} {path}: {}", String::from_utf8_lossy(&answer));
+        assert_eq!(
+            got,
+            status,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&answer)
+        );
         let answer: Value = serde_json::from_slice(&answer).unwrap();
         assert!(answer["error"].is_string(), "{answer}");
     }

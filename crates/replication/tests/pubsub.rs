@@ -73,7 +73,8 @@ fn members_known(sim: &Sim<SimNode>, n: usize) -> bool {
     })
 }
 
-fn run(s: &Scenario) {
+/// Runs scenario `s`, checks it, and returns how many losses the nodes reported.
+fn run(s: &Scenario) -> u64 {
     let seed = s.seed;
     let link = LinkConfig::lan()
         .with_loss(s.loss)
@@ -108,7 +109,10 @@ fn run(s: &Scenario) {
             // The driver takes publications only while the core accepts writes.
             let mut waited = 0;
             while !sim.act(i, |m, _| m.core.accepts_writes()).unwrap() {
-                assert!(waited < 600, "seed={seed}: node {i} never took writes again");
+                assert!(
+                    waited < 600,
+                    "seed={seed}: node {i} never took writes again"
+                );
                 sim.run_for(Duration::from_millis(10));
                 waited += 1;
             }
@@ -124,6 +128,19 @@ fn run(s: &Scenario) {
     sim.heal();
     // Settle: every publication delivered or covered by a reported loss, everywhere.
     let mut settled = false;
+    let lost_events = |sim: &Sim<SimNode>| -> u64 {
+        (0..n)
+            .map(|i| {
+                sim.node(i)
+                    .machine()
+                    .unwrap()
+                    .core
+                    .stats()
+                    .pubsub
+                    .lost_events
+            })
+            .sum()
+    };
     for _ in 0..90 {
         sim.run_for(Duration::from_secs(1));
         if (0..n).all(|r| {
@@ -181,6 +198,7 @@ fn run(s: &Scenario) {
         "seed={seed}: the late joiner got {got:?} (lost: {lost}), only the message after it joined"
     );
     assert!(m.core.store().is_empty(), "seed={seed}");
+    lost_events(&sim)
 }
 
 /// What receiver `r` saw of sender `from`, checked; with `at_end`, a publication missing at
@@ -334,38 +352,44 @@ fn losses_happen_and_are_reported() {
         per_node: 60,
         partition: Some((1, 10, 30)),
     };
-    run(&s);
+    assert!(run(&s) > 0, "no loss in a run built to lose messages");
     // Run it again to look at the counters (the same seed gives the same run).
     let link = LinkConfig::lan().with_loss(s.loss);
-    let mut sim = sim(SimConfig::new(s.seed, s.nodes).with_link(link), move |nc| {
+    let mut net = sim(SimConfig::new(s.seed, s.nodes).with_link(link), move |nc| {
         nc.protocol.window_max_age = Duration::from_millis(150);
     });
-    assert!(sim.run_until(|sim| members_known(sim, 4), Duration::from_secs(60)));
-    sim.isolate(1);
+    assert!(net.run_until(|sim| members_known(sim, 4), Duration::from_secs(60)));
+    net.isolate(1);
     for k in 0..200 {
-        sim.act(1, |m, now| {
-            m.core
-                .publish(now, "chat/lobby", payload(1, k))
-                .unwrap();
+        net.act(1, |m, now| {
+            m.core.publish(now, "chat/lobby", payload(1, k)).unwrap();
         });
-        sim.run_for(Duration::from_millis(5));
+        net.run_for(Duration::from_millis(5));
     }
-    sim.heal();
-    sim.run_for(Duration::from_secs(5));
+    net.heal();
+    net.run_for(Duration::from_secs(5));
     let lost: u64 = [0, 2, 3]
         .iter()
-        .map(|&i| sim.node(i).machine().unwrap().core.stats().pubsub.lost_messages)
+        .map(|&i| {
+            net.node(i)
+                .machine()
+                .unwrap()
+                .core
+                .stats()
+                .pubsub
+                .lost_messages
+        })
         .sum();
     assert!(lost > 0, "nothing was reported lost");
 }
 
 #[test]
 fn bad_publications_are_refused_locally_and_dropped_remotely() {
-    let mut sim = sim(SimConfig::new(11, 2), |_| {});
-    assert!(sim.run_until(|sim| members_known(sim, 2), Duration::from_secs(30)));
-    let limit = sim.act(0, |m, _| m.core.max_message_len()).unwrap();
+    let mut net = sim(SimConfig::new(11, 2), |_| {});
+    assert!(net.run_until(|s| members_known(s, 2), Duration::from_secs(30)));
+    let limit = net.act(0, |m, _| m.core.max_message_len()).unwrap();
     assert_eq!(limit, 512 * 1024);
-    let errors = sim
+    let errors = net
         .act(0, |m, now| {
             (
                 m.core.publish(now, "", Bytes::new()).unwrap_err(),
@@ -391,22 +415,24 @@ fn bad_publications_are_refused_locally_and_dropped_remotely() {
         )
     );
     // A peer with a larger limit (or a hostile one) sends what node 1 does not take.
-    sim.act(0, |m, now| {
+    net.act(0, |m, now| {
         m.core
             .publish(now, "big", Bytes::from(vec![0; 1000]))
             .unwrap();
     });
-    sim.run_for(Duration::from_secs(1));
-    let node1 = sim.node(1).machine().unwrap();
+    net.run_for(Duration::from_secs(1));
+    let node1 = net.node(1).machine().unwrap();
     assert_eq!(node1.core.stats().pubsub.received, 1);
-    assert!(matches!(&node1.messages[..], [NodeEvent::Message(p)] if p.from == 1 && p.payload.len() == 1000));
+    assert!(
+        matches!(&node1.messages[..], [NodeEvent::Message(p)] if p.from == 1 && p.payload.len() == 1000)
+    );
 
     let mut small = sim(SimConfig::new(12, 2), |nc| {
         if nc.protocol.node == NodeId(2) {
             nc.replica.limits.max_value_len = 100;
         }
     });
-    assert!(small.run_until(|sim| members_known(sim, 2), Duration::from_secs(30)));
+    assert!(small.run_until(|s| members_known(s, 2), Duration::from_secs(30)));
     small.act(0, |m, now| {
         m.core
             .publish(now, "big", Bytes::from(vec![0; 1000]))
@@ -436,7 +462,11 @@ fn a_durable_node_persists_no_message() {
     assert!(core.poll_persist().is_none());
     assert!(core.store().is_empty());
     let events: Vec<NodeEvent> = std::iter::from_fn(|| core.poll_event()).collect();
-    assert!(events.iter().any(|e| matches!(e, NodeEvent::Message(p) if p.topic == "t")));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, NodeEvent::Message(p) if p.topic == "t"))
+    );
     core.shutdown(now);
     assert!(matches!(
         core.publish(now, "t", Bytes::new()),

@@ -245,9 +245,11 @@ impl NodeCore {
     #[must_use]
     pub fn max_message_len(&self) -> usize {
         let limits = &self.replica.config().limits;
-        limits
-            .max_value_len
-            .min(limits.max_write_bytes.saturating_sub(MAX_TOPIC_LEN + ENVELOPE_OVERHEAD))
+        limits.max_value_len.min(
+            limits
+                .max_write_bytes
+                .saturating_sub(MAX_TOPIC_LEN + ENVELOPE_OVERHEAD),
+        )
     }
 
     /// Takes a delivered message of `from` if it is a publication (reported, or dropped and
@@ -309,7 +311,12 @@ mod tests {
 
     #[test]
     fn topic_syntax() {
-        for ok in ["a", "chat/room-1", "A.b_c/d-e/0", &"x".repeat(MAX_TOPIC_LEN)] {
+        for ok in [
+            "a",
+            "chat/room-1",
+            "A.b_c/d-e/0",
+            &"x".repeat(MAX_TOPIC_LEN),
+        ] {
             assert_eq!(check_topic(ok), Ok(()), "{ok}");
         }
         assert_eq!(
