@@ -328,6 +328,7 @@ impl Subscriptions {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use futures_util::StreamExt;
