@@ -100,12 +100,12 @@ fn run(s: &Scenario) -> u64 {
                 sim.heal();
             }
         }
-        for i in 0..n {
+        for (i, sent) in published.iter_mut().enumerate() {
             if rng.random_bool(0.3) {
                 continue;
             }
             let topic = TOPICS[rng.random_range(0..TOPICS.len())];
-            let body = payload(i, published[i].len());
+            let body = payload(i, sent.len());
             // The driver takes publications only while the core accepts writes.
             let mut waited = 0;
             while !sim.act(i, |m, _| m.core.accepts_writes()).unwrap() {
@@ -121,7 +121,7 @@ fn run(s: &Scenario) -> u64 {
                 m.drain();
             })
             .unwrap();
-            published[i].push((topic, body));
+            sent.push((topic, body));
         }
         sim.run_for(Duration::from_millis(rng.random_range(1..40)));
     }
