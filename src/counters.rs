@@ -1,14 +1,17 @@
 //! [`Counters`]: every counter of a node, typed, with the flat names exporters use.
 
 use chorus_protocol::Stats as ProtocolStats;
-use chorus_replication::{DurableStats, NodeStats, ReplicaStats};
+use chorus_replication::{DurableStats, NodeStats, PubsubStats, ReplicaStats};
+
+use crate::pubsub::Fanout;
 
 /// Every counter of one node, as of the driver's last snapshot (refreshed every 100 ms).
 ///
 /// Read a field for one figure, or [`iter`](Counters::iter) for all of them under their flat,
 /// stable snake_case names (`protocol_naks_sent`, `replication_local_writes`,
 /// `store_keys`, …): the names the agent's `/metrics` and `/v1/stats` publish. A name is the
-/// layer's prefix (`protocol_`, `replication_`, `core_`, `durable_`, `driver_`, `store_`)
+/// layer's prefix (`protocol_`, `replication_`, `core_`, `durable_`, `driver_`, `store_`,
+/// `pubsub_`)
 /// followed by the field's name.
 ///
 /// # Examples
@@ -47,6 +50,36 @@ pub struct Counters {
     pub driver: DriverCounters,
     /// The local store's size (names `store_*`).
     pub store: StoreCounters,
+    /// Published messages: sent, received, handed to subscriptions, dropped (names
+    /// `pubsub_*`).
+    pub pubsub: PubsubCounters,
+}
+
+/// The counters of messages that are not stored (names `pubsub_*`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PubsubCounters {
+    /// Messages this node published (`pubsub_published`).
+    pub published: u64,
+    /// Valid messages received from peers (`pubsub_received`).
+    pub received: u64,
+    /// Messages queued for a subscription of this node, one per subscription a message
+    /// matched, this node's own included (`pubsub_delivered`).
+    pub delivered: u64,
+    /// Messages of peers that matched no subscription of this node, dropped
+    /// (`pubsub_dropped_no_subscriber`).
+    pub dropped_no_subscriber: u64,
+    /// Messages of peers dropped because their topic broke the syntax, their payload was over
+    /// this node's limit, or they could not be decoded (`pubsub_dropped_invalid`).
+    pub dropped_invalid: u64,
+    /// Deliveries skipped because a subscription's reader was too slow; it was told
+    /// (`pubsub_lagged`).
+    pub lagged: u64,
+    /// Losses of a peer's messages reported to subscriptions (`pubsub_lost_events`).
+    pub lost_events: u64,
+    /// Messages (of every kind) those losses covered (`pubsub_lost_messages`).
+    pub lost_messages: u64,
+    /// Subscriptions open (`pubsub_subscriptions`).
+    pub subscriptions: u64,
 }
 
 /// The counters of the glue between protocol and replication (names `core_*`).
@@ -94,7 +127,12 @@ pub struct StoreCounters {
 
 impl Counters {
     /// Assembles the snapshot from the state machine's statistics and the driver's own.
-    pub(crate) fn new(stats: NodeStats, driver: DriverCounters, store: StoreCounters) -> Counters {
+    pub(crate) fn new(
+        stats: NodeStats,
+        driver: DriverCounters,
+        store: StoreCounters,
+        fanout: Fanout,
+    ) -> Counters {
         // Exhaustive: a new field of `NodeStats` cannot be forgotten here.
         let NodeStats {
             protocol,
@@ -106,7 +144,21 @@ impl Counters {
             durable,
             clock_ahead_ms,
             clock_refusing,
+            pubsub,
         } = stats;
+        let PubsubStats {
+            published,
+            received,
+            invalid,
+            lost_events,
+            lost_messages,
+        } = pubsub;
+        let Fanout {
+            delivered,
+            no_subscriber,
+            lagged,
+            subscriptions,
+        } = fanout;
         Counters {
             protocol,
             replication,
@@ -121,6 +173,17 @@ impl Counters {
             durable,
             driver,
             store,
+            pubsub: PubsubCounters {
+                published,
+                received,
+                delivered,
+                dropped_no_subscriber: no_subscriber,
+                dropped_invalid: invalid,
+                lagged,
+                lost_events,
+                lost_messages,
+                subscriptions,
+            },
         }
     }
 
@@ -129,7 +192,7 @@ impl Counters {
     /// The names are stable: exporters (the agent's `/metrics` and `/v1/stats`) publish them
     /// as they are.
     pub fn iter(&self) -> impl Iterator<Item = (String, u64)> {
-        let layers: [(&str, Vec<(&'static str, u64)>); 6] = [
+        let layers: [(&str, Vec<(&'static str, u64)>); 7] = [
             ("protocol", self.protocol.counters()),
             ("replication", self.replication.counters()),
             ("core", self.core.counters()),
@@ -142,6 +205,7 @@ impl Counters {
             ),
             ("driver", self.driver.counters()),
             ("store", self.store.counters()),
+            ("pubsub", self.pubsub.counters()),
         ];
         let mut all: Vec<(String, u64)> = layers
             .into_iter()
@@ -167,6 +231,7 @@ impl Counters {
             "durable" => self.durable.as_ref()?.counters(),
             "driver" => self.driver.counters(),
             "store" => self.store.counters(),
+            "pubsub" => self.pubsub.counters(),
             _ => return None,
         };
         counters
@@ -212,6 +277,33 @@ impl DriverCounters {
     }
 }
 
+impl PubsubCounters {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let PubsubCounters {
+            published,
+            received,
+            delivered,
+            dropped_no_subscriber,
+            dropped_invalid,
+            lagged,
+            lost_events,
+            lost_messages,
+            subscriptions,
+        } = *self;
+        vec![
+            ("published", published),
+            ("received", received),
+            ("delivered", delivered),
+            ("dropped_no_subscriber", dropped_no_subscriber),
+            ("dropped_invalid", dropped_invalid),
+            ("lagged", lagged),
+            ("lost_events", lost_events),
+            ("lost_messages", lost_messages),
+            ("subscriptions", subscriptions),
+        ]
+    }
+}
+
 impl StoreCounters {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let StoreCounters { keys, revision } = *self;
@@ -231,6 +323,7 @@ mod tests {
         counters.core.clock_refusing = true;
         counters.driver.send_errors = 2;
         counters.store.keys = 7;
+        counters.pubsub.dropped_no_subscriber = 9;
         counters.durable = Some(DurableStats {
             fsyncs: 4,
             ..DurableStats::default()
@@ -252,6 +345,7 @@ mod tests {
         assert_eq!(counters.get("core_clock_refusing"), Some(1));
         assert_eq!(counters.get("driver_send_errors"), Some(2));
         assert_eq!(counters.get("store_keys"), Some(7));
+        assert_eq!(counters.get("pubsub_dropped_no_subscriber"), Some(9));
         assert_eq!(counters.get("durable_fsyncs"), Some(4));
         assert_eq!(counters.get("no_such_counter"), None);
         assert_eq!(counters.get("store_nothing"), None);

@@ -55,11 +55,37 @@ pub enum Error {
         /// What is ahead: the wall clock, or the local history.
         cause: chorus_replication::ClockCause,
     },
+    /// A topic or topic filter breaks the topic syntax ([`Node::publish`](crate::Node::publish),
+    /// [`Node::subscribe`](crate::Node::subscribe)); nothing was sent or subscribed.
+    #[error(transparent)]
+    Topic(#[from] chorus_replication::TopicError),
+    /// A message for [`Node::publish`](crate::Node::publish) is larger than the node's message
+    /// limit; nothing was sent.
+    #[error("message of {len} bytes is larger than the limit of {max} bytes")]
+    MessageTooLarge {
+        /// The payload's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A [`Subscription`](crate::Subscription)'s reader fell behind: this many messages (or
+    /// loss reports) meant for it were skipped here. Not the end: the stream goes on.
+    #[error("the subscription fell behind: {skipped} messages skipped")]
+    Lagged {
+        /// How many were skipped.
+        skipped: u64,
+    },
+    /// The node holds [`MAX_SUBSCRIPTIONS`](crate::MAX_SUBSCRIPTIONS) subscriptions already.
+    #[error("too many subscriptions on this node (at most {max})")]
+    TooManySubscriptions {
+        /// The limit.
+        max: usize,
+    },
 }
 
 impl From<chorus_replication::CoreError> for Error {
     fn from(e: chorus_replication::CoreError) -> Error {
-        use chorus_replication::{CoreError, Error as R};
+        use chorus_replication::{CoreError, Error as R, PublishError};
         match e {
             CoreError::Replica(R::ClockAhead {
                 offset_ms,
@@ -73,6 +99,10 @@ impl From<chorus_replication::CoreError> for Error {
             CoreError::Replica(e) => Error::Replication(e),
             CoreError::Closed => Error::Closed,
             CoreError::Durability(e) => Error::Durability(e),
+            CoreError::Publish(PublishError::Topic(e)) => Error::Topic(e),
+            CoreError::Publish(PublishError::TooLarge { len, max }) => {
+                Error::MessageTooLarge { len, max }
+            }
         }
     }
 }

@@ -6,6 +6,10 @@
 //! of `chorus-transport`. Reads ([`Node::get`], [`Node::scan`]) go straight to the shared
 //! store; writes and everything that touches protocol state go through the driver task.
 //!
+//! Besides the store, nodes can send each other messages that are not stored:
+//! [`Node::publish`] on a topic, [`Node::subscribe`] to a [`TopicFilter`] (per sender in order
+//! and exactly once, or an explicit [`Delivery::Lost`]; see `docs/replication.md`, Messages).
+//!
 //! With [`NodeBuilder::data_dir`] the store is also kept on disk (write-ahead log plus
 //! snapshots) and a restarted node starts from it; without, it lives in memory.
 //!
@@ -57,6 +61,7 @@ mod driver;
 mod error;
 mod member;
 mod node;
+mod pubsub;
 mod watch;
 
 pub use backup::Snapshot;
@@ -70,14 +75,18 @@ pub use chorus_protocol::{Key, KeyId, Keyring, KeyringError, NodeId, Stats as Pr
 pub use chorus_replication::Entry as StoredEntry;
 pub use chorus_replication::{
     Change, Check, ClockCause, DurableError, DurableStats, Error as ReplicationError, Expect,
-    Fsync, Hlc, Op, Owner, ParseFsyncError, ParseVersionError, PutMeta, ReplicaStats, RestoreMode,
-    RestoreReport, Version,
+    Fsync, Hlc, MAX_TOPIC_LEN, Op, Owner, ParseFsyncError, ParseVersionError, PutMeta,
+    ReplicaStats, RestoreMode, RestoreReport, TopicError, TopicFilter, Version,
 };
 pub use chorus_transport::{Interface, Mode, TransportError};
-pub use counters::{CoreCounters, Counters, DriverCounters, StoreCounters};
+pub use counters::{CoreCounters, Counters, DriverCounters, PubsubCounters, StoreCounters};
 pub use error::Error;
 pub use member::{MemberInfo, MemberState};
 pub use node::{Entry, Node};
+pub use pubsub::{
+    Delivery, MAX_SUBSCRIPTIONS, Message, SUBSCRIPTION_QUEUE, SUBSCRIPTION_QUEUE_BYTES,
+    Subscription,
+};
 pub use watch::Watch;
 
 /// The datagram transports a node runs over, for [`NodeBuilder::start_with_transport`]: the

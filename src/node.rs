@@ -1,5 +1,5 @@
-//! [`Node`]: the handle on a running node (writes, reads, watches, members, counters), and
-//! [`Entry`], what a read returns.
+//! [`Node`]: the handle on a running node (writes, reads, watches, messages, members,
+//! counters), and [`Entry`], what a read returns.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +9,9 @@ use chorus_protocol::NodeId;
 use tokio::sync::oneshot;
 
 use crate::driver::{Command, Shared};
+use crate::pubsub::Subscription;
 use crate::watch::Watch;
-use crate::{Counters, Error, MemberInfo, NodeBuilder, Op, Version};
+use crate::{Counters, Error, MemberInfo, NodeBuilder, Op, TopicFilter, Version};
 
 /// A live value as read from the local store ([`Node::get`], [`Node::scan`]).
 ///
@@ -398,6 +399,88 @@ impl Node {
         let mut watch = Watch::new(self.shared.clone(), prefix, revision);
         watch.catch_up().await?;
         Ok(watch)
+    }
+
+    /// Publish `payload` on `topic` to the subscriptions of every node of the group, this one
+    /// included. The message is not stored: a node that is down or joins later never gets it.
+    /// Returns once the message is queued for reliable multicast (in order with this node's
+    /// writes, and like them it waits while the node's send queue is full: the slowest member
+    /// holds the publisher back). Per sender, every subscriber gets the messages in the order
+    /// they were published, exactly once, or a [`Delivery::Lost`](crate::Delivery::Lost) where
+    /// the network lost some for good; see `docs/replication.md`, Messages.
+    ///
+    /// A topic is 1 to [`MAX_TOPIC_LEN`](crate::MAX_TOPIC_LEN) bytes of `A-Z a-z 0-9 . _ / -`;
+    /// the payload is at most the node's value limit (512 KiB by default).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Topic`] for a topic that breaks the syntax, [`Error::MessageTooLarge`] for a
+    /// payload over the limit (nothing sent); [`Error::Closed`] after shutdown.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: if cancelled after the command reached the driver, the message may
+    /// still be sent.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures_util::StreamExt;
+    /// use chorus::{Delivery, Node};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus::transport::MemoryHub::new(Default::default())?;
+    /// # let node = |id: u8| {
+    /// #     let transport = hub.endpoint(([10, 0, 0, id], 7400).into()).expect("free address");
+    /// #     Node::builder().cluster("docs").node_id(chorus::NodeId(id.into())).start_with_transport(transport)
+    /// # };
+    /// let (a, b) = (node(1).await?, node(2).await?);
+    /// // A new node is on probation until its second heartbeat: wait until each knows the other.
+    /// while a.members().len() < 2 || b.members().len() < 2 {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    /// }
+    /// let mut jobs = b.subscribe("jobs/*")?;
+    /// a.publish("jobs/resize", "img-17.png").await?;
+    /// match jobs.next().await.expect("running")? {
+    ///     Delivery::Message(m) => {
+    ///         assert_eq!((m.from, m.topic.as_str()), (a.node_id(), "jobs/resize"));
+    ///         assert_eq!(m.payload, "img-17.png");
+    ///     }
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// // Nothing was stored.
+    /// assert!(b.scan("").is_empty());
+    /// // Bad input is a clear error.
+    /// assert!(matches!(a.publish("no spaces", "x").await, Err(chorus::Error::Topic(_))));
+    /// a.shutdown().await?;
+    /// b.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<(), Error> {
+        let (topic, payload) = (topic.to_owned(), payload.into());
+        self.command(|reply| Command::Publish {
+            topic,
+            payload,
+            reply,
+        })
+        .await?
+    }
+
+    /// Subscribe to the messages published from now on on the topics `filter` matches: a
+    /// topic (`chat/lobby`), every topic under a prefix (`chat/*` matches `chat/lobby` and
+    /// `chat/a/b`, not `chat`), or every topic (`*`). See [`Subscription`] for what it yields,
+    /// and [`publish`](Node::publish) for an example.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Topic`] for a filter that breaks the syntax;
+    /// [`Error::TooManySubscriptions`] when the node holds
+    /// [`MAX_SUBSCRIPTIONS`](crate::MAX_SUBSCRIPTIONS) already; [`Error::Closed`] after
+    /// shutdown.
+    pub fn subscribe(&self, filter: &str) -> Result<Subscription, Error> {
+        let filter = TopicFilter::parse(filter)?;
+        self.shared.subscriptions().subscribe(filter)
     }
 
     /// The members this node currently knows, itself included.

@@ -13,7 +13,8 @@ use chorus::{
     Bytes, Change, ClockCause, CoreCounters, Counters, DEFAULT_GROUP, DriverCounters, DurableError,
     DurableStats, Entry, Error, Fsync, Hlc, Interface, KEY_LEN, Key, KeyId, Keyring, KeyringError,
     MemberInfo, MemberState, Mode, Node, NodeBuilder, NodeId, Op, ParseFsyncError, Preset,
-    ProtocolStats, ReplicaStats, ReplicationError, StoreCounters, TransportError, Version, Watch,
+    ProtocolStats, PubsubCounters, ReplicaStats, ReplicationError, StoreCounters, Subscription,
+    TransportError, Version, Watch,
 };
 
 /// Every builder setting, by type.
@@ -79,6 +80,7 @@ fn figures(c: &Counters) -> u64 {
         durable,
         driver,
         store,
+        pubsub,
     } = c;
     let protocol: &ProtocolStats = protocol;
     let replication: &ReplicaStats = replication;
@@ -86,12 +88,14 @@ fn figures(c: &Counters) -> u64 {
     let durable: Option<&DurableStats> = durable.as_ref();
     let driver: &DriverCounters = driver;
     let store: &StoreCounters = store;
+    let pubsub: &PubsubCounters = pubsub;
     protocol.heartbeats_sent
         + replication.local_writes
         + core.sync_dropped
         + durable.map_or(0, |d| d.fsyncs)
         + driver.send_errors
         + store.keys
+        + pubsub.delivered
 }
 
 /// Handles and watches move between tasks and sit in `select!` without pinning.
@@ -101,6 +105,7 @@ fn handles_and_watches_are_send_sync_and_unpin() {
     check::<Node>();
     check::<NodeBuilder>();
     check::<Watch>();
+    check::<Subscription>();
     check::<Counters>();
     check::<Error>();
 }

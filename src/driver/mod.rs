@@ -139,6 +139,7 @@ pub(crate) fn spawn<T: DatagramTransport>(
         members: Mutex::new(Vec::new()),
         counters: Mutex::default(),
         stopped: watch::Sender::new(false),
+        subscriptions: Mutex::default(),
         task: Mutex::new(None),
     });
     let loss = builder
@@ -324,6 +325,7 @@ impl<T: DatagramTransport> Driver<T> {
             }
         }
         self.drain_events();
+        self.shared.subscriptions().close();
         for (_, reply) in self.replies.drain() {
             let _ = reply.send(Err(Error::Durability(DurableError::Failed(
                 "the storage thread stopped before the write was durable".into(),
@@ -483,6 +485,14 @@ impl<T: DatagramTransport> Driver<T> {
                 let _ = reply.send(result);
             }
             Command::Shutdown { reply } => self.shutdown_replies.push(reply),
+            Command::Publish {
+                topic,
+                payload,
+                reply,
+            } => {
+                let result = self.core.publish(now, &topic, payload);
+                let _ = reply.send(result.map_err(Error::from));
+            }
         }
     }
 

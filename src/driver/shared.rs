@@ -4,9 +4,11 @@
 
 use std::sync::{Mutex, PoisonError};
 
+use bytes::Bytes;
 use chorus_replication::{Change, Check, RestoreMode, RestoreReport, Store, Version};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::pubsub::Subscriptions;
 use crate::{Counters, Entry, Error, MemberInfo, Op};
 
 /// A request from a [`Node`](crate::Node) handle to its driver.
@@ -33,6 +35,12 @@ pub(crate) enum Command {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    /// A message for the subscribers of `topic` (never stored).
+    Publish {
+        topic: String,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
 }
 
 /// What the driver publishes for the handles: the store itself (read directly), and
@@ -51,6 +59,8 @@ pub(crate) struct Shared {
     pub(super) members: Mutex<Vec<MemberInfo>>,
     pub(super) counters: Mutex<Counters>,
     pub(super) stopped: watch::Sender<bool>,
+    /// The subscriptions published messages are fanned out to.
+    pub(crate) subscriptions: Mutex<Subscriptions>,
     pub(super) task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
@@ -83,6 +93,12 @@ impl Shared {
             .clone()
     }
 
+    pub(crate) fn subscriptions(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
+        self.subscriptions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub(crate) fn counters(&self) -> Counters {
         self.counters
             .lock()
@@ -113,7 +129,8 @@ impl Shared {
     /// Hands `cmd` to the driver: writes on the write channel, the rest on the control one.
     pub(crate) async fn send(&self, cmd: Command) -> Result<(), Error> {
         let channel = match cmd {
-            Command::Write { .. } | Command::Restore { .. } => &self.write_tx,
+            // A publication takes the writes' channel: their back-pressure.
+            Command::Write { .. } | Command::Restore { .. } | Command::Publish { .. } => &self.write_tx,
             Command::ChangesSince { .. } | Command::Shutdown { .. } => &self.control_tx,
         };
         channel.send(cmd).await.map_err(|_| Error::Closed)
@@ -137,6 +154,7 @@ impl Shared {
             handle.abort();
         }
         self.in_sync.send_replace(false);
+        self.subscriptions().close();
         self.stopped.send_replace(true);
     }
 }

@@ -30,8 +30,16 @@ impl<T: DatagramTransport> Driver<T> {
                     members_changed = true;
                 }
                 NodeEvent::Acked { ticket, result } => self.acknowledge(ticket, result),
+                NodeEvent::Message(publication) => {
+                    let own = publication.from == self.shared.node_id;
+                    self.shared.subscriptions().deliver(publication, own);
+                }
+                NodeEvent::MessagesLost { from, count } => {
+                    self.shared.subscriptions().lost(from, count);
+                }
             }
         }
+        self.shared.subscriptions().report_lags();
         if members_changed {
             self.publish_members();
         }
@@ -76,6 +84,7 @@ impl<T: DatagramTransport> Driver<T> {
                 keys: self.core.store().len() as u64,
                 revision: self.core.store().revision(),
             },
+            self.shared.subscriptions().stats(),
         );
         *self
             .shared

@@ -1,5 +1,6 @@
-//! The agent's HTTP API (axum): key-value access, watch as server-sent events, members,
-//! counters, Prometheus metrics and health. See `docs/http-api.md`.
+//! The agent's HTTP API (axum): key-value access, watch as server-sent events, publish and
+//! subscribe (server-sent events) for messages that are not stored, members, counters,
+//! Prometheus metrics and health. See `docs/http-api.md`.
 //!
 //! Every request is untrusted: bad keys, bad queries, bad UTF-8 and oversized bodies get a
 //! 4xx answer with a JSON body `{"error": "..."}`, never a panic.
@@ -15,11 +16,11 @@ use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use chorus::{Change, Check, Entry, Expect, Node, Op};
+use chorus::{Change, Check, Delivery, Entry, Expect, Node, Op};
 
 use crate::syncdir::{Kind, SyncSet, SyncStats};
 
@@ -96,6 +97,9 @@ fn status_of(e: &chorus::Error) -> StatusCode {
         chorus::Error::Compacted { .. } => StatusCode::GONE,
         chorus::Error::Closed => StatusCode::SERVICE_UNAVAILABLE,
         chorus::Error::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+        chorus::Error::Topic(_) => StatusCode::BAD_REQUEST,
+        chorus::Error::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        chorus::Error::TooManySubscriptions { .. } => StatusCode::SERVICE_UNAVAILABLE,
         chorus::Error::Transport(_) | chorus::Error::Durability(_) | chorus::Error::Config(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
@@ -168,6 +172,8 @@ pub fn router(node: Node) -> Router {
             get(get_key).put(put_key).delete(delete_key),
         )
         .route("/v1/watch", get(watch))
+        .route("/v1/publish/{*topic}", post(publish))
+        .route("/v1/subscribe/{*topic}", get(subscribe))
         .route("/v1/members", get(members))
         .route("/v1/stats", get(stats))
         .route("/v1/health", get(health))
@@ -252,10 +258,15 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 /// A value as JSON fields: `value` when UTF-8, `value_base64` otherwise.
 fn value_fields(obj: &mut serde_json::Map<String, Value>, value: &[u8]) {
+    bytes_fields(obj, "value", value);
+}
+
+/// Bytes as JSON fields: `{name}` when UTF-8, `{name}_base64` otherwise.
+fn bytes_fields(obj: &mut serde_json::Map<String, Value>, name: &str, value: &[u8]) {
     match std::str::from_utf8(value) {
-        Ok(text) => obj.insert("value".into(), Value::from(text)),
+        Ok(text) => obj.insert(name.into(), Value::from(text)),
         Err(_) => obj.insert(
-            "value_base64".into(),
+            format!("{name}_base64"),
             Value::from(base64::Engine::encode(
                 &base64::engine::general_purpose::STANDARD,
                 value,
@@ -454,6 +465,59 @@ async fn watch(
                 .data(change_json(&change).to_string()))
         });
     Ok(Sse::new(opening.chain(changes))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn publish(
+    State(node): State<Node>,
+    topic: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Path(topic) = topic?;
+    let body = body?;
+    let bytes = body.len();
+    node.publish(&topic, body).await?;
+    Ok(axum::Json(json!({ "topic": topic, "bytes": bytes })).into_response())
+}
+
+/// The server-sent event of one delivery of a subscription (see [`delivery_json`]).
+fn delivery_event(delivery: Result<Delivery, chorus::Error>) -> Option<Event> {
+    let (kind, data) = delivery_json(delivery)?;
+    Some(Event::default().event(kind).data(data.to_string()))
+}
+
+/// The event name and JSON of one delivery of a subscription: `message` (`from`, `topic` and
+/// the payload as `payload` or `payload_base64`), `lost` (`from`, `count`) or `lagged`
+/// (`skipped`).
+pub fn delivery_json(delivery: Result<Delivery, chorus::Error>) -> Option<(&'static str, Value)> {
+    Some(match delivery {
+        Ok(Delivery::Message(m)) => {
+            let mut obj = serde_json::Map::new();
+            obj.insert("from".into(), Value::from(m.from.0));
+            obj.insert("topic".into(), Value::from(m.topic));
+            bytes_fields(&mut obj, "payload", &m.payload);
+            ("message", Value::Object(obj))
+        }
+        Ok(Delivery::Lost { from, count }) => ("lost", json!({ "from": from.0, "count": count })),
+        Err(chorus::Error::Lagged { skipped }) => ("lagged", json!({ "skipped": skipped })),
+        // `Delivery` may grow variants, and a subscription yields no other error today.
+        Ok(_) | Err(_) => return None,
+    })
+}
+
+async fn subscribe(
+    State(node): State<Node>,
+    topic: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(filter) = topic?;
+    let subscription = node.subscribe(&filter)?;
+    let opening = futures_util::stream::once(async move {
+        Ok::<_, Infallible>(Event::default().comment(format!("subscribed to {filter:?}")))
+    });
+    let deliveries =
+        subscription.filter_map(|d| futures_util::future::ready(delivery_event(d).map(Ok)));
+    Ok(Sse::new(opening.chain(deliveries))
         .keep_alive(KeepAlive::default())
         .into_response())
 }
@@ -660,6 +724,44 @@ async fn health(State(node): State<Node>) -> Response {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deliveries_as_server_sent_events() {
+        let message = |payload: &'static [u8]| {
+            Ok(Delivery::Message(chorus::Message {
+                from: chorus::NodeId(7),
+                topic: "chat/a".into(),
+                payload: chorus::Bytes::from_static(payload),
+            }))
+        };
+        assert_eq!(
+            delivery_json(message(b"hi")),
+            Some((
+                "message",
+                json!({"from": 7, "topic": "chat/a", "payload": "hi"})
+            ))
+        );
+        assert_eq!(
+            delivery_json(message(&[0xff])),
+            Some((
+                "message",
+                json!({"from": 7, "topic": "chat/a", "payload_base64": "/w=="})
+            ))
+        );
+        let lost = Ok(Delivery::Lost {
+            from: chorus::NodeId(3),
+            count: 4,
+        });
+        assert_eq!(
+            delivery_json(lost),
+            Some(("lost", json!({"from": 3, "count": 4})))
+        );
+        assert_eq!(
+            delivery_json(Err(chorus::Error::Lagged { skipped: 9 })),
+            Some(("lagged", json!({"skipped": 9})))
+        );
+        assert_eq!(delivery_json(Err(chorus::Error::Closed)), None);
+    }
 
     #[tokio::test]
     async fn a_write_refused_for_clock_skew_is_503_naming_offset_and_bound() {

@@ -18,7 +18,9 @@
 //!   replay with;
 //! - [`NodeCore`] wires a `chorus_protocol::Endpoint` and a [`Replica`] into one sans-IO
 //!   node that the tokio driver and the simulator both drive, with its lifecycle (drain,
-//!   goodbye, linger), write back-pressure and write acknowledgement.
+//!   goodbye, linger), write back-pressure and write acknowledgement;
+//! - carries published messages on topics ([`NodeCore::publish`], [`NodeEvent::Message`],
+//!   [`NodeEvent::MessagesLost`]) over the same stream: checked on receipt, never stored.
 //!
 //! What it does not do: it opens no socket, touches no file, reads no clock, spawns no task
 //! and draws no unseeded randomness. Reliable multicast, membership and loss detection belong to
@@ -44,7 +46,9 @@ pub mod wire {
 }
 
 pub use crate::core::{
-    CoreError, DRAIN_MAX, GOODBYE_LINGER, Lifecycle, NodeConfig, NodeCore, NodeEvent, NodeStats,
+    CoreError, DRAIN_MAX, GOODBYE_LINGER, Lifecycle, MAX_TOPIC_LEN, NodeConfig, NodeCore,
+    NodeEvent, NodeStats, Publication, PublishError, PubsubStats, TopicError, TopicFilter,
+    check_topic,
 };
 pub use chorus_protocol;
 pub use chorus_protocol::WallClock;

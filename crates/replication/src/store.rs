@@ -375,16 +375,8 @@ impl Store {
             .map(|e| (e.key().clone(), lock(e.value()).meta()))
     }
 
-    /// Calls `f` with every stored key, in key order (the digest buckets' key lists are
-    /// built from this).
-    pub(crate) fn for_each_key(&self, mut f: impl FnMut(&Key)) {
-        for e in self.inner.map.iter() {
-            f(e.key());
-        }
-    }
-
-    /// Calls `f` with every stored key and its [`Meta`], in key order (summaries of many
-    /// buckets are built from this, in one walk).
+    /// Calls `f` with every stored key and its [`Meta`], in key order (the digest buckets'
+    /// key lists are built from this, in one walk).
     pub(crate) fn for_each_meta(&self, mut f: impl FnMut(&Key, Meta)) {
         for e in self.inner.map.iter() {
             let meta = lock(e.value()).meta();

@@ -2,12 +2,17 @@
 //!
 //! - `mod.rs`: configuration, events, commands and the routing between the layers;
 //! - `lifecycle.rs`: shutdown (drain, goodbye, linger, closed) and write back-pressure;
-//! - `acks.rs`: persistence as an output and the acknowledgement of writes after it.
+//! - `acks.rs`: persistence as an output and the acknowledgement of writes after it;
+//! - `pubsub.rs`: messages that are not stored (publish, check, report, losses).
 
 mod acks;
 mod lifecycle;
+mod pubsub;
 
 pub use lifecycle::{DRAIN_MAX, GOODBYE_LINGER, Lifecycle};
+pub use pubsub::{
+    MAX_TOPIC_LEN, Publication, PublishError, PubsubStats, TopicError, TopicFilter, check_topic,
+};
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -90,6 +95,18 @@ pub enum NodeEvent {
         /// The write's version, or why it is not (or not durably) done.
         result: Result<Version, CoreError>,
     },
+    /// A published message ([`NodeCore::publish`] here, or a valid one from a peer): per
+    /// sender in order and exactly once; never stored.
+    Message(Publication),
+    /// The protocol could not recover `count` messages of `from` (of every kind: writes,
+    /// anti-entropy and publications on any topic), so publications of `from` may be
+    /// missing at this point of its stream.
+    MessagesLost {
+        /// The sender's node id.
+        from: u64,
+        /// How many of its messages were lost: at least as many as its lost publications.
+        count: u64,
+    },
 }
 
 /// Why a write on [`NodeCore`] was refused (nothing changed), or is not durable.
@@ -105,6 +122,9 @@ pub enum CoreError {
     /// durable (only in [`NodeEvent::Acked`]).
     #[error(transparent)]
     Durability(DurableError),
+    /// [`NodeCore::publish`] refused the message (bad topic, too large); nothing was sent.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
 }
 
 /// Equality for tests and event comparison: durability errors compare by their text (an
@@ -115,6 +135,7 @@ impl PartialEq for CoreError {
             (CoreError::Replica(a), CoreError::Replica(b)) => a == b,
             (CoreError::Closed, CoreError::Closed) => true,
             (CoreError::Durability(a), CoreError::Durability(b)) => a.to_string() == b.to_string(),
+            (CoreError::Publish(a), CoreError::Publish(b)) => a == b,
             _ => false,
         }
     }
@@ -145,6 +166,8 @@ pub struct NodeStats {
     pub clock_ahead_ms: i64,
     /// Whether local writes are refused because of it ([`Error::ClockAhead`]).
     pub clock_refusing: bool,
+    /// Publications sent, received, dropped as invalid, and losses reported.
+    pub pubsub: PubsubStats,
 }
 
 /// One node of a Chorus cluster as a sans-IO state machine: a `chorus_protocol::Endpoint`
@@ -188,6 +211,7 @@ pub struct NodeCore {
     sync_all_due: bool,
     sync_dropped: u64,
     too_large: u64,
+    pubsub: PubsubStats,
     /// The endpoint's heartbeat count when the peers' clock offsets were last handed to the
     /// replica, and whether membership changed since.
     heartbeats_seen: u64,
@@ -242,6 +266,7 @@ impl NodeCore {
             sync_all_due: false,
             sync_dropped: 0,
             too_large: 0,
+            pubsub: PubsubStats::default(),
             heartbeats_seen: 0,
             clocks_dirty: false,
         }
@@ -469,6 +494,7 @@ impl NodeCore {
                 .replica
                 .check_clock(self.replica.last_wall_ms())
                 .is_err(),
+            pubsub: self.pubsub,
         }
     }
 
@@ -550,13 +576,22 @@ impl NodeCore {
             Event::Delivered {
                 sender, payload, ..
             } => {
+                if self.take_publication(sender.0, &payload) {
+                    return;
+                }
                 // The replica builds no answer the sync backlog could not take.
                 self.replica
                     .set_sync_room(self.max_sync_backlog.saturating_sub(self.sync_bytes));
                 self.replica.handle_message(now, wall, sender.0, &payload);
                 self.take_outgoing();
             }
-            Event::Lost { sender, .. } => self.replica.handle_lost(now, sender.0),
+            Event::Lost { sender, range, .. } => {
+                self.replica.handle_lost(now, sender.0);
+                self.report_lost(
+                    sender.0,
+                    range.end().saturating_sub(*range.start()).saturating_add(1),
+                );
+            }
             Event::Writable => {}
             Event::MemberJoined { node, .. } | Event::MemberRestarted { node, .. } => {
                 self.replica.handle_peer_up(now, node.0);

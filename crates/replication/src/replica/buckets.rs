@@ -136,11 +136,6 @@ impl Buckets {
             .map(|at| list[at].1)
     }
 
-    /// How many keys buckets `bs` hold together.
-    pub(super) fn count_of(&self, bs: impl Iterator<Item = usize>) -> usize {
-        bs.map(|b| self.counts[b]).sum()
-    }
-
     /// The bucket count as the hash takes it (it fits: `ReplicaConfig::buckets` is a u32).
     pub(super) fn bucket_count(&self) -> u32 {
         u32::try_from(self.sums.len()).unwrap_or(u32::MAX)

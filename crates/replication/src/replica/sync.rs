@@ -11,7 +11,7 @@ use super::lifecycle::{Standing, SyncState};
 use chorus_protocol::util::random_below;
 
 use super::{Outgoing, OutgoingKind, Replica, ReplicaEvent, envelope};
-use crate::hash::{bucket_of, rendezvous};
+use crate::hash::rendezvous;
 use crate::hlc::{Hlc, Version};
 use crate::store::{Key, Meta};
 use crate::wire;
@@ -456,7 +456,7 @@ impl Replica {
     fn summaries_by_walk(&self, out: &mut [Option<SummaryChunks>]) {
         let n = self.buckets.bucket_count();
         self.store.for_each_meta(|key, meta| {
-            if let Some(chunks) = out[bucket_of(key, n) as usize].as_mut() {
+            if let Some(chunks) = out[crate::hash::bucket_of(key, n) as usize].as_mut() {
                 chunks.push(key, meta);
             }
         });

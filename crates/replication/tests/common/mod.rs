@@ -45,6 +45,9 @@ pub struct SimNode {
     /// revision: a watch from the start of this life reads it, then follows the events.
     pub initial: BTreeMap<String, (Version, Option<Bytes>)>,
     pub initial_revision: u64,
+    /// Every `Message` and `MessagesLost` of this life, in the order reported: what a
+    /// subscription to every topic from the start of the life would have received.
+    pub messages: Vec<NodeEvent>,
 }
 
 impl SimNode {
@@ -76,6 +79,7 @@ impl SimNode {
                 NodeEvent::OutOfSync => self.in_sync = false,
                 NodeEvent::Member(_) => {}
                 NodeEvent::Acked { ticket, result } => self.acked.push((ticket, result)),
+                NodeEvent::Message(_) | NodeEvent::MessagesLost { .. } => self.messages.push(e),
             }
         }
     }
@@ -196,6 +200,7 @@ fn build(
             in_sync_events: 0,
             disk,
             acked: Vec::new(),
+            messages: Vec::new(),
         }
     })
 }
