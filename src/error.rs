@@ -25,6 +25,14 @@ pub enum Error {
         /// The oldest revision still retained.
         oldest: u64,
     },
+    /// A [`MemberEvents`](crate::MemberEvents) stream fell behind: `missed` events were
+    /// dropped for it. The stream goes on with the next event; re-read
+    /// [`Node::members`](crate::Node::members) for the current state.
+    #[error("the member event stream fell behind: {missed} events were missed; re-read members()")]
+    Lagged {
+        /// How many events this subscriber missed.
+        missed: u64,
+    },
     /// The node did not get in sync within the time given.
     #[error("not in sync after {0:?}")]
     Timeout(Duration),

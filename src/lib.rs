@@ -54,13 +54,17 @@ mod counters;
 mod driver;
 mod error;
 mod member;
+mod member_events;
 mod node;
 mod watch;
 
 pub use builder::{DEFAULT_GROUP, NodeBuilder, Preset};
 pub use bytes::Bytes;
 pub use chorus_protocol::auth::KEY_LEN;
-pub use chorus_protocol::{Key, KeyId, Keyring, KeyringError, NodeId, Stats as ProtocolStats};
+pub use chorus_protocol::{
+    Key, KeyId, Keyring, KeyringError, LeaveReason, MAX_NODE_NAME, NodeId, NodeName,
+    NodeNameError, Stats as ProtocolStats,
+};
 pub use chorus_replication::{
     Change, ClockCause, DurableError, DurableStats, Error as ReplicationError, Fsync, Hlc, Op,
     ParseFsyncError, ReplicaStats, Version,
@@ -69,6 +73,7 @@ pub use chorus_transport::{Interface, Mode, TransportError};
 pub use counters::{CoreCounters, Counters, DriverCounters, StoreCounters};
 pub use error::Error;
 pub use member::{MemberInfo, MemberState};
+pub use member_events::{MemberEvent, MemberEventKind, MemberEvents};
 pub use node::{Entry, Node};
 pub use watch::Watch;
 

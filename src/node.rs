@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::driver::{Command, Shared};
 use crate::watch::Watch;
-use crate::{Counters, Error, MemberInfo, NodeBuilder, Op, Version};
+use crate::{Counters, Error, MemberEvents, MemberInfo, NodeBuilder, Op, Version};
 
 /// A live value as read from the local store ([`Node::get`], [`Node::scan`]).
 ///
@@ -421,6 +421,19 @@ impl Node {
     /// ```
     pub fn members(&self) -> Vec<MemberInfo> {
         self.shared.members()
+    }
+
+    /// The membership changes this node sees from now on (joined, suspected, alive again,
+    /// left, restarted), each with the member's id, incarnation, name and address. Pair it
+    /// with [`members`](Node::members) for the state it starts from. See [`MemberEvents`]
+    /// for the example, ordering and what a subscriber that falls behind gets.
+    pub fn member_events(&self) -> MemberEvents {
+        MemberEvents::new(self.shared.clone())
+    }
+
+    /// This node's name ([`NodeBuilder::node_name`], by default the host name), if it has one.
+    pub fn node_name(&self) -> Option<&str> {
+        self.shared.name.as_deref()
     }
 
     /// Every counter of the protocol, the replication layer, the glue, the data directory and

@@ -7,7 +7,7 @@ use std::sync::{Mutex, PoisonError};
 use chorus_replication::{Change, Store, Version};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::{Counters, Entry, Error, MemberInfo, Op};
+use crate::{Counters, Entry, Error, MemberEvent, MemberInfo, Op};
 
 /// A request from a [`Node`](crate::Node) handle to its driver.
 #[derive(Debug)]
@@ -33,6 +33,8 @@ pub(crate) enum Command {
 pub(crate) struct Shared {
     pub(crate) node_id: u64,
     pub(crate) incarnation: u64,
+    /// This node's name, if it has one.
+    pub(crate) name: Option<String>,
     pub(super) store: Store,
     /// Writes: not read while the write backlog is full (back-pressure).
     pub(super) write_tx: mpsc::Sender<Command>,
@@ -40,6 +42,8 @@ pub(crate) struct Shared {
     pub(super) control_tx: mpsc::Sender<Command>,
     pub(crate) in_sync: watch::Sender<bool>,
     pub(crate) changes: broadcast::Sender<Change>,
+    /// Membership changes for `Node::member_events`.
+    pub(crate) member_events: broadcast::Sender<MemberEvent>,
     pub(super) members: Mutex<Vec<MemberInfo>>,
     pub(super) counters: Mutex<Counters>,
     pub(super) stopped: watch::Sender<bool>,

@@ -68,6 +68,7 @@ pub struct FileConfig {
     group: Option<SocketAddr>,
     iface: Option<String>,
     node_id: Option<u64>,
+    node_name: Option<String>,
     http: Option<SocketAddr>,
     ttl: Option<u32>,
     broadcast: Option<SocketAddr>,
@@ -177,6 +178,8 @@ pub struct AgentConfig {
     pub transport: Transport,
     /// Node id; `None` for a random one.
     pub node_id: Option<u64>,
+    /// Node name (`--node-name`, checked); `None` for the host name.
+    pub node_name: Option<String>,
     /// Address of the HTTP API.
     pub http: SocketAddr,
     /// Names the tokenless HTTP API also answers to (`--http-allow-host`), lower case.
@@ -407,6 +410,14 @@ impl AgentConfig {
             })?),
         };
 
+        let node_name = match args.node_name.clone().or(file.node_name) {
+            None => None,
+            Some(name) => Some(
+                chorus::NodeName::new(&name)
+                    .map_err(|e| ConfigError::Invalid(format!("--node-name {name:?}: {e}")))?
+                    .to_string(),
+            ),
+        };
         let data_dir = args.data_dir.clone().or(file.data_dir);
         let fsync = match args.fsync.clone().or(file.fsync) {
             None => chorus::Fsync::default(),
@@ -428,6 +439,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| "chorus".to_string()),
             transport,
             node_id: args.node_id.or(file.node_id),
+            node_name,
             http: args.http.or(file.http).unwrap_or(DEFAULT_HTTP),
             http_allow_hosts,
             http_max_connections,
@@ -714,6 +726,26 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn node_name_from_flag_or_file_is_checked() {
+        assert_eq!(merge(AgentArgs::default(), "").unwrap().node_name, None);
+        let cfg = merge(AgentArgs::default(), "node_name = \"web-1\"").unwrap();
+        assert_eq!(cfg.node_name.as_deref(), Some("web-1"));
+        let args = AgentArgs {
+            node_name: Some("db 2".into()),
+            ..AgentArgs::default()
+        };
+        let cfg = merge(args, "node_name = \"web-1\"").unwrap();
+        assert_eq!(cfg.node_name.as_deref(), Some("db 2"), "flag wins");
+        for bad in ["\"\"", "\"a\\nb\"", &format!("\"{}\"", "x".repeat(65))] {
+            let toml = format!("node_name = {bad}");
+            assert!(
+                matches!(merge(AgentArgs::default(), &toml), Err(ConfigError::Invalid(_))),
+                "{toml}"
+            );
+        }
     }
 
     #[test]

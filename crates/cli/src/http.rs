@@ -147,6 +147,7 @@ pub fn router(node: Node) -> Router {
         )
         .route("/v1/watch", get(watch))
         .route("/v1/members", get(members))
+        .route("/v1/members/watch", get(crate::http_members::watch_members))
         .route("/v1/stats", get(stats))
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
@@ -388,18 +389,15 @@ async fn watch(
 async fn members(State(node): State<Node>) -> Response {
     let list: Vec<Value> = node
         .members()
-        .into_iter()
-        .map(|m| {
-            json!({
-                "node_id": m.node_id.0,
-                "incarnation": m.incarnation,
-                "addr": m.addr.to_string(),
-                "state": m.state.as_str(),
-                "clock_offset_ms": m.clock_offset_ms,
-            })
-        })
+        .iter()
+        .map(crate::http_members::member_json)
         .collect();
-    axum::Json(json!({ "node_id": node.node_id().0, "members": list })).into_response()
+    axum::Json(json!({
+        "node_id": node.node_id().0,
+        "node_name": node.node_name(),
+        "members": list,
+    }))
+    .into_response()
 }
 
 /// The mirror's figures, when the agent runs `--sync-dir`.
@@ -480,8 +478,9 @@ async fn metrics(State(node): State<Node>, sync: SyncFigures) -> Response {
         if let Some(offset) = m.clock_offset_ms {
             let _ = writeln!(
                 text,
-                "chorus_member_clock_offset_ms{{node=\"{}\"}} {offset}",
-                m.node_id.0
+                "chorus_member_clock_offset_ms{{node=\"{}\",name=\"{}\"}} {offset}",
+                m.node_id.0,
+                crate::http_members::label_value(m.name.as_deref().unwrap_or("")),
             );
         }
     }

@@ -13,6 +13,7 @@ mod demo;
 mod doctor;
 mod hostile;
 mod http;
+mod http_members;
 mod keys;
 mod peer;
 mod server;
