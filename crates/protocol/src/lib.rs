@@ -145,7 +145,7 @@ pub struct Transmit {
 }
 
 /// Why a member left.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum LeaveReason {
     /// It said goodbye ([`Endpoint::close`]).
     Goodbye,
