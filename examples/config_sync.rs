@@ -52,18 +52,9 @@ async fn main() -> Result<(), chorus::Error> {
     // Node 1 writes the whole config atomically; node 2 then changes one setting.
     nodes[0]
         .batch(vec![
-            Op::Put {
-                key: "app/db/url".into(),
-                value: "postgres://db1/app".into(),
-            },
-            Op::Put {
-                key: "app/db/pool".into(),
-                value: "16".into(),
-            },
-            Op::Put {
-                key: "app/feature/search".into(),
-                value: "on".into(),
-            },
+            Op::put("app/db/url", "postgres://db1/app"),
+            Op::put("app/db/pool", "16"),
+            Op::put("app/feature/search", "on"),
         ])
         .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;

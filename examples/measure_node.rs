@@ -107,10 +107,7 @@ async fn main() -> Result<(), chorus::Error> {
     for (keys, port) in [(10_000usize, 17_802u16), (100_000, 17_803)] {
         let a = start(port, 1).await?;
         let ops: Vec<Op> = (0..keys)
-            .map(|i| Op::Put {
-                key: format!("k/{i:06}"),
-                value: vec![b'y'; 100].into(),
-            })
+            .map(|i| Op::put(format!("k/{i:06}"), vec![b'y'; 100]))
             .collect();
         for chunk in ops.chunks(256) {
             a.batch(chunk.to_vec()).await?;

@@ -49,7 +49,9 @@
 //! # Ok(()) }
 //! ```
 
+mod backup;
 mod builder;
+mod conditional;
 mod counters;
 mod driver;
 mod error;
@@ -58,6 +60,7 @@ mod member_events;
 mod node;
 mod watch;
 
+pub use backup::Snapshot;
 pub use builder::{DEFAULT_GROUP, NodeBuilder, Preset};
 pub use bytes::Bytes;
 pub use chorus_protocol::auth::KEY_LEN;
@@ -65,9 +68,14 @@ pub use chorus_protocol::{
     Key, KeyId, Keyring, KeyringError, LeaveReason, MAX_NODE_NAME, NodeId, NodeName,
     NodeNameError, Stats as ProtocolStats,
 };
+/// An entry as the store keeps it, tombstones included (`value: None`): what a
+/// [`Snapshot`] holds and [`Node::restore`] takes. Reads ([`Node::get`]) return the live
+/// [`Entry`] instead.
+pub use chorus_replication::Entry as StoredEntry;
 pub use chorus_replication::{
-    Change, ClockCause, DurableError, DurableStats, Error as ReplicationError, Fsync, Hlc, Op,
-    ParseFsyncError, ReplicaStats, Version,
+    Change, Check, ClockCause, DurableError, DurableStats, Error as ReplicationError, Expect,
+    Fsync, Hlc, Op, Owner, ParseFsyncError, ParseVersionError, PutMeta, ReplicaStats, RestoreMode,
+    RestoreReport, Version,
 };
 pub use chorus_transport::{Interface, Mode, TransportError};
 pub use counters::{CoreCounters, Counters, DriverCounters, StoreCounters};

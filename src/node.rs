@@ -26,6 +26,12 @@ pub struct Entry {
     pub version: Version,
     /// The local revision at which this node applied it.
     pub revision: u64,
+    /// Opaque flags written with the value ([`PutMeta::flags`](crate::PutMeta), Consul's
+    /// `Flags`); 0 unless set.
+    pub flags: u64,
+    /// The writer and its incarnation, for a value written as owned
+    /// ([`PutMeta::owned`](crate::PutMeta)); `None` otherwise.
+    pub owner: Option<crate::Owner>,
 }
 
 impl Entry {
@@ -35,11 +41,15 @@ impl Entry {
             value,
             version,
             revision,
+            flags,
+            owner,
         } = stored;
         Some(Entry {
             value: value?,
             version,
             revision,
+            flags,
+            owner,
         })
     }
 }
@@ -76,7 +86,7 @@ impl Entry {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Node {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl Node {
@@ -95,7 +105,7 @@ impl Node {
         NodeId(self.shared.node_id)
     }
 
-    async fn command<R>(
+    pub(crate) async fn command<R>(
         &self,
         make: impl FnOnce(oneshot::Sender<R>) -> Command,
     ) -> Result<R, Error> {
@@ -167,8 +177,7 @@ impl Node {
         key: impl Into<String>,
         value: impl Into<Bytes>,
     ) -> Result<Version, Error> {
-        let (key, value) = (key.into(), value.into());
-        self.batch(vec![Op::Put { key, value }]).await
+        self.batch(vec![Op::put(key, value)]).await
     }
 
     /// Delete `key` on every node (a tombstone with a new version).
@@ -201,7 +210,7 @@ impl Node {
     /// # }
     /// ```
     pub async fn delete(&self, key: impl Into<String>) -> Result<Version, Error> {
-        self.batch(vec![Op::Delete { key: key.into() }]).await
+        self.batch(vec![Op::delete(key)]).await
     }
 
     /// Apply several operations atomically under one version: every node applies all of them
@@ -227,9 +236,9 @@ impl Node {
     /// node.put("db/old-replica", "10.0.0.9").await?;
     /// let version = node
     ///     .batch(vec![
-    ///         Op::Put { key: "db/primary".into(), value: "10.0.0.1".into() },
-    ///         Op::Put { key: "db/replica".into(), value: "10.0.0.2".into() },
-    ///         Op::Delete { key: "db/old-replica".into() },
+    ///         Op::put("db/primary", "10.0.0.1"),
+    ///         Op::put("db/replica", "10.0.0.2"),
+    ///         Op::delete("db/old-replica"),
     ///     ])
     ///     .await?;
     /// // One version for the whole batch.
@@ -241,7 +250,7 @@ impl Node {
     /// # }
     /// ```
     pub async fn batch(&self, ops: Vec<Op>) -> Result<Version, Error> {
-        self.command(|reply| Command::Write { ops, reply }).await?
+        self.batch_checked(Vec::new(), ops).await
     }
 
     /// The live value of `key` in the local store, if any.

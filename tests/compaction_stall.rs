@@ -120,10 +120,7 @@ async fn compaction_of_a_million_keys_and_heartbeats() {
     let value = bytes::Bytes::from(vec![b'v'; 100]);
     let batch = |from: u64| -> Vec<Op> {
         (0..BATCH)
-            .map(|i| Op::Put {
-                key: format!("key/{:07}", (from + i) % KEYS),
-                value: value.clone(),
-            })
+            .map(|i| Op::put(format!("key/{:07}", (from + i) % KEYS), value.clone()))
             .collect()
     };
     // Fill: 1 M keys, then overwrites, until the log is one batch-second short of the

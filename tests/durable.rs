@@ -151,15 +151,7 @@ async fn the_whole_cluster_restarts_with_the_same_data_everywhere() {
     nodes[0].delete("k/1/5").await.unwrap();
     nodes[1].delete("k/2/6").await.unwrap();
     nodes[2]
-        .batch(vec![
-            Op::Put {
-                key: "k/batch".into(),
-                value: "b".into(),
-            },
-            Op::Delete {
-                key: "k/0/0".into(),
-            },
-        ])
+        .batch(vec![Op::put("k/batch", "b"), Op::delete("k/0/0")])
         .await
         .unwrap();
     let refs: Vec<&Node> = nodes.iter().collect();

@@ -62,17 +62,9 @@ async fn five_nodes_converge() {
     nodes[0].delete("cfg/1/3").await.expect("delete");
     nodes[2]
         .batch(vec![
-            Op::Put {
-                key: "cfg/batch/a".into(),
-                value: "1".into(),
-            },
-            Op::Put {
-                key: "cfg/batch/b".into(),
-                value: "2".into(),
-            },
-            Op::Delete {
-                key: "cfg/4/0".into(),
-            },
+            Op::put("cfg/batch/a", "1"),
+            Op::put("cfg/batch/b", "2"),
+            Op::delete("cfg/4/0"),
         ])
         .await
         .expect("batch");
@@ -127,10 +119,7 @@ async fn late_joiner_catches_up_ten_thousand_keys() {
     let a = start("t-late", group, 1).await;
     let b = start("t-late", group, 2).await;
     let ops: Vec<Op> = (0..10_000)
-        .map(|i| Op::Put {
-            key: format!("k/{i:05}"),
-            value: vec![b'x'; 32].into(),
-        })
+        .map(|i| Op::put(format!("k/{i:05}"), vec![b'x'; 32]))
         .collect();
     for chunk in ops.chunks(100) {
         a.batch(chunk.to_vec()).await.expect("batch");

@@ -200,10 +200,7 @@ async fn a_watch_that_falls_out_of_the_change_log_ends_with_compacted_in_the_str
     let start = watch.revision();
     for chunk in 0..110 {
         let ops = (0..1000)
-            .map(|i| Op::Put {
-                key: format!("k/{chunk:03}/{i:04}"),
-                value: Bytes::from_static(b"v"),
-            })
+            .map(|i| Op::put(format!("k/{chunk:03}/{i:04}"), Bytes::from_static(b"v")))
             .collect();
         node.batch(ops).await.expect("batch");
     }

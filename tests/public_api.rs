@@ -143,13 +143,8 @@ async fn the_whole_api_through_chorus_alone() {
     let _: Hlc = v1.hlc;
     let v2 = a
         .batch(vec![
-            Op::Put {
-                key: "api/two".into(),
-                value: Bytes::from_static(b"2"),
-            },
-            Op::Delete {
-                key: "api/one".into(),
-            },
+            Op::put("api/two", Bytes::from_static(b"2")),
+            Op::delete("api/one"),
         ])
         .await
         .expect("batch");

@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chorus_replication::{
-    CoreError, DurableError, Lifecycle, NodeConfig, NodeCore, Version, WallClock,
+    CoreError, DurableError, Lifecycle, NodeConfig, NodeCore, RestoreMode, RestoreReport, Version,
+    WallClock,
 };
 use chorus_storage::{DiskLog, DiskOptions, Progress, Storage};
 use chorus_transport::{DatagramTransport, Destination, Outgoing, Received};
@@ -159,6 +160,7 @@ pub(crate) fn spawn<T: DatagramTransport>(
         send_errors: 0,
         recv_errors: 0,
         replies: HashMap::new(),
+        restore_replies: HashMap::new(),
         next_ticket: 0,
         storage,
         progress_rx,
@@ -195,6 +197,8 @@ enum Wake {
 
 /// A write's reply, held until the core acknowledges the write.
 type Reply = oneshot::Sender<Result<Version, Error>>;
+/// A restore's reply, held likewise.
+type RestoreReply = oneshot::Sender<Result<RestoreReport, Error>>;
 
 struct Driver<T> {
     core: NodeCore,
@@ -206,6 +210,8 @@ struct Driver<T> {
     recv_errors: u64,
     /// Write replies by ticket, until the core's `Acked`.
     replies: HashMap<u64, Reply>,
+    /// Restore replies by ticket (with the report), until the core's `Acked`.
+    restore_replies: HashMap<u64, (RestoreReport, RestoreReply)>,
     next_ticket: u64,
     /// The storage thread of a node with a data directory.
     storage: Option<Storage>,
@@ -336,6 +342,11 @@ impl<T: DatagramTransport> Driver<T> {
                 "the storage thread stopped before the write was durable".into(),
             ))));
         }
+        for (_, (_, reply)) in self.restore_replies.drain() {
+            let _ = reply.send(Err(Error::Durability(DurableError::Failed(
+                "the storage thread stopped before the restore was durable".into(),
+            ))));
+        }
         self.publish_snapshots();
         self.shared.in_sync.send_replace(false);
         self.shared.stopped.send_replace(true);
@@ -406,6 +417,31 @@ impl<T: DatagramTransport> Driver<T> {
     pub(super) fn acknowledge(&mut self, ticket: u64, result: Result<Version, CoreError>) {
         if let Some(reply) = self.replies.remove(&ticket) {
             let _ = reply.send(result.map_err(Error::from));
+        } else if let Some((report, reply)) = self.restore_replies.remove(&ticket) {
+            let _ = reply.send(result.map(|_| report).map_err(Error::from));
+        }
+    }
+
+    /// A restore: the reply waits for the core's `Acked` of its ticket, like a write's.
+    fn restore(
+        &mut self,
+        now: std::time::Instant,
+        entries: Vec<(String, chorus_replication::Entry)>,
+        mode: RestoreMode,
+        reply: RestoreReply,
+    ) {
+        let ticket = self.next_ticket;
+        self.next_ticket = self.next_ticket.wrapping_add(1);
+        // The report is known at once; the answer waits for the `Acked` (at once when
+        // refused, then with the error).
+        match self.core.restore_entries(now, entries, mode, ticket) {
+            Ok(report) => {
+                self.restore_replies.insert(ticket, (report, reply));
+            }
+            Err(_) => {
+                self.restore_replies
+                    .insert(ticket, (RestoreReport::default(), reply));
+            }
         }
     }
 
@@ -423,17 +459,28 @@ impl<T: DatagramTransport> Driver<T> {
     }
 
     /// A write: the reply waits for the core's `Acked` of its ticket.
-    fn write(&mut self, now: std::time::Instant, ops: Vec<chorus_replication::Op>, reply: Reply) {
+    fn write(
+        &mut self,
+        now: std::time::Instant,
+        checks: Vec<chorus_replication::Check>,
+        ops: Vec<chorus_replication::Op>,
+        reply: Reply,
+    ) {
         let ticket = self.next_ticket;
         self.next_ticket = self.next_ticket.wrapping_add(1);
         self.replies.insert(ticket, reply);
         // The result comes back as an `Acked` (at once when refused).
-        let _ = self.core.batch(now, ops, ticket);
+        let _ = self.core.batch_checked(now, checks, ops, ticket);
     }
 
     fn command(&mut self, now: std::time::Instant, cmd: Command) {
         match cmd {
-            Command::Write { ops, reply } => self.write(now, ops, reply),
+            Command::Write { checks, ops, reply } => self.write(now, checks, ops, reply),
+            Command::Restore {
+                entries,
+                mode,
+                reply,
+            } => self.restore(now, entries, mode, reply),
             Command::ChangesSince {
                 revision,
                 prefix,

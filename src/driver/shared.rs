@@ -4,7 +4,7 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use chorus_replication::{Change, Store, Version};
+use chorus_replication::{Change, Check, RestoreMode, RestoreReport, Store, Version};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::{Counters, Entry, Error, MemberEvent, MemberInfo, Op};
@@ -12,10 +12,18 @@ use crate::{Counters, Entry, Error, MemberEvent, MemberInfo, Op};
 /// A request from a [`Node`](crate::Node) handle to its driver.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// A put, a delete or a batch: applied atomically under one version.
+    /// A put, a delete or a batch: applied atomically under one version, only if every
+    /// check holds (none for an unconditional write).
     Write {
+        checks: Vec<Check>,
         ops: Vec<Op>,
         reply: oneshot::Sender<Result<Version, Error>>,
+    },
+    /// Entries from a backup (at most the batch limit), merged by version or re-stamped.
+    Restore {
+        entries: Vec<(String, chorus_replication::Entry)>,
+        mode: RestoreMode,
+        reply: oneshot::Sender<Result<RestoreReport, Error>>,
     },
     ChangesSince {
         revision: u64,
@@ -63,6 +71,11 @@ impl Shared {
             .collect()
     }
 
+    /// The store itself (read directly, e.g. walked by a snapshot).
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub(crate) fn revision(&self) -> u64 {
         self.store.revision()
     }
@@ -104,7 +117,7 @@ impl Shared {
     /// Hands `cmd` to the driver: writes on the write channel, the rest on the control one.
     pub(crate) async fn send(&self, cmd: Command) -> Result<(), Error> {
         let channel = match cmd {
-            Command::Write { .. } => &self.write_tx,
+            Command::Write { .. } | Command::Restore { .. } => &self.write_tx,
             Command::ChangesSince { .. } | Command::Shutdown { .. } => &self.control_tx,
         };
         channel.send(cmd).await.map_err(|_| Error::Closed)

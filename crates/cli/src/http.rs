@@ -19,7 +19,7 @@ use axum::routing::get;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use chorus::{Change, Entry, Node};
+use chorus::{Change, Check, Entry, Expect, Node, Op};
 
 use crate::syncdir::{Kind, SyncStats};
 
@@ -74,8 +74,12 @@ fn status_of(e: &chorus::Error) -> StatusCode {
             | R::KeyTooLong { .. }
             | R::EmptyBatch
             | R::BatchTooLarge { .. }
-            | R::DuplicateKey { .. } => StatusCode::BAD_REQUEST,
+            | R::DuplicateKey { .. }
+            | R::TooManyChecks { .. }
+            | R::InvalidEntry { .. } => StatusCode::BAD_REQUEST,
             R::ClockAhead { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            // A conditional write whose condition did not hold: nothing changed.
+            R::ConditionFailed { .. } => StatusCode::CONFLICT,
         },
         // A state of the node, not of the request: it lasts until the clock is fixed (or
         // catches up with the node's history), so 503 like any other unavailability.
@@ -108,6 +112,15 @@ impl From<chorus::Error> for ApiError {
                     chorus::ClockCause::WallClock => "wall_clock",
                     chorus::ClockCause::History => "history",
                 },
+            })),
+            chorus::Error::Replication(chorus::ReplicationError::ConditionFailed {
+                key,
+                current,
+                revision,
+            }) => Some(json!({
+                "key": key,
+                "current_version": current.map(|v| v.to_string()),
+                "current_revision": revision,
             })),
             _ => None,
         };
@@ -300,29 +313,68 @@ async fn get_key(
     Ok((headers, entry.value).into_response())
 }
 
+/// The condition of a conditional `PUT`/`DELETE` (`?if-absent`, `?if-version=V`), if any.
+fn write_condition(params: &[(String, String)], key: &str) -> Result<Vec<Check>, ApiError> {
+    let absent = match param(params, "if-absent") {
+        None | Some("false") => false,
+        Some("" | "true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "bad if-absent {other:?}: give it without a value (?if-absent) or as true/false"
+            )));
+        }
+    };
+    let version = param(params, "if-version")
+        .map(|v| {
+            v.parse::<chorus::Version>()
+                .map_err(|e| ApiError::bad_request(format!("bad if-version: {e}")))
+        })
+        .transpose()?;
+    match (absent, version) {
+        (true, Some(_)) => Err(ApiError::bad_request(
+            "if-absent and if-version exclude each other",
+        )),
+        (true, None) => Ok(vec![Check::new(key, Expect::Absent)]),
+        (false, Some(v)) => Ok(vec![Check::new(key, Expect::Version(v))]),
+        (false, None) => Ok(Vec::new()),
+    }
+}
+
 async fn put_key(
     State(node): State<Node>,
     key: Result<Path<String>, PathRejection>,
+    RawQuery(q): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Path(key) = key?;
+    let params = parse_query(q.as_deref(), &["if-absent", "if-version"])?;
+    let checks = write_condition(&params, &key)?;
     let body = body?;
-    let version = node.put(key.clone(), body).await?;
+    let version = node
+        .batch_checked(checks, vec![Op::put(key.clone(), body)])
+        .await?;
     Ok(axum::Json(json!({ "key": key, "version": version.to_string() })).into_response())
 }
 
 async fn delete_key(
     State(node): State<Node>,
     key: Result<Path<String>, PathRejection>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let Path(key) = key?;
-    if node.get(&key).is_none() {
+    let params = parse_query(q.as_deref(), &["if-version"])?;
+    let checks = write_condition(&params, &key)?;
+    // A conditional delete of an absent key fails its condition (409 with no current
+    // version) rather than answering 404.
+    if checks.is_empty() && node.get(&key).is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("key {key:?} not found"),
         ));
     }
-    let version = node.delete(key.clone()).await?;
+    let version = node
+        .batch_checked(checks, vec![Op::delete(key.clone())])
+        .await?;
     Ok(
         axum::Json(json!({ "key": key, "version": version.to_string(), "deleted": true }))
             .into_response(),
@@ -581,9 +633,11 @@ mod tests {
             .unwrap();
         for chunk in 0..10 {
             let ops = (0..1000)
-                .map(|i| chorus::Op::Put {
-                    key: format!("app/key-{chunk:02}-{i:04}"),
-                    value: bytes::Bytes::from_static(b"v"),
+                .map(|i| {
+                    chorus::Op::put(
+                        format!("app/key-{chunk:02}-{i:04}"),
+                        bytes::Bytes::from_static(b"v"),
+                    )
                 })
                 .collect();
             node.batch(ops).await.unwrap();

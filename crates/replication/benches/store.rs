@@ -36,10 +36,7 @@ fn filled(buckets: u32, now: Instant) -> Replica {
     for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1000) {
         let ops = chunk
             .iter()
-            .map(|&i| Op::Put {
-                key: key(i),
-                value: value.clone(),
-            })
+            .map(|&i| Op::put(key(i), value.clone()))
             .collect();
         r.batch(WALL_MS, ops).expect("a valid batch");
         drain(&mut r);

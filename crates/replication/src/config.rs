@@ -36,6 +36,10 @@ pub struct ReplicaConfig {
     /// This node's id: the tie-break of every version it stamps. Must equal the node id the
     /// protocol layer reports for this node.
     pub node: u64,
+    /// This node's incarnation (its current life), recorded as the owner of the entries it
+    /// writes as owned. [`NodeCore`](crate::NodeCore) sets it from the protocol's; 0 by
+    /// default.
+    pub incarnation: u64,
     /// Seed of every random choice (digest jitter).
     pub rng_seed: u64,
     /// Key, value and batch limits.
@@ -82,6 +86,7 @@ impl ReplicaConfig {
     pub fn new(node: u64, rng_seed: u64) -> ReplicaConfig {
         ReplicaConfig {
             node,
+            incarnation: 0,
             rng_seed,
             limits: Limits::default(),
             max_drift_ms: 60_000,

@@ -67,6 +67,51 @@ pub enum Error {
         /// What is ahead.
         cause: ClockCause,
     },
+    /// A check of a conditional write ([`Check`](crate::Check)) did not hold against this
+    /// node's store when the write was about to be applied: no state changed, nothing was
+    /// stamped or sent. `current` and `revision` describe the key's live entry as it is
+    /// (both `None` when the key is absent or deleted).
+    #[error("condition failed for key {key:?}: {}", condition_current(*current, *revision))]
+    ConditionFailed {
+        /// The key of the first check that failed.
+        key: String,
+        /// The version of the key's live entry, `None` when absent (or a tombstone).
+        current: Option<crate::hlc::Version>,
+        /// The local revision of the key's live entry, `None` when absent.
+        revision: Option<u64>,
+    },
+    /// An entry given to a restore cannot be taken as it is: nothing was applied.
+    #[error("entry {key:?} refused: {reason}")]
+    InvalidEntry {
+        /// The entry's key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The write has more checks than `Limits::max_batch_ops`.
+    #[error("{checks} checks exceed the limit of {max}")]
+    TooManyChecks {
+        /// Number of checks.
+        checks: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+fn condition_current(current: Option<crate::hlc::Version>, revision: Option<u64>) -> String {
+    match (current, revision) {
+        (Some(v), Some(r)) => format!("it holds version {v} at revision {r}"),
+        (Some(v), None) => format!("it holds version {v}"),
+        _ => "it is absent".to_owned(),
+    }
+}
+
+impl Error {
+    /// Whether this is a failed condition ([`Error::ConditionFailed`]).
+    #[must_use]
+    pub fn is_condition_failed(&self) -> bool {
+        matches!(self, Error::ConditionFailed { .. })
+    }
 }
 
 /// What is ahead when a write is refused with [`Error::ClockAhead`].

@@ -63,6 +63,51 @@ impl fmt::Display for Version {
     }
 }
 
+/// The text of a [`Version`] was not `<physical ms>.<logical>@<node>` (the format its
+/// `Display` prints, e.g. `1767225600000.3@42`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid version {0:?}: expected <physical ms>.<logical>@<node> as printed by Chorus, e.g. 1767225600000.3@42"
+)]
+pub struct ParseVersionError(String);
+
+/// Parses what [`Version`]'s `Display` prints: `<physical ms>.<logical>@<node>`, decimal
+/// digits only, the physical part at most [`MAX_PHYSICAL_MS`] and the logical part at most
+/// 65535.
+///
+/// # Examples
+/// ```
+/// use chorus_replication::{Hlc, Version};
+/// let v: Version = "1767225600000.3@42".parse().expect("valid");
+/// assert_eq!(v, Version { hlc: Hlc::new(1_767_225_600_000, 3), node: 42 });
+/// assert_eq!(v.to_string().parse::<Version>(), Ok(v));
+/// assert!("1767225600000@42".parse::<Version>().is_err());
+/// ```
+impl std::str::FromStr for Version {
+    type Err = ParseVersionError;
+
+    fn from_str(s: &str) -> Result<Version, ParseVersionError> {
+        fn digits<T: std::str::FromStr>(part: &str) -> Option<T> {
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            part.parse().ok()
+        }
+        let bad = || ParseVersionError(s.chars().take(64).collect());
+        let (hlc, node) = s.split_once('@').ok_or_else(bad)?;
+        let (physical, logical) = hlc.split_once('.').ok_or_else(bad)?;
+        let physical: u64 = digits(physical)
+            .filter(|p| *p <= MAX_PHYSICAL_MS)
+            .ok_or_else(bad)?;
+        let logical: u16 = digits(logical).ok_or_else(bad)?;
+        let node: u64 = digits(node).ok_or_else(bad)?;
+        Ok(Version {
+            hlc: Hlc::new(physical, logical),
+            node,
+        })
+    }
+}
+
 /// A remote timestamp lies too far ahead of the local wall clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(

@@ -54,6 +54,9 @@ pub use durable::{
     ParseFsyncError, Persist,
 };
 pub use error::{ClockCause, Compacted, Error};
-pub use hlc::{DriftError, Hlc, HlcClock, MAX_PHYSICAL_MS, Version};
-pub use replica::{Change, Op, Outgoing, OutgoingKind, Replica, ReplicaEvent, ReplicaStats};
-pub use store::{Entry, Store};
+pub use hlc::{DriftError, Hlc, HlcClock, MAX_PHYSICAL_MS, ParseVersionError, Version};
+pub use replica::{
+    Change, Check, Expect, Op, Outgoing, OutgoingKind, PutMeta, Replica, ReplicaEvent,
+    ReplicaStats, RestoreMode, RestoreReport,
+};
+pub use store::{Entry, EntryMeta, Owner, Store};

@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use bytes::Bytes;
 use crossbeam_skiplist::SkipMap;
 
+use chorus_protocol::NodeId;
+
 use crate::hlc::Version;
+use crate::wire;
 
 /// A stored key: one exact-size allocation, shared by the index, the tombstone index, the
 /// change log and (while anti-entropy lists them) the digest buckets' key lists.
@@ -24,20 +27,93 @@ pub(crate) fn bytes_of(value: &Value) -> Bytes {
     Bytes::from_owner(value.clone())
 }
 
+/// The node that owns an entry written as *owned* (see [`PutMeta::owned`](crate::PutMeta)):
+/// the writer and the incarnation (life) it wrote in.
+///
+/// Chorus records it and replicates it with the entry; what an owner's departure does to
+/// its entries is decided by the layer above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Owner {
+    /// The writer's node id (always the node of the entry's version).
+    pub node: NodeId,
+    /// The writer's incarnation when it wrote the entry.
+    pub incarnation: u64,
+}
+
+/// An entry's metadata beyond its value and version: opaque flags and an owner. Both are
+/// written with the value (the same version), replicated and persisted with it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct EntryMeta {
+    /// Opaque to Chorus (Consul's `Flags`); 0 by default.
+    pub flags: u64,
+    /// The owner of an entry written as owned; `None` by default.
+    pub owner: Option<Owner>,
+}
+
+impl EntryMeta {
+    /// Whether this is the default (no flags, no owner).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.flags == 0 && self.owner.is_none()
+    }
+
+    /// The metadata as the wire and the log carry it: `(flags, owner)`.
+    pub(crate) fn to_wire(self) -> (u64, Option<wire::Owner>) {
+        (
+            self.flags,
+            self.owner.map(|o| wire::Owner {
+                node: o.node.0,
+                incarnation: o.incarnation,
+            }),
+        )
+    }
+
+    /// The metadata of a wire entry or op.
+    pub(crate) fn from_wire(flags: u64, owner: Option<&wire::Owner>) -> EntryMeta {
+        EntryMeta {
+            flags,
+            owner: owner.map(|o| Owner {
+                node: NodeId(o.node),
+                incarnation: o.incarnation,
+            }),
+        }
+    }
+}
+
+/// [`EntryMeta`] as the store keeps it: nothing but a null pointer for the common entry
+/// without flags or owner (8 bytes per key), one small allocation otherwise, shared by the
+/// store and the change log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Attrs(Option<Arc<EntryMeta>>);
+
+impl Attrs {
+    pub(crate) fn new(meta: EntryMeta) -> Attrs {
+        Attrs((!meta.is_empty()).then(|| Arc::new(meta)))
+    }
+
+    pub(crate) fn get(&self) -> EntryMeta {
+        self.0.as_deref().copied().unwrap_or_default()
+    }
+}
+
 /// An entry as the store keeps it (see [`Entry`], which readers get).
 #[derive(Debug, Clone)]
 pub(crate) struct Stored {
     pub(crate) value: Option<Value>,
     pub(crate) version: Version,
     pub(crate) revision: u64,
+    pub(crate) attrs: Attrs,
 }
 
 impl Stored {
     pub(crate) fn entry(&self) -> Entry {
+        let meta = self.attrs.get();
         Entry {
             value: self.value.as_ref().map(bytes_of),
             version: self.version,
             revision: self.revision,
+            flags: meta.flags,
+            owner: meta.owner,
         }
     }
 
@@ -73,6 +149,10 @@ pub struct Entry {
     pub version: Version,
     /// Local revision of the change that stored this entry (see [`Store::revision`]).
     pub revision: u64,
+    /// Opaque flags written with the value (Consul's `Flags`); 0 unless set.
+    pub flags: u64,
+    /// The writer and its incarnation, for an entry written as owned; `None` otherwise.
+    pub owner: Option<Owner>,
 }
 
 impl Entry {
@@ -80,6 +160,30 @@ impl Entry {
     #[must_use]
     pub fn is_tombstone(&self) -> bool {
         self.value.is_none()
+    }
+
+    /// The entry's flags and owner.
+    #[must_use]
+    pub fn meta(&self) -> EntryMeta {
+        EntryMeta {
+            flags: self.flags,
+            owner: self.owner,
+        }
+    }
+
+    /// The entry under `key` as the wire and the durable log carry it (its revision is
+    /// local and not carried).
+    #[must_use]
+    pub fn to_wire(&self, key: &str) -> wire::Entry {
+        let (flags, owner) = self.meta().to_wire();
+        wire::Entry {
+            key: key.to_owned(),
+            hlc: self.version.hlc.0,
+            node: self.version.node,
+            value: self.value.clone(),
+            flags,
+            owner,
+        }
     }
 }
 
@@ -420,6 +524,7 @@ mod tests {
                 node: 1,
             },
             revision: rev,
+            attrs: Attrs::default(),
         }
     }
 

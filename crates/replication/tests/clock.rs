@@ -175,6 +175,7 @@ fn future_history(ahead_ms: u64) -> Loaded {
                 hlc: Hlc::new(SIM_EPOCH_MS + ahead_ms, 0),
                 node: 1,
             },
+            Default::default(),
         )],
         last_wall_ms: SIM_EPOCH_MS + ahead_ms,
         ..Loaded::default()

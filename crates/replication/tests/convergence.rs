@@ -289,11 +289,8 @@ impl Cluster {
         let wire: Vec<Op> = ops
             .iter()
             .map(|(k, v)| match v {
-                Some(v) => Op::Put {
-                    key: key(*k),
-                    value: val(*v),
-                },
-                None => Op::Delete { key: key(*k) },
+                Some(v) => Op::put(key(*k), val(*v)),
+                None => Op::delete(key(*k)),
             })
             .collect();
         let ticket = self.writes.len() as u64;
@@ -347,7 +344,7 @@ impl Cluster {
                 d.borrow()
                     .durable_state()
                     .get(&rec.key)
-                    .is_some_and(|(_, v)| *v >= rec.version)
+                    .is_some_and(|(_, v, _)| *v >= rec.version)
             })
         };
         let kept_now: Vec<bool> = self.writes.iter().map(kept).collect();
@@ -706,9 +703,11 @@ fn late_joiner_catches_up_ten_thousand_keys() {
     s.run_for(Duration::from_secs(1));
     for batch in 0..keys / 100 {
         let ops: Vec<Op> = (0..100)
-            .map(|i| Op::Put {
-                key: format!("app/{batch:04}/{i:03}"),
-                value: Bytes::from(vec![b'x'; 100]),
+            .map(|i| {
+                Op::put(
+                    format!("app/{batch:04}/{i:03}"),
+                    Bytes::from(vec![b'x'; 100]),
+                )
             })
             .collect();
         s.act(batch % 3, |m, now| {

@@ -20,13 +20,7 @@ fn writes_replicate_to_every_node_and_events_flow() {
         m.core
             .batch(
                 now,
-                vec![
-                    Op::Put {
-                        key: "b".into(),
-                        value: Bytes::from("2"),
-                    },
-                    Op::Delete { key: "a".into() },
-                ],
+                vec![Op::put("b", Bytes::from("2")), Op::delete("a")],
                 1,
             )
             .unwrap()

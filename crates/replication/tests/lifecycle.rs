@@ -21,10 +21,7 @@ fn lifecycle(s: &mut Sim<SimNode>, i: usize) -> Lifecycle {
 }
 
 fn put(key: &str) -> Vec<Op> {
-    vec![Op::Put {
-        key: key.into(),
-        value: Bytes::from("v"),
-    }]
+    vec![Op::put(key, Bytes::from("v"))]
 }
 
 #[test]

@@ -128,7 +128,7 @@ fn stored_keys_and_values_hold_only_their_own_bytes_on_every_path() {
                 hlc: Hlc::new(WALL0, 0),
                 node: 1,
             };
-            (key(i), Some(sliced_value()), version)
+            (key(i), Some(sliced_value()), version, Default::default())
         })
         .collect();
     let loaded = Loaded {

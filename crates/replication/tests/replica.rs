@@ -168,35 +168,19 @@ fn limits_are_enforced_and_refusals_change_nothing() {
         })
     );
     assert_eq!(r.batch(WALL0, vec![]), Err(Error::EmptyBatch));
-    let three = (0..3)
-        .map(|i| Op::Delete {
-            key: format!("k{i}"),
-        })
-        .collect();
+    let three = (0..3).map(|i| Op::delete(format!("k{i}"))).collect();
     assert_eq!(
         r.batch(WALL0, three),
         Err(Error::BatchTooLarge { ops: 3, max: 2 })
     );
-    let dup = vec![
-        Op::Delete { key: "k".into() },
-        Op::Put {
-            key: "k".into(),
-            value: b("v"),
-        },
-    ];
+    let dup = vec![Op::delete("k"), Op::put("k", b("v"))];
     assert_eq!(
         r.batch(WALL0, dup),
         Err(Error::DuplicateKey { key: "k".into() })
     );
     let big = vec![
-        Op::Put {
-            key: "kkkkkkk1".into(),
-            value: b("vvvv"),
-        },
-        Op::Put {
-            key: "kkkkkkk2".into(),
-            value: b("vvvv"),
-        },
+        Op::put("kkkkkkk1", b("vvvv")),
+        Op::put("kkkkkkk2", b("vvvv")),
     ];
     assert!(matches!(
         r.batch(WALL0, big),
@@ -222,6 +206,7 @@ fn write_msg(hlc: Hlc, ops: Vec<(&str, Option<&str>)>) -> Vec<u8> {
                 .map(|(k, v)| wire::Op {
                     key: k.into(),
                     value: v.map(b),
+                    ..Default::default()
                 })
                 .collect(),
         })),
@@ -362,10 +347,7 @@ fn batches_are_never_half_visible_to_concurrent_readers() {
         let value = Bytes::from(round.to_string());
         let ops = keys
             .iter()
-            .map(|k| Op::Put {
-                key: k.clone(),
-                value: value.clone(),
-            })
+            .map(|k| Op::put(k.clone(), value.clone()))
             .collect();
         r.batch(WALL0 + round, ops).unwrap();
         while r.poll_event().is_some() {}
@@ -599,6 +581,7 @@ fn tombstones_are_collected_after_grace_and_never_resurrect() {
                 hlc: Hlc::new(WALL0, 0).0,
                 node: 1,
                 value: None,
+                ..Default::default()
             }],
         })),
     }
@@ -648,7 +631,8 @@ fn as_loaded(r: &Replica, last_wall_ms: u64) -> Loaded {
             .store()
             .entries()
             .into_iter()
-            .map(|(k, e)| (k, e.value, e.version))
+            .map(|(k, e)| (k, e.meta(), e))
+            .map(|(k, m, e)| (k, e.value, e.version, m))
             .collect(),
         last_wall_ms,
         ..Loaded::default()
@@ -746,12 +730,14 @@ fn sync_entries_too_far_in_the_future_are_rejected() {
                     hlc: Hlc::new(WALL0, 0).0,
                     node: 2,
                     value: Some(b("1")),
+                    ..Default::default()
                 },
                 wire::Entry {
                     key: "no".into(),
                     hlc: Hlc::new(WALL0 + 3_600_000, 0).0,
                     node: 2,
                     value: Some(b("1")),
+                    ..Default::default()
                 },
             ],
         })),

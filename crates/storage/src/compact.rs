@@ -333,12 +333,7 @@ impl Compaction {
     fn write_entries(&mut self, entries: Vec<(String, Entry)>) -> Result<(), DurableError> {
         for (key, entry) in entries {
             self.chunk += key.len() + entry.value.as_ref().map_or(0, Bytes::len) + ENTRY_OVERHEAD;
-            self.record.entries.push(wire::Entry {
-                key: key.clone(),
-                hlc: entry.version.hlc.0,
-                node: entry.version.node,
-                value: entry.value,
-            });
+            self.record.entries.push(entry.to_wire(&key));
             self.cursor = Some(key);
             if self.chunk >= SNAPSHOT_CHUNK {
                 self.flush_record()?;

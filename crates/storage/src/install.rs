@@ -6,13 +6,13 @@ use std::io::{self, BufWriter, Write as _};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use chorus_replication::{DurableError, Version, wire};
+use chorus_replication::{DurableError, EntryMeta, Version, wire};
 
 use crate::files::{aside_name, create_file, io_err, snapshot_name, step, sync_dir_step, wal_name};
 use crate::record::{ENTRY_OVERHEAD, FILE_HEADER, SNAPSHOT_CHUNK, encode_frame};
 
 /// A snapshot entry: key, value (`None`: tombstone), version.
-pub(crate) type SnapEntry<'a> = (&'a str, Option<&'a Bytes>, Version);
+pub(crate) type SnapEntry<'a> = (&'a str, Option<&'a Bytes>, Version, EntryMeta);
 
 /// A new generation, complete and durable: its snapshot and its empty, open log.
 pub(crate) struct Installed {
@@ -97,7 +97,7 @@ pub(crate) fn repair(
     dir: &Path,
     why: &'static str,
     next: u64,
-    entries: &[(String, Option<Bytes>, Version)],
+    entries: &[(String, Option<Bytes>, Version, EntryMeta)],
     wall_ms: u64,
     damaged: &[PathBuf],
 ) -> Result<Installed, DurableError> {
@@ -109,7 +109,7 @@ pub(crate) fn repair(
     };
     let items = entries
         .iter()
-        .map(|(k, v, ver)| (k.as_str(), v.as_ref(), *ver));
+        .map(|(k, v, ver, meta)| (k.as_str(), v.as_ref(), *ver, *meta));
     let installed = install(dir, next, items, wall_ms).map_err(|(c, u)| failed(c, u))?;
     let mut moved: Vec<(&PathBuf, PathBuf)> = Vec::new();
     let mut set_aside = || {
@@ -178,14 +178,24 @@ pub(crate) fn write_snapshot_file<'a>(
         size += framed.len() as u64;
         out.write_all(&framed).map_err(io_err("write", path))
     };
-    for (key, value, version) in entries {
+    for (key, value, version, meta) in entries {
         any = true;
         chunk += key.len() + value.map_or(0, Bytes::len) + ENTRY_OVERHEAD;
+        let (flags, owner) = if value.is_some() {
+            (meta.flags, meta.owner)
+        } else {
+            (0, None)
+        };
         record.entries.push(wire::Entry {
             key: key.to_owned(),
             hlc: version.hlc.0,
             node: version.node,
             value: value.cloned(),
+            flags,
+            owner: owner.map(|o| wire::Owner {
+                node: o.node.0,
+                incarnation: o.incarnation,
+            }),
         });
         if chunk >= SNAPSHOT_CHUNK {
             emit(&mut record, &mut out)?;

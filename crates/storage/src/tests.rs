@@ -30,7 +30,7 @@ fn state_of(merged: MergedState) -> State {
         .into_sorted()
         .0
         .into_iter()
-        .map(|(k, v, ver)| (k, (v, ver)))
+        .map(|(k, v, ver, _)| (k, (v, ver)))
         .collect()
 }
 
@@ -42,6 +42,7 @@ fn entry(key: &str, t: u64, value: &[u8]) -> wire::Entry {
         hlc: Hlc::new(t, 0).0,
         node: 1,
         value: Some(Bytes::copy_from_slice(value)),
+        ..Default::default()
     }
 }
 
@@ -295,6 +296,7 @@ fn the_apply_walker_reads_what_prost_writes() {
                 hlc: Hlc::new(3, 0).0,
                 node: 7,
                 value: None,
+                ..Default::default()
             },
         ],
         removed: vec![wire::KeyVersion {
@@ -411,6 +413,8 @@ fn damaged_dir(name: &str) -> TempDir {
                     node: 1,
                 },
                 revision: 0,
+                flags: 0,
+                owner: None,
             },
         );
     }
@@ -569,6 +573,8 @@ fn commit(store: &mut BTreeMap<String, Entry>, change: &Change) -> Option<wire::
                     value: value.clone(),
                     version,
                     revision: 0,
+                    flags: 0,
+                    owner: None,
                 },
             );
             Some(record(vec![wire::Entry {
@@ -576,6 +582,7 @@ fn commit(store: &mut BTreeMap<String, Entry>, change: &Change) -> Option<wire::
                 hlc: version.hlc.0,
                 node: 1,
                 value,
+                ..Default::default()
             }]))
         }
         Change::Remove { key } => {
@@ -640,6 +647,7 @@ proptest! {
                     hlc: e.version.hlc.0,
                     node: e.version.node,
                     value: e.value,
+                    ..Default::default()
                 });
                 cursor = Some(k);
             }
@@ -683,6 +691,8 @@ fn log_with_entries(dir: &Path, n: u64) -> (DiskLog, BTreeMap<String, Entry>, u6
                 value: Some(Bytes::from_static(b"v")),
                 version,
                 revision: 0,
+                flags: 0,
+                owner: None,
             },
         );
         log.append(
@@ -717,7 +727,7 @@ fn reload(dir: &Path) -> State {
     loaded
         .entries
         .into_iter()
-        .map(|(k, v, ver)| (k, (v, ver)))
+        .map(|(k, v, ver, _)| (k, (v, ver)))
         .collect()
 }
 

@@ -126,7 +126,7 @@ fn contents(r: &Replica) -> Contents {
 fn loaded_contents(l: &Loaded) -> Contents {
     l.entries
         .iter()
-        .map(|(k, v, ver)| (k.clone(), (v.clone(), *ver)))
+        .map(|(k, v, ver, _)| (k.clone(), (v.clone(), *ver)))
         .collect()
 }
 
@@ -160,13 +160,7 @@ fn reload_gives_back_exactly_what_was_committed() {
     r.delete(WALL + 60, "k/3").unwrap();
     r.batch(
         WALL + 61,
-        vec![
-            Op::Put {
-                key: "b/1".into(),
-                value: Bytes::from_static(b"x"),
-            },
-            Op::Delete { key: "k/4".into() },
-        ],
+        vec![Op::put("b/1", Bytes::from_static(b"x")), Op::delete("k/4")],
     )
     .unwrap();
     r.put(WALL + 62, "k/5", "newer").unwrap();
@@ -343,10 +337,7 @@ fn a_flipped_byte_in_a_snapshot_loses_one_chunk_only() {
     let (mut r, _) = open(dir.path(), 1, o, now);
     let value = vec![b'v'; 1000];
     let ops: Vec<Op> = (0..300)
-        .map(|i| Op::Put {
-            key: format!("key/{i:04}"),
-            value: Bytes::from(value.clone()),
-        })
+        .map(|i| Op::put(format!("key/{i:04}"), Bytes::from(value.clone())))
         .collect();
     for chunk in ops.chunks(100) {
         r.batch(WALL, chunk.to_vec()).unwrap();
@@ -421,6 +412,7 @@ fn fsync_policies_sync_when_they_say() {
             ops: vec![wire::Op {
                 key: "remote".into(),
                 value: Some(Bytes::from_static(b"r")),
+                ..Default::default()
             }],
         })),
     };
@@ -637,10 +629,7 @@ fn durability_figures() {
     let (mut r, _) = open(d.path(), 1, opts, Instant::now());
     for chunk in 0..n / 1000 {
         let ops = (0..1000)
-            .map(|i| Op::Put {
-                key: format!("key/{:08}", chunk * 1000 + i),
-                value: value.clone(),
-            })
+            .map(|i| Op::put(format!("key/{:08}", chunk * 1000 + i), value.clone()))
             .collect();
         r.batch(WALL + chunk, ops).unwrap();
         r.flush_durable(Instant::now(), false).unwrap();
@@ -727,6 +716,7 @@ fn evil_record() -> wire::LogRecord {
             hlc: chorus_replication::Hlc::new(WALL + 1_000_000, 0).0,
             node: 9,
             value: Some(Bytes::from_static(b"adopted from inside a value")),
+            ..Default::default()
         }],
         removed: vec![wire::KeyVersion {
             key: "a".into(),
@@ -942,6 +932,7 @@ fn a_removal_record_larger_than_the_old_64_mib_limit_loads() {
             hlc: version,
             node: 1,
             value: Some(Bytes::from_static(b"v")),
+            ..Default::default()
         }],
         removed: vec![],
     };
@@ -1052,6 +1043,7 @@ fn a_directory_of_the_previous_format_is_loaded_and_rewritten() {
             hlc: chorus_replication::Hlc::new(WALL + t, 0).0,
             node: 1,
             value: value.map(Bytes::from_static),
+            ..Default::default()
         }],
         removed: vec![],
     };

@@ -261,10 +261,7 @@ pub async fn late_join(
     .map(|chunk| {
         let ops = chunk
             .iter()
-            .map(|i| chorus::Op::Put {
-                key: format!("join/{i:08}"),
-                value: value.clone(),
-            })
+            .map(|i| chorus::Op::put(format!("join/{i:08}"), value.clone()))
             .collect();
         writer.batch(ops)
     })

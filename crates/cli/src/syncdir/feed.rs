@@ -222,10 +222,7 @@ mod tests {
         // read; then more changes than the node's change log keeps (100 000).
         let ops = |prefix: &str, n: usize| -> Vec<chorus::Op> {
             (0..n)
-                .map(|i| chorus::Op::Put {
-                    key: format!("{prefix}{i:04}"),
-                    value: Bytes::from_static(b"x"),
-                })
+                .map(|i| chorus::Op::put(format!("{prefix}{i:04}"), Bytes::from_static(b"x")))
                 .collect()
         };
         node.batch(ops("app/queued-", 16)).await.unwrap();

@@ -21,17 +21,19 @@ use crate::durable::{DurableError, DurableStats, Loaded};
 use crate::error::{Compacted, Error};
 use crate::hlc::Version;
 use crate::replica::{
-    Change, Op, OutgoingKind, Replica, ReplicaEvent, ReplicaStats, pop_front_shrinking,
+    Change, Check, Op, OutgoingKind, Replica, ReplicaEvent, ReplicaStats, pop_front_shrinking,
 };
-use crate::store::Store;
+use crate::replica::{RestoreMode, RestoreReport};
+use crate::store::{Entry, Store};
 
 /// Configuration of a [`NodeCore`].
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// The protocol endpoint's configuration (node id, incarnation, cluster, seed, timers).
     pub protocol: chorus_protocol::Config,
-    /// The replica's configuration. Its `node` is overwritten with the protocol's node id and
-    /// its `limits.max_write_bytes` is capped at the protocol's `max_message_size`.
+    /// The replica's configuration. Its `node` and `incarnation` are overwritten with the
+    /// protocol's, and its `limits.max_write_bytes` is capped at the protocol's
+    /// `max_message_size`.
     pub replica: ReplicaConfig,
     /// How `now` maps to unix milliseconds: stamps versions, checks remote versions against
     /// the drift bound, and is carried in heartbeats (it overrides `protocol.wall_clock`) so
@@ -214,6 +216,7 @@ impl NodeCore {
         let endpoint = Endpoint::new(protocol, now);
         let mut rcfg = config.replica;
         rcfg.node = endpoint.node_id().0;
+        rcfg.incarnation = endpoint.config().incarnation.0;
         rcfg.limits.max_write_bytes = rcfg
             .limits
             .max_write_bytes
@@ -302,13 +305,7 @@ impl NodeCore {
         key: impl Into<String>,
         value: impl Into<Bytes>,
     ) -> Result<Version, CoreError> {
-        self.apply_write(
-            now,
-            vec![Op::Put {
-                key: key.into(),
-                value: value.into(),
-            }],
-        )
+        self.apply_write(now, Vec::new(), vec![Op::put(key, value)])
     }
 
     /// Deletes `key`. Not acknowledged, as [`put`](NodeCore::put).
@@ -316,7 +313,7 @@ impl NodeCore {
     /// # Errors
     /// As [`put`](NodeCore::put).
     pub fn delete(&mut self, now: Instant, key: impl Into<String>) -> Result<Version, CoreError> {
-        self.apply_write(now, vec![Op::Delete { key: key.into() }])
+        self.apply_write(now, Vec::new(), vec![Op::delete(key)])
     }
 
     /// Applies `ops` atomically under one version (see [`Replica::batch`]) and answers the
@@ -328,19 +325,79 @@ impl NodeCore {
     /// # Errors
     /// As [`put`](NodeCore::put) (the same error is in the `Acked`).
     pub fn batch(&mut self, now: Instant, ops: Vec<Op>, ticket: u64) -> Result<Version, CoreError> {
+        self.batch_checked(now, Vec::new(), ops, ticket)
+    }
+
+    /// [`batch`](NodeCore::batch) under conditions: applied only if every check of `checks`
+    /// holds against this node's store at the moment the batch is applied (see
+    /// [`Replica::batch_checked`]); answered by one [`NodeEvent::Acked`] as `batch` is.
+    ///
+    /// # Errors
+    /// [`CoreError::Replica`] with [`Error::ConditionFailed`] when a check fails (nothing
+    /// changed); otherwise as [`put`](NodeCore::put).
+    pub fn batch_checked(
+        &mut self,
+        now: Instant,
+        checks: Vec<Check>,
+        ops: Vec<Op>,
+        ticket: u64,
+    ) -> Result<Version, CoreError> {
         let before = self.replica.persist_seq();
-        let result = self.apply_write(now, ops);
+        let result = self.apply_write(now, checks, ops);
         let after = self.replica.persist_seq();
         self.track(ticket, result.clone(), before, after);
         result
     }
 
-    fn apply_write(&mut self, now: Instant, ops: Vec<Op>) -> Result<Version, CoreError> {
+    /// Restores `entries` from a backup as `mode` says (see [`Replica::restore_entries`]) and
+    /// answers with one [`NodeEvent::Acked`] carrying `ticket` once what it stored is as
+    /// durable as a write would be (its version is meaningless for
+    /// [`RestoreMode::ByVersion`](crate::RestoreMode::ByVersion)).
+    ///
+    /// # Errors
+    /// As [`Replica::restore_entries`] (nothing changed); [`CoreError::Closed`] after
+    /// `shutdown` or `close`.
+    pub fn restore_entries(
+        &mut self,
+        now: Instant,
+        entries: Vec<(String, Entry)>,
+        mode: RestoreMode,
+        ticket: u64,
+    ) -> Result<RestoreReport, CoreError> {
+        let before = self.replica.persist_seq();
+        let result = if self.lifecycle == Lifecycle::Running {
+            self.refresh_clocks(now);
+            self.replica
+                .restore_entries(self.wall.wall_ms(now), entries, mode)
+                .map_err(CoreError::from)
+        } else {
+            Err(CoreError::Closed)
+        };
+        if result.is_ok() {
+            self.process(now);
+        }
+        let after = self.replica.persist_seq();
+        let acked = result
+            .as_ref()
+            .map(|(_, v)| v.unwrap_or_default())
+            .map_err(Clone::clone);
+        self.track(ticket, acked, before, after);
+        result.map(|(report, _)| report)
+    }
+
+    fn apply_write(
+        &mut self,
+        now: Instant,
+        checks: Vec<Check>,
+        ops: Vec<Op>,
+    ) -> Result<Version, CoreError> {
         if self.lifecycle != Lifecycle::Running {
             return Err(CoreError::Closed);
         }
         self.refresh_clocks(now);
-        let version = self.replica.batch(self.wall.wall_ms(now), ops)?;
+        let version = self
+            .replica
+            .batch_checked(self.wall.wall_ms(now), checks, ops)?;
         self.process(now);
         Ok(version)
     }

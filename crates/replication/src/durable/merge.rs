@@ -14,13 +14,17 @@ use bytes::Bytes;
 
 use super::Loaded;
 use crate::hlc::{Hlc, Version};
+use crate::store::EntryMeta;
 use crate::wire;
 
-/// A store being rebuilt from records: key → (value or tombstone, version), plus the latest
-/// wall time seen.
+/// One merged entry: value (`None`: tombstone), version, flags and owner.
+type Merged = (Option<Bytes>, Version, EntryMeta);
+
+/// A store being rebuilt from records: key → (value or tombstone, version, metadata), plus
+/// the latest wall time seen.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MergedState {
-    state: HashMap<String, (Option<Bytes>, Version)>,
+    state: HashMap<String, Merged>,
     last_wall_ms: u64,
 }
 
@@ -57,11 +61,16 @@ impl MergedState {
             node: e.node,
         };
         self.observe_wall_ms(version.hlc.physical_ms());
+        let meta = if e.value.is_some() {
+            EntryMeta::from_wire(e.flags, e.owner.as_ref())
+        } else {
+            EntryMeta::default()
+        };
         match self.state.get_mut(&e.key) {
             Some(cur) if cur.1 >= version => {}
-            Some(cur) => *cur = (e.value, version),
+            Some(cur) => *cur = (e.value, version, meta),
             None => {
-                self.state.insert(e.key, (e.value, version));
+                self.state.insert(e.key, (e.value, version, meta));
             }
         }
     }
@@ -95,9 +104,9 @@ impl MergedState {
         self.state.contains_key(key)
     }
 
-    /// The value (`None`: tombstone) and version held under `key`.
+    /// The value (`None`: tombstone), version and metadata held under `key`.
     #[must_use]
-    pub fn get(&self, key: &str) -> Option<&(Option<Bytes>, Version)> {
+    pub fn get(&self, key: &str) -> Option<&(Option<Bytes>, Version, EntryMeta)> {
         self.state.get(key)
     }
 
@@ -109,11 +118,11 @@ impl MergedState {
 
     /// Every entry, sorted by key, and the latest wall time.
     #[must_use]
-    pub fn into_sorted(self) -> (Vec<(String, Option<Bytes>, Version)>, u64) {
-        let mut entries: Vec<(String, Option<Bytes>, Version)> = self
+    pub fn into_sorted(self) -> (Vec<(String, Option<Bytes>, Version, EntryMeta)>, u64) {
+        let mut entries: Vec<(String, Option<Bytes>, Version, EntryMeta)> = self
             .state
             .into_iter()
-            .map(|(k, (v, ver))| (k, v, ver))
+            .map(|(k, (v, ver, meta))| (k, v, ver, meta))
             .collect();
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         (entries, self.last_wall_ms)

@@ -32,6 +32,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::hlc::Version;
+use crate::store::EntryMeta;
 use crate::wire;
 
 /// When the log is forced to stable storage (fsync).
@@ -244,8 +245,10 @@ impl LoadReport {
 /// ([`Replica::restore`](crate::Replica::restore)).
 #[derive(Debug, Clone, Default)]
 pub struct Loaded {
-    /// Every entry, tombstones included (`None` value), sorted by key.
-    pub entries: Vec<(String, Option<Bytes>, Version)>,
+    /// Every entry, tombstones included (`None` value), sorted by key, with its version and
+    /// its flags and owner (default for tombstones and for records written before entries
+    /// had metadata).
+    pub entries: Vec<(String, Option<Bytes>, Version, EntryMeta)>,
     /// Latest wall time found in the records (unix ms): when the node was last known to run.
     pub last_wall_ms: u64,
     /// What the load found.

@@ -159,6 +159,7 @@ mod tests {
                 node: 1,
             },
             revision: rev,
+            attrs: crate::store::Attrs::default(),
         }
     }
 

@@ -3,7 +3,7 @@
 use super::{Change, Replica, ReplicaEvent};
 use crate::error::Compacted;
 use crate::hlc::Version;
-use crate::store::{Key, Value, bytes_of};
+use crate::store::{Attrs, Key, Value, bytes_of};
 
 /// One change as the change log keeps it: the key shared with the store, the value shared
 /// with the stored entry. Its revision is implicit: every revision is logged, in order, so
@@ -13,15 +13,19 @@ pub(super) struct Logged {
     pub(super) key: Key,
     pub(super) value: Option<Value>,
     pub(super) version: Version,
+    pub(super) attrs: Attrs,
 }
 
 impl Logged {
     fn change(&self, revision: u64) -> Change {
+        let meta = self.attrs.get();
         Change {
             revision,
             key: self.key.to_string(),
             value: self.value.as_ref().map(bytes_of),
             version: self.version,
+            flags: meta.flags,
+            owner: meta.owner,
         }
     }
 

@@ -8,7 +8,7 @@ use super::{Item, Logged, Replica};
 use crate::durable::Origin;
 use crate::hash::{bucket_of, entry_hash};
 use crate::hlc::{Hlc, Version};
-use crate::store::{Key, Stored, Value};
+use crate::store::{Attrs, EntryMeta, Key, Stored, Value};
 use crate::wire;
 
 impl Replica {
@@ -41,11 +41,25 @@ impl Replica {
             self.dropped_from(now, from);
             return;
         }
+        if w.ops
+            .iter()
+            .any(|op| op.owner.as_ref().is_some_and(|o| o.node != from))
+        {
+            // An entry owned by another node than its writer: forged or broken, all or
+            // nothing as the batch is.
+            self.stats.owner_mismatch += 1;
+            return;
+        }
         let version = Version { hlc, node: from };
         let items = w
             .ops
             .into_iter()
-            .map(|op| (op.key, op.value, version))
+            .map(|op| Item {
+                meta: EntryMeta::from_wire(op.flags, op.owner.as_ref()),
+                key: op.key,
+                value: op.value,
+                version,
+            })
             .collect();
         self.stats.remote_writes += 1;
         self.apply(items, wall_ms, Origin::Remote);
@@ -66,31 +80,36 @@ impl Replica {
                 self.stats.limit_violations += 1;
                 continue;
             }
+            if entry.owner.as_ref().is_some_and(|o| o.node != entry.node) {
+                self.stats.owner_mismatch += 1;
+                continue;
+            }
             let hlc = Hlc(entry.hlc);
             if self.clock.observe(hlc, wall_ms).is_err() {
                 self.stats.drift_rejected += 1;
                 rejected = true;
                 continue;
             }
-            items.push((
-                entry.key,
-                entry.value,
-                Version {
+            items.push(Item {
+                meta: EntryMeta::from_wire(entry.flags, entry.owner.as_ref()),
+                key: entry.key,
+                value: entry.value,
+                version: Version {
                     hlc,
                     node: entry.node,
                 },
-            ));
+            });
         }
         let duplicated = {
             let mut seen = HashSet::with_capacity(items.len());
-            !items.iter().all(|(k, _, _)| seen.insert(k.as_str()))
+            !items.iter().all(|i| seen.insert(i.key.as_str()))
         };
         if duplicated {
             // No node sends a key twice in one message, and `apply` needs them distinct: keep
             // the newest of each.
             self.stats.malformed += 1;
-            items.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
-            items.dedup_by(|later, first| later.0 == first.0);
+            items.sort_unstable_by(|a, b| a.key.cmp(&b.key).then(b.version.cmp(&a.version)));
+            items.dedup_by(|later, first| later.key == first.key);
         }
         let applied = self.apply(items, wall_ms, Origin::Remote);
         if rejected {
@@ -117,7 +136,13 @@ impl Replica {
         // A scratch vector kept between calls: no allocation per applied write.
         let mut commit = std::mem::take(&mut self.commit_scratch);
         commit.clear();
-        for (key, value, version) in items {
+        for Item {
+            key,
+            value,
+            version,
+            meta,
+        } in items
+        {
             let b = bucket_of(&key, self.cfg.buckets.get()) as usize;
             let found = self.store.lookup(&key);
             let old = found.as_ref().map(|(_, m)| *m);
@@ -152,10 +177,17 @@ impl Replica {
                 self.tombstones.insert((version, key.clone()));
             }
             let value = value.as_deref().map(Value::from);
+            // A tombstone carries no metadata, whatever a peer sent.
+            let attrs = if tombstone {
+                Attrs::default()
+            } else {
+                Attrs::new(meta)
+            };
             let revision = self.record(Logged {
                 key: key.clone(),
                 value: value.clone(),
                 version,
+                attrs: attrs.clone(),
             });
             commit.push((
                 key,
@@ -163,6 +195,7 @@ impl Replica {
                     value,
                     version,
                     revision,
+                    attrs,
                 },
             ));
         }

@@ -4,13 +4,14 @@
 //! writes and entries, the one `apply`), `changelog` (revisions and the bounded change log),
 //! `tombstones` (collection, the grace horizon, forgetting after a long absence), `sync`
 //! (digests, summaries, requests, entries, peers and the in-sync rule), `persist` (every
-//! call into the durable backend), `stats` (counters).
+//! call into the durable backend), `restore` (entries from a backup), `stats` (counters).
 
 mod buckets;
 mod changelog;
 mod lifecycle;
 mod merge;
 mod persist;
+mod restore;
 mod stats;
 mod sync;
 mod tombstones;
@@ -28,15 +29,16 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::ReplicaConfig;
 use crate::error::{ClockCause, Error};
 use crate::hlc::{Hlc, HlcClock, Version};
-use crate::store::{Key, Store, Stored};
+use crate::store::{EntryMeta, Key, Owner, Store, Stored};
 use crate::wire;
 
 use buckets::Buckets;
 use changelog::Logged;
 use lifecycle::{Standing, SyncState};
+pub use restore::{RestoreMode, RestoreReport};
 pub use stats::ReplicaStats;
 use sync::{Offer, Peer};
-pub use write::Op;
+pub use write::{Check, Expect, Op, PutMeta};
 
 /// What a replica reports through [`Replica::poll_event`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +63,10 @@ pub struct Change {
     pub value: Option<Bytes>,
     /// The version that won.
     pub version: Version,
+    /// The flags stored with the value (0 for a delete).
+    pub flags: u64,
+    /// The owner of an owned entry (`None` for a delete).
+    pub owner: Option<Owner>,
 }
 
 /// Why an outgoing message exists; the driver must never drop a `Write`, and may drop a
@@ -82,8 +88,15 @@ pub struct Outgoing {
     pub payload: Bytes,
 }
 
-/// An entry to merge: key, value (`None` = tombstone), version.
-type Item = (String, Option<Bytes>, Version);
+/// An entry to merge.
+#[derive(Debug)]
+struct Item {
+    key: String,
+    /// `None`: a tombstone.
+    value: Option<Bytes>,
+    version: Version,
+    meta: EntryMeta,
+}
 
 /// A replicated key-value store's state machine, sans IO.
 ///

@@ -9,7 +9,7 @@ use super::{Replica, pop_front_shrinking};
 use crate::config::ReplicaConfig;
 use crate::durable::{Loaded, Origin, Persist};
 use crate::hash::{bucket_of, entry_hash};
-use crate::store::{Key, Stored, Value, bytes_of};
+use crate::store::{Attrs, Key, Stored, Value, bytes_of};
 use crate::wire;
 
 impl Replica {
@@ -41,7 +41,7 @@ impl Replica {
         let absent_ms = wall_ms.saturating_sub(loaded.last_wall_ms);
         let grace = u64::try_from(r.cfg.tombstone_grace.as_millis()).unwrap_or(u64::MAX);
         let mut commit: Vec<(Key, Stored)> = Vec::with_capacity(loaded.entries.len());
-        for (key, value, version) in loaded.entries {
+        for (key, value, version, meta) in loaded.entries {
             let b = bucket_of(&key, r.cfg.buckets.get()) as usize;
             let tombstone = value.is_none();
             if commit.last().is_some_and(|(last, _)| **last == *key) {
@@ -68,6 +68,11 @@ impl Replica {
                     value: value.as_deref().map(Value::from),
                     version,
                     revision,
+                    attrs: if tombstone {
+                        Attrs::default()
+                    } else {
+                        Attrs::new(meta)
+                    },
                 },
             ));
         }
@@ -144,11 +149,16 @@ impl Replica {
                 wall_ms,
                 entries: commit
                     .iter()
-                    .map(|(key, e)| wire::Entry {
-                        key: key.to_string(),
-                        hlc: e.version.hlc.0,
-                        node: e.version.node,
-                        value: e.value.as_ref().map(bytes_of),
+                    .map(|(key, e)| {
+                        let (flags, owner) = e.attrs.get().to_wire();
+                        wire::Entry {
+                            key: key.to_string(),
+                            hlc: e.version.hlc.0,
+                            node: e.version.node,
+                            value: e.value.as_ref().map(bytes_of),
+                            flags,
+                            owner,
+                        }
                     })
                     .collect(),
                 removed: Vec::new(),

@@ -59,6 +59,12 @@ pub struct ReplicaStats {
     pub answers_capped: u64,
     /// Answers that stopped because the sync backlog was full (anti-entropy asks again).
     pub answers_deferred: u64,
+    /// Conditional local writes refused because a check did not hold.
+    pub conditions_failed: u64,
+    /// Remote entries dropped because their owner is not the node of their version.
+    pub owner_mismatch: u64,
+    /// Entries stored by restores by version (`RestoreMode::ByVersion`).
+    pub entries_restored: u64,
 }
 
 impl ReplicaStats {
@@ -95,6 +101,9 @@ impl ReplicaStats {
             request_keys_ignored,
             answers_capped,
             answers_deferred,
+            conditions_failed,
+            owner_mismatch,
+            entries_restored,
         } = self;
         vec![
             ("local_writes", *local_writes),
@@ -124,6 +133,9 @@ impl ReplicaStats {
             ("request_keys_ignored", *request_keys_ignored),
             ("answers_capped", *answers_capped),
             ("answers_deferred", *answers_deferred),
+            ("conditions_failed", *conditions_failed),
+            ("owner_mismatch", *owner_mismatch),
+            ("entries_restored", *entries_restored),
         ]
     }
 }

@@ -382,13 +382,7 @@ impl Replica {
     }
 
     fn entry_item(&self, key: &str) -> Option<wire::Entry> {
-        let e = self.store.get_entry(key)?;
-        Some(wire::Entry {
-            key: key.to_owned(),
-            hlc: e.version.hlc.0,
-            node: e.version.node,
-            value: e.value,
-        })
+        Some(self.store.get_entry(key)?.to_wire(key))
     }
 
     /// Rendezvous choice among live members (this node included, the requester excluded)

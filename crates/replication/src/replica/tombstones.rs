@@ -2,7 +2,7 @@
 
 use super::{Logged, Replica};
 use crate::hash::{bucket_of, entry_hash};
-use crate::store::Key;
+use crate::store::{Attrs, Key};
 use crate::wire;
 
 impl Replica {
@@ -88,6 +88,7 @@ impl Replica {
                 key,
                 value: None,
                 version: m.version,
+                attrs: Attrs::default(),
             });
         }
     }
