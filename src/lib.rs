@@ -65,8 +65,8 @@ pub use builder::{DEFAULT_GROUP, NodeBuilder, Preset};
 pub use bytes::Bytes;
 pub use chorus_protocol::auth::KEY_LEN;
 pub use chorus_protocol::{
-    Key, KeyId, Keyring, KeyringError, LeaveReason, MAX_NODE_NAME, NodeId, NodeName,
-    NodeNameError, Stats as ProtocolStats,
+    Key, KeyId, Keyring, KeyringError, LeaveReason, MAX_NODE_NAME, NodeId, NodeName, NodeNameError,
+    Stats as ProtocolStats,
 };
 /// An entry as the store keeps it, tombstones included (`value: None`): what a
 /// [`Snapshot`] holds and [`Node::restore`] takes. Reads ([`Node::get`]) return the live

@@ -98,19 +98,30 @@ async fn a_node_sees_joins_restarts_timeouts_and_goodbyes_with_names() {
     let left = next(&mut events).await;
     assert_eq!(left.kind, MemberEventKind::Left(LeaveReason::Timeout));
     assert_eq!((left.node_id, left.incarnation), (NodeId(2), second_life));
-    assert_eq!((left.name.as_deref(), left.addr), (Some("bravo-2"), addr(3)));
+    assert_eq!(
+        (left.name.as_deref(), left.addr),
+        (Some("bravo-2"), addr(3))
+    );
     assert_eq!(a.members().len(), 1);
 
     // C joins and says goodbye.
     let c = start(&hub, 3, "charlie", 4).await;
     let joined = next(&mut events).await;
-    assert_eq!((joined.kind, joined.node_id), (MemberEventKind::Joined, NodeId(3)));
+    assert_eq!(
+        (joined.kind, joined.node_id),
+        (MemberEventKind::Joined, NodeId(3))
+    );
     let c_life = own_incarnation(&c);
     c.shutdown().await.expect("shutdown");
     let left = next(&mut events).await;
     assert_eq!(left.kind, MemberEventKind::Left(LeaveReason::Goodbye));
     assert_eq!(
-        (left.node_id, left.incarnation, left.name.as_deref(), left.addr),
+        (
+            left.node_id,
+            left.incarnation,
+            left.name.as_deref(),
+            left.addr
+        ),
         (NodeId(3), c_life, Some("charlie"), addr(4))
     );
 

@@ -10,8 +10,7 @@ use chorus_transport::DatagramTransport;
 
 use super::Driver;
 use crate::{
-    Counters, DriverCounters, MemberEvent, MemberEventKind, MemberInfo, MemberState,
-    StoreCounters,
+    Counters, DriverCounters, MemberEvent, MemberEventKind, MemberInfo, MemberState, StoreCounters,
 };
 
 /// What the driver remembers of a member for its events: its last name and address.
@@ -68,11 +67,9 @@ impl<T: DatagramTransport> Driver<T> {
                 incarnation,
                 reason,
             } => (node, incarnation, MemberEventKind::Left(reason)),
-            Event::MemberRestarted { node, old, new, .. } => (
-                node,
-                new,
-                MemberEventKind::Restarted { previous: old.0 },
-            ),
+            Event::MemberRestarted { node, old, new, .. } => {
+                (node, new, MemberEventKind::Restarted { previous: old.0 })
+            }
             _ => return None,
         };
         let event_addr = match *event {

@@ -742,7 +742,10 @@ mod tests {
         for bad in ["\"\"", "\"a\\nb\"", &format!("\"{}\"", "x".repeat(65))] {
             let toml = format!("node_name = {bad}");
             assert!(
-                matches!(merge(AgentArgs::default(), &toml), Err(ConfigError::Invalid(_))),
+                matches!(
+                    merge(AgentArgs::default(), &toml),
+                    Err(ConfigError::Invalid(_))
+                ),
                 "{toml}"
             );
         }

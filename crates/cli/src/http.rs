@@ -250,6 +250,12 @@ fn entry_json(key: &str, entry: &Entry) -> Value {
     value_fields(&mut obj, &entry.value);
     obj.insert("version".into(), Value::from(entry.version.to_string()));
     obj.insert("revision".into(), Value::from(entry.revision));
+    if let Some(owner) = entry.owner {
+        obj.insert(
+            "owner".into(),
+            json!({ "node_id": owner.node.0, "incarnation": owner.incarnation }),
+        );
+    }
     Value::Object(obj)
 }
 
@@ -347,11 +353,24 @@ async fn put_key(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Path(key) = key?;
-    let params = parse_query(q.as_deref(), &["if-absent", "if-version"])?;
+    let params = parse_query(q.as_deref(), &["if-absent", "if-version", "owned"])?;
     let checks = write_condition(&params, &key)?;
+    let owned = match param(&params, "owned") {
+        None | Some("false") => false,
+        Some("" | "true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "owned must be true or false, got {other:?}"
+            )));
+        }
+    };
     let body = body?;
+    let meta = chorus::PutMeta {
+        owned,
+        ..chorus::PutMeta::default()
+    };
     let version = node
-        .batch_checked(checks, vec![Op::put(key.clone(), body)])
+        .batch_checked(checks, vec![Op::put_with(key.clone(), body, meta)])
         .await?;
     Ok(axum::Json(json!({ "key": key, "version": version.to_string() })).into_response())
 }

@@ -135,7 +135,13 @@ mod tests {
             ..left
         };
         let json = member_event_json(&restarted);
-        assert_eq!((json["previous_incarnation"].as_u64(), json["incarnation"].as_u64()), (Some(5), Some(9)));
+        assert_eq!(
+            (
+                json["previous_incarnation"].as_u64(),
+                json["incarnation"].as_u64()
+            ),
+            (Some(5), Some(9))
+        );
         assert!(json["name"].is_null());
     }
 }

@@ -81,7 +81,10 @@ fn members_carry_names_and_real_addresses_and_changes_stream_as_events() {
     let snapshot = events.next_of("members", Duration::from_secs(10));
     assert_eq!(snapshot["node_name"], "alpha");
     let me = &snapshot["members"][0];
-    assert_eq!((me["node_id"].as_u64(), me["state"].as_str()), (Some(1), Some("self")));
+    assert_eq!(
+        (me["node_id"].as_u64(), me["state"].as_str()),
+        (Some(1), Some("self"))
+    );
     assert_eq!(me["name"], "alpha");
     let addr = me["addr"].as_str().unwrap();
     assert!(addr.starts_with("127.0.0.1:"), "self's address: {addr}");
@@ -121,7 +124,13 @@ fn members_carry_names_and_real_addresses_and_changes_stream_as_events() {
 
     // A graceful stop: `left`, by goodbye, with the name it had.
     let pid = b.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let left = events.next_of("left", Duration::from_secs(15));
     assert_eq!(
         (

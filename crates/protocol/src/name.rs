@@ -35,7 +35,9 @@ pub enum NodeNameError {
     #[error("a node name must be UTF-8")]
     NotUtf8,
     /// It holds a control character, a line break, a tab or leading/trailing space.
-    #[error("a node name must be printable (no control characters, line breaks, tabs or surrounding spaces)")]
+    #[error(
+        "a node name must be printable (no control characters, line breaks, tabs or surrounding spaces)"
+    )]
     NotPrintable,
 }
 
@@ -102,16 +104,31 @@ mod tests {
 
     #[test]
     fn names_are_bounded_utf8_and_printable() {
-        for good in ["a", "web-1.example.org", "café", "two words", &"x".repeat(64)] {
+        for good in [
+            "a",
+            "web-1.example.org",
+            "café",
+            "two words",
+            &"x".repeat(64),
+        ] {
             assert_eq!(NodeName::new(good).map(|n| n.0), Ok(good.to_owned()));
         }
-        assert_eq!(NodeName::new(&"é".repeat(33)), Err(NodeNameError::TooLong(66)));
+        assert_eq!(
+            NodeName::new(&"é".repeat(33)),
+            Err(NodeNameError::TooLong(66))
+        );
         assert_eq!(NodeName::new("  "), Err(NodeNameError::Empty));
         for bad in ["a\tb", " a", "a ", "a\u{7}", "a\u{2028}b", "\r"] {
             assert!(NodeName::new(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(NodeName::from_wire(b"\xff\xfe"), Err(NodeNameError::NotUtf8));
-        assert_eq!(NodeName::from_wire(&[b'a'; 1000]), Err(NodeNameError::TooLong(1000)));
+        assert_eq!(
+            NodeName::from_wire(b"\xff\xfe"),
+            Err(NodeNameError::NotUtf8)
+        );
+        assert_eq!(
+            NodeName::from_wire(&[b'a'; 1000]),
+            Err(NodeNameError::TooLong(1000))
+        );
         assert_eq!(NodeName::from_wire(b"ok").map(|n| n.0), Ok("ok".to_owned()));
     }
 }

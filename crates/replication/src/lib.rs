@@ -44,7 +44,8 @@ pub mod wire {
 }
 
 pub use crate::core::{
-    CoreError, DRAIN_MAX, GOODBYE_LINGER, Lifecycle, NodeConfig, NodeCore, NodeEvent, NodeStats,
+    CoreError, DEPUTY_STEP, DRAIN_MAX, GOODBYE_LINGER, Lifecycle, MAX_ROUNDS, NodeConfig, NodeCore,
+    NodeEvent, NodeStats, OwnedStats,
 };
 pub use chorus_protocol;
 pub use chorus_protocol::WallClock;

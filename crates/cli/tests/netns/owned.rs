@@ -62,7 +62,10 @@ fn terminate(lab: &mut Lab, node: u8) {
         .unwrap_or_else(|| panic!("no agent on node {node}"));
     let pid = agent.child.id().to_string();
     let sent = Command::new("kill").args(["-TERM", &pid]).status();
-    assert!(matches!(sent, Ok(s) if s.success()), "kill -TERM {pid}: {sent:?}");
+    assert!(
+        matches!(sent, Ok(s) if s.success()),
+        "kill -TERM {pid}: {sent:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while agent.child.try_wait().ok().flatten().is_none() {
         if Instant::now() > deadline {
@@ -103,7 +106,13 @@ fn scenario_owned_keys() {
     await_key(&mut lab, &nodes, "svc/n3", true, Duration::from_secs(10));
     let killed = Instant::now();
     lab.kill9(3);
-    let took = await_key(&mut lab, &[1, 2], "svc/n3", false, LEAVE_AFTER + Duration::from_secs(3));
+    let took = await_key(
+        &mut lab,
+        &[1, 2],
+        "svc/n3",
+        false,
+        LEAVE_AFTER + Duration::from_secs(3),
+    );
     let since_kill = killed.elapsed();
     lab.log(&format!(
         "kill -9 of the owner: its key gone on nodes 1 and 2 {:.2}s later",
@@ -136,7 +145,13 @@ fn scenario_owned_keys() {
     put_owned(&mut lab, 1, "svc/n1", "10.0.0.1:80");
     await_key(&mut lab, &nodes, "svc/n1", true, Duration::from_secs(10));
     lab.partition(&[1], &[2, 3]);
-    await_key(&mut lab, &[2, 3], "svc/n1", false, LEAVE_AFTER + Duration::from_secs(5));
+    await_key(
+        &mut lab,
+        &[2, 3],
+        "svc/n1",
+        false,
+        LEAVE_AFTER + Duration::from_secs(5),
+    );
     assert!(holds(&mut lab, 1, "svc/n1"), "the owner lost its own key");
     lab.heal(&nodes);
     let healed = Instant::now();

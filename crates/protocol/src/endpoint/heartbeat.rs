@@ -17,13 +17,9 @@ const PROGRESS_ENTRY_MAX: usize = 36;
 impl Endpoint {
     pub(super) fn queue_heartbeat(&mut self) {
         // The name field: its bytes, a tag and a length byte.
-        let name = self
-            .cfg
-            .name
-            .as_ref()
-            .map_or_else(bytes::Bytes::new, |n| {
-                bytes::Bytes::copy_from_slice(n.as_str().as_bytes())
-            });
+        let name = self.cfg.name.as_ref().map_or_else(bytes::Bytes::new, |n| {
+            bytes::Bytes::copy_from_slice(n.as_str().as_bytes())
+        });
         let fixed = wire::OVERHEAD + 40 + name.len() + 2;
         let room = payload_mtu(&self.cfg).saturating_sub(fixed) / PROGRESS_ENTRY_MAX;
         let mut streams: Vec<(&NodeId, &Peer)> = self

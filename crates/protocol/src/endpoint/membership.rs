@@ -381,7 +381,10 @@ mod tests {
             now += Duration::from_millis(10);
             ep.handle_datagram(now, addr(1), &named_heartbeat(b, name));
             assert_eq!(
-                ep.member(b).and_then(|m| m.name).as_ref().map(NodeName::as_str),
+                ep.member(b)
+                    .and_then(|m| m.name)
+                    .as_ref()
+                    .map(NodeName::as_str),
                 shown
             );
         }
@@ -401,7 +404,10 @@ mod tests {
         );
         ep.handle_datagram(now, addr(1), &data);
         assert_eq!(
-            ep.member(b).and_then(|m| m.name).as_ref().map(NodeName::as_str),
+            ep.member(b)
+                .and_then(|m| m.name)
+                .as_ref()
+                .map(NodeName::as_str),
             Some("web-2")
         );
     }
