@@ -13,7 +13,8 @@ use common::{SimNode, sim};
 
 /// The harness's protocol preset (lossy): silence after which a member is gone.
 fn leave_after(s: &Sim<SimNode>) -> Duration {
-    s.node(0)
+    let live = s.live_nodes()[0];
+    s.node(live)
         .machine()
         .unwrap()
         .core
