@@ -53,6 +53,8 @@ pub struct NodeBuilder {
     pub(crate) ttl: Option<u32>,
     /// The id asked for (`None`: a random one, drawn at start).
     pub(crate) node_id: Option<u64>,
+    /// The name asked for (`None`: the host name), checked at start.
+    pub(crate) node_name: Option<String>,
     pub(crate) preset: Preset,
     /// Share of received datagrams to drop and the seed choosing them (the `testing`
     /// feature's `inject_receive_loss`; `None` without).
@@ -77,6 +79,7 @@ impl Default for NodeBuilder {
             interface: None,
             ttl: None,
             node_id: None,
+            node_name: None,
             preset: Preset::Lan,
             receive_loss: None,
             data_dir: None,
@@ -126,6 +129,39 @@ impl NodeBuilder {
     /// This node's id; default a random one. Ids must be unique in the cluster.
     pub fn node_id(mut self, id: NodeId) -> Self {
         self.node_id = Some(id.0);
+        self
+    }
+
+    /// This node's name for people: shown by [`Node::members`](crate::Node::members) on every
+    /// node, in member events, logs and the agent's metrics labels; carried in heartbeats.
+    /// Default: the host name. 1 to 64 bytes of printable UTF-8 (see
+    /// [`NodeName`](crate::NodeName)); unlike the id it need not be unique.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus::transport::MemoryHub::new(Default::default())?;
+    /// let node = chorus::Node::builder()
+    ///     .node_name("web-1")
+    ///     .start_with_transport(hub.endpoint("10.0.0.1:7400".parse()?)?)
+    ///     .await?;
+    /// assert_eq!(node.members()[0].name.as_deref(), Some("web-1"));
+    /// node.shutdown().await?;
+    ///
+    /// // A name with a line break (or longer than 64 bytes) is refused at start.
+    /// let err = chorus::Node::builder()
+    ///     .node_name("web\n1")
+    ///     .start_with_transport(hub.endpoint("10.0.0.2:7400".parse()?)?)
+    ///     .await
+    ///     .unwrap_err();
+    /// assert!(matches!(err, chorus::Error::Config(_)), "{err}");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn node_name(mut self, name: &str) -> Self {
+        self.node_name = Some(name.to_owned());
         self
     }
 
@@ -253,7 +289,8 @@ impl NodeBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] for an invalid combination of settings.
+    /// [`Error::Config`] for an invalid combination of settings (or an invalid
+    /// [`node_name`](Self::node_name)).
     ///
     /// # Examples
     ///

@@ -101,6 +101,15 @@ pub struct CoreCounters {
     /// Whether local writes are refused because of it
     /// ([`Error::ClockAhead`](crate::Error::ClockAhead); `core_clock_refusing`, 0 or 1).
     pub clock_refusing: bool,
+    /// Owned keys of gone owners this node deleted, as deputy or backup
+    /// (`core_owned_deleted`; see `docs/replication.md`, Owned keys).
+    pub owned_deleted: u64,
+    /// This node's owned keys written again after another node deleted them while it ran
+    /// (`core_owned_reasserted`).
+    pub owned_reasserted: u64,
+    /// Times this node stopped deleting a gone owner's keys that kept coming back
+    /// (`core_owned_gave_up`).
+    pub owned_gave_up: u64,
 }
 
 /// The driver task's own counters (names `driver_*`).
@@ -145,6 +154,7 @@ impl Counters {
             clock_ahead_ms,
             clock_refusing,
             pubsub,
+            owned,
         } = stats;
         let PubsubStats {
             published,
@@ -159,6 +169,11 @@ impl Counters {
             lagged,
             subscriptions,
         } = fanout;
+        let chorus_replication::OwnedStats {
+            deleted: owned_deleted,
+            reasserted: owned_reasserted,
+            gave_up: owned_gave_up,
+        } = owned;
         Counters {
             protocol,
             replication,
@@ -169,6 +184,9 @@ impl Counters {
                 too_large,
                 clock_ahead_ms,
                 clock_refusing,
+                owned_deleted,
+                owned_reasserted,
+                owned_gave_up,
             },
             durable,
             driver,
@@ -250,6 +268,9 @@ impl CoreCounters {
             too_large,
             clock_ahead_ms,
             clock_refusing,
+            owned_deleted,
+            owned_reasserted,
+            owned_gave_up,
         } = *self;
         vec![
             ("write_backlog", write_backlog as u64),
@@ -258,6 +279,9 @@ impl CoreCounters {
             ("too_large", too_large),
             ("clock_ahead_ms", u64::try_from(clock_ahead_ms).unwrap_or(0)),
             ("clock_refusing", u64::from(clock_refusing)),
+            ("owned_deleted", owned_deleted),
+            ("owned_reasserted", owned_reasserted),
+            ("owned_gave_up", owned_gave_up),
         ]
     }
 }

@@ -68,9 +68,12 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
-    /// A [`Subscription`](crate::Subscription)'s reader fell behind: this many messages (or
-    /// loss reports) meant for it were skipped here. Not the end: the stream goes on.
-    #[error("the subscription fell behind: {skipped} messages skipped")]
+    /// A stream's reader fell behind: this many items meant for it were skipped here (a
+    /// [`Subscription`](crate::Subscription)'s messages or loss reports, a
+    /// [`MemberEvents`](crate::MemberEvents) stream's events). Not the end: the stream goes
+    /// on with the next item (for member events, re-read [`Node::members`](crate::Node::members)
+    /// for the current state).
+    #[error("the stream fell behind: {skipped} items skipped")]
     Lagged {
         /// How many were skipped.
         skipped: u64,

@@ -60,6 +60,7 @@ mod counters;
 mod driver;
 mod error;
 mod member;
+mod member_events;
 mod node;
 mod pubsub;
 mod watch;
@@ -68,7 +69,10 @@ pub use backup::Snapshot;
 pub use builder::{DEFAULT_GROUP, NodeBuilder, Preset};
 pub use bytes::Bytes;
 pub use chorus_protocol::auth::KEY_LEN;
-pub use chorus_protocol::{Key, KeyId, Keyring, KeyringError, NodeId, Stats as ProtocolStats};
+pub use chorus_protocol::{
+    Key, KeyId, Keyring, KeyringError, LeaveReason, MAX_NODE_NAME, NodeId, NodeName, NodeNameError,
+    Stats as ProtocolStats,
+};
 /// An entry as the store keeps it, tombstones included (`value: None`): what a
 /// [`Snapshot`] holds and [`Node::restore`] takes. Reads ([`Node::get`]) return the live
 /// [`Entry`] instead.
@@ -82,6 +86,7 @@ pub use chorus_transport::{Interface, Mode, TransportError};
 pub use counters::{CoreCounters, Counters, DriverCounters, PubsubCounters, StoreCounters};
 pub use error::Error;
 pub use member::{MemberInfo, MemberState};
+pub use member_events::{MemberEvent, MemberEventKind, MemberEvents};
 pub use node::{Entry, Node};
 pub use pubsub::{
     Delivery, MAX_SUBSCRIPTIONS, Message, SUBSCRIPTION_QUEUE, SUBSCRIPTION_QUEUE_BYTES,

@@ -12,8 +12,13 @@ pub struct MemberInfo {
     pub node_id: NodeId,
     /// Its current incarnation (changes on every restart).
     pub incarnation: u64,
-    /// The address its datagrams come from.
+    /// The address its datagrams come from (for this node itself: the address it sends
+    /// from, not the wildcard it may be bound to).
     pub addr: SocketAddr,
+    /// Its node name ([`NodeBuilder::node_name`](crate::NodeBuilder::node_name); by default
+    /// its host name), as its latest heartbeat gave it; `None` until a heartbeat with a valid
+    /// name arrived (or for a peer that sends none).
+    pub name: Option<String>,
     /// This node itself, or a peer's liveness.
     pub state: MemberState,
     /// Its wall clock minus this node's, in milliseconds, measured from its heartbeats

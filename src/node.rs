@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use crate::driver::{Command, Shared};
 use crate::pubsub::Subscription;
 use crate::watch::Watch;
-use crate::{Counters, Error, MemberInfo, NodeBuilder, Op, TopicFilter, Version};
+use crate::{Counters, Error, MemberEvents, MemberInfo, NodeBuilder, Op, TopicFilter, Version};
 
 /// A live value as read from the local store ([`Node::get`], [`Node::scan`]).
 ///
@@ -179,6 +179,51 @@ impl Node {
         value: impl Into<Bytes>,
     ) -> Result<Version, Error> {
         self.batch(vec![Op::put(key, value)]).await
+    }
+
+    /// Set `key` to `value` as an *owned* (ephemeral) key of this node: it lives as long as
+    /// this node's current life. When this node stops (its graceful shutdown deletes it
+    /// first), is declared gone by the others (silent for the preset's `leave_after`) or
+    /// restarts, the key is deleted on every node by an ordinary versioned delete, which
+    /// watches see. While this node runs, a delete of the key by another node (e.g. the other
+    /// side of a healed partition) makes it write the key again. A restarted node gets its
+    /// keys back only by writing them again. A plain [`put`](Node::put) of the key (here or
+    /// elsewhere) makes it an ordinary key. See `docs/replication.md`, Owned keys.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Node::put`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use chorus::Node;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let hub = chorus::transport::MemoryHub::new(Default::default())?;
+    /// let node = Node::builder()
+    ///     .node_id(chorus::NodeId(1))
+    ///     .start_with_transport(hub.endpoint("10.0.0.1:7400".parse()?)?)
+    ///     .await?;
+    /// node.put_owned("services/api/1", "10.0.0.1:8080").await?;
+    /// let owner = node.get("services/api/1").and_then(|e| e.owner).expect("owned");
+    /// assert_eq!(owner.node, chorus::NodeId(1));
+    /// node.shutdown().await?;
+    /// // A graceful stop deleted it (as it does on every other node).
+    /// assert!(node.get("services/api/1").is_none());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn put_owned(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<Bytes>,
+    ) -> Result<Version, Error> {
+        let meta = crate::PutMeta {
+            owned: true,
+            ..crate::PutMeta::default()
+        };
+        self.batch(vec![Op::put_with(key, value, meta)]).await
     }
 
     /// Delete `key` on every node (a tombstone with a new version).
@@ -513,6 +558,19 @@ impl Node {
     /// ```
     pub fn members(&self) -> Vec<MemberInfo> {
         self.shared.members()
+    }
+
+    /// The membership changes this node sees from now on (joined, suspected, alive again,
+    /// left, restarted), each with the member's id, incarnation, name and address. Pair it
+    /// with [`members`](Node::members) for the state it starts from. See [`MemberEvents`]
+    /// for the example, ordering and what a subscriber that falls behind gets.
+    pub fn member_events(&self) -> MemberEvents {
+        MemberEvents::new(self.shared.clone())
+    }
+
+    /// This node's name ([`NodeBuilder::node_name`], by default the host name), if it has one.
+    pub fn node_name(&self) -> Option<&str> {
+        self.shared.name.as_deref()
     }
 
     /// Every counter of the protocol, the replication layer, the glue, the data directory and

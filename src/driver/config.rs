@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use chorus_protocol::{ClusterId, Config as ProtocolConfig, Incarnation, NodeId};
+use chorus_protocol::{ClusterId, Config as ProtocolConfig, Incarnation, NodeId, NodeName};
 use chorus_transport::{
     DatagramTransport, Interface, LinkRate, Mode, TransportConfig, UdpTransport,
 };
@@ -42,6 +42,37 @@ pub(crate) fn open_transport(builder: &NodeBuilder) -> Result<UdpTransport, Erro
     let mut config = TransportConfig::loopback_multicast(DEFAULT_GROUP);
     config.mode = mode;
     Ok(UdpTransport::bind(config)?)
+}
+
+/// The node's name: the one asked for, checked, or the host name (none when it has no
+/// valid one).
+pub(super) fn node_name(builder: &NodeBuilder) -> Result<Option<NodeName>, Error> {
+    if let Some(name) = &builder.node_name {
+        return NodeName::new(name)
+            .map(Some)
+            .map_err(|e| Error::Config(format!("node name {name:?}: {e}")));
+    }
+    Ok(host_name())
+}
+
+/// This host's name (`gethostname`), if it is a valid [`NodeName`].
+fn host_name() -> Option<NodeName> {
+    #[cfg(unix)]
+    {
+        let host = nix::unistd::gethostname().ok()?;
+        let host = host.to_str()?;
+        match NodeName::new(host) {
+            Ok(name) => Some(name),
+            Err(e) => {
+                tracing::debug!(host, error = %e, "the host name is no valid node name; none is sent");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
 }
 
 pub(super) fn protocol_config<T: DatagramTransport>(

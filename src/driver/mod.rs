@@ -14,7 +14,7 @@ mod shared;
 mod snapshot;
 
 pub(crate) use config::open_transport;
-use config::protocol_config;
+use config::{node_name, protocol_config};
 pub(crate) use shared::{Command, Shared};
 
 use std::collections::HashMap;
@@ -40,6 +40,8 @@ const IO_BATCH: usize = 64;
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
 /// Live changes buffered per watcher before it must catch up from the change log.
 const WATCH_BUFFER: usize = 16_384;
+/// Member events buffered per subscriber of `Node::member_events` before it lags.
+const MEMBER_EVENT_BUFFER: usize = 1024;
 /// How long the driver stops waiting for watchers after one made no progress while it
 /// yielded (an application that stopped reading its watch must not slow the node).
 const WATCH_PATIENCE: Duration = Duration::from_millis(100);
@@ -67,7 +69,9 @@ pub(crate) fn spawn<T: DatagramTransport>(
     // of one node id unless the clock goes backwards by exactly the same amount.
     let incarnation = epoch_us.max(1);
     let seed = seeder.random::<u64>();
-    let protocol = protocol_config(&builder, node_id, incarnation, seed, &transport);
+    let name = node_name(&builder)?;
+    let mut protocol = protocol_config(&builder, node_id, incarnation, seed, &transport);
+    protocol.name = name.clone();
     protocol
         .validate()
         .map_err(|e| Error::Config(e.to_string()))?;
@@ -131,11 +135,13 @@ pub(crate) fn spawn<T: DatagramTransport>(
     let shared = Arc::new(Shared {
         node_id,
         incarnation,
+        name: name.as_ref().map(|n| n.as_str().to_owned()),
         store: core.store().clone(),
         write_tx,
         control_tx,
         in_sync: watch::Sender::new(false),
         changes: broadcast::Sender::new(WATCH_BUFFER),
+        member_events: broadcast::Sender::new(MEMBER_EVENT_BUFFER),
         members: Mutex::new(Vec::new()),
         counters: Mutex::default(),
         stopped: watch::Sender::new(false),
@@ -146,7 +152,7 @@ pub(crate) fn spawn<T: DatagramTransport>(
         .receive_loss
         .filter(|(p, _)| *p > 0.0)
         .map(|(p, s)| (p, ChaCha8Rng::seed_from_u64(s)));
-    let driver = Driver {
+    let mut driver = Driver {
         core,
         transport,
         shared: shared.clone(),
@@ -161,10 +167,14 @@ pub(crate) fn spawn<T: DatagramTransport>(
         progress_rx,
         shutdown_replies: Vec::new(),
         watch_patience_until: TokioInstant::from_std(now),
+        known: HashMap::new(),
     };
     // Readers see this node as a member, and the counters, from the moment start returns.
     driver.publish_snapshots();
-    let span = tracing::info_span!("node", id = node_id);
+    let span = match &name {
+        Some(name) => tracing::info_span!("node", id = node_id, name = name.as_str()),
+        None => tracing::info_span!("node", id = node_id),
+    };
     let handle = tokio::spawn(tracing::Instrument::instrument(
         driver.run(cmd_rx, control_rx),
         span,
@@ -211,6 +221,9 @@ struct Driver<T> {
     shutdown_replies: Vec<oneshot::Sender<()>>,
     /// Until when the driver does not yield to lagging watchers (see `let_watchers_catch_up`).
     watch_patience_until: TokioInstant,
+    /// The last known name and address of every member, for the member events of those that
+    /// left (one entry per member: removed when it leaves).
+    known: HashMap<chorus_protocol::NodeId, snapshot::Known>,
 }
 
 impl<T: DatagramTransport> Driver<T> {

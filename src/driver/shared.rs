@@ -9,7 +9,7 @@ use chorus_replication::{Change, Check, RestoreMode, RestoreReport, Store, Versi
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::pubsub::Subscriptions;
-use crate::{Counters, Entry, Error, MemberInfo, Op};
+use crate::{Counters, Entry, Error, MemberEvent, MemberInfo, Op};
 
 /// A request from a [`Node`](crate::Node) handle to its driver.
 #[derive(Debug)]
@@ -49,6 +49,8 @@ pub(crate) enum Command {
 pub(crate) struct Shared {
     pub(crate) node_id: u64,
     pub(crate) incarnation: u64,
+    /// This node's name, if it has one.
+    pub(crate) name: Option<String>,
     pub(super) store: Store,
     /// Writes: not read while the write backlog is full (back-pressure).
     pub(super) write_tx: mpsc::Sender<Command>,
@@ -56,6 +58,8 @@ pub(crate) struct Shared {
     pub(super) control_tx: mpsc::Sender<Command>,
     pub(crate) in_sync: watch::Sender<bool>,
     pub(crate) changes: broadcast::Sender<Change>,
+    /// Membership changes for `Node::member_events`.
+    pub(crate) member_events: broadcast::Sender<MemberEvent>,
     pub(super) members: Mutex<Vec<MemberInfo>>,
     pub(super) counters: Mutex<Counters>,
     pub(super) stopped: watch::Sender<bool>,
@@ -130,7 +134,9 @@ impl Shared {
     pub(crate) async fn send(&self, cmd: Command) -> Result<(), Error> {
         let channel = match cmd {
             // A publication takes the writes' channel: their back-pressure.
-            Command::Write { .. } | Command::Restore { .. } | Command::Publish { .. } => &self.write_tx,
+            Command::Write { .. } | Command::Restore { .. } | Command::Publish { .. } => {
+                &self.write_tx
+            }
             Command::ChangesSince { .. } | Command::Shutdown { .. } => &self.control_tx,
         };
         channel.send(cmd).await.map_err(|_| Error::Closed)

@@ -1,6 +1,7 @@
 //! What the driver publishes for readers: events turned into watch changes, sync state and
 //! member snapshots; the counter snapshot.
 
+use std::net::SocketAddr;
 use std::sync::PoisonError;
 
 use chorus_protocol::{Event, NodeId};
@@ -8,7 +9,16 @@ use chorus_replication::NodeEvent;
 use chorus_transport::DatagramTransport;
 
 use super::Driver;
-use crate::{Counters, DriverCounters, MemberInfo, MemberState, StoreCounters};
+use crate::{
+    Counters, DriverCounters, MemberEvent, MemberEventKind, MemberInfo, MemberState, StoreCounters,
+};
+
+/// What the driver remembers of a member for its events: its last name and address.
+#[derive(Debug, Clone)]
+pub(super) struct Known {
+    name: Option<String>,
+    addr: SocketAddr,
+}
 
 impl<T: DatagramTransport> Driver<T> {
     pub(super) fn drain_events(&mut self) {
@@ -26,7 +36,11 @@ impl<T: DatagramTransport> Driver<T> {
                     self.shared.in_sync.send_replace(false);
                 }
                 NodeEvent::Member(event) => {
-                    log_member(&event);
+                    if let Some(event) = self.member_event(&event) {
+                        log_member(&event);
+                        // No receivers is fine: nobody follows membership.
+                        let _ = self.shared.member_events.send(event);
+                    }
                     members_changed = true;
                 }
                 NodeEvent::Acked { ticket, result } => self.acknowledge(ticket, result),
@@ -45,24 +59,101 @@ impl<T: DatagramTransport> Driver<T> {
         }
     }
 
-    pub(super) fn publish_members(&self) {
+    /// A protocol membership event as the public [`MemberEvent`], with the member's name and
+    /// address (as the endpoint knows them now, or as last known for one that left).
+    fn member_event(&mut self, event: &Event) -> Option<MemberEvent> {
+        let (node, incarnation, kind) = match *event {
+            Event::MemberJoined {
+                node, incarnation, ..
+            } => (node, incarnation, MemberEventKind::Joined),
+            Event::MemberSuspected { node, incarnation } => {
+                (node, incarnation, MemberEventKind::Suspected)
+            }
+            Event::MemberAlive { node, incarnation } => (node, incarnation, MemberEventKind::Alive),
+            Event::MemberLeft {
+                node,
+                incarnation,
+                reason,
+            } => (node, incarnation, MemberEventKind::Left(reason)),
+            Event::MemberRestarted { node, old, new, .. } => {
+                (node, new, MemberEventKind::Restarted { previous: old.0 })
+            }
+            _ => return None,
+        };
+        let event_addr = match *event {
+            Event::MemberJoined { addr, .. } | Event::MemberRestarted { addr, .. } => Some(addr),
+            _ => None,
+        };
+        // The endpoint's view is the latest; a member that left is only in `known`.
+        let current = self.core.endpoint().member(node).map(|m| Known {
+            name: m.name.map(|n| n.as_str().to_owned()),
+            addr: m.addr,
+        });
+        let known = match kind {
+            MemberEventKind::Left(_) => self.known.remove(&node),
+            _ => {
+                let known = current
+                    .or_else(|| self.known.get(&node).cloned())
+                    .or(event_addr.map(|addr| Known { name: None, addr }));
+                if let Some(k) = &known {
+                    self.known.insert(node, k.clone());
+                }
+                known
+            }
+        };
+        // Every member joined (with its address, remembered in `known`) before anything else
+        // happened to it, so the wildcard below is never shown.
+        let addr = known
+            .as_ref()
+            .map(|k| k.addr)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        Some(MemberEvent {
+            kind,
+            node_id: node,
+            incarnation: incarnation.0,
+            name: known.and_then(|k| k.name),
+            addr,
+        })
+    }
+
+    /// The address this node sends from: the transport's address, or when that is a
+    /// wildcard (`0.0.0.0`) and the transport knows no better, the source address of its own
+    /// datagrams as the network looped them back.
+    fn self_addr(&self) -> SocketAddr {
+        let advertised = self
+            .transport
+            .advertised_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        match self.core.endpoint().own_addr() {
+            Some(seen) if advertised.ip().is_unspecified() => seen,
+            _ => advertised,
+        }
+    }
+
+    pub(super) fn publish_members(&mut self) {
         let mut members = vec![MemberInfo {
             node_id: NodeId(self.shared.node_id),
             incarnation: self.shared.incarnation,
-            addr: self
-                .transport
-                .local_addr()
-                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+            addr: self.self_addr(),
+            name: self.shared.name.clone(),
             state: MemberState::Local,
             clock_offset_ms: Some(0),
         }];
-        members.extend(self.core.members().into_iter().map(|m| MemberInfo {
-            node_id: m.node,
-            incarnation: m.incarnation.0,
-            addr: m.addr,
-            state: m.state.into(),
-            clock_offset_ms: m.clock_offset_ms,
-        }));
+        for m in self.core.members() {
+            let name = m.name.map(|n| n.as_str().to_owned());
+            if let Some(known) = self.known.get_mut(&m.node) {
+                known.name.clone_from(&name);
+                known.addr = m.addr;
+            }
+            members.push(MemberInfo {
+                node_id: m.node,
+                incarnation: m.incarnation.0,
+                addr: m.addr,
+                name,
+                state: m.state.into(),
+                clock_offset_ms: m.clock_offset_ms,
+            });
+        }
         members.sort_by_key(|m| m.node_id);
         *self
             .shared
@@ -71,7 +162,7 @@ impl<T: DatagramTransport> Driver<T> {
             .unwrap_or_else(PoisonError::into_inner) = members;
     }
 
-    pub(super) fn publish_snapshots(&self) {
+    pub(super) fn publish_snapshots(&mut self) {
         self.publish_members();
         let counters = Counters::new(
             self.core.stats(),
@@ -94,21 +185,26 @@ impl<T: DatagramTransport> Driver<T> {
     }
 }
 
-fn log_member(event: &Event) {
-    match event {
-        Event::MemberJoined {
-            node,
-            incarnation,
-            addr,
-        } => {
-            tracing::info!(%node, %incarnation, %addr, "member joined");
+fn log_member(event: &MemberEvent) {
+    let MemberEvent {
+        kind,
+        node_id: node,
+        incarnation,
+        name,
+        addr,
+    } = event;
+    let name = name.as_deref().unwrap_or("");
+    match kind {
+        MemberEventKind::Joined => {
+            tracing::info!(%node, member = name, incarnation, %addr, "member joined");
         }
-        Event::MemberSuspected { node, .. } => tracing::warn!(%node, "member suspected"),
-        Event::MemberAlive { node, .. } => tracing::info!(%node, "member alive again"),
-        Event::MemberLeft { node, reason, .. } => tracing::info!(%node, ?reason, "member left"),
-        Event::MemberRestarted { node, new, .. } => {
-            tracing::info!(%node, incarnation = %new, "member restarted");
+        MemberEventKind::Suspected => tracing::warn!(%node, member = name, "member suspected"),
+        MemberEventKind::Alive => tracing::info!(%node, member = name, "member alive again"),
+        MemberEventKind::Left(reason) => {
+            tracing::info!(%node, member = name, ?reason, "member left");
         }
-        _ => {}
+        MemberEventKind::Restarted { previous } => {
+            tracing::info!(%node, member = name, incarnation, previous, %addr, "member restarted");
+        }
     }
 }

@@ -89,6 +89,9 @@ pub fn builder(cfg: &AgentConfig) -> chorus::NodeBuilder {
     if let Some(id) = cfg.node_id {
         b = b.node_id(chorus::NodeId(id));
     }
+    if let Some(name) = &cfg.node_name {
+        b = b.node_name(name);
+    }
     if let Some(max) = cfg.max_members {
         b = b.max_members(max);
     }
@@ -146,6 +149,7 @@ async fn serve(
     }
     tracing::info!(
         node_id = node.node_id().0,
+        node_name = node.node_name().unwrap_or(""),
         cluster = cfg.cluster,
         transport = ?cfg.transport,
         http = %cfg.http,

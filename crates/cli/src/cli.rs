@@ -220,6 +220,10 @@ pub struct AgentArgs {
     /// Node id (default: random).
     #[arg(long)]
     pub node_id: Option<u64>,
+    /// Node name shown by `members`, in /v1/members, the logs and metrics labels (default:
+    /// the host name); 1 to 64 bytes of printable UTF-8, need not be unique.
+    #[arg(long)]
+    pub node_name: Option<String>,
     /// Address of the HTTP API (default 127.0.0.1:7480).
     #[arg(long)]
     pub http: Option<SocketAddr>,

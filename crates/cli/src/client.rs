@@ -387,15 +387,22 @@ pub fn members(opts: &ClientOpts) -> anyhow::Result<Outcome> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<20} {:<20} {:<28} STATE",
-        "NODE", "INCARNATION", "ADDRESS"
+        "{:<20} {:<24} {:<20} {:<28} STATE",
+        "NODE", "NAME", "INCARNATION", "ADDRESS"
     )?;
     for m in members {
         let field = |name: &str| m.get(name).map(plain).unwrap_or_default();
+        // A member without a name (yet) shows `-`.
+        let name = m
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("-")
+            .to_owned();
         writeln!(
             out,
-            "{:<20} {:<20} {:<28} {}",
+            "{:<20} {:<24} {:<20} {:<28} {}",
             field("node_id"),
+            name,
             field("incarnation"),
             field("addr"),
             field("state")

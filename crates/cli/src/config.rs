@@ -68,6 +68,7 @@ pub struct FileConfig {
     group: Option<SocketAddr>,
     iface: Option<String>,
     node_id: Option<u64>,
+    node_name: Option<String>,
     http: Option<SocketAddr>,
     consul_api: Option<SocketAddr>,
     ttl: Option<u32>,
@@ -225,6 +226,8 @@ pub struct AgentConfig {
     pub transport: Transport,
     /// Node id; `None` for a random one.
     pub node_id: Option<u64>,
+    /// Node name (`--node-name`, checked); `None` for the host name.
+    pub node_name: Option<String>,
     /// Address of the HTTP API.
     pub http: SocketAddr,
     /// Address of the Consul KV API (`--consul-api`); `None`: not served.
@@ -433,6 +436,14 @@ impl AgentConfig {
             )));
         }
 
+        let node_name = match args.node_name.clone().or(file.node_name) {
+            None => None,
+            Some(name) => Some(
+                chorus::NodeName::new(&name)
+                    .map_err(|e| ConfigError::Invalid(format!("--node-name {name:?}: {e}")))?
+                    .to_string(),
+            ),
+        };
         let data_dir = args.data_dir.clone().or(file.data_dir);
         let fsync = match args.fsync.clone().or(file.fsync) {
             None => chorus::Fsync::default(),
@@ -456,6 +467,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| "chorus".to_string()),
             transport,
             node_id: args.node_id.or(file.node_id),
+            node_name,
             http,
             consul_api,
             http_allow_hosts,
@@ -988,6 +1000,29 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn node_name_from_flag_or_file_is_checked() {
+        assert_eq!(merge(AgentArgs::default(), "").unwrap().node_name, None);
+        let cfg = merge(AgentArgs::default(), "node_name = \"web-1\"").unwrap();
+        assert_eq!(cfg.node_name.as_deref(), Some("web-1"));
+        let args = AgentArgs {
+            node_name: Some("db 2".into()),
+            ..AgentArgs::default()
+        };
+        let cfg = merge(args, "node_name = \"web-1\"").unwrap();
+        assert_eq!(cfg.node_name.as_deref(), Some("db 2"), "flag wins");
+        for bad in ["\"\"", "\"a\\nb\"", &format!("\"{}\"", "x".repeat(65))] {
+            let toml = format!("node_name = {bad}");
+            assert!(
+                matches!(
+                    merge(AgentArgs::default(), &toml),
+                    Err(ConfigError::Invalid(_))
+                ),
+                "{toml}"
+            );
+        }
     }
 
     #[test]

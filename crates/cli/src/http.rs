@@ -175,6 +175,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/publish/{*topic}", post(publish))
         .route("/v1/subscribe/{*topic}", get(subscribe))
         .route("/v1/members", get(members))
+        .route("/v1/members/watch", get(crate::http_members::watch_members))
         .route("/v1/stats", get(stats))
         .route("/v1/health", get(health))
         .route(
@@ -281,6 +282,12 @@ fn entry_json(key: &str, entry: &Entry) -> Value {
     value_fields(&mut obj, &entry.value);
     obj.insert("version".into(), Value::from(entry.version.to_string()));
     obj.insert("revision".into(), Value::from(entry.revision));
+    if let Some(owner) = entry.owner {
+        obj.insert(
+            "owner".into(),
+            json!({ "node_id": owner.node.0, "incarnation": owner.incarnation }),
+        );
+    }
     Value::Object(obj)
 }
 
@@ -378,11 +385,24 @@ async fn put_key(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Path(key) = key?;
-    let params = parse_query(q.as_deref(), &["if-absent", "if-version"])?;
+    let params = parse_query(q.as_deref(), &["if-absent", "if-version", "owned"])?;
     let checks = write_condition(&params, &key)?;
+    let owned = match param(&params, "owned") {
+        None | Some("false") => false,
+        Some("" | "true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "owned must be true or false, got {other:?}"
+            )));
+        }
+    };
     let body = body?;
+    let meta = chorus::PutMeta {
+        owned,
+        ..chorus::PutMeta::default()
+    };
     let version = node
-        .batch_checked(checks, vec![Op::put(key.clone(), body)])
+        .batch_checked(checks, vec![Op::put_with(key.clone(), body, meta)])
         .await?;
     Ok(axum::Json(json!({ "key": key, "version": version.to_string() })).into_response())
 }
@@ -525,18 +545,15 @@ async fn subscribe(
 async fn members(State(node): State<Node>) -> Response {
     let list: Vec<Value> = node
         .members()
-        .into_iter()
-        .map(|m| {
-            json!({
-                "node_id": m.node_id.0,
-                "incarnation": m.incarnation,
-                "addr": m.addr.to_string(),
-                "state": m.state.as_str(),
-                "clock_offset_ms": m.clock_offset_ms,
-            })
-        })
+        .iter()
+        .map(crate::http_members::member_json)
         .collect();
-    axum::Json(json!({ "node_id": node.node_id().0, "members": list })).into_response()
+    axum::Json(json!({
+        "node_id": node.node_id().0,
+        "node_name": node.node_name(),
+        "members": list,
+    }))
+    .into_response()
 }
 
 /// The mirrors' figures, when the agent runs `--sync-dir`.
@@ -657,8 +674,9 @@ async fn metrics(
         if let Some(offset) = m.clock_offset_ms {
             let _ = writeln!(
                 text,
-                "chorus_member_clock_offset_ms{{node=\"{}\"}} {offset}",
-                m.node_id.0
+                "chorus_member_clock_offset_ms{{node=\"{}\",name=\"{}\"}} {offset}",
+                m.node_id.0,
+                crate::http_members::label_value(m.name.as_deref().unwrap_or("")),
             );
         }
     }

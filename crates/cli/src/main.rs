@@ -15,12 +15,13 @@ mod demo;
 mod doctor;
 mod hostile;
 mod http;
+mod http_members;
 mod keys;
 mod peer;
 mod server;
 mod syncdir;
-mod ui;
 mod template;
+mod ui;
 
 use std::process::ExitCode;
 

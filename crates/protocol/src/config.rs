@@ -4,7 +4,7 @@ use std::num::{NonZeroU64, NonZeroUsize};
 use std::time::Duration;
 
 use crate::wire::{MAX_UDP_PAYLOAD, MIN_MTU};
-use crate::{ClusterId, Incarnation, Keyring, NodeId, WallClock};
+use crate::{ClusterId, Incarnation, Keyring, NodeId, NodeName, WallClock};
 
 /// Configuration of one [`Endpoint`](crate::Endpoint).
 ///
@@ -97,6 +97,9 @@ pub struct Config {
     /// [`Member::clock_offset_ms`](crate::Member::clock_offset_ms) shows every peer's clock
     /// offset; without it (the presets' default) heartbeats carry none.
     pub wall_clock: Option<WallClock>,
+    /// This node's name for people, carried in every heartbeat (peers show it in
+    /// [`Member::name`](crate::Member::name)); `None` (the presets' default) sends none.
+    pub name: Option<NodeName>,
 }
 
 /// Contradictions found by [`Config::validate`].
@@ -164,6 +167,7 @@ impl Config {
             forget_after: Duration::from_secs(600),
             keyring: None,
             wall_clock: None,
+            name: None,
         }
     }
 

@@ -49,6 +49,7 @@
 pub mod auth;
 mod config;
 mod endpoint;
+mod name;
 mod probation;
 mod rate;
 mod recv;
@@ -61,6 +62,7 @@ pub mod wire;
 pub use auth::{Key, KeyId, Keyring, KeyringError};
 pub use config::{Config, ConfigError};
 pub use endpoint::{Endpoint, REPAIR_START_CREDIT};
+pub use name::{MAX_NODE_NAME, NodeName, NodeNameError};
 pub use recv::SENDER_OVERHEAD;
 pub use stats::Stats;
 pub use wall::WallClock;
@@ -143,7 +145,7 @@ pub struct Transmit {
 }
 
 /// Why a member left.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum LeaveReason {
     /// It said goodbye ([`Endpoint::close`]).
     Goodbye,
@@ -169,6 +171,9 @@ pub struct Member {
     pub incarnation: Incarnation,
     /// The source address of its most recent datagram.
     pub addr: SocketAddr,
+    /// The name its latest heartbeat gave (`None` until one with a valid name arrived, or
+    /// when it has none).
+    pub name: Option<NodeName>,
     /// Alive or suspected.
     pub state: MemberState,
     /// Highest sequence number of its stream this endpoint has delivered in order (or

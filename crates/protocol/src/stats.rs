@@ -140,6 +140,9 @@ pub struct Stats {
     pub repairs_refused: u64,
     /// Dropped: arrived after `close`.
     pub after_close: u64,
+    /// Node names in heartbeats refused (too long, not UTF-8, not printable): the field is
+    /// ignored, the heartbeat taken.
+    pub names_invalid: u64,
 }
 
 impl Stats {
@@ -227,6 +230,7 @@ impl Stats {
             nak_entries_ignored,
             repairs_refused,
             after_close,
+            names_invalid,
         } = self;
         vec![
             ("datagrams_sent", *datagrams_sent),
@@ -290,6 +294,7 @@ impl Stats {
             ("nak_entries_ignored", *nak_entries_ignored),
             ("repairs_refused", *repairs_refused),
             ("after_close", *after_close),
+            ("names_invalid", *names_invalid),
         ]
     }
 

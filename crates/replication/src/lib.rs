@@ -46,9 +46,9 @@ pub mod wire {
 }
 
 pub use crate::core::{
-    CoreError, DRAIN_MAX, GOODBYE_LINGER, Lifecycle, MAX_TOPIC_LEN, NodeConfig, NodeCore,
-    NodeEvent, NodeStats, Publication, PublishError, PubsubStats, TopicError, TopicFilter,
-    check_topic,
+    CoreError, DEPUTY_STEP, DRAIN_MAX, GOODBYE_LINGER, Lifecycle, MAX_ROUNDS, MAX_TOPIC_LEN,
+    NodeConfig, NodeCore, NodeEvent, NodeStats, OwnedStats, Publication, PublishError, PubsubStats,
+    TopicError, TopicFilter, check_topic,
 };
 pub use chorus_protocol;
 pub use chorus_protocol::WallClock;

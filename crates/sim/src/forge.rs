@@ -15,6 +15,7 @@ pub fn heartbeat(header: &Header) -> Bytes {
         low_retained: 1,
         delivered: vec![],
         wall_ms: 0,
+        name: Default::default(),
     };
     wire::encode(
         header,

@@ -167,6 +167,18 @@ pub trait DatagramTransport: Send + Sync + 'static {
     /// An OS error from `getsockname`.
     fn local_addr(&self) -> Result<SocketAddr, TransportError>;
 
+    /// The address peers see this transport send from, when it knows one better than
+    /// [`local_addr`](Self::local_addr): a socket bound to a wildcard address (`0.0.0.0`)
+    /// answers the address of the interface it sends multicast from. The default is
+    /// `local_addr`.
+    ///
+    /// # Errors
+    ///
+    /// As [`local_addr`](Self::local_addr).
+    fn advertised_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.local_addr()
+    }
+
     /// The largest payload [`send_batch`](Self::send_batch) accepts.
     fn max_datagram_size(&self) -> usize;
 
@@ -203,6 +215,10 @@ impl<T: DatagramTransport> DatagramTransport for Arc<T> {
 
     fn local_addr(&self) -> Result<SocketAddr, TransportError> {
         (**self).local_addr()
+    }
+
+    fn advertised_addr(&self) -> Result<SocketAddr, TransportError> {
+        (**self).advertised_addr()
     }
 
     fn max_datagram_size(&self) -> usize {

@@ -804,6 +804,21 @@ impl DatagramTransport for UdpTransport {
             .map_err(|e| TransportError::from_io("reading the local address of", "the socket", e))
     }
 
+    fn advertised_addr(&self) -> Result<SocketAddr, TransportError> {
+        let local = self.local_addr()?;
+        if !local.ip().is_unspecified() {
+            return Ok(local);
+        }
+        // Bound to the wildcard: multicast leaves from the interface's IPv4 address
+        // (IP_MULTICAST_IF), which is what the peers see.
+        let from_interface = self
+            .interface
+            .as_ref()
+            .and_then(|i| i.ipv4)
+            .filter(|_| local.is_ipv4());
+        Ok(from_interface.map_or(local, |ip| SocketAddr::new(ip.into(), local.port())))
+    }
+
     fn max_datagram_size(&self) -> usize {
         self.max_datagram_size
     }

@@ -424,6 +424,12 @@ impl Attacker {
                 // Any wall time at all: a clock offset claimed by a stranger must not make
                 // the target refuse its writes.
                 wall_ms: self.rng.next_u64(),
+                // Any name bytes: too long, not UTF-8 or not printable is a counted drop of
+                // the field, never of the node.
+                name: (0..self.rng.below(80))
+                    .map(|_| self.rng.next_u64().to_le_bytes()[0])
+                    .collect::<Vec<u8>>()
+                    .into(),
             }),
             3 => Kind::Nak(proto::Nak {
                 target_node: self.rng.next_u64(),

@@ -20,6 +20,7 @@
 
 mod kernel;
 mod lab;
+mod owned;
 mod store;
 mod workload;
 

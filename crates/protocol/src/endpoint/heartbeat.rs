@@ -5,7 +5,7 @@
 use crate::proto::{self, frame::Kind};
 use crate::rate::Credit;
 use crate::wire::{self, DropReason};
-use crate::{Destination, Event, NodeId, Transmit};
+use crate::{Destination, Event, NodeId, NodeName, Transmit};
 
 use super::membership::Peer;
 use super::repair::REPAIR_START_CREDIT;
@@ -16,7 +16,12 @@ const PROGRESS_ENTRY_MAX: usize = 36;
 
 impl Endpoint {
     pub(super) fn queue_heartbeat(&mut self) {
-        let room = payload_mtu(&self.cfg).saturating_sub(wire::OVERHEAD + 40) / PROGRESS_ENTRY_MAX;
+        // The name field: its bytes, a tag and a length byte.
+        let name = self.cfg.name.as_ref().map_or_else(bytes::Bytes::new, |n| {
+            bytes::Bytes::copy_from_slice(n.as_str().as_bytes())
+        });
+        let fixed = wire::OVERHEAD + 40 + name.len() + 2;
+        let room = payload_mtu(&self.cfg).saturating_sub(fixed) / PROGRESS_ENTRY_MAX;
         let mut streams: Vec<(&NodeId, &Peer)> = self
             .peers
             .iter()
@@ -46,6 +51,7 @@ impl Endpoint {
             low_retained: self.window.low(),
             delivered,
             wall_ms: self.cfg.wall_clock.map_or(0, |w| w.wall_ms(self.now)),
+            name,
         };
         self.stats.heartbeats_sent += 1;
         self.delivered_since_heartbeat = (0, 0);
@@ -72,6 +78,20 @@ impl Endpoint {
         self.stats.heartbeats_received += 1;
         let (me, mine) = (self.cfg.node.0, self.cfg.incarnation.0);
         if let Some(peer) = self.peers.get_mut(&node) {
+            if !hb.name.is_empty() {
+                match NodeName::from_wire(&hb.name) {
+                    Ok(name) if peer.name.as_ref() != Some(&name) => {
+                        tracing::debug!(node = %self.cfg.node, peer = %node, %name, "member name");
+                        peer.name = Some(name);
+                    }
+                    Ok(_) => {}
+                    Err(reason) => {
+                        // The field is ignored; the heartbeat still counts.
+                        self.stats.names_invalid += 1;
+                        tracing::trace!(node = %self.cfg.node, peer = %node, %reason, "bad node name");
+                    }
+                }
+            }
             if let Some(wall) = self.cfg.wall_clock.filter(|_| hb.wall_ms != 0) {
                 peer.clock_offset_ms = Some(clock_offset(hb.wall_ms, wall.wall_ms(self.now)));
             }

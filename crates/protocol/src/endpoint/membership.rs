@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::recv::{Out, RecvStream, SENDER_OVERHEAD, Standing};
-use crate::{Event, Incarnation, LeaveReason, Member, MemberState, NodeId};
+use crate::{Event, Incarnation, LeaveReason, Member, MemberState, NodeId, NodeName};
 
 use super::Endpoint;
 use super::receive::InLine;
@@ -15,6 +15,8 @@ use super::timers::Timer;
 pub(super) struct Peer {
     pub(super) incarnation: Incarnation,
     pub(super) addr: SocketAddr,
+    /// The name of its latest heartbeat that carried a valid one.
+    pub(super) name: Option<NodeName>,
     pub(super) state: MemberState,
     pub(super) last_heard: Instant,
     /// What this peer has delivered of our current stream (from its heartbeats, or our
@@ -36,6 +38,7 @@ impl Peer {
         Peer {
             incarnation,
             addr,
+            name: None,
             state: MemberState::Alive,
             last_heard: now,
             acked,
@@ -61,6 +64,8 @@ pub(super) struct Departed {
     /// Next sequence number its stream expected when it left (if the stream had started).
     pub(super) resume: Option<u64>,
     pub(super) left_at: Instant,
+    /// Its name when it left: a member back from a timeout shows it before its next heartbeat.
+    pub(super) name: Option<NodeName>,
 }
 
 impl Endpoint {
@@ -73,6 +78,7 @@ impl Endpoint {
                 node: *node,
                 incarnation: p.incarnation,
                 addr: p.addr,
+                name: p.name.clone(),
                 state: p.state,
                 delivered_up_to: p.stream.delivered_up_to(),
                 clock_offset_ms: p.clock_offset_ms,
@@ -80,6 +86,20 @@ impl Endpoint {
             .collect();
         members.sort_by_key(|m| m.node);
         members
+    }
+
+    /// The member `node`, if it is one (O(1); [`Endpoint::members`] lists them all).
+    pub fn member(&self, node: NodeId) -> Option<Member> {
+        let p = self.peers.get(&node)?;
+        Some(Member {
+            node,
+            incarnation: p.incarnation,
+            addr: p.addr,
+            name: p.name.clone(),
+            state: p.state,
+            delivered_up_to: p.stream.delivered_up_to(),
+            clock_offset_ms: p.clock_offset_ms,
+        })
     }
 
     /// Departed members and replay windows remembered (for tests of their bounds).
@@ -166,6 +186,7 @@ impl Endpoint {
                 reason,
                 resume,
                 left_at: self.now,
+                name: peer.name,
             },
         );
     }
@@ -189,7 +210,7 @@ impl Endpoint {
             self.stats.senders_over_budget += 1;
             return false;
         }
-        self.departed.remove(&node);
+        let name = self.departed.remove(&node).and_then(|d| d.name);
         let mut peer = Peer::new(
             node,
             incarnation,
@@ -198,6 +219,7 @@ impl Endpoint {
             self.window.highest_sent(),
         );
         peer.stream.rank = rank;
+        peer.name = name;
         if let Some(next) = resume {
             // Continue where the stream stood, so that what was sent meanwhile is repaired or
             // reported lost.
@@ -307,6 +329,100 @@ mod tests {
         let much_later = now + ep.config().forget_after + Duration::from_secs(1);
         ep.handle_timeout(much_later);
         assert_eq!(ep.remembered(), (0, 0));
+    }
+
+    /// A heartbeat of `node` (incarnation 1) carrying `name` as raw bytes.
+    fn named_heartbeat(node: NodeId, name: &[u8]) -> bytes::Bytes {
+        wire::encode(
+            &Header::new(CLUSTER, node, Incarnation(1)),
+            &proto::Frame {
+                kind: Some(Kind::Heartbeat(proto::Heartbeat {
+                    highest_sent: 0,
+                    low_retained: 1,
+                    name: bytes::Bytes::copy_from_slice(name),
+                    ..Default::default()
+                })),
+            },
+        )
+    }
+
+    #[test]
+    fn names_come_with_heartbeats_and_a_bad_one_is_a_counted_drop_of_the_field() {
+        let t0 = Instant::now();
+        let mut cfg = config(0, 1);
+        cfg.name = Some(NodeName::new("me").unwrap());
+        let mut ep = Endpoint::new(cfg, t0);
+        // Our own heartbeat carries our name.
+        ep.handle_timeout(t0);
+        let ours = std::iter::from_fn(|| ep.poll_transmit(t0))
+            .find_map(|t| match frame_of(&t.payload) {
+                Kind::Heartbeat(hb) => Some(hb),
+                _ => None,
+            })
+            .expect("a heartbeat");
+        assert_eq!(&ours.name[..], b"me");
+
+        let b = NodeId(2);
+        let half = ep.config().heartbeat_interval / 2 + Duration::from_millis(1);
+        ep.handle_datagram(t0, addr(1), &named_heartbeat(b, b"\xff\xfe"));
+        ep.handle_datagram(t0 + half, addr(1), &named_heartbeat(b, b"bad\nname"));
+        // Taken as heartbeats (it joined), the member's bad name ignored and counted (a
+        // candidate's name is not looked at: it is no member yet).
+        assert_eq!(ep.members().len(), 1);
+        assert_eq!(ep.members()[0].name, None);
+        assert_eq!(ep.stats().names_invalid, 1);
+        let mut now = t0 + half;
+        for (name, shown) in [
+            (&b"web-1"[..], Some("web-1")),
+            (&[b'x'; 65][..], Some("web-1")),
+            (&b"web-2"[..], Some("web-2")),
+            (&b""[..], Some("web-2")),
+        ] {
+            now += Duration::from_millis(10);
+            ep.handle_datagram(now, addr(1), &named_heartbeat(b, name));
+            assert_eq!(
+                ep.member(b)
+                    .and_then(|m| m.name)
+                    .as_ref()
+                    .map(NodeName::as_str),
+                shown
+            );
+        }
+        assert_eq!(ep.stats().names_invalid, 2);
+        // A member back from a timeout shows its name before its next heartbeat.
+        now += ep.config().leave_after + Duration::from_millis(1);
+        ep.handle_timeout(now);
+        assert!(ep.members().is_empty());
+        let data = wire::encode(
+            &Header::new(CLUSTER, b, Incarnation(1)),
+            &proto::Frame {
+                kind: Some(Kind::Data(proto::Data {
+                    first_seq: 1,
+                    messages: vec![bytes::Bytes::from_static(b"m")],
+                })),
+            },
+        );
+        ep.handle_datagram(now, addr(1), &data);
+        assert_eq!(
+            ep.member(b)
+                .and_then(|m| m.name)
+                .as_ref()
+                .map(NodeName::as_str),
+            Some("web-2")
+        );
+    }
+
+    #[test]
+    fn the_source_of_our_own_looped_back_datagrams_is_our_address() {
+        let t0 = Instant::now();
+        let mut ep = Endpoint::new(config(0, 1), t0);
+        assert_eq!(ep.own_addr(), None);
+        ep.handle_timeout(t0);
+        let hb = std::iter::from_fn(|| ep.poll_transmit(t0))
+            .next()
+            .expect("a heartbeat");
+        ep.handle_datagram(t0, addr(0), &hb.payload);
+        assert_eq!(ep.own_addr(), Some(addr(0)));
     }
 
     #[test]

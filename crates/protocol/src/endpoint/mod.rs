@@ -111,6 +111,9 @@ pub struct Endpoint {
     /// When the last authentication refusal was logged, per kind (unknown key, bad tag,
     /// unsealed or unexpectedly sealed).
     last_auth_warning: [Option<Instant>; 3],
+    /// The source address of this endpoint's own datagrams as they came back (multicast
+    /// loopback): the address peers see it send from.
+    own_addr: Option<SocketAddr>,
 }
 
 /// Where the endpoint is in its life.
@@ -157,6 +160,7 @@ impl Endpoint {
             next_counter: 1,
             replay: HashMap::new(),
             last_auth_warning: [None; 3],
+            own_addr: None,
             rng: ChaCha8Rng::seed_from_u64(cfg.rng_seed),
             stats: Stats::default(),
             events: VecDeque::new(),
@@ -195,6 +199,13 @@ impl Endpoint {
     /// This node's incarnation.
     pub fn incarnation(&self) -> Incarnation {
         self.cfg.incarnation
+    }
+
+    /// The address this endpoint's datagrams come from as peers see it, learnt from its own
+    /// datagrams when the network loops them back (multicast and broadcast with loopback on);
+    /// `None` until one came back. Drivers bound to a wildcard address show it as their own.
+    pub fn own_addr(&self) -> Option<SocketAddr> {
+        self.own_addr
     }
 
     /// The configuration in force (after repairs by [`Endpoint::new`]).
@@ -414,6 +425,7 @@ impl Endpoint {
                 if header.node == self.cfg.node && header.incarnation == self.cfg.incarnation {
                     // Our own multicast looped back: not worth decrypting.
                     self.stats.own_datagrams += 1;
+                    self.own_addr = Some(from);
                     return;
                 }
                 match ciphers.open(datagram, key_id, header.counter) {
@@ -426,6 +438,7 @@ impl Endpoint {
         if header.node == self.cfg.node {
             if header.incarnation == self.cfg.incarnation {
                 self.stats.own_datagrams += 1;
+                self.own_addr = Some(from);
             } else {
                 self.stats.node_id_conflict += 1;
             }

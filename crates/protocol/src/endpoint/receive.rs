@@ -228,6 +228,7 @@ mod tests {
             low_retained: u64::MAX,
             delivered: vec![],
             wall_ms: 0,
+            name: Default::default(),
         };
         let hb = wire::encode(
             &h,

@@ -45,6 +45,7 @@ pub(super) fn heartbeat(node: NodeId, incarnation: Incarnation, highest_sent: u6
         low_retained: 1,
         delivered: vec![],
         wall_ms: 0,
+        name: Default::default(),
     };
     wire::encode(
         &Header::new(CLUSTER, node, incarnation),

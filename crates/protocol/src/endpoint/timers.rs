@@ -203,6 +203,7 @@ mod endpoint_tests {
                 delivered_up_to: highest_sent / 2,
             }],
             wall_ms: 0,
+            name: Default::default(),
         };
         frame(peer, incarnation, Kind::Heartbeat(hb))
     }

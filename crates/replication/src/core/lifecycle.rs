@@ -39,6 +39,8 @@ impl NodeCore {
     /// timers. Does nothing unless running.
     pub fn shutdown(&mut self, now: Instant) {
         if self.lifecycle == Lifecycle::Running {
+            // Owned keys die with this life: deleted now, so the drain carries the deletes.
+            self.delete_own_keys(now);
             self.lifecycle = Lifecycle::Draining {
                 deadline: now + DRAIN_MAX,
             };

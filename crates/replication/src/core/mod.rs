@@ -4,12 +4,15 @@
 //! - `lifecycle.rs`: shutdown (drain, goodbye, linger, closed) and write back-pressure;
 //! - `acks.rs`: persistence as an output and the acknowledgement of writes after it;
 //! - `pubsub.rs`: messages that are not stored (publish, check, report, losses).
+//! - `owned.rs`: owned (ephemeral) keys: who deletes a gone owner's keys, and when.
 
 mod acks;
 mod lifecycle;
+mod owned;
 mod pubsub;
 
 pub use lifecycle::{DRAIN_MAX, GOODBYE_LINGER, Lifecycle};
+pub use owned::{DEPUTY_STEP, MAX_ROUNDS, OwnedStats};
 pub use pubsub::{
     MAX_TOPIC_LEN, Publication, PublishError, PubsubStats, TopicError, TopicFilter, check_topic,
 };
@@ -168,6 +171,8 @@ pub struct NodeStats {
     pub clock_refusing: bool,
     /// Publications sent, received, dropped as invalid, and losses reported.
     pub pubsub: PubsubStats,
+    /// Owned keys deleted for gone owners, re-asserted, given up on.
+    pub owned: OwnedStats,
 }
 
 /// One node of a Chorus cluster as a sans-IO state machine: a `chorus_protocol::Endpoint`
@@ -216,6 +221,8 @@ pub struct NodeCore {
     /// replica, and whether membership changed since.
     heartbeats_seen: u64,
     clocks_dirty: bool,
+    /// Owned keys: the gone owners, this life's own keys, the deputy's turn.
+    owned: owned::Owned,
 }
 
 impl NodeCore {
@@ -250,6 +257,13 @@ impl NodeCore {
             None => Replica::new(rcfg, now),
             Some(loaded) => Replica::restore(rcfg, now, config.wall_clock.wall_ms(now), loaded),
         };
+        let owned = owned::Owned::new(
+            endpoint.node_id(),
+            endpoint.incarnation().0,
+            endpoint.config().leave_after,
+            replica.store(),
+            now,
+        );
         NodeCore {
             replica,
             endpoint,
@@ -269,6 +283,7 @@ impl NodeCore {
             pubsub: PubsubStats::default(),
             heartbeats_seen: 0,
             clocks_dirty: false,
+            owned,
         }
     }
 
@@ -306,10 +321,15 @@ impl NodeCore {
         if self.lifecycle == Lifecycle::Closed {
             return None;
         }
+        let owned = match self.lifecycle {
+            Lifecycle::Running => self.owned.poll_timeout(),
+            _ => None,
+        };
         [
             self.endpoint.poll_timeout(),
             self.replica.poll_timeout(),
             self.lifecycle_timeout(),
+            owned,
         ]
         .into_iter()
         .flatten()
@@ -495,6 +515,7 @@ impl NodeCore {
                 .check_clock(self.replica.last_wall_ms())
                 .is_err(),
             pubsub: self.pubsub,
+            owned: self.owned.stats(),
         }
     }
 
@@ -520,7 +541,46 @@ impl NodeCore {
     /// through the lifecycle.
     fn process(&mut self, now: Instant) {
         self.pump(now);
+        self.step_owned(now);
         self.advance_lifecycle(now);
+    }
+
+    /// Applies the owned-key writes due now (re-assertions of this node's keys, deletes of
+    /// gone owners' keys when it is this node's turn; see `owned.rs`), while running.
+    fn step_owned(&mut self, now: Instant) {
+        if self.lifecycle != Lifecycle::Running || !self.owned.wants_step(now) {
+            return;
+        }
+        let batches = self.owned.step(now, &self.endpoint, self.replica.store());
+        if batches.is_empty() {
+            return;
+        }
+        self.refresh_clocks(now);
+        let wall = self.wall.wall_ms(now);
+        for ops in batches {
+            if let Err(e) = self.replica.batch(wall, ops.clone()) {
+                tracing::warn!(node = %self.endpoint.node_id(), error = %e, "owned-key writes refused; retrying later");
+                self.owned.retry_later(now, &ops);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// Deletes this node's own owned keys (a graceful stop: before the goodbye).
+    pub(super) fn delete_own_keys(&mut self, now: Instant) {
+        let batches = self.owned.own_deletes();
+        if batches.is_empty() {
+            return;
+        }
+        self.refresh_clocks(now);
+        let wall = self.wall.wall_ms(now);
+        for ops in batches {
+            if let Err(e) = self.replica.batch(wall, ops) {
+                // The peers' deputies remove them when they see the goodbye.
+                tracing::warn!(node = %self.endpoint.node_id(), error = %e, "could not delete own owned keys at shutdown");
+            }
+        }
+        self.pump(now);
     }
 
     /// Moves messages and events between the layers until nothing moves.
@@ -534,7 +594,11 @@ impl NodeCore {
             }
             while let Some(event) = self.replica.poll_event() {
                 self.events.push_back(match event {
-                    ReplicaEvent::Change(c) => NodeEvent::Change(c),
+                    ReplicaEvent::Change(c) => {
+                        self.owned
+                            .on_change(now, &c, self.replica.store(), &self.endpoint);
+                        NodeEvent::Change(c)
+                    }
                     ReplicaEvent::InSync => NodeEvent::InSync,
                     ReplicaEvent::OutOfSync => NodeEvent::OutOfSync,
                 });
@@ -596,13 +660,16 @@ impl NodeCore {
             Event::MemberJoined { node, .. } | Event::MemberRestarted { node, .. } => {
                 self.replica.handle_peer_up(now, node.0);
                 self.clocks_dirty = true;
+                self.owned.on_member(now, &event);
                 self.events.push_back(NodeEvent::Member(event));
             }
             Event::MemberLeft { node, .. } => {
                 self.replica.handle_peer_down(now, node.0);
+                self.owned.on_member(now, &event);
                 self.events.push_back(NodeEvent::Member(event));
             }
             Event::MemberSuspected { .. } | Event::MemberAlive { .. } => {
+                self.owned.on_member(now, &event);
                 self.events.push_back(NodeEvent::Member(event));
             }
         }

@@ -71,6 +71,7 @@ fn forgeries(k_wrong: &Keyring) -> Vec<Bytes> {
             low_retained: 1000,
             delivered: vec![],
             wall_ms: 0,
+            name: Default::default(),
         })),
     };
     let mut out = Vec::new();

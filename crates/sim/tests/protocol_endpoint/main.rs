@@ -288,6 +288,7 @@ fn heartbeat(node: NodeId, incarnation: Incarnation, highest_sent: u64) -> Bytes
         low_retained: 1,
         delivered: vec![],
         wall_ms: 0,
+        name: Default::default(),
     };
     wire::encode(
         &Header::new(CLUSTER, node, incarnation),
