@@ -253,7 +253,7 @@ async fn a_restore_by_version_reaches_the_other_nodes_with_the_original_versions
         originals
             .iter()
             .find(|(k, _)| k == "cfg/0000")
-            .unwrap()
+            .expect("in the backup")
             .1
             .version
     );
