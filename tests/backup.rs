@@ -47,10 +47,14 @@ async fn a_snapshot_is_a_state_the_store_had_under_concurrent_batches() {
     node.batch(vec![Op::put("a/first", "0"), Op::put("z/last", "0")])
         .await
         .expect("batch");
+    // The writer runs until five snapshots were taken during its writes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let node = node.clone();
+        let (node, stop) = (node.clone(), stop.clone());
         tokio::spawn(async move {
-            for n in 1..=400u32 {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
                 node.batch(vec![
                     Op::put("a/first", n.to_string()),
                     Op::put("m/05/0500", n.to_string()),
@@ -59,12 +63,12 @@ async fn a_snapshot_is_a_state_the_store_had_under_concurrent_batches() {
                 .await
                 .expect("batch");
             }
+            n
         })
     };
-    let mut snapshots = 0;
     let mut last_revision = 0;
     let mut values = std::collections::BTreeSet::new();
-    while !writer.is_finished() {
+    for _ in 0..5 {
         let s = node.snapshot().await.expect("snapshot");
         assert!(s.revision >= last_revision);
         last_revision = s.revision;
@@ -93,9 +97,9 @@ async fn a_snapshot_is_a_state_the_store_had_under_concurrent_batches() {
         );
         assert_eq!(s.entries.len(), 10_002);
         values.insert(first.value);
-        snapshots += 1;
     }
-    writer.await.expect("writer");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let batches = writer.await.expect("writer");
     // The final snapshot is the store exactly.
     let s = node.snapshot().await.expect("snapshot");
     assert_eq!(s.revision, node.revision());
@@ -111,12 +115,8 @@ async fn a_snapshot_is_a_state_the_store_had_under_concurrent_batches() {
         .collect();
     assert_eq!(snap, live);
     assert!(
-        snapshots >= 2,
-        "took {snapshots} snapshots during the writes"
-    );
-    assert!(
         values.len() >= 2,
-        "the snapshots saw the writes progress: {values:?}"
+        "the snapshots saw the writes progress ({batches} batches): {values:?}"
     );
     node.shutdown().await.expect("shutdown");
 }
@@ -253,7 +253,7 @@ async fn a_restore_by_version_reaches_the_other_nodes_with_the_original_versions
         originals
             .iter()
             .find(|(k, _)| k == "cfg/0000")
-            .unwrap()
+            .expect("in the backup")
             .1
             .version
     );

@@ -54,8 +54,8 @@ pub use chorus_protocol;
 pub use chorus_protocol::WallClock;
 pub use config::{Limits, ReplicaConfig};
 pub use durable::{
-    DurableError, DurableStats, Fsync, LoadReport, Loaded, MemoryDisk, MergedState, Origin,
-    ParseFsyncError, Persist,
+    DurableError, DurableStats, Fsync, LoadReport, Loaded, LoadedEntry, MemoryDisk, MergedState,
+    Origin, ParseFsyncError, Persist,
 };
 pub use error::{ClockCause, Compacted, Error};
 pub use hlc::{DriftError, Hlc, HlcClock, MAX_PHYSICAL_MS, ParseVersionError, Version};

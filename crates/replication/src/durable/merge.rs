@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
-use super::Loaded;
+use super::{Loaded, LoadedEntry};
 use crate::hlc::{Hlc, Version};
 use crate::store::EntryMeta;
 use crate::wire;
@@ -118,8 +118,8 @@ impl MergedState {
 
     /// Every entry, sorted by key, and the latest wall time.
     #[must_use]
-    pub fn into_sorted(self) -> (Vec<(String, Option<Bytes>, Version, EntryMeta)>, u64) {
-        let mut entries: Vec<(String, Option<Bytes>, Version, EntryMeta)> = self
+    pub fn into_sorted(self) -> (Vec<LoadedEntry>, u64) {
+        let mut entries: Vec<LoadedEntry> = self
             .state
             .into_iter()
             .map(|(k, (v, ver, meta))| (k, v, ver, meta))

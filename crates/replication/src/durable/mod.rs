@@ -241,6 +241,9 @@ impl LoadReport {
     }
 }
 
+/// One loaded entry: key, value (`None`: tombstone), version, flags and owner.
+pub type LoadedEntry = (String, Option<Bytes>, Version, EntryMeta);
+
 /// A store as loaded from disk, to build a replica from
 /// ([`Replica::restore`](crate::Replica::restore)).
 #[derive(Debug, Clone, Default)]
@@ -248,7 +251,7 @@ pub struct Loaded {
     /// Every entry, tombstones included (`None` value), sorted by key, with its version and
     /// its flags and owner (default for tombstones and for records written before entries
     /// had metadata).
-    pub entries: Vec<(String, Option<Bytes>, Version, EntryMeta)>,
+    pub entries: Vec<LoadedEntry>,
     /// Latest wall time found in the records (unix ms): when the node was last known to run.
     pub last_wall_ms: u64,
     /// What the load found.

@@ -215,7 +215,7 @@ impl Replica {
                     key: key.clone(),
                     value: Some(value.clone()),
                     flags: meta.flags,
-                    owner: meta.owned.then(|| owner.clone()),
+                    owner: meta.owned.then_some(owner),
                 },
                 Op::Delete { key } => wire::Op {
                     key: key.clone(),
