@@ -693,7 +693,7 @@ mod tests {
         let write = |r: &mut Replica, round: usize| {
             for i in 0..2_000 {
                 let key = format!("k/{:05}", (i * 7_919 + round * 13) % 10_000);
-                if (i + round) % 5 == 0 {
+                if (i + round).is_multiple_of(5) {
                     assert!(r.delete(1_000 + round as u64, key).is_ok());
                 } else {
                     assert!(r.put(1_000 + round as u64, key, vec![7u8; i % 40]).is_ok());
