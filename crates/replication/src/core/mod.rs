@@ -595,8 +595,7 @@ impl NodeCore {
             while let Some(event) = self.replica.poll_event() {
                 self.events.push_back(match event {
                     ReplicaEvent::Change(c) => {
-                        self.owned
-                            .on_change(now, &c, self.replica.store(), &self.endpoint);
+                        self.owned.on_change(now, &c, &self.endpoint);
                         NodeEvent::Change(c)
                     }
                     ReplicaEvent::InSync => NodeEvent::InSync,

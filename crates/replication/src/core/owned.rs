@@ -123,7 +123,7 @@ impl Owned {
             if entry.value.is_some()
                 && let Some(owner) = entry.owner
             {
-                owned.index(key, Some(owner));
+                owned.index(&key, Some(owner));
             }
         }
         owned.dirty = !owned.by_key.is_empty();
@@ -165,11 +165,11 @@ impl Owned {
     }
 
     /// Records the owner of `key` as the store now holds it (`None`: not a live owned entry).
-    fn index(&mut self, key: String, owner: Option<Owner>) {
-        if let Some(old) = self.by_key.remove(&key)
+    fn index(&mut self, key: &str, owner: Option<Owner>) {
+        if let Some(old) = self.by_key.remove(key)
             && let Some(keys) = self.by_node.get_mut(&old.node)
         {
-            keys.remove(&key);
+            keys.remove(key);
             if keys.is_empty() {
                 self.by_node.remove(&old.node);
             }
@@ -178,8 +178,8 @@ impl Owned {
             self.by_node
                 .entry(owner.node)
                 .or_default()
-                .insert(key.clone(), owner.incarnation);
-            self.by_key.insert(key, owner);
+                .insert(key.to_owned(), owner.incarnation);
+            self.by_key.insert(key.to_owned(), owner);
         }
     }
 
@@ -209,19 +209,11 @@ impl Owned {
         }
     }
 
-    /// A change the store applied; `store` holds it (or a later one of the same key).
-    pub(super) fn on_change(
-        &mut self,
-        now: Instant,
-        change: &Change,
-        store: &Store,
-        endpoint: &Endpoint,
-    ) {
-        let entry = store.get_entry(&change.key);
-        let owner = entry
-            .as_ref()
-            .filter(|e| e.value.is_some())
-            .and_then(|e| e.owner);
+    /// A change the store applied.
+    pub(super) fn on_change(&mut self, now: Instant, change: &Change, endpoint: &Endpoint) {
+        // The change carries its entry's metadata: no lookup in the store (a search of its
+        // index and a copy of the entry, for every change the node applies).
+        let owner = change.value.as_ref().and(change.owner);
         let mine = Owner {
             node: self.me,
             incarnation: self.incarnation,
@@ -229,8 +221,8 @@ impl Owned {
         let local = change.version.node == self.me.0;
         match (&change.value, local) {
             (Some(value), true) if owner == Some(mine) => {
-                let flags = entry.as_ref().map_or(0, |e| e.flags);
-                self.mine.insert(change.key.clone(), (value.clone(), flags));
+                self.mine
+                    .insert(change.key.clone(), (value.clone(), change.flags));
                 self.reassert.remove(&change.key);
             }
             // A plain put or a delete of our own: no longer an owned key of ours.
@@ -252,7 +244,7 @@ impl Owned {
                 }
             }
         }
-        self.index(change.key.clone(), owner);
+        self.index(&change.key, owner);
         if let Some(owner) = owner
             && owner.node != self.me
         {
