@@ -77,7 +77,10 @@ fn step() -> impl Strategy<Value = Step> {
             cond,
             proptest::option::weighted(0.8, any::<u8>()),
             0u8..3,
-            any::<bool>()
+            // Not owned: a running owner writes its owned key again when another node
+            // deletes it (`core/owned.rs`), which this test's last-writer-wins oracle does
+            // not model; owned keys have their own simulation in `tests/owned.rs`.
+            Just(false)
         )
             .prop_map(|(node, key, cond, value, flags, owned)| Step::Write {
                 node,
