@@ -18,22 +18,6 @@ use common::{Api, BIN, Net};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn put(agent: &Agent, key: &str, value: &str) {
-    let (status, body) = request(
-        agent.http,
-        "PUT",
-        &format!("/v1/kv/{key}"),
-        &[],
-        value.as_bytes(),
-    );
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-}
-
-fn del(agent: &Agent, key: &str) {
-    let (status, body) = request(agent.http, "DELETE", &format!("/v1/kv/{key}"), &[], b"");
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-}
-
 fn text(agent: &Agent, key: &str) -> Option<String> {
     agent.value(key).map(|v| String::from_utf8(v).unwrap())
 }
@@ -127,10 +111,10 @@ fn a_snapshot_restores_by_version_and_force_newer_restamps_it() {
     let snap_arg = snap.display().to_string();
     let net = Net::new("backup");
     let (a, b) = pair(&net);
-    put(&a, "app/a", "1");
-    put(&a, "app/b", "1");
-    put(&a, "app/gone", "x");
-    del(&a, "app/gone");
+    a.put("app/a", "1");
+    a.put("app/b", "1");
+    a.put("app/gone", "x");
+    a.delete("app/gone");
     let original_a = version(&a, "app/a").unwrap();
     wait_until("replicated", WAIT, || {
         text(&b, "app/b").as_deref() == Some("1")
@@ -151,9 +135,9 @@ fn a_snapshot_restores_by_version_and_force_newer_restamps_it() {
     );
 
     // Newer writes after the snapshot: a restore by version keeps them.
-    put(&a, "app/a", "2");
-    del(&a, "app/b");
-    put(&a, "app/new", "n");
+    a.put("app/a", "2");
+    a.delete("app/b");
+    a.put("app/new", "n");
     let report: Value =
         serde_json::from_str(&ok(&cli(&a, &["snapshot", "restore", &snap_arg, "--json"]))).unwrap();
     assert_eq!(report["entries"], 3);
@@ -221,15 +205,15 @@ fn bad_snapshots_are_refused_and_change_nothing() {
     let dir = temp_dir("backup-bad");
     let net = Net::new("backup-bad");
     let agent = net.agent(1, &[]);
-    put(&agent, "k/one", "1");
-    put(&agent, "k/two", "2");
+    agent.put("k/one", "1");
+    agent.put("k/two", "2");
     let good_path = dir.path().join("good.snap");
     ok(&cli(
         &agent,
         &["snapshot", "save", &good_path.display().to_string()],
     ));
     let good = std::fs::read(&good_path).unwrap();
-    del(&agent, "k/one");
+    agent.delete("k/one");
     let before = revision(&agent);
 
     let good_text = String::from_utf8(good.clone()).unwrap();

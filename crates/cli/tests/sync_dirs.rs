@@ -22,22 +22,6 @@ fn read(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
 
-fn put(agent: &chorus_testkit::Agent, key: &str, value: &str) {
-    let (status, body) = request(
-        agent.http,
-        "PUT",
-        &format!("/v1/kv/{key}"),
-        &[],
-        value.as_bytes(),
-    );
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-}
-
-fn delete(agent: &chorus_testkit::Agent, key: &str) {
-    let (status, body) = request(agent.http, "DELETE", &format!("/v1/kv/{key}"), &[], b"");
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-}
-
 #[test]
 fn two_directories_are_mirrored_between_two_agents() {
     let net = Net::new("syncdirs");
@@ -65,10 +49,10 @@ fn two_directories_are_mirrored_between_two_agents() {
         one.member_ids() == [2] && two.member_ids() == [1]
     });
 
-    put(&one, "app/server.conf", "port = 80");
-    put(&two, "web/index.html", "<h1>hi</h1>");
-    put(&one, "web/css/site.css", "body {}");
-    put(&two, "other/ignored", "not mirrored");
+    one.put("app/server.conf", "port = 80");
+    two.put("web/index.html", "<h1>hi</h1>");
+    one.put("web/css/site.css", "body {}");
+    two.put("other/ignored", "not mirrored");
     wait_until(
         "both prefixes in both agents' directories",
         Duration::from_secs(30),
@@ -93,7 +77,7 @@ fn two_directories_are_mirrored_between_two_agents() {
         assert!(!d.join("ignored").exists() && !d.join("other").exists());
     }
 
-    delete(&two, "app/server.conf");
+    two.delete("app/server.conf");
     wait_until("the removal reached both", Duration::from_secs(30), || {
         !one_app.join("server.conf").exists() && !two_app.join("server.conf").exists()
     });

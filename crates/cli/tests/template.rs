@@ -18,22 +18,6 @@ use common::{Api, BIN, Net};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn put(agent: &Agent, key: &str, value: &str) {
-    let (status, body) = request(
-        agent.http,
-        "PUT",
-        &format!("/v1/kv/{key}"),
-        &[],
-        value.as_bytes(),
-    );
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-}
-
-fn del(agent: &Agent, key: &str) {
-    let (status, body) = request(agent.http, "DELETE", &format!("/v1/kv/{key}"), &[], b"");
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-}
-
 fn read(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
@@ -118,7 +102,7 @@ fn a_write_on_one_agent_renders_the_template_on_the_other_and_runs_its_command_o
     );
     assert!(!dest.exists());
 
-    put(&writer, "app/db/url", "postgres://db1/app");
+    writer.put("app/db/url", "postgres://db1/app");
     wait_until("rendered on the other agent", WAIT, || {
         read(&dest).is_some_and(|t| t.contains("url = postgres://db1/app"))
     });
@@ -132,13 +116,13 @@ fn a_write_on_one_agent_renders_the_template_on_the_other_and_runs_its_command_o
     // The same value again: a new version of a key the template read, rendered again, but
     // the output is identical: the file is not rewritten and the command does not run.
     let unchanged = figure(&rendering, "unchanged");
-    put(&writer, "app/db/url", "postgres://db1/app");
+    writer.put("app/db/url", "postgres://db1/app");
     wait_until("the identical rendering", WAIT, || {
         figure(&rendering, "unchanged") > unchanged
     });
     // A key the template never read: no rendering at all.
     let renders = figure(&rendering, "renders");
-    put(&writer, "unrelated/x", "1");
+    writer.put("unrelated/x", "1");
     wait_until("the unrelated write arrived", WAIT, || {
         rendering.value("unrelated/x").is_some()
     });
@@ -148,9 +132,9 @@ fn a_write_on_one_agent_renders_the_template_on_the_other_and_runs_its_command_o
 
     // A burst under a prefix `ls` read: one rendering, one command run.
     for (i, ip) in ["10.0.0.1", "10.0.0.2", "10.0.0.3"].iter().enumerate() {
-        put(&writer, &format!("app/hosts/h{i}"), ip);
+        writer.put(&format!("app/hosts/h{i}"), ip);
     }
-    put(&writer, "app/hosts/deeper/not-direct", "x");
+    writer.put("app/hosts/deeper/not-direct", "x");
     wait_until("the hosts rendered", WAIT, || {
         read(&dest).is_some_and(|t| t.contains("host h2 10.0.0.3"))
     });
@@ -165,7 +149,7 @@ fn a_write_on_one_agent_renders_the_template_on_the_other_and_runs_its_command_o
     // The key goes away: the rendering fails, the last good file stays, the error is counted.
     let good = read(&dest).unwrap();
     let errors = figure(&rendering, "errors");
-    del(&writer, "app/db/url");
+    writer.delete("app/db/url");
     wait_until("the failed rendering", WAIT, || {
         figure(&rendering, "errors") > errors
     });
@@ -185,7 +169,7 @@ fn a_write_on_one_agent_renders_the_template_on_the_other_and_runs_its_command_o
     );
 
     // Back again: rendered, the error cleared.
-    put(&writer, "app/db/url", "postgres://db2/app");
+    writer.put("app/db/url", "postgres://db2/app");
     wait_until("rendered after the error", WAIT, || {
         read(&dest).is_some_and(|t| t.contains("db2"))
     });
@@ -200,10 +184,10 @@ fn template_once_renders_against_an_agent_and_reports_a_failure_with_its_line() 
     let net = Net::new("tmpl");
     let dir = temp_dir("tmpl-once");
     let agent = net.agent(1, &[]);
-    put(&agent, "svc/web/port", "8080");
-    put(&agent, "svc/web/hosts/a", "10.1.0.1");
-    put(&agent, "svc/web/hosts/b", "10.1.0.2");
-    put(&agent, "svc/web/hosts/b/weight", "3");
+    agent.put("svc/web/port", "8080");
+    agent.put("svc/web/hosts/a", "10.1.0.1");
+    agent.put("svc/web/hosts/b", "10.1.0.2");
+    agent.put("svc/web/hosts/b/weight", "3");
 
     let src = dir.path().join("web.tmpl");
     let dest = dir.path().join("web.conf");
@@ -238,7 +222,7 @@ fn template_once_renders_against_an_agent_and_reports_a_failure_with_its_line() 
     let out = cli(&agent, &["template", &with_cmd, "--once"]);
     assert!(out.status.success());
     assert!(!marker.exists(), "identical output ran the command");
-    put(&agent, "svc/web/port", "9090");
+    agent.put("svc/web/port", "9090");
     let out = cli(&agent, &["template", &with_cmd, "--once"]);
     assert!(
         out.status.success(),

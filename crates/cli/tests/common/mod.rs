@@ -98,8 +98,30 @@ pub fn spawn_agent_of(bin: &str, args: &[String], http: SocketAddr) -> Agent {
 
 /// The agent's HTTP API, read as its tests read it.
 pub trait Api {
+    /// `method path` with `body`: status and body.
+    fn call(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>);
+
     /// `GET path`: status and body.
-    fn get(&self, path: &str) -> (u16, Vec<u8>);
+    fn get(&self, path: &str) -> (u16, Vec<u8>) {
+        self.call("GET", path, b"")
+    }
+
+    /// `PUT /v1/kv/{key}` with `value`; panics unless the status is 200.
+    fn put(&self, key: &str, value: &str) {
+        let (status, body) = self.call("PUT", &format!("/v1/kv/{key}"), value.as_bytes());
+        assert_eq!(status, 200, "PUT {key}: {}", String::from_utf8_lossy(&body));
+    }
+
+    /// `DELETE /v1/kv/{key}`; panics unless the status is 200.
+    fn delete(&self, key: &str) {
+        let (status, body) = self.call("DELETE", &format!("/v1/kv/{key}"), b"");
+        assert_eq!(
+            status,
+            200,
+            "DELETE {key}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
 
     /// `GET path` as JSON; panics unless the status is 200.
     fn json(&self, path: &str) -> Value {
@@ -141,7 +163,7 @@ pub trait Api {
 }
 
 impl Api for Agent {
-    fn get(&self, path: &str) -> (u16, Vec<u8>) {
-        request(self.http, "GET", path, &[], b"")
+    fn call(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        request(self.http, method, path, &[], body)
     }
 }
