@@ -171,6 +171,10 @@ pub fn router(node: Node) -> Router {
             "/v1/kv/{*key}",
             get(get_key).put(put_key).delete(delete_key),
         )
+        .route(
+            "/v1/batch",
+            post(crate::http_batch::batch).put(crate::http_batch::batch),
+        )
         .route("/v1/watch", get(watch))
         .route("/v1/publish/{*topic}", post(publish))
         .route("/v1/subscribe/{*topic}", get(subscribe))
@@ -362,19 +366,33 @@ fn write_condition(params: &[(String, String)], key: &str) -> Result<Vec<Check>,
             )));
         }
     };
-    let version = param(params, "if-version")
+    let check =
+        condition(key, absent, param(params, "if-version")).map_err(ApiError::bad_request)?;
+    Ok(check.into_iter().collect())
+}
+
+/// The check of a conditional write of `key`: `absent` for if-absent, `version` for
+/// if-version (a version as the API prints it). Shared by `PUT`/`DELETE /v1/kv/{key}` and
+/// the operations of `POST /v1/batch` (`crate::http_batch`).
+///
+/// # Errors
+/// What is wrong (a 400): a version that does not parse, or both conditions at once.
+pub(crate) fn condition(
+    key: &str,
+    absent: bool,
+    version: Option<&str>,
+) -> Result<Option<Check>, String> {
+    let version = version
         .map(|v| {
             v.parse::<chorus::Version>()
-                .map_err(|e| ApiError::bad_request(format!("bad if-version: {e}")))
+                .map_err(|e| format!("bad if-version: {e}"))
         })
         .transpose()?;
     match (absent, version) {
-        (true, Some(_)) => Err(ApiError::bad_request(
-            "if-absent and if-version exclude each other",
-        )),
-        (true, None) => Ok(vec![Check::new(key, Expect::Absent)]),
-        (false, Some(v)) => Ok(vec![Check::new(key, Expect::Version(v))]),
-        (false, None) => Ok(Vec::new()),
+        (true, Some(_)) => Err("if-absent and if-version exclude each other".into()),
+        (true, None) => Ok(Some(Check::new(key, Expect::Absent))),
+        (false, Some(v)) => Ok(Some(Check::new(key, Expect::Version(v)))),
+        (false, None) => Ok(None),
     }
 }
 

@@ -15,6 +15,7 @@ mod demo;
 mod doctor;
 mod hostile;
 mod http;
+mod http_batch;
 mod http_members;
 mod keys;
 mod peer;
