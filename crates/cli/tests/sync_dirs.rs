@@ -10,7 +10,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use chorus_testkit::http::request;
 use chorus_testkit::{temp_dir, wait_until};
 use serde_json::Value;
 

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use chorus_testkit::http::request;
 use chorus_testkit::{Agent, temp_dir, wait_until};
 use serde_json::Value;
 
